@@ -1,0 +1,134 @@
+"""Reading and validating COCO keypoint files, and writing outputs atomically."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .exceptions import InputError
+from .keypoints import NUM_KEYPOINTS
+
+
+def read_json(path: str | Path, what: str):
+    """Parse a JSON file, turning every failure into an InputError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise InputError(what, "file not found", str(path)) from None
+    except IsADirectoryError:
+        raise InputError(what, "is a directory, not a JSON file", str(path)) from None
+    except OSError as e:
+        raise InputError(what, f"cannot read: {e.strerror or e}", str(path)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise InputError(what, f"not valid JSON{where}", str(path)) from None
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it into place: a reader sees the
+    old file or the whole new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, separators=(",", ":"), allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _keypoints(value, field: str, source: str, k: int = NUM_KEYPOINTS) -> np.ndarray:
+    if not isinstance(value, list) or len(value) != 3 * k:
+        got = f"{len(value)} numbers" if isinstance(value, list) else type(value).__name__
+        raise InputError(field, f"must be a list of {3 * k} numbers (x, y, v for {k} keypoints), got {got}", source)
+    bad = [i for i, x in enumerate(value) if not _number(x)]
+    if bad:
+        raise InputError(field, f"entry {bad[0]} is {value[bad[0]]!r}, not a finite number", source)
+    return np.asarray(value, dtype=np.float64).reshape(k, 3)
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """COCO person-keypoint GT as arrays; P annotations in file order.
+
+    ids (P,), image_ids (P,), keypoints (P, K, 3), areas (P,), boxes (P, 4) xywh, crowd (P,) bool;
+    ``doc`` is the parsed file, for pycocotools.
+    """
+
+    ids: np.ndarray
+    image_ids: np.ndarray
+    keypoints: np.ndarray
+    areas: np.ndarray
+    boxes: np.ndarray
+    crowd: np.ndarray
+    image_ids_all: frozenset
+    doc: dict
+
+
+def load_ground_truth(path: str | Path) -> GroundTruth:
+    """Load and validate a COCO person-keypoints annotation file."""
+    source = str(path)
+    doc = read_json(path, "annotations")
+    if not isinstance(doc, dict):
+        raise InputError("annotations", "must be a COCO annotation object with 'images' and 'annotations'", source)
+    for key in ("images", "annotations"):
+        if not isinstance(doc.get(key), list):
+            raise InputError(key, "missing or not a list", source)
+    image_ids = set()
+    for i, im in enumerate(doc["images"]):
+        if not isinstance(im, dict) or not isinstance(im.get("id"), int):
+            raise InputError(f"images[{i}].id", "missing or not an integer", source)
+        image_ids.add(im["id"])
+    anns = doc["annotations"]
+    n = len(anns)
+    ids = np.zeros(n, dtype=np.int64)
+    img = np.zeros(n, dtype=np.int64)
+    kps = np.zeros((n, NUM_KEYPOINTS, 3))
+    areas = np.zeros(n)
+    boxes = np.zeros((n, 4))
+    crowd = np.zeros(n, dtype=bool)
+    seen = set()
+    for i, a in enumerate(anns):
+        f = f"annotations[{i}]"
+        if not isinstance(a, dict):
+            raise InputError(f, "must be an object", source)
+        for key in ("id", "image_id"):
+            if not isinstance(a.get(key), int) or isinstance(a.get(key), bool):
+                raise InputError(f"{f}.{key}", "missing or not an integer", source)
+        if a["id"] in seen:
+            raise InputError(f"{f}.id", f"duplicate annotation id {a['id']}", source)
+        seen.add(a["id"])
+        if a["image_id"] not in image_ids:
+            raise InputError(f"{f}.image_id", f"image {a['image_id']} is not in 'images'", source)
+        crowd[i] = bool(a.get("iscrowd", 0))
+        if "keypoints" in a:
+            kps[i] = _keypoints(a["keypoints"], f"{f}.keypoints", source)
+            if np.any(kps[i, :, 2] < 0):
+                raise InputError(f"{f}.keypoints", "visibility flags must be 0, 1 or 2", source)
+        elif not crowd[i]:
+            raise InputError(f"{f}.keypoints", "missing (not a person-keypoints annotation file?)", source)
+        bbox = a.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_number(x) for x in bbox)) or bbox[2] < 0 or bbox[3] < 0:
+            raise InputError(f"{f}.bbox", "must be [x, y, width, height] with non-negative size", source)
+        area = a.get("area", bbox[2] * bbox[3])
+        if not _number(area) or area < 0:
+            raise InputError(f"{f}.area", f"must be a non-negative number, got {area!r}", source)
+        ids[i], img[i], areas[i], boxes[i] = a["id"], a["image_id"], area, bbox
+    return GroundTruth(ids, img, kps, areas, boxes, crowd, frozenset(image_ids), doc)
