@@ -293,7 +293,7 @@ def place_unlabelled(gt, area, rng, estimates=None):
     z = gt[..., 0] + 1j * gt[..., 1]  # (N, K)
     tmpl = TEMPLATE[:, 0] + 1j * TEMPLATE[:, 1]
     best_fit, best_res = None, None
-    for t in (tmpl, -np.conj(tmpl)[PARTNER]):  # facing the camera; facing away (mirrored, sides swapped)
+    for t in (tmpl, -np.conj(tmpl)):  # facing the camera; facing away (mirrored)
         cnt = vis.sum(-1, keepdims=True)
         mt = (vis * t).sum(-1, keepdims=True) / cnt
         mz = (vis * z).sum(-1, keepdims=True) / cnt
