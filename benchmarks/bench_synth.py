@@ -13,20 +13,20 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # one core, as the reference figures are
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import time  # noqa: E402
-from dataclasses import replace  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from posefix import SAMPLE_DIR  # noqa: E402
-from synth.coco import MIN_AREA, overlaps, synthesize_coco  # noqa: E402
-from synth.cocoio import load_ground_truth  # noqa: E402
-from synth.reference import synthesize_reference  # noqa: E402
-from synth.synthesize import synthesize  # noqa: E402
+from posefix import SAMPLE_DIR
+from synth.coco import MIN_AREA, overlaps, synthesize_coco
+from synth.cocoio import load_ground_truth
+from synth.reference import synthesize_reference
+from synth.synthesize import synthesize
 
 
 def sample_persons():
@@ -94,9 +94,10 @@ def main():
     for m in sorted(groups):
         n_ref = args.reference_persons
         gt, area, others, others_area, ov = stack(groups[m], m, n_ref)
-        t_ref = timed(lambda: synthesize_reference(gt, area, np.random.default_rng(0), others, others_area, ov), 1)
+        t_ref = timed(lambda a=(gt, area, others, others_area, ov):
+                      synthesize_reference(a[0], a[1], np.random.default_rng(0), a[2], a[3], a[4]), 1)
         big = stack(groups[m], m, 20_000)
-        t_vec = timed(lambda: synthesize(big[0], big[1], np.random.default_rng(0), big[2], big[3], big[4]))
+        t_vec = timed(lambda b=big: synthesize(b[0], b[1], np.random.default_rng(0), b[2], b[3], b[4]))
         ms_ref, ms_vec = 1e3 * t_ref / n_ref, 1e3 * t_vec / 20_000
         rows.append({"overlapping": m if m < 3 else "3+", "reference_ms_per_person": ms_ref,
                      "vectorised_ms_per_person": ms_vec, "speedup": ms_ref / ms_vec,

@@ -50,6 +50,9 @@ def cmd_synth(args) -> int:
     from synth.cocoio import load_ground_truth, write_json_atomic
     from synth.profile import load_profile
 
+    for name in ("gt", "out"):
+        if getattr(args, name) is None:
+            raise InputError(f"--{name}", "is required")
     _check_outputs(args, ("gt", "profile"), ("out", "labels"))
     profile = load_profile(args.profile)
     gt = load_ground_truth(args.gt)
@@ -72,6 +75,75 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_synth_fit(args) -> int:
+    from synth.cocoio import load_ground_truth, load_results, write_json_atomic
+    from synth.diagnose import diagnose
+    from synth.fit import fit_profile
+    from synth.profile import load_profile
+
+    _check_outputs(args, ("gt", "results", "profile"), ("out",))
+    gt = load_ground_truth(args.gt)
+    results = load_results(args.results, gt)
+    report = diagnose(gt, results, source=str(args.results), with_ap=False)
+    profile = fit_profile(report, gt, load_profile(args.profile))
+    write_json_atomic(args.out, profile.to_dict())
+    print(f"fitted an error profile to {args.results}: {report['summary']['detections']['labelled']} matched "
+          f"detections, {report['summary']['keypoints']['labelled']} labelled keypoints -> {args.out}")
+    for err in ("jitter", "inversion", "swap", "miss"):
+        t = profile.outcomes[err]
+        cells = "; ".join(f"{name} " + " ".join(f"{b}={t.table[joints[0], i]:.3f} (n={t.counts[joints[0], i]})"
+                                                 for i, b in enumerate(t.bins))
+                          for name, joints in t.groups)
+        print(f"  {err}: {cells}")
+    return 0
+
+
+def cmd_diagnose(args) -> int:
+    from synth.cocoio import load_ground_truth, load_results, write_json_atomic
+    from synth.diagnose import diagnose
+
+    _check_outputs(args, ("gt", "results"), ("out",))
+    gt = load_ground_truth(args.gt)
+    results = load_results(args.results, gt)
+    report = diagnose(gt, results, source=str(args.results))
+    write_json_atomic(args.out, report)
+    print(format_report(report))
+    if args.plots:
+        from synth.plots import write_plots
+
+        for path in write_plots(report, args.plots):
+            print(f"chart: {path}")
+    print(f"report: {args.out}")
+    return 0
+
+
+def format_report(report: dict) -> str:
+    """A diagnosis summary as a few plain-text tables."""
+    s = report["summary"]
+    d = s["detections"]
+    lines = [f"{report['source']}: {d['total']} detections on {s['images']} images, {d['matched']} matched "
+             f"to GT at OKS >= 0.1 ({d['unmatched']} unmatched)"]
+    k = s["keypoints"]
+    lines.append(f"keypoints of matched detections: {k['labelled']} labelled")
+    lines.append("  " + "  ".join(f"{name} {k['counts'][name]} ({100 * (k['shares'][name] or 0):.1f} %)"
+                                  for name in ("good", "jitter", "inversion", "swap", "miss")))
+    ap = s.get("ap")
+    if ap and ap.get("original") is not None:
+        lines.append(f"AP {ap['original']:.3f}; corrected ({ap['correction']}):")
+        lines.append(f"  {'error':10s} {'alone':>8s} {'gain':>8s} {'cumulative':>11s} {'gain':>8s}")
+        for err, alone in ap["alone"].items():
+            cum = ap["cumulative"][err]
+            lines.append(f"  {err:10s} {_f(alone['ap']):>8s} {_f(alone['gain'], True):>8s} "
+                         f"{_f(cum['ap']):>11s} {_f(cum['gain'], True):>8s}")
+    return "\n".join(lines)
+
+
+def _f(x, signed=False) -> str:
+    if x is None:
+        return "-"
+    return f"{x:+.3f}" if signed else f"{x:.3f}"
+
+
 def cmd_demo(args) -> int:
     out = Path(args.out)
     gt = SAMPLE_DIR / "person_keypoints_val_sample.json"
@@ -81,6 +153,31 @@ def cmd_demo(args) -> int:
     return cmd_synth(ns)
 
 
+def cmd_train(args) -> int:
+    from .config import PRESETS, load_config
+
+    if args.list_presets:
+        for name, preset in PRESETS.items():
+            print(f"{name:14s} {preset['_about']}")
+        return 0
+    if args.out is None:
+        raise InputError("--out", "is required: the run directory")
+    if (args.config is None) == (args.preset is None):
+        raise InputError("--config/--preset", "give exactly one of them")
+    cfg = load_config(args.config, args.preset, args.set or [])
+    out = Path(args.out)
+    if not args.resume and (out / "last.pt").exists():
+        raise InputError("--out", f"{out} already holds a run; use --resume to continue it or another directory")
+    from .train import train
+
+    summary = train(cfg, out, resume=args.resume)
+    if summary:
+        print(f"validation: input AP {summary['input_ap']:.3f} -> refined AP {summary['refined_ap']:.3f} "
+              f"on {summary['persons']} persons; confidence ECE {summary['confidence_ece']:.3f}")
+    print(f"weights: {out / 'model.safetensors'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posefix", description=__doc__.splitlines()[0].rstrip(".") + ".")
     p.add_argument("--version", action="version", version=f"posefix {__version__}")
@@ -88,12 +185,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="synthesize erroneous input poses from COCO GT (PoseFix's error tables)",
                        description="Synthesize one erroneous input pose per labelled GT person, as COCO results.")
-    s.add_argument("--gt", required=True, metavar="ANNOTATIONS.json", help="COCO person-keypoints annotations")
-    s.add_argument("--out", required=True, metavar="RESULTS.json", help="where to write the COCO results")
+    s.add_argument("--gt", metavar="ANNOTATIONS.json", help="COCO person-keypoints annotations (required)")
+    s.add_argument("--out", metavar="RESULTS.json", help="where to write the COCO results (required)")
     s.add_argument("--seed", type=_seed, default=0, help="random seed; the same seed gives the same output (0)")
     s.add_argument("--profile", metavar="PROFILE.json", help="error profile (default: the published PoseFix one)")
     s.add_argument("--labels", metavar="LABELS.json", help="also write what was planted at each keypoint")
     s.set_defaults(func=cmd_synth)
+    fit_sub = s.add_subparsers(dest="synth_command", metavar="{fit}")
+    f = fit_sub.add_parser("fit", help="fit an error profile to an estimator's results",
+                           description="Estimate, from the diagnosis of an estimator's results, the probability "
+                                       "of each error by joint group and bin, as a profile for --profile.")
+    f.add_argument("--gt", required=True, metavar="ANNOTATIONS.json")
+    f.add_argument("--results", required=True, metavar="RESULTS.json", help="the estimator's COCO results")
+    f.add_argument("--out", required=True, metavar="PROFILE.json")
+    f.add_argument("--profile", metavar="TEMPLATE.json", help="groups and bins to fit (default: the published)")
+    f.set_defaults(func=cmd_synth_fit)
+
+    g = sub.add_parser("diagnose", help="diagnose an estimator's keypoint errors (Ronchi & Perona)",
+                       description="Label every keypoint of every matched detection good / jitter / inversion / "
+                                   "swap / miss, and measure the AP each error type costs.")
+    g.add_argument("--gt", required=True, metavar="ANNOTATIONS.json")
+    g.add_argument("--results", required=True, metavar="RESULTS.json")
+    g.add_argument("--out", required=True, metavar="REPORT.json")
+    g.add_argument("--plots", metavar="DIR", help="also write PNG charts there")
+    g.set_defaults(func=cmd_diagnose)
+
+    t = sub.add_parser("train", help="train a refiner (torchrun for several GPUs or nodes)",
+                       description="Train a refiner on COCO with inputs synthesized on the fly.")
+    t.add_argument("--config", metavar="CONFIG.toml", help="a config file ([model], [data], [train] tables)")
+    t.add_argument("--preset", metavar="NAME", help="a preset (see --list-presets)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a key, e.g. --set train.max_steps=100 (repeatable)")
+    t.add_argument("--out", metavar="RUN_DIR", help="the run directory")
+    t.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last.pt")
+    t.add_argument("--list-presets", action="store_true", help="name the presets and exit")
+    t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("demo", help="run the demo on the bundled sample")
     d.add_argument("--out", default="posefix-demo", metavar="DIR", help="output directory (posefix-demo)")

@@ -1,6 +1,7 @@
 """Reading and validating COCO keypoint files, and writing outputs atomically."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,16 +31,17 @@ def read_json(path: str | Path, what: str):
         raise InputError(what, f"not valid JSON{where}", str(path)) from None
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it into place: a reader sees the
-    old file or the whole new one, never a partial one."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on failure removed,
+    so a reader sees the old file or the whole new one, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, separators=(",", ":"), allow_nan=False)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -48,6 +50,12 @@ def write_json_atomic(path: str | Path, obj) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write JSON atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, separators=(",", ":"), allow_nan=False)
 
 
 def _number(x) -> bool:
@@ -132,3 +140,38 @@ def load_ground_truth(path: str | Path) -> GroundTruth:
             raise InputError(f"{f}.area", f"must be a non-negative number, got {area!r}", source)
         ids[i], img[i], areas[i], boxes[i] = a["id"], a["image_id"], area, bbox
     return GroundTruth(ids, img, kps, areas, boxes, crowd, frozenset(image_ids), doc)
+
+
+def validate_results(doc, source: str = "results", gt: GroundTruth | None = None) -> list[dict]:
+    """Check a COCO keypoint results document and return it as a new list of shallow copies.
+
+    Each result needs an integer ``image_id`` (one of ``gt``'s images when ``gt`` is given), 51 finite
+    ``keypoints`` (x, y, confidence for 17 joints) and a finite numeric ``score``; ``category_id`` is
+    optional (an integer, 1 when absent, filled in on the copies). Other fields (``center``, ``scale``,
+    ``bbox``...) are kept as they are. Raises :class:`InputError` naming ``results[i].field``.
+    """
+    if not isinstance(doc, list):
+        raise InputError("results", f"must be a JSON list of COCO result objects, got {type(doc).__name__}", source)
+    out = []
+    for i, r in enumerate(doc):
+        f = f"results[{i}]"
+        if not isinstance(r, dict):
+            raise InputError(f, f"must be an object, got {type(r).__name__}", source)
+        image_id = r.get("image_id")
+        if not isinstance(image_id, int) or isinstance(image_id, bool):
+            raise InputError(f"{f}.image_id", f"missing or not an integer, got {image_id!r}", source)
+        if gt is not None and image_id not in gt.image_ids_all:
+            raise InputError(f"{f}.image_id", f"image {image_id} is not in the GT images", source)
+        _keypoints(r.get("keypoints"), f"{f}.keypoints", source)
+        if not _number(r.get("score")):
+            raise InputError(f"{f}.score", f"missing or not a finite number, got {r.get('score')!r}", source)
+        category_id = r.get("category_id", 1)
+        if not isinstance(category_id, int) or isinstance(category_id, bool):
+            raise InputError(f"{f}.category_id", f"not an integer, got {category_id!r}", source)
+        out.append({**r, "category_id": category_id})
+    return out
+
+
+def load_results(path: str | Path, gt: GroundTruth | None = None) -> list[dict]:
+    """Read and validate a COCO keypoint results file (see :func:`validate_results`)."""
+    return validate_results(read_json(path, "results"), str(path), gt)

@@ -98,7 +98,7 @@ class Profile:
         return out
 
     def with_tables(self, tables: dict, counts: dict | None = None, name: str | None = None,
-                    description: str | None = None) -> "Profile":
+                    description: str | None = None) -> Profile:
         """A copy with new (K, B) tables (and counts) for some errors, same groups and bins."""
         outcomes = dict(self.outcomes)
         for err, table in tables.items():

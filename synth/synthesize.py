@@ -71,7 +71,7 @@ def _as_array(x, shape_tail, name, dtype=np.float64):
 
 
 def synthesize(gt, area, rng: np.random.Generator, others=None, others_area=None, ov=None, nv=None,
-               profile: Profile | None = None, estimates=None, num_radii: int = 8,
+               profile: Profile | None = None, estimates=None, others_overlap=None, num_radii: int = 8,
                chunk_rows: int = 32768) -> SynthResult:
     """Draw one erroneous input pose per GT person.
 
@@ -80,7 +80,11 @@ def synthesize(gt, area, rng: np.random.Generator, others=None, others_area=None
     rng: the seeded generator every random draw goes through.
     others: (N, M, K, 3) GT joints of the persons overlapping each person (box IoU >= 0.1), padded
         with v = 0; others_area: (N, M) their areas.
-    ov: (N,) number of overlapping persons (default: rows of ``others`` with a labelled joint).
+    others_overlap: optional (N, M) bool. By default every row of ``others`` overlaps; rows marked
+        False are other persons of the image that do not: points keep clear of their joints (so that
+        a classifier looking at the whole image agrees) but no swap or miss is planted around them.
+    ov: (N,) number of overlapping persons (default: rows of ``others`` that overlap and have a
+        labelled joint).
     nv: (N,) labelled joints in view (default: count of v > 0 in ``gt``).
     estimates: optional (N, K, 3) another estimator's joints; where present (v > 0) they place the
         unlabelled GT joints instead of the template.
@@ -100,12 +104,14 @@ def synthesize(gt, area, rng: np.random.Generator, others=None, others_area=None
     others = _as_array(others, (NUM_KEYPOINTS, 3), "others").reshape(n, -1, NUM_KEYPOINTS, 3)
     others_area = _as_array(others_area, (), "others_area").reshape(n, others.shape[1])
     others_area = np.where(others[..., 2].max(-1, initial=0) > 0, np.maximum(others_area, 1e-6), 1.0)
-    ov = (others[..., 2] > 0).any(-1).sum(-1) if ov is None else np.asarray(ov).reshape(n)
+    overlap = (np.ones(others.shape[:2], dtype=bool) if others_overlap is None
+               else np.asarray(others_overlap, dtype=bool).reshape(others.shape[:2]))
+    ov = ((others[..., 2] > 0).any(-1) & overlap).sum(-1) if ov is None else np.asarray(ov).reshape(n)
     nv = vis.sum(-1) if nv is None else np.asarray(nv).reshape(n)
 
     # Outcome probabilities with the infeasible ones removed.  (N, K, 5)
     p = profile.probabilities(nv, ov)
-    other_vis = others[..., 2] > 0  # (N, M, K)
+    other_vis = (others[..., 2] > 0) & overlap[..., None]  # (N, M, K) joints a swap may land on
     inv_ok = vis[:, PARTNER] & (PARTNER != np.arange(NUM_KEYPOINTS))
     swap_ok = (other_vis | other_vis[:, :, PARTNER]).any(1)
     p[..., INVERSION] *= inv_ok
@@ -119,7 +125,7 @@ def synthesize(gt, area, rng: np.random.Generator, others=None, others_area=None
     rows_n, rows_j = np.nonzero(vis)
     for lo in range(0, rows_n.size, chunk_rows):
         rn, rj = rows_n[lo:lo + chunk_rows], rows_j[lo:lo + chunk_rows]
-        xy, o, ap, aj = _plant(gt, area, others, others_area, p, rn, rj, profile, rng, num_radii)
+        xy, o, ap, aj = _plant(gt, area, others, others_area, overlap, p, rn, rj, profile, rng, num_radii)
         out_xy[rn, rj], outcome[rn, rj], anchor_person[rn, rj], anchor_joint[rn, rj] = xy, o, ap, aj
 
     placed = ~vis
@@ -166,7 +172,7 @@ def _choose(weights, rng):
     return np.minimum((cum <= u[:, None]).sum(-1), weights.shape[-1] - 1)
 
 
-def _plant(gt, area, others, others_area, p, rn, rj, profile, rng, num_radii):
+def _plant(gt, area, others, others_area, overlap, p, rn, rj, profile, rng, num_radii):
     """Draw an outcome and place a point for each row (labelled joint). Returns xy (R, 2), outcome,
     anchor person and anchor joint (R,)."""
     r_count = rn.size
@@ -178,8 +184,10 @@ def _plant(gt, area, others, others_area, p, rn, rj, profile, rng, num_radii):
     w = np.zeros((5, r_count, a_count))
     w[[GOOD, JITTER], :, 0] = 1.0
     w[INVERSION, :, m + 1] = valid[:, m + 1]
-    w[SWAP] = valid * ((idx != 0) & (idx != m + 1))
-    w[MISS] = valid * np.where(idx == 0, profile.miss_own_anchor_weight, 1.0)
+    ovl = overlap[rn]  # (R, M)
+    may_centre = np.concatenate([np.ones((r_count, 1), bool), ovl, np.ones((r_count, 1), bool), ovl], axis=1)
+    w[SWAP] = valid * may_centre * ((idx != 0) & (idx != m + 1))
+    w[MISS] = valid * may_centre * np.where(idx == 0, profile.miss_own_anchor_weight, 1.0)
     prob = p[rn, rj].copy()  # (R, 5)
 
     xy = gt[rn, rj, :2].copy()
