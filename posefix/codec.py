@@ -1,0 +1,271 @@
+"""Keypoints ↔ heatmaps and crop geometry, shared by training, offline refinement and the service.
+
+Glossary:
+    N       persons (crops) in a batch
+    K       keypoints per person (17 for COCO)
+    B       images in a batch; ``image_index`` (N,) says which image each person is in
+    C       image channels
+    H, W    height and width of a heatmap or crop; sizes are always given as (H, W)
+    Hi, Wi  height and width of a full image
+    (x, y)  a point in pixels, x to the right, y down; (w, h) a box's width and height
+    v       a joint's flag; a joint is valid where v > 0 and x, y are finite
+
+Pixel convention: pixel centres lie at integer coordinates, so pixel (0, 0) covers [-0.5, 0.5)² and a map of
+width W spans x ∈ [-0.5, W - 0.5). A crop spans its (w, h) box edge to edge, so the heatmaps of a crop at a
+quarter of its resolution have their own affine ``crop_affine(center, size, (H // 4, W // 4))``; no stride
+arithmetic is needed (it works out to x_heatmap = (x_crop + 0.5) / 4 - 0.5).
+
+Affines are (N, 2, 3) matrices [M | t] acting as p ↦ M p + t. ``crop_affine`` maps crop pixels to image pixels,
+``invert_affine`` of it maps image pixels to crop pixels.
+
+Every function is batched (no per-person or per-joint Python loops), returns tensors on its inputs' device in
+their dtype unless a dtype is given (soft_argmax: at least float32), and keeps the autograd graph.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from synth.keypoints import FLIP_PAIRS
+
+# The reference's test-time crop enlarges the min/max box of the input keypoints by this factor.
+KEYPOINT_BOX_ENLARGE = 1.2
+
+
+def _float_dtype(t: Tensor) -> torch.dtype:
+    return t.dtype if t.is_floating_point() else torch.get_default_dtype()
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else (bf16, fp16, integers) is computed in float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _valid(keypoints: Tensor) -> Tensor:
+    """(N, K, 3) → (N, K) bool: v > 0 and x, y finite."""
+    return (keypoints[..., 2] > 0) & torch.isfinite(keypoints[..., :2]).all(-1)
+
+
+def _gaussian_1d(centre: Tensor, length: int, scale: Tensor) -> Tensor:
+    """exp(scale · (i - centre)²) for i in 0..length-1: centre, scale (N, K) → (N, K, length)."""
+    grid = torch.arange(length, dtype=centre.dtype, device=centre.device)
+    return torch.exp((grid - centre[..., None]) ** 2 * scale[..., None])
+
+
+def render_heatmaps(keypoints: Tensor, size: tuple[int, int], sigma: float | Tensor,
+                    dtype: torch.dtype | None = None) -> Tensor:
+    """One Gaussian exp(-((X - x)² + (Y - y)²) / (2σ²)) with peak 1 per joint.
+
+    keypoints: (N, K, 3) = (x, y, v) in the heatmap's pixels. size: (H, W). sigma: pixels, a float or a tensor
+    broadcastable to (N, K). dtype: the result's, by default the keypoints' (floating) dtype.
+    Returns (N, K, H, W). A channel is all zero where v <= 0 or x or y is not finite; a joint outside the map
+    renders the part of its Gaussian that falls inside. The per-axis Gaussians are computed in at least float32
+    and their outer product is the only full-size write.
+    """
+    height, width = size
+    dtype = dtype or _float_dtype(keypoints)
+    work = _work_dtype(keypoints.dtype)
+    valid = _valid(keypoints)  # (N, K)
+    xy = torch.where(valid[..., None], keypoints[..., :2], 0).to(work)  # (N, K, 2)
+    sigma = torch.as_tensor(sigma, dtype=work, device=keypoints.device)
+    scale = (-0.5 / sigma ** 2).expand(valid.shape)  # (N, K)
+    gx = _gaussian_1d(xy[..., 0], width, scale)  # (N, K, W)
+    gy = _gaussian_1d(xy[..., 1], height, scale) * valid[..., None]  # (N, K, H)
+    return gy.to(dtype)[..., :, None] * gx.to(dtype)[..., None, :]  # (N, K, H, W)
+
+
+def onehot_target(coords: Tensor, valid: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The reference's "one-hot" training target: each point splatted bilinearly onto its 4 neighbouring pixels.
+
+    coords: (N, K, 2+) = (x, y, ...) in the heatmap's pixels; valid: (N, K) bool; size: (H, W), both >= 2.
+    Returns target (N, K, H*W) in the coords' (floating) dtype, computed in at least float32, and valid (N, K)
+    bool. A point stays valid where it was, its coordinates are finite and its 4 neighbours lie in the grid:
+    0 <= x <= W - 1 and 0 <= y <= H - 1 (a point exactly on the last column or row splats onto it and the one
+    before, the latter with weight 0).
+    A valid row's 4 weights sum to 1 and its expectation Σ target · (X, Y) is the point; invalid rows are zero.
+    """
+    height, width = size
+    xy = coords[..., :2].to(_work_dtype(coords.dtype))  # (N, K, 2)
+    last = torch.tensor([width - 1, height - 1], dtype=xy.dtype, device=xy.device)
+    valid = valid & ((xy >= 0) & (xy <= last)).all(-1)  # NaN compares False
+    xy = torch.where(valid[..., None], xy, 0)
+    corner = torch.minimum(xy.floor(), last - 1)  # (N, K, 2) top-left neighbour
+    fx, fy = (xy - corner).unbind(-1)  # (N, K) each
+    weight = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], -1)  # (N, K, 4)
+    corner = corner.long()
+    offsets = torch.tensor([0, 1, width, width + 1], device=xy.device)
+    index = (corner[..., 1] * width + corner[..., 0])[..., None] + offsets  # (N, K, 4)
+    target = torch.zeros(*valid.shape, height * width, dtype=_float_dtype(coords), device=xy.device)  # (N, K, H*W)
+    return target.scatter(-1, index, (weight * valid[..., None]).to(target.dtype)), valid
+
+
+def soft_argmax(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax over each heatmap, then the expected (x, y) in the heatmap's pixels (integral regression).
+
+    logits: (N, K, H, W) of any floating dtype. Returns coords (N, K, 2) and prob (N, K, H, W), both computed
+    and returned in float32, or float64 for float64 logits. Differentiable with respect to the logits.
+    """
+    height, width = logits.shape[-2:]
+    work = _work_dtype(logits.dtype)
+    prob = torch.softmax(logits.to(work).flatten(-2), dim=-1).unflatten(-1, (height, width))  # (N, K, H, W)
+    xs = torch.arange(width, dtype=work, device=logits.device)
+    ys = torch.arange(height, dtype=work, device=logits.device)
+    x = prob.sum(-2) @ xs  # column marginal (N, K, W) → (N, K)
+    y = prob.sum(-1) @ ys  # row marginal (N, K, H) → (N, K)
+    return torch.stack([x, y], -1), prob
+
+
+def box_from_keypoints(keypoints: Tensor, min_size: float = 1.0) -> Tensor:
+    """The min/max box of the valid joints, enlarged ×1.2 about its centre (the reference's test-time crop).
+
+    keypoints: (N, K, 3) = (x, y, v); valid joints have v > 0 and finite x, y. Each side is at least min_size
+    pixels, so a single valid joint gives a min_size square about it. Returns (N, 4) = (x, y, w, h); a person
+    with no valid joint gets a box of zeros (whose crop is degenerate: callers should skip such persons).
+    """
+    valid = _valid(keypoints)[..., None]  # (N, K, 1)
+    xy = keypoints[..., :2]
+    low = torch.where(valid, xy, torch.inf).amin(-2)  # (N, 2)
+    high = torch.where(valid, xy, -torch.inf).amax(-2)  # (N, 2)
+    centre = (low + high) / 2
+    size = ((high - low) * KEYPOINT_BOX_ENLARGE).clamp_min(min_size)
+    box = torch.cat([centre - size / 2, size], -1)  # (N, 4)
+    return torch.where(valid.any(-2), box, 0)
+
+
+def center_scale(boxes: Tensor, aspect: float, padding: float = 1.25) -> tuple[Tensor, Tensor]:
+    """Box → crop centre and size: the short side grown until w / h = aspect, then both sides ×padding.
+
+    boxes: (N, 4) = (x, y, w, h). aspect: the crop's W / H, e.g. 288 / 384. Returns center (N, 2) = (x, y) and
+    size (N, 2) = (w, h) in image pixels.
+    """
+    center = boxes[..., :2] + boxes[..., 2:4] / 2
+    w, h = boxes[..., 2], boxes[..., 3]
+    w, h = torch.maximum(w, h * aspect), torch.maximum(h, w / aspect)
+    return center, torch.stack([w, h], -1) * padding
+
+
+def crop_affine(center: Tensor, size: Tensor, out_size: tuple[int, int],
+                rotation: Tensor | float | None = None) -> Tensor:
+    """The affine from crop pixels (u, v) to image pixels (x, y) of an out_size = (H, W) crop.
+
+    center: (N, 2) = (x, y) and size: (N, 2) = (w, h) of the box in image pixels; rotation: (N,) degrees, one
+    float for all, or None (0). Crop pixel ((W - 1) / 2, (H - 1) / 2) maps to center and the crop's W × H pixels
+    span the w × h box edge to edge. A positive rotation turns the image content counter-clockwise in the crop,
+    as the reference's augmentation (and cv2.getRotationMatrix2D) does: the crop's u axis runs along
+    (cos θ, sin θ) in the image, i.e. the box itself is turned clockwise as drawn on the y-down image.
+    Returns (N, 2, 3) in the dtype of center and size.
+    """
+    height, width = out_size
+    dtype = torch.promote_types(_float_dtype(center), _float_dtype(size))
+    center, size = center.to(dtype), size.to(dtype)
+    theta = torch.deg2rad(torch.as_tensor(0.0 if rotation is None else rotation, dtype=dtype, device=center.device))
+    cos, sin = theta.cos(), theta.sin()
+    sx, sy = size[..., 0] / width, size[..., 1] / height
+    m = torch.stack([sx * cos, -sy * sin, sx * sin, sy * cos], -1).unflatten(-1, (2, 2))  # R(θ) diag(sx, sy)
+    crop_centre = torch.tensor([(width - 1) / 2, (height - 1) / 2], dtype=dtype, device=center.device)
+    t = center - m @ crop_centre  # (N, 2)
+    return torch.cat([m, t[..., None]], -1)  # (N, 2, 3)
+
+
+def invert_affine(affine: Tensor) -> Tensor:
+    """The inverse of each affine, in closed form (any floating dtype): (N, 2, 3) → (N, 2, 3)."""
+    m, t = affine[..., :2], affine[..., 2:]  # (N, 2, 2), (N, 2, 1)
+    a, b, c, d = m.flatten(-2).unbind(-1)
+    inverse = torch.stack([d, -b, -c, a], -1).unflatten(-1, (2, 2)) / (a * d - b * c)[..., None, None]
+    return torch.cat([inverse, -inverse @ t], -1)
+
+
+def apply_affine(points: Tensor, affine: Tensor) -> Tensor:
+    """Each person's points through its affine.
+
+    points: (N, K, 2+) = (x, y, ...), extra columns ignored; affine: (N, 2, 3) (or broadcastable, e.g.
+    points (1, K, 2) with affines (N, 2, 3)). Returns (N, K, 2) in the promoted dtype of the two.
+    """
+    dtype = torch.promote_types(points.dtype, affine.dtype)
+    xy, affine = points[..., :2].to(dtype), affine.to(dtype)
+    return xy @ affine[..., :2].transpose(-1, -2) + affine[..., None, :, 2]  # (N, K, 2)
+
+
+def _crop_grid(affine: Tensor, out_size: tuple[int, int]) -> Tensor:
+    """affine · (u, v, 1) at every crop pixel centre, one write per element: (N, 2, 3) → (N, H, W, 2)."""
+    height, width = out_size
+    u = torch.arange(width, dtype=affine.dtype, device=affine.device)
+    v = torch.arange(height, dtype=affine.dtype, device=affine.device)
+    along_u = u[:, None] * affine[:, None, :, 0]  # (N, W, 2)
+    along_v = v[:, None] * affine[:, None, :, 1] + affine[:, None, :, 2]  # (N, H, 2)
+    return along_v[:, :, None] + along_u[:, None]  # (N, H, W, 2)
+
+
+def _to_grid_sample(affine: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """An affine into image pixels followed by grid_sample's normalisation: (N, 2, 3) → (N, 2, 3).
+
+    With align_corners=False, x ↦ (2x + 1) / Wi - 1 and y ↦ (2y + 1) / Hi - 1.
+    """
+    image_h, image_w = image_size
+    scale = affine.new_tensor([[2 / image_w], [2 / image_h]])  # (2, 1)
+    offset = affine.new_tensor([[0, 0, 1 / image_w - 1], [0, 0, 1 / image_h - 1]])  # (2, 3)
+    return affine * scale + offset
+
+
+def _group_by_image(image_index: Tensor, batch: int) -> list[tuple[int, Tensor]]:
+    """(image, indices of its persons) for every image that holds persons; one device sync."""
+    order = torch.argsort(image_index, stable=True)
+    present, counts = torch.unique_consecutive(image_index[order], return_counts=True)
+    present = present.tolist()
+    if present and not (0 <= present[0] and present[-1] < batch):
+        raise ValueError(f"image_index must lie in [0, {batch}) for a batch of {batch} images, "
+                         f"got values from {present[0]} to {present[-1]}")
+    return list(zip(present, order.split(counts.tolist())))
+
+
+def warp_crops(images: Tensor, image_index: Tensor, affine: Tensor, out_size: tuple[int, int],
+               fill: float | Sequence[float] | Tensor = 0.0) -> Tensor:
+    """Bilinear crops: out[n, :, v, u] = images[image_index[n]] at image point affine[n] · (u, v, 1).
+
+    images: (B, C, Hi, Wi) floating; image_index: (N,) long; affine: (N, 2, 3) crop → image (``crop_affine``);
+    out_size: (H, W); fill: the value outside the image, a float or one per channel (C,). Returns (N, C, H, W)
+    in the images' dtype. Sampling is F.grid_sample(align_corners=False) with the pixel-centre convention, as if
+    the image were padded with fill (a non-zero fill is applied as sample(image - fill) + fill).
+
+    Persons are grouped by image and each image is sampled once for all its persons (one grid_sample call per
+    distinct image, its persons' grids stacked along the grid's height), so no image is copied per person. The
+    allocations are the output, and per image one group's grid and crops (plus one copy of the image when fill
+    is non-zero or the image is bf16/fp16: those are sampled in float32, since their grids would be too coarse).
+    Reading image_index synchronises with the device once per call.
+    """
+    batch, channels, image_h, image_w = images.shape
+    height, width = out_size
+    work = _work_dtype(images.dtype)
+    to_grid = _to_grid_sample(affine.to(work), (image_h, image_w))  # (N, 2, 3)
+    fill = torch.as_tensor(fill, dtype=work, device=images.device).reshape(1, -1, 1, 1)  # (1, C or 1, 1, 1)
+    blend = bool((fill != 0).any())
+    out = images.new_empty(len(image_index), channels, height, width)  # (N, C, H, W)
+    for b, persons in _group_by_image(image_index, batch):
+        image = images[b:b + 1].to(work)  # (1, C, Hi, Wi), a view when already in the work dtype
+        grid = _crop_grid(to_grid[persons], out_size).reshape(1, -1, width, 2)  # (1, n*H, W, 2)
+        crops = F.grid_sample(image - fill if blend else image, grid, mode="bilinear", padding_mode="zeros",
+                              align_corners=False)  # (1, C, n*H, W)
+        if blend:
+            crops.add_(fill)
+        out[persons] = crops.reshape(channels, -1, height, width).transpose(0, 1).to(out.dtype)  # (n, C, H, W)
+    return out
+
+
+def flip_keypoints(keypoints: Tensor, width: float | Tensor,
+                   pairs: Sequence[tuple[int, int]] = FLIP_PAIRS) -> Tensor:
+    """Keypoints of the horizontally mirrored image: x ↦ width - 1 - x, left/right joints swapped.
+
+    keypoints: (N, K, 2+) = (x, y, ...), extra columns carried along; width: the image's (or crop's) width in
+    pixels, a float or (N,); pairs: the left/right index pairs. Returns (N, K, 2+). Applying it twice is the
+    identity, and it matches torch.flip(image, [-1]) under the pixel-centre convention.
+    """
+    partner = list(range(keypoints.shape[-2]))
+    for a, b in pairs:
+        partner[a], partner[b] = b, a
+    swapped = keypoints[..., partner, :]  # (N, K, 2+)
+    width = torch.as_tensor(width, dtype=keypoints.dtype, device=keypoints.device)
+    x = (width[..., None] if width.ndim else width) - 1 - swapped[..., 0]  # (N, K)
+    return torch.cat([x[..., None], swapped[..., 1:]], -1)

@@ -1,0 +1,204 @@
+"""Training configuration: frozen dataclasses, presets, TOML files and ``--set key=value`` overrides.
+
+Every function takes the narrow piece it needs (``ModelConfig``, ``DataConfig``, ``TrainConfig``);
+nothing reads configuration at import time. Unknown keys are rejected with the key named.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+
+from synth.exceptions import InputError
+
+from .model import ModelConfig
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_annotations: str = ""  # COCO person-keypoints JSON of the training set
+    train_images: str = ""  # its image directory
+    val_annotations: str = ""  # optional validation set: input AP vs refined AP on synthesized inputs
+    val_images: str = ""
+    profile: str = ""  # error profile JSON ("" = the published PoseFix tables; or one from `posefix synth fit`)
+    scale_factor: float = 0.3  # crop scale ~ clip(N(1, 0.3), 0.7, 1.3), as the reference
+    rotation_factor: float = 40.0  # rotation ~ clip(N(0, 40°), ±80°) ...
+    rotation_prob: float = 0.6  # ... with this probability
+    flip_prob: float = 0.5
+    leg_shortening_prob: float = 0.0  # lower-body occlusion: shortened legs + cutout (synth.occlusion)
+    occluder_prob: float = 0.0  # BlazePose-style random rectangles over joints
+    workers: int = 2  # DataLoader worker processes per training process
+    val_max_persons: int = 0  # validate on at most this many persons (0 = all)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 32  # per process
+    lr: float = 5e-4  # Adam, as the reference
+    lr_milestones: tuple[float, ...] = (90 / 140, 120 / 140)  # ÷10 at these fractions of max_steps
+    seed: int = 0
+    pretrained: str = "imagenet"  # "imagenet" (from torch's cache, never downloaded), a file, or "none"
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA), "bf16", "fp32"
+    channels_last: str = "auto"  # "auto" (on CUDA), "on", "off"
+    log_every: int = 20
+    val_every: int = 0  # steps between validations (0 = only at the end)
+    checkpoint_every: int = 200
+    confidence_weight: float = 0.1  # weight of the confidence head's BCE
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+PRESETS: dict[str, dict] = {
+    "cpu-small": {
+        "_about": "ResNet-18 at 128×96 from scratch: trains on a CPU in minutes (the demo and tests)",
+        "model": {"backbone": "resnet18", "input_size": [128, 96], "sigma": 3.5, "head_channels": 128},
+        "train": {"max_steps": 600, "batch_size": 32, "lr": 1e-3, "pretrained": "none", "log_every": 10,
+                  "checkpoint_every": 100},
+        "data": {"workers": 1},
+    },
+    "r50-256x192": {
+        "_about": "ResNet-50 at 256×192, σ 7 (a published configuration)",
+        "model": {"backbone": "resnet50", "input_size": [256, 192], "sigma": 7.0},
+        "train": {"max_steps": 140 * 4700, "batch_size": 32},
+    },
+    "r50-384x288": {
+        "_about": "ResNet-50 at 384×288, σ 9",
+        "model": {"backbone": "resnet50", "input_size": [384, 288], "sigma": 9.0},
+        "train": {"max_steps": 140 * 9400, "batch_size": 16},
+    },
+    "r101-384x288": {
+        "_about": "ResNet-101 at 384×288, σ 9",
+        "model": {"backbone": "resnet101", "input_size": [384, 288], "sigma": 9.0},
+        "train": {"max_steps": 140 * 9400, "batch_size": 16},
+    },
+    "r152-384x288": {
+        "_about": "ResNet-152 at 384×288, σ 9: the released PoseFix models (140 epochs, batch 16 × 2 GPUs)",
+        "model": {"backbone": "resnet152", "input_size": [384, 288], "sigma": 9.0},
+        "train": {"max_steps": 140 * 4700, "batch_size": 16},
+    },
+}
+
+
+def _build(cls, values: dict, prefix: str):
+    """A dataclass from a dict, rejecting unknown keys and converting lists to tuples."""
+    if not isinstance(values, dict):
+        raise InputError(prefix, "must be a table of keys")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise InputError(f"{prefix}.{unknown[0]}", f"unknown key; {prefix} has {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(cls(), name) if name != "input_size" else (0, 0)
+        kwargs[name] = _coerce(value, default, f"{prefix}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value, default, key):
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise InputError(key, f"must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InputError(key, f"must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise InputError(key, f"must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) for v in value):
+            raise InputError(key, f"must be a list of numbers, got {value!r}")
+        return tuple(value)
+    if not isinstance(value, str):
+        raise InputError(key, f"must be a string, got {value!r}")
+    return value
+
+
+def from_dict(doc: dict) -> Config:
+    doc = {k: v for k, v in doc.items() if k != "_about"}
+    unknown = sorted(set(doc) - {"model", "data", "train"})
+    if unknown:
+        raise InputError(unknown[0], "unknown section; a config has [model], [data] and [train]")
+    try:
+        return Config(model=_build(ModelConfig, doc.get("model", {}), "model"),
+                      data=_build(DataConfig, doc.get("data", {}), "data"),
+                      train=_build(TrainConfig, doc.get("train", {}), "train"))
+    except TypeError as e:  # a value a dataclass refused
+        raise InputError("config", str(e)) from None
+
+
+def to_dict(cfg: Config) -> dict:
+    return {name: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(part).items()}
+            for name, part in (("model", cfg.model), ("data", cfg.data), ("train", cfg.train))}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """``section.key=value`` with a TOML value (bare words are strings): (['section', 'key'], value)."""
+    if "=" not in text:
+        raise InputError("--set", f"expected key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise InputError("--set", f"key must be section.name (e.g. train.max_steps), got {key!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return path, value
+
+
+def load_config(config: str | None = None, preset: str | None = None, overrides: list[str] = ()) -> Config:
+    """The resolved config: a preset or a TOML/JSON file, then ``--set`` overrides."""
+    if preset is not None:
+        if preset not in PRESETS:
+            raise InputError("--preset", f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+        doc = PRESETS[preset]
+    elif config is not None:
+        path = Path(config)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise InputError("--config", f"cannot read {config}: {e.strerror or e}") from None
+        try:
+            doc = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise InputError("--config", f"{config} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from None
+    else:
+        doc = {}
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        doc = _merge(doc, {section: {key: value}})
+    return from_dict(doc)
+
+
+def dump_toml(cfg: Config) -> str:
+    """The config as TOML that ``load_config(config=...)`` reads back."""
+    lines = []
+    for section, values in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            lines.append(f"{k} = {json.dumps(v)}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,125 @@
+"""Training samples: COCO persons with a synthesized input pose, cropped the way the test crops.
+
+Glossary: P persons, K = 17 joints, (H, W) the model's input size. A sample is drawn for a
+(epoch, index) pair with a generator seeded by (seed, epoch, index), so any step of any run can be
+reproduced, whatever the number of workers or processes.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from synth.coco import MIN_AREA, overlaps
+from synth.cocoio import load_ground_truth
+from synth.keypoints import PARTNER
+from synth.occlusion import occlude_rectangles, shorten_legs
+from synth.profile import Profile
+from synth.synthesize import synthesize
+
+from . import codec
+from .config import DataConfig
+from .images import coco_image_path, decode
+from .model import ModelConfig
+
+
+class PersonCrops(torch.utils.data.Dataset):
+    """The labelled, non-crowd persons of a COCO person-keypoints file.
+
+    ``dataset[(epoch, index)]`` gives a dict: ``image`` (3, H, W) float in [0, 1], ``input`` (K, 3)
+    the synthesized input pose in crop pixels (v = 1 where present), ``target`` (K, 2) the GT joints
+    in crop pixels, ``target_valid`` (K,) bool (labelled and inside the crop), ``area`` () the
+    person's COCO area in crop pixels².
+    """
+
+    def __init__(self, annotations, images_dir, model: ModelConfig, data: DataConfig, profile: Profile | None,
+                 seed: int, augment: bool = True):
+        self.gt = load_ground_truth(annotations)
+        self.images_dir = images_dir
+        self.images = {im["id"]: im for im in self.gt.doc["images"]}
+        self.persons = np.flatnonzero(~self.gt.crowd & (self.gt.keypoints[..., 2] > 0).any(-1))
+        self.ov, self.near = overlaps(self.gt)
+        self.model, self.data, self.profile, self.seed, self.augment = model, data, profile, seed, augment
+
+    def __len__(self) -> int:
+        return self.persons.size
+
+    def __getitem__(self, key):
+        epoch, index = key
+        rng = np.random.default_rng([self.seed, epoch, index])
+        i = self.persons[index]
+        gt = self.gt
+        near = self.near[i]
+        res = synthesize(gt.keypoints[i][None], [max(gt.areas[i], MIN_AREA)], rng,
+                         others=gt.keypoints[near][None], others_area=np.maximum(gt.areas[near], MIN_AREA)[None],
+                         ov=self.ov[i:i + 1], profile=self.profile)
+        inp = res.keypoints[0].copy()
+        inp[:, 2] = 1.0
+        h, w = self.model.input_size
+        box = codec.box_from_keypoints(torch.from_numpy(inp)[None])
+        center, size = codec.center_scale(box, aspect=w / h)
+        rot = torch.zeros(1, dtype=torch.float64)
+        flip = False
+        if self.augment:
+            d = self.data
+            size = size * float(np.clip(rng.normal(1.0, d.scale_factor), 1 - d.scale_factor, 1 + d.scale_factor))
+            if rng.random() < d.rotation_prob:
+                rot[0] = float(np.clip(rng.normal(0.0, d.rotation_factor), -2 * d.rotation_factor, 2 * d.rotation_factor))
+            flip = rng.random() < d.flip_prob
+        affine = codec.crop_affine(center, size, (h, w), rotation=rot)  # (1, 2, 3) crop → image
+        image = decode(coco_image_path(self.images_dir, self.images[int(gt.image_ids[i])]))
+        crop = codec.warp_crops(image[None].float().div_(255), torch.zeros(1, dtype=torch.long),
+                                affine.float(), (h, w))[0]  # (3, H, W)
+        to_crop = codec.invert_affine(affine)
+        inp_c = codec.apply_affine(torch.from_numpy(inp)[None], to_crop)[0].numpy()
+        tgt_c = codec.apply_affine(torch.from_numpy(gt.keypoints[i])[None], to_crop)[0].numpy()
+        if flip:
+            crop = crop.flip(-1)
+            inp_c, tgt_c = (codec.flip_keypoints(torch.from_numpy(p)[None], w)[0].numpy() for p in (inp_c, tgt_c))
+            labelled = gt.keypoints[i, PARTNER, 2] > 0
+        else:
+            labelled = gt.keypoints[i, :, 2] > 0
+        inp_c = np.concatenate([inp_c, np.ones((inp_c.shape[0], 1))], axis=1)
+        if self.augment and (self.data.leg_shortening_prob or self.data.occluder_prob):
+            crop, inp_c = self._occlude(crop, inp_c, tgt_c, labelled, rng)
+        inside = (tgt_c[:, 0] >= 0) & (tgt_c[:, 0] <= w - 1) & (tgt_c[:, 1] >= 0) & (tgt_c[:, 1] <= h - 1)
+        scale = float(torch.linalg.det(to_crop[0, :, :2]).abs().item())  # crop px² per image px²
+        return {"image": crop, "input": torch.from_numpy(inp_c).float(), "target": torch.from_numpy(tgt_c).float(),
+                "target_valid": torch.from_numpy(labelled & inside), "area": torch.tensor(max(gt.areas[i], MIN_AREA) * scale,
+                                                                                          dtype=torch.float32)}
+
+    def _occlude(self, crop, inp_c, tgt_c, labelled, rng):
+        """Lower-body occlusion on the crop: the cutout goes over the GT legs, the input legs shrink."""
+        img = crop.permute(1, 2, 0).numpy()
+        gt_pose = np.concatenate([tgt_c, labelled[:, None].astype(float)], axis=1)
+        if rng.random() < self.data.leg_shortening_prob:
+            occ = shorten_legs(img, gt_pose, rng)
+            img = occ.image
+            legs = np.arange(13, 17)
+            inp_c[legs, :2] = inp_c[legs, :2] + (occ.keypoints[legs, :2] - tgt_c[legs])
+        if rng.random() < self.data.occluder_prob:
+            img = occlude_rectangles(img, gt_pose, rng).image
+        return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1), inp_c
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batches of (epoch, index) keys for steps start .. stop, this process's share of each global
+    batch: epoch e visits the persons in the order of a permutation seeded by (seed, e)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0, world: int = 1):
+        self.n, self.batch, self.seed, self.start, self.stop, self.rank, self.world = n, batch_size, seed, start, stop, rank, world
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _key(self, position: int):
+        epoch, offset = divmod(position, self.n)
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, 1_000_003, epoch]).permutation(self.n)}
+        return epoch, int(self._perms[epoch][offset])
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            first = (step * self.world + self.rank) * self.batch
+            yield [self._key(p) for p in range(first, first + self.batch)]
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+

@@ -1,0 +1,148 @@
+"""The refiner: a torchvision ResNet that sees the image and the input pose, and a deconvolution head.
+
+Glossary: N persons, K = 17 joints, (H, W) the input crop, (h, w) = (H/4, W/4) the output heatmaps.
+Coordinates are (x, y) in pixels with pixel centres at integers; output pixel i covers input pixels
+4i .. 4i+3, so its centre is at 4i + 1.5 in the input.
+
+As in PoseFix: the stem takes RGB + K input-pose heatmaps, three 4×4 transposed convolutions bring
+stride 32 back to stride 4, a 1×1 convolution gives K heatmaps, and soft-argmax gives coordinates
+with gradients. Two changes:
+
+- The logits are the head's output plus log(input-pose heatmap pooled to the output grid + 1e-6),
+  and the last convolution starts at zero: an untrained refiner returns its input pose, and training
+  only learns corrections. (A refiner that must first learn to copy its input is far worse than no
+  refiner when data or training are short.)
+- A confidence head: for each joint, the probability that the refined joint lies within KS >= 0.5
+  of the truth, read from the head's features under the joint's heatmap and learned with a
+  binary cross-entropy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from synth.exceptions import InputError
+
+from .codec import soft_argmax
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+STRIDE = 4
+PRIOR_EPS = 1e-6
+# ImageNet statistics of the RGB channels, for images scaled to [0, 1].
+RGB_MEAN = (0.485, 0.456, 0.406)
+RGB_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "resnet50"  # one of BACKBONES
+    input_size: tuple[int, int] = (256, 192)  # (H, W) of the crop; multiples of 32
+    sigma: float = 7.0  # σ of the input-pose Gaussians, in input pixels (reference: 7 at 256×192, 9 at 384×288)
+    num_keypoints: int = 17
+    head_channels: int = 256  # width of the deconvolution head
+    input_prior: bool = True  # add log(pooled input heatmap) to the logits
+
+    def __post_init__(self):
+        if self.backbone not in BACKBONES:
+            raise InputError("model.backbone", f"must be one of {list(BACKBONES)}, got {self.backbone!r}")
+        h, w = self.input_size
+        if h % 32 or w % 32 or h <= 0 or w <= 0:
+            raise InputError("model.input_size", f"(H, W) must be positive multiples of 32, got {self.input_size}")
+        if self.sigma <= 0:
+            raise InputError("model.sigma", f"must be positive, got {self.sigma}")
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        return self.input_size[0] // STRIDE, self.input_size[1] // STRIDE
+
+
+def _deconv(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class PoseFixNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        k = cfg.num_keypoints
+        resnet = getattr(torchvision.models, cfg.backbone)(weights=None)
+        stem = nn.Conv2d(3 + k, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        with torch.no_grad():
+            stem.weight[:, :3] = resnet.conv1.weight
+            nn.init.normal_(stem.weight[:, 3:], std=1e-3)
+        self.backbone = nn.Sequential(stem, resnet.bn1, resnet.relu, resnet.maxpool,
+                                      resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
+        feat = resnet.fc.in_features
+        c = cfg.head_channels
+        self.head = nn.Sequential(_deconv(feat, c), _deconv(c, c), _deconv(c, c))
+        self.final = nn.Conv2d(c, k, kernel_size=1)
+        nn.init.zeros_(self.final.weight)
+        nn.init.zeros_(self.final.bias)
+        self.confidence = nn.Conv2d(c, k, kernel_size=1)
+        nn.init.normal_(self.confidence.weight, std=1e-3)
+        nn.init.zeros_(self.confidence.bias)
+        self.register_buffer("rgb_mean", torch.tensor(RGB_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("rgb_std", torch.tensor(RGB_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, image: torch.Tensor, heatmaps: torch.Tensor) -> dict:
+        """image (N, 3, H, W) RGB in [0, 1]; heatmaps (N, K, H, W) input-pose Gaussians, peak 1.
+
+        Returns ``logits`` (N, K, h, w), ``prob`` (N, K, h, w), ``coords`` (N, K, 2) in input pixels,
+        ``confidence_logit`` (N, K) (sigmoid: probability of KS >= 0.5 to the truth).
+        """
+        x = torch.cat([(image - self.rgb_mean) / self.rgb_std, heatmaps.to(image.dtype)], dim=1)  # (N, 3+K, H, W)
+        f = self.head(self.backbone(x))  # (N, c, h, w)
+        logits = self.final(f)
+        if self.cfg.input_prior:
+            pooled = F.avg_pool2d(heatmaps.float(), STRIDE)  # (N, K, h, w)
+            logits = logits.float() + torch.log(pooled + PRIOR_EPS)
+        coords, prob = soft_argmax(logits)
+        conf_map = self.confidence(f).float()  # (N, K, h, w)
+        confidence_logit = (conf_map * prob.detach()).sum(dim=(2, 3))
+        return {"logits": logits, "prob": prob, "coords": coords * STRIDE + (STRIDE - 1) / 2,
+                "confidence_logit": confidence_logit}
+
+
+def load_pretrained(model: PoseFixNet, pretrained: str | None) -> str:
+    """Copy ImageNet weights into the backbone (RGB channels of the stem); returns what was loaded.
+
+    ``pretrained``: "none" (or None) for none; "imagenet" for torchvision's weights, which must already
+    be in torch's cache (posefix never downloads); or the path of a torchvision ResNet state dict
+    (.pth, loaded with weights_only=True, or .safetensors).
+    """
+    if pretrained in (None, "none"):
+        return "none"
+    name = model.cfg.backbone
+    if pretrained == "imagenet":
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        if not cached.exists():
+            raise InputError("model.pretrained", f"ImageNet weights for {name} are not in {cached.parent}; "
+                             "put the file there, pass its path, or use 'none'")
+        path = cached
+    else:
+        path = Path(pretrained)
+        if not path.is_file():
+            raise InputError("model.pretrained", f"{pretrained!r} is neither 'none', 'imagenet' nor a file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    resnet = getattr(torchvision.models, name)(weights=None)
+    try:
+        resnet.load_state_dict(state)
+    except RuntimeError as e:
+        raise InputError("model.pretrained", f"{path} is not a {name} state dict: {str(e).splitlines()[0]}") from None
+    with torch.no_grad():
+        model.backbone[0].weight[:, :3] = resnet.conv1.weight
+        ours = model.backbone
+        for i, part in enumerate(("bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"), start=1):
+            ours[i].load_state_dict(getattr(resnet, part).state_dict())
+    return str(path)

@@ -1,0 +1,210 @@
+"""Training: one loop for one CPU, one GPU or many (``torchrun``, DistributedDataParallel).
+
+The run directory holds ``config.toml`` (the resolved config), ``metrics.jsonl`` (one JSON object per
+log line and per validation), ``last.pt`` (plain state dicts for ``--resume``, written atomically),
+``model.safetensors`` (the weights to deploy, with the model config in its metadata) and
+``calibration.json`` (how well the keypoint confidences are calibrated on the validation set).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from synth.cocoio import atomic_path, load_ground_truth
+from synth.exceptions import InputError
+from synth.profile import load_profile
+
+from . import __version__, codec
+from .config import Config, dump_toml, to_dict
+from .data import PersonCrops, StepBatches
+from .engine import Refiner, export_weights
+from .evaluate import calibration, refine_synthesized
+from .losses import refiner_loss
+from .model import PoseFixNet, load_pretrained
+
+
+def _setup_distributed(device_kind: str):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    return rank, world, local
+
+
+def _device(cfg: Config, local_rank: int) -> torch.device:
+    want = cfg.train.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("train.device", "cuda was asked for but no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    if want != "cpu":
+        raise InputError("train.device", f"must be auto, cpu or cuda, got {want!r}")
+    return torch.device("cpu")
+
+
+def _lr_factor(milestones, max_steps):
+    steps = [int(m * max_steps) for m in milestones]
+    return lambda step: 0.1 ** sum(step >= s for s in steps)
+
+
+def _check_data(cfg: Config):
+    d = cfg.data
+    for key in ("train_annotations", "train_images"):
+        if not getattr(d, key):
+            raise InputError(f"data.{key}", "is required (set it in the config or with --set)")
+    for key in ("train_annotations", "val_annotations"):
+        path = getattr(d, key)
+        if path and not Path(path).is_file():
+            raise InputError(f"data.{key}", f"{path} is not a file")
+    for key in ("train_images", "val_images"):
+        path = getattr(d, key)
+        if path and not Path(path).is_dir():
+            raise InputError(f"data.{key}", f"{path} is not a directory")
+    if bool(d.val_annotations) != bool(d.val_images):
+        raise InputError("data.val_images", "give both data.val_annotations and data.val_images, or neither")
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, cfg: Config):
+    """``last.pt``: plain state dicts and numbers only, so ``torch.load(weights_only=True)`` reads it."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "step": step, "config": json.dumps(to_dict(cfg)), "torch_rng": torch.get_rng_state()}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train a refiner; returns the final validation summary (empty without a validation set)."""
+    _check_data(cfg)
+    out = Path(out_dir)
+    t = cfg.train
+    device_kind = "cuda" if (t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())) else "cpu"
+    rank, world, local = _setup_distributed(device_kind)
+    device = _device(cfg, local)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(t.seed + rank)
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
+    channels_last = t.channels_last == "on" or (t.channels_last == "auto" and device.type == "cuda")
+
+    profile = load_profile(cfg.data.profile or None)
+    dataset = PersonCrops(cfg.data.train_annotations, cfg.data.train_images, cfg.model, cfg.data, profile, t.seed)
+    if len(dataset) == 0:
+        raise InputError("data.train_annotations", "has no labelled, non-crowd person")
+    model = PoseFixNet(cfg.model)
+    loaded = load_pretrained(model, t.pretrained)
+    model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(t.lr_milestones, t.max_steps))
+    step = 0
+    last = out / "last.pt"
+    if resume:
+        if not last.is_file():
+            raise InputError("--resume", f"{last} does not exist")
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.toml").write_text(dump_toml(cfg))
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None) \
+        if world > 1 else model
+
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=StepBatches(len(dataset), t.batch_size, t.seed, step, t.max_steps, rank, world),
+        num_workers=cfg.data.workers, pin_memory=device.type == "cuda", persistent_workers=False,
+        prefetch_factor=4 if cfg.data.workers else None)
+    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    if rank == 0:
+        _log(metrics, {"event": "start", "step": step, "world_size": world, "device": str(device),
+                       "pretrained": loaded, "persons": len(dataset), "posefix": __version__})
+    bar = _progress(step, t.max_steps, enabled=progress and rank == 0)
+    model.train()
+    tick, seen = time.perf_counter(), 0
+    summary = {}
+    for batch in loader:
+        image = batch["image"].to(device, non_blocking=True)
+        if channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        inp = batch["input"].to(device, non_blocking=True)
+        heat = codec.render_heatmaps(inp, cfg.model.input_size, cfg.model.sigma)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            result = ddp(image, heat)
+        loss, parts = refiner_loss(result, batch["target"].to(device), batch["target_valid"].to(device),
+                                   batch["area"].to(device), t.confidence_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        seen += image.shape[0] * world
+        if rank == 0:
+            bar.update(1)
+            if step % t.log_every == 0 or step == t.max_steps:
+                now = time.perf_counter()
+                rate = seen / max(now - tick, 1e-9)
+                _log(metrics, {"event": "train", "step": step, "loss": loss.item(), **parts,
+                               "lr": scheduler.get_last_lr()[0], "samples_per_s": rate})
+                bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{rate:.1f}")
+                tick, seen = now, 0
+        if step % t.checkpoint_every == 0 and step < t.max_steps and rank == 0:
+            save_checkpoint(last, model, optimizer, scheduler, step, cfg)
+        if t.val_every and step % t.val_every == 0 and step < t.max_steps and rank == 0 and cfg.data.val_annotations:
+            _log(metrics, {"event": "val", "step": step, **_validate(model, cfg, device, profile)[0]})
+            model.train()
+    bar.close()
+    if rank == 0:
+        save_checkpoint(last, model, optimizer, scheduler, step, cfg)
+        if cfg.data.val_annotations:
+            summary, calib = _validate(model, cfg, device, profile)
+            _log(metrics, {"event": "val", "step": step, **summary})
+            (out / "calibration.json").write_text(json.dumps(calib, indent=2))
+        export_weights(model, out / "model.safetensors",
+                       {"posefix_version": __version__, "config": to_dict(cfg), "step": step})
+        _log(metrics, {"event": "end", "step": step})
+        metrics.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def _validate(model, cfg: Config, device, profile):
+    refiner = Refiner(model, device, batch_size=max(cfg.train.batch_size, 16))
+    gt = load_ground_truth(cfg.data.val_annotations)
+    rows = refine_synthesized(refiner, gt, cfg.data.val_images, seed=cfg.train.seed, profile=profile,
+                              max_persons=cfg.data.val_max_persons or None)
+    calib = calibration(rows["confidence"], rows["hit"])
+    summary = {"input_ap": rows["input_ap"], "refined_ap": rows["refined_ap"], "persons": rows["persons"],
+               "confidence_ece": calib["ece"]}
+    return summary, calib
+
+
+def _log(stream, record: dict):
+    stream.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                             for k, v in record.items()}) + "\n")
+    stream.flush()
+
+
+def _progress(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, unit="step", file=sys.stderr,
+                dynamic_ncols=True, mininterval=1.0)
+
+
+__all__ = ["save_checkpoint", "train"]

@@ -1,0 +1,157 @@
+"""The refiner model, its config, weights files and loss."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from posefix import codec
+from posefix.config import PRESETS, dump_toml, from_dict, load_config, to_dict
+from posefix.engine import Refiner, export_weights, load_weights
+from posefix.losses import refiner_loss
+from posefix.model import ModelConfig, PoseFixNet, load_pretrained
+from synth.exceptions import InputError
+
+SMALL = ModelConfig(backbone="resnet18", input_size=(96, 64), sigma=2.5, head_channels=32)
+
+
+def _inputs(n, cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h, w = cfg.input_size
+    image = torch.rand(n, 3, h, w, generator=g)
+    kp = torch.cat([torch.rand(n, 17, 1, generator=g) * (w - 16) + 8, torch.rand(n, 17, 1, generator=g) * (h - 16) + 8,
+                    (torch.rand(n, 17, 1, generator=g) > 0.2).float()], dim=-1)
+    return image, kp, codec.render_heatmaps(kp, cfg.input_size, cfg.sigma)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
+def test_every_backbone_builds_and_runs(backbone):
+    cfg = ModelConfig(backbone=backbone, input_size=(64, 64), sigma=2.0, head_channels=16)
+    model = PoseFixNet(cfg).eval()
+    assert model.backbone[0].in_channels == 3 + 17
+    image, _, heat = _inputs(2, cfg)
+    with torch.no_grad():
+        out = model(image, heat)
+    assert out["logits"].shape == (2, 17, 16, 16) and out["coords"].shape == (2, 17, 2)
+    assert out["confidence_logit"].shape == (2, 17)
+    assert all(torch.isfinite(v).all() for v in out.values())
+
+
+def test_untrained_refiner_returns_its_input():
+    """The input-pose prior and the zero-initialised last layer make the untrained model the identity."""
+    torch.manual_seed(0)
+    model = PoseFixNet(SMALL).eval()
+    image, kp, heat = _inputs(8, SMALL, seed=1)
+    with torch.no_grad():
+        coords = model(image, heat)["coords"]
+    valid = kp[..., 2] > 0
+    assert (coords - kp[..., :2]).norm(dim=-1)[valid].max() < 0.05
+    without = PoseFixNet(ModelConfig(**{**SMALL.__dict__, "input_prior": False})).eval()
+    with torch.no_grad():
+        plain = without(image, heat)["coords"]
+    assert (plain - kp[..., :2]).norm(dim=-1)[valid].median() > 3  # without the prior, no such start
+
+
+def test_coordinates_carry_gradients_to_the_head():
+    torch.manual_seed(0)
+    model = PoseFixNet(SMALL)
+    image, kp, heat = _inputs(4, SMALL)
+    out = model(image, heat)
+    loss, _ = refiner_loss(out, kp[..., :2] + 3.0, kp[..., 2] > 0, torch.full((4,), 900.0))
+    loss.backward()
+    assert model.final.weight.grad.abs().sum() > 0 and model.backbone[0].weight.grad.abs().sum() > 0
+    # The coordinate term alone moves the head too (soft-argmax is not detached).
+    model.zero_grad()
+    out = model(image, heat)
+    out["coords"].sum().backward()
+    assert model.final.weight.grad.abs().sum() > 0
+
+
+def test_loss_parts_respect_the_mask():
+    torch.manual_seed(0)
+    model = PoseFixNet(SMALL)
+    image, kp, heat = _inputs(2, SMALL)
+    out = model(image, heat)
+    none = torch.zeros(2, 17, dtype=torch.bool)
+    loss, parts = refiner_loss(out, kp[..., :2], none, torch.full((2,), 900.0))
+    assert loss.item() == 0 and parts == {"heatmap": 0.0, "coord": 0.0, "confidence": 0.0}
+    _, near = refiner_loss(out, kp[..., :2], kp[..., 2] > 0, torch.full((2,), 900.0))
+    _, far = refiner_loss(out, kp[..., :2] + 6.0, kp[..., 2] > 0, torch.full((2,), 900.0))
+    assert far["coord"] > near["coord"] + 1 and far["heatmap"] > near["heatmap"]
+
+
+def test_weights_round_trip_and_refiner(tmp_path):
+    torch.manual_seed(0)
+    model = PoseFixNet(SMALL)
+    with torch.no_grad():
+        model.final.weight.normal_(std=0.1)  # not the identity any more
+    path = tmp_path / "model.safetensors"
+    export_weights(model, path, {"note": {"a": 1}})
+    loaded = load_weights(path)
+    assert loaded.cfg == SMALL
+    image, _, heat = _inputs(3, SMALL)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(image, heat)["coords"], loaded.eval()(image, heat)["coords"])
+    refiner = Refiner.from_checkpoint(path)
+    picture = (torch.rand(3, 120, 160) * 255).to(torch.uint8)
+    poses = np.zeros((2, 17, 3))
+    poses[0, :, :2] = np.random.default_rng(0).uniform(40, 100, (17, 2))
+    poses[0, :, 2] = 0.9
+    xy, conf = refiner.refine([picture], [0, 0], poses)
+    assert xy.shape == (2, 17, 2) and np.all((conf[0] > 0) & (conf[0] < 1))
+    assert np.array_equal(xy[1], poses[1, :, :2]) and np.all(conf[1] == 0)  # no joint: unchanged
+
+
+def test_bad_weights_files(tmp_path):
+    with pytest.raises(InputError, match="file not found"):
+        load_weights(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError, match="not a safetensors file"):
+        load_weights(junk)
+
+
+def test_pretrained_from_a_local_file_and_never_downloaded(tmp_path, monkeypatch):
+    resnet = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(resnet.state_dict(), path)
+    model = PoseFixNet(SMALL)
+    assert load_pretrained(model, str(path)) == str(path)
+    assert torch.equal(model.backbone[0].weight[:, :3], resnet.conv1.weight)
+    assert torch.equal(model.backbone[4][0].conv1.weight, resnet.layer1[0].conv1.weight)
+    assert load_pretrained(model, "none") == "none"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_cache"))
+    with pytest.raises(InputError, match="not in"):
+        load_pretrained(model, "imagenet")
+    torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(InputError, match="not a resnet18 state dict"):
+        load_pretrained(model, str(tmp_path / "other.pth"))
+
+
+def test_config_presets_overrides_and_rejections(tmp_path):
+    assert "cpu-small" in PRESETS
+    for name in PRESETS:
+        load_config(preset=name)
+    cfg = load_config(preset="cpu-small", overrides=["train.max_steps=7", "model.input_size=[64, 64]",
+                                                     "data.train_images=/data/coco/train2017", "train.seed=3",
+                                                     "model.backbone=resnet34"])
+    assert cfg.train.max_steps == 7 and cfg.model.input_size == (64, 64) and cfg.train.seed == 3
+    assert cfg.data.train_images == "/data/coco/train2017" and cfg.model.backbone == "resnet34"
+    toml = tmp_path / "c.toml"
+    toml.write_text(dump_toml(cfg))
+    assert load_config(config=str(toml)) == cfg
+    assert from_dict(json.loads(json.dumps(to_dict(cfg)))) == cfg
+    with pytest.raises(InputError, match=r"train\.max_stepz: unknown key"):
+        load_config(preset="cpu-small", overrides=["train.max_stepz=3"])
+    with pytest.raises(InputError, match="train.max_steps: must be an integer"):
+        load_config(overrides=["train.max_steps=many"])
+    with pytest.raises(InputError, match="model.backbone"):
+        load_config(overrides=["model.backbone=vgg16"])
+    with pytest.raises(InputError, match="model.input_size"):
+        load_config(overrides=["model.input_size=[100, 64]"])
+    with pytest.raises(InputError, match="unknown section"):
+        load_config(overrides=["optimizer.lr=1"])
+    with pytest.raises(InputError, match="unknown preset"):
+        load_config(preset="r9000")
