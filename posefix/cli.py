@@ -200,6 +200,31 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .config import PRESETS, load_config
+
+    if args.list_presets:
+        for name, preset in PRESETS.items():
+            print(f"{name:14s} {preset['_about']}")
+        return 0
+    if args.out is None:
+        raise InputError("--out", "is required: the run directory")
+    if (args.config is None) == (args.preset is None):
+        raise InputError("--config/--preset", "give exactly one of them")
+    cfg = load_config(args.config, args.preset, args.set or [])
+    out = Path(args.out)
+    if not args.resume and (out / "last.pt").exists():
+        raise InputError("--out", f"{out} already holds a run; use --resume to continue it or another directory")
+    from .train import train
+
+    summary = train(cfg, out, resume=args.resume)
+    if summary:
+        print(f"validation: input AP {summary['input_ap']:.3f} -> refined AP {summary['refined_ap']:.3f} "
+              f"on {summary['persons']} persons; confidence ECE {summary['confidence_ece']:.3f}")
+    print(f"weights: {out / 'model.safetensors'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posefix", description=__doc__.splitlines()[0].rstrip(".") + ".")
     p.add_argument("--version", action="version", version=f"posefix {__version__}")
