@@ -163,19 +163,20 @@ def cmd_demo(args) -> int:
                                  seed=args.seed + 1, profile=None))
     checkpoint = args.checkpoint
     if checkpoint is None:
-        run = out / "run"
-        print(f"\ntraining the cpu-small preset for {args.steps} steps on the sample's persons -> {run}")
-        cfg = load_config(preset="cpu-small", overrides=[
-            f"data.train_annotations={gt_path}", f"data.train_images={images_dir}", f"train.max_steps={args.steps}",
-            f"train.seed={args.seed}", "train.lr_milestones=[0.9]"])
-        if (run / "last.pt").exists():
-            import shutil
-
-            shutil.rmtree(run)
-        from .train import train
-
-        train(cfg, run)
+        run = out / f"run-{args.steps}-steps-seed-{args.seed}"
         checkpoint = run / "model.safetensors"
+        if checkpoint.exists():
+            print(f"\nreusing the refiner an earlier demo trained in {run} (delete it to train again)")
+        else:
+            resume = (run / "last.pt").exists()
+            print(f"\n{'resuming' if resume else 'training'} the cpu-small preset for {args.steps} steps on the "
+                  f"sample's persons -> {run}")
+            cfg = load_config(preset="cpu-small", overrides=[
+                f"data.train_annotations={gt_path}", f"data.train_images={images_dir}",
+                f"train.max_steps={args.steps}", f"train.seed={args.seed}", "train.lr_milestones=[0.9]"])
+            from .train import train
+
+            train(cfg, run, resume=resume)
     refiner = Refiner.from_checkpoint(checkpoint)
     gt = load_ground_truth(gt_path)
     paths = {im["id"]: coco_image_path(images_dir, im) for im in gt.doc["images"]}
@@ -225,6 +226,76 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from synth.cocoio import load_ground_truth, load_results, write_json_atomic
+    from synth.diagnose import diagnose, keypoint_stats
+
+    if args.json:
+        _check_outputs(args, ("gt",), ("json",))
+    gt = load_ground_truth(args.gt)
+    loaded = [(path, load_results(path, gt)) for path in args.results]
+    if args.all_images:
+        images = sorted(gt.image_ids_all)
+    else:
+        images = sorted({r["image_id"] for _, res in loaded for r in res})
+    rows = []
+    for path, res in loaded:
+        stats = keypoint_stats(gt, res, images)
+        shares = diagnose(gt, res, source=str(path), with_ap=False)["summary"]["keypoints"]["shares"] if res else {}
+        rows.append({"results": str(path), "detections": len(res), **stats, "error_shares": shares})
+    width = max(12, *(len(Path(r["results"]).name) for r in rows))
+    print(f"keypoint AP/AR by pycocotools on {len(images)} images"
+          f"{' (all GT images)' if args.all_images else ' (those the results cover)'}; "
+          "error shares among labelled keypoints of matched detections")
+    head = " ".join(f"{k:>6s}" for k in ("AP", "AP50", "AP75", "APm", "APl", "AR"))
+    print(f"{'results':{width}s} {head} | {'good':>6s} {'jitter':>6s} {'inv.':>6s} {'swap':>6s} {'miss':>6s}")
+    for r in rows:
+        nums = " ".join(f"{r[k]:6.3f}" if r[k] is not None else f"{'-':>6s}"
+                        for k in ("AP", "AP50", "AP75", "APm", "APl", "AR"))
+        sh = r["error_shares"]
+        errs = " ".join(f"{100 * sh[k]:5.1f}%" if sh.get(k) is not None else f"{'-':>6s}"
+                        for k in ("good", "jitter", "inversion", "swap", "miss"))
+        print(f"{Path(r['results']).name:{width}s} {nums} | {errs}")
+    if args.json:
+        write_json_atomic(args.json, {"images": images, "rows": rows})
+    return 0
+
+
+def cmd_viz(args) -> int:
+    from synth.cocoio import read_json, validate_results
+
+    from .images import coco_image_path, decode
+    from .viz import INPUT_COLOUR, REFINED_COLOUR, draw_poses, side_by_side, write_png
+
+    results = validate_results(read_json(args.results, "results"), str(args.results))
+    compare = validate_results(read_json(args.compare, "compare"), str(args.compare)) if args.compare else None
+    if compare is not None and len(compare) != len(results):
+        raise InputError("--compare", f"has {len(compare)} results, --results has {len(results)}; "
+                         "give the refined file of the same input")
+    entries = {}
+    if args.annotations:
+        from synth.cocoio import load_ground_truth
+
+        entries = {im["id"]: im for im in load_ground_truth(args.annotations).doc["images"]}
+    by_image: dict[int, list[int]] = {}
+    for n, r in enumerate(results):
+        if r["score"] >= args.min_score:
+            by_image.setdefault(r["image_id"], []).append(n)
+    out = Path(args.out)
+    written = 0
+    for image_id in sorted(by_image)[: args.max_images or None]:
+        image = decode(coco_image_path(args.images, entries.get(image_id, {"id": image_id})))
+        rows = by_image[image_id]
+        before = draw_poses(image, [results[n]["keypoints"] for n in rows], INPUT_COLOUR, args.min_keypoint_score)
+        if compare is not None:
+            after = draw_poses(image, [compare[n]["keypoints"] for n in rows], REFINED_COLOUR, args.min_keypoint_score)
+            before = side_by_side(before, after)
+        write_png(before, out / f"{image_id:012d}.png")
+        written += 1
+    print(f"wrote {written} images to {out}" + (" (input orange, left; refined cyan, right)" if compare else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posefix", description=__doc__.splitlines()[0].rstrip(".") + ".")
     p.add_argument("--version", action="version", version=f"posefix {__version__}")
@@ -267,6 +338,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last.pt")
     t.add_argument("--list-presets", action="store_true", help="name the presets and exit")
     t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="keypoint AP/AR and error breakdown of results files, side by side",
+                       description="Evaluate COCO keypoint results with pycocotools, side by side, with the "
+                                   "error breakdown of posefix diagnose for each.")
+    e.add_argument("--gt", required=True, metavar="ANNOTATIONS.json")
+    e.add_argument("results", nargs="+", metavar="RESULTS.json")
+    e.add_argument("--json", metavar="OUT.json", help="also write the table as JSON")
+    e.add_argument("--all-images", action="store_true",
+                   help="evaluate on every GT image, not only those the results cover")
+    e.set_defaults(func=cmd_eval)
+
+    v = sub.add_parser("viz", help="draw skeletons, before and after side by side, as PNGs")
+    v.add_argument("--images", required=True, metavar="DIR")
+    v.add_argument("--results", required=True, metavar="RESULTS.json")
+    v.add_argument("--compare", metavar="REFINED.json", help="refined results of the same input, drawn on the right")
+    v.add_argument("--annotations", metavar="ANNOTATIONS.json", help="to find image files by their file_name")
+    v.add_argument("--out", required=True, metavar="DIR")
+    v.add_argument("--min-score", type=float, default=0.2, help="skip persons scored below this (0.2)")
+    v.add_argument("--min-keypoint-score", type=float, default=0.0, help="skip keypoints scored at or below (0)")
+    v.add_argument("--max-images", type=int, default=0, help="at most this many images (0 = all)")
+    v.set_defaults(func=cmd_viz)
 
     d = sub.add_parser("demo", help="run the demo on the bundled sample",
                        description="Synthesize inputs, train the CPU preset briefly (or use --checkpoint), "

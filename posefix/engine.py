@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from synth.exceptions import InputError
+from synth.keypoints import PARTNER
 
 from . import codec
 from .model import ModelConfig, PoseFixNet
@@ -21,16 +22,21 @@ from .model import ModelConfig, PoseFixNet
 class Refiner:
     """Refines poses with a trained :class:`PoseFixNet` (in eval mode, no gradients)."""
 
-    def __init__(self, model: PoseFixNet, device: str | torch.device = "cpu", batch_size: int = 64):
+    def __init__(self, model: PoseFixNet, device: str | torch.device = "cpu", batch_size: int = 64,
+                 flip_test: bool = False):
         self.model = model.to(device).eval()
         self.cfg: ModelConfig = model.cfg
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.flip_test = flip_test
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", batch_size: int = 64) -> Refiner:
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", batch_size: int = 64,
+                        flip_test: bool = False) -> Refiner:
+        if device == "cuda" and not torch.cuda.is_available():
+            raise InputError("--device", "cuda was asked for but no CUDA device is available")
         model = load_weights(path)
-        return cls(model, device, batch_size)
+        return cls(model, device, batch_size, flip_test)
 
     @torch.no_grad()
     def refine(self, images: list[torch.Tensor], image_index, poses) -> tuple[np.ndarray, np.ndarray]:
@@ -62,12 +68,19 @@ class Refiner:
             crops[sel] = codec.warp_crops(picture, torch.zeros(sel.size, dtype=torch.long, device=self.device),
                                           affine[sel].float().to(self.device), (h, w))
         kp_crop = torch.cat([codec.apply_affine(kp, codec.invert_affine(affine)), kp[..., 2:]], dim=-1)
-        heat = codec.render_heatmaps(kp_crop.float().to(self.device), (h, w), self.cfg.sigma)
+        kp_crop = kp_crop.float().to(self.device)
+        heat = codec.render_heatmaps(kp_crop, (h, w), self.cfg.sigma)
         out = self.model(crops, heat)
-        coords = out["coords"].double().cpu()
-        xy = codec.apply_affine(coords, affine).numpy()
-        conf = torch.sigmoid(out["confidence_logit"].float()).cpu().numpy()
-        return xy, conf, ok
+        coords = out["coords"].double()
+        conf = torch.sigmoid(out["confidence_logit"].float())
+        if self.flip_test:  # the mirrored crop, mapped back, averaged with the plain one
+            flipped_kp = codec.flip_keypoints(kp_crop, w)
+            out_f = self.model(crops.flip(-1), codec.render_heatmaps(flipped_kp, (h, w), self.cfg.sigma))
+            coords = (coords + codec.flip_keypoints(out_f["coords"].double(), w)) / 2
+            conf_f = torch.sigmoid(out_f["confidence_logit"].float())[:, PARTNER.tolist()]
+            conf = (conf + conf_f) / 2
+        xy = codec.apply_affine(coords.cpu(), affine).numpy()
+        return xy, conf.cpu().numpy(), ok
 
 
 def export_weights(model: PoseFixNet, path: str | Path, metadata: dict) -> None:
@@ -111,21 +124,67 @@ def load_weights(path: str | Path) -> PoseFixNet:
     return model
 
 
-def refine_results(refiner: Refiner, results: list[dict], image_paths: dict) -> list[dict]:
-    """Refine COCO keypoint results (validated): each image is decoded once, its persons refined
-    together. ``image_paths`` maps image_id → file. Each refined keypoint's third value is the
-    refiner's confidence; the instance score and every other field are kept."""
+def refine_images(refiner: Refiner, jobs, workers: int = 2, lookahead: int = 8, progress=None):
+    """Refine the persons of many images, batching persons across images.
+
+    jobs: iterable of (key, image path, poses (P, K, 3) image pixels). Images are decoded in ``workers``
+    background threads, up to ``lookahead`` ahead, while the model runs; each is decoded once. Yields
+    (key, xy (P, K, 2), confidence (P, K)) in the order of ``jobs``. ``progress(n)`` is called with the
+    number of persons done after each batch.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from .images import decode
 
+    jobs = iter(jobs)
+    with ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="posefix-decode") as pool:
+        pending: list = []  # (key, future image, poses), in order
+
+        def fill():
+            while len(pending) < lookahead:
+                job = next(jobs, None)
+                if job is None:
+                    return
+                key, path, poses = job
+                pending.append((key, pool.submit(decode, path), np.asarray(poses, dtype=np.float64)))
+
+        fill()
+        while pending:
+            group, persons = [], 0
+            while pending and (not group or persons + len(pending[0][2]) <= refiner.batch_size):
+                key, future, poses = pending.pop(0)
+                group.append((key, future.result(), poses))
+                persons += len(poses)
+                fill()
+            images = [img for _, img, _ in group]
+            index = np.concatenate([np.full(len(p), n, dtype=np.int64) for n, (_, _, p) in enumerate(group)])
+            poses = np.concatenate([p.reshape(-1, 17, 3) for _, _, p in group]) if persons else np.zeros((0, 17, 3))
+            xy, conf = refiner.refine(images, index, poses) if persons else (np.zeros((0, 17, 2)), np.zeros((0, 17)))
+            start = 0
+            for key, _, p in group:
+                yield key, xy[start:start + len(p)], conf[start:start + len(p)]
+                start += len(p)
+            if progress is not None:
+                progress(persons)
+            fill()
+
+
+def refine_results(refiner: Refiner, results: list[dict], image_paths: dict) -> list[dict]:
+    """Refine COCO keypoint results (validated). ``image_paths`` maps image_id → file. Each refined
+    keypoint's third value is the refiner's confidence; the instance score and every other field are kept."""
     if not results:
         return []
-    ids = sorted({r["image_id"] for r in results})
-    missing = [i for i in ids if i not in image_paths]
+    order: dict[int, list[int]] = {}
+    for n, r in enumerate(results):
+        order.setdefault(r["image_id"], []).append(n)
+    missing = [i for i in order if i not in image_paths]
     if missing:
         raise InputError("image", f"no image file for image_id {missing[0]}")
-    images = [decode(image_paths[i]) for i in ids]
-    where = {img: n for n, img in enumerate(ids)}
     poses = np.array([r["keypoints"] for r in results], dtype=np.float64).reshape(len(results), -1, 3)
-    xy, conf = refiner.refine(images, [where[r["image_id"]] for r in results], poses)
-    return [dict(r, keypoints=np.concatenate([xy[n], conf[n][:, None]], axis=1).reshape(-1).tolist())
-            for n, r in enumerate(results)]
+    jobs = ((img, image_paths[img], poses[rows]) for img, rows in order.items())
+    out = list(results)
+    for img, xy, conf in refine_images(refiner, jobs):
+        for n, row in enumerate(order[img]):
+            kp = np.concatenate([xy[n], conf[n][:, None]], axis=1).reshape(-1).tolist()
+            out[row] = dict(results[row], keypoints=kp)
+    return out

@@ -305,16 +305,24 @@ def crowding_breakdown(gt: GroundTruth, matched, labels) -> dict:
             "cells": cells}
 
 
-def average_precision(coco_gt, covered, image_ids, keypoints, scores, cats) -> float | None:
-    """pycocotools' keypoint AP (stats[0]) of the given detections on the covered images; None when
-    those images have no GT person to find."""
+STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+
+
+def coco_stats(coco_gt, covered, image_ids, keypoints, scores, cats) -> dict:
+    """pycocotools' ten keypoint statistics (AP, AP50, AP75, APm, APl, AR, ...) of the given detections
+    on the covered images; a statistic pycocotools cannot compute (no GT) is None."""
     ev = _evaluator(coco_gt, _coco_dt(coco_gt, image_ids, keypoints, scores, cats), covered)
     with _quiet():
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    ap = float(ev.stats[0])
-    return ap if ap >= 0 else None
+    return {name: (float(v) if v >= 0 else None) for name, v in zip(STAT_NAMES, ev.stats)}
+
+
+def average_precision(coco_gt, covered, image_ids, keypoints, scores, cats) -> float | None:
+    """pycocotools' keypoint AP (stats[0]) of the given detections on the covered images; None when
+    those images have no GT person to find."""
+    return coco_stats(coco_gt, covered, image_ids, keypoints, scores, cats)["AP"]
 
 
 def ap_gains(coco_gt, covered, image_ids, keypoints, scores, cats, labels, gt_xy) -> dict:
@@ -347,15 +355,22 @@ def ap_gains(coco_gt, covered, image_ids, keypoints, scores, cats, labels, gt_xy
             "cumulative": cumulative}
 
 
-def keypoint_ap(gt: GroundTruth, results: list[dict], image_ids=None) -> float | None:
-    """pycocotools' keypoint AP of ``results`` on the images they cover (or on ``image_ids``)."""
+def keypoint_stats(gt: GroundTruth, results: list[dict], image_ids=None) -> dict:
+    """pycocotools' keypoint statistics of ``results`` on the images they cover (or on ``image_ids``)."""
     results = validate_results(results, "results", gt)
-    if not results:
-        return None
+    covered = sorted({r["image_id"] for r in results}) if image_ids is None else sorted(image_ids)
+    if not covered:
+        return dict.fromkeys(STAT_NAMES)
     coco_gt = _coco_gt(gt)
     ids = np.array([r["image_id"] for r in results], dtype=np.int64)
     keypoints = np.array([r["keypoints"] for r in results], dtype=np.float64).reshape(-1, NUM_KEYPOINTS, 3)
     scores = np.array([r["score"] for r in results], dtype=np.float64)
     cats = np.array([r["category_id"] for r in results], dtype=np.int64)
-    covered = sorted(set(ids.tolist())) if image_ids is None else sorted(image_ids)
-    return average_precision(coco_gt, covered, ids, keypoints, scores, cats)
+    return coco_stats(coco_gt, covered, ids, keypoints, scores, cats)
+
+
+def keypoint_ap(gt: GroundTruth, results: list[dict], image_ids=None) -> float | None:
+    """pycocotools' keypoint AP of ``results`` on the images they cover (or on ``image_ids``)."""
+    if not results and image_ids is None:
+        return None
+    return keypoint_stats(gt, results, image_ids)["AP"]

@@ -114,3 +114,19 @@ def test_refiner_learns_to_fix_synthesized_errors(tmp_path):
     after = np.array([p["refined_ap"] for p in pairs])
     assert after.mean() > before.mean() + 0.04, (before, after)
     assert (after > before).sum() >= 4, (before, after)
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "synthesized inputs" in printed and "real top-down estimator" in printed
+    for name in ("synth_results.json", "refined_synth_results.json", "refined_topdown_keypoints_val4.json"):
+        assert isinstance(json.loads((out / name).read_text()), list)
+    refined = json.loads((out / "refined_topdown_keypoints_val4.json").read_text())
+    original = json.loads((SAMPLE_DIR / "topdown_keypoints_val4.json").read_text())
+    assert len(refined) == len(original)
+    assert [r["image_id"] for r in refined] == [r["image_id"] for r in original]
+    # A second run reuses the trained refiner instead of training again.
+    assert main(["demo", "--out", str(out), "--steps", "3"]) == 0
+    assert "reusing the refiner" in capsys.readouterr().out

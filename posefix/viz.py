@@ -1,0 +1,51 @@
+"""Drawing poses on images: skeletons before and after refinement, side by side, as PNG files."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from synth.cocoio import atomic_path
+from synth.keypoints import SKELETON
+
+INPUT_COLOUR = (255, 140, 0)  # orange
+REFINED_COLOUR = (0, 200, 255)  # cyan
+
+
+def draw_poses(image: torch.Tensor, poses, colour, min_keypoint_score: float = 0.0) -> torch.Tensor:
+    """image (3, H, W) uint8; poses (P, K, 3) x, y, score in pixels. Joints with a score at or below
+    ``min_keypoint_score`` (or non-finite) are not drawn, nor their bones. Returns a new image."""
+    from PIL import Image, ImageDraw
+
+    poses = np.asarray(poses, dtype=np.float64).reshape(-1, 17, 3)
+    picture = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+    draw = ImageDraw.Draw(picture)
+    h, w = image.shape[1:]
+    width = max(2, round(min(h, w) / 160))
+    for pose in poses:
+        visible = (pose[:, 2] > min_keypoint_score) & np.isfinite(pose[:, :2]).all(-1)
+        for a, b in SKELETON:
+            if visible[a] and visible[b]:
+                draw.line([tuple(pose[a, :2]), tuple(pose[b, :2])], fill=colour, width=width)
+        for x, y in pose[visible, :2]:
+            r = width + 1
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=colour, outline=(255, 255, 255))
+    return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)
+
+
+def side_by_side(left: torch.Tensor, right: torch.Tensor, gap: int = 8) -> torch.Tensor:
+    """Two (3, H, W) images with a white gap between them: (3, H, 2W + gap)."""
+    spacer = torch.full((3, left.shape[1], gap), 255, dtype=left.dtype)
+    return torch.cat([left, spacer, right], dim=2)
+
+
+def write_png(image: torch.Tensor, path: str | Path) -> None:
+    """Write a (3, H, W) uint8 image as PNG, atomically."""
+    from torchvision.io import write_png as _write
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
+        with atomic_path(path) as tmp:
+            _write(image.contiguous(), str(tmp))

@@ -1,0 +1,113 @@
+"""The refinement engine: batching across images, flip test, and the results-level helpers."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from posefix import SAMPLE_DIR
+from posefix.cli import main
+from posefix.engine import Refiner, export_weights, refine_images, refine_results
+from posefix.images import coco_image_path, decode
+from posefix.model import ModelConfig, PoseFixNet
+from synth.cocoio import load_ground_truth, load_results
+from synth.exceptions import InputError
+from synth.keypoints import PARTNER
+
+CFG = ModelConfig(backbone="resnet18", input_size=(128, 96), sigma=3.5, head_channels=32, input_prior=False)
+GT = SAMPLE_DIR / "person_keypoints_val_sample.json"
+RESULTS = SAMPLE_DIR / "topdown_keypoints_val4.json"
+
+
+@pytest.fixture(scope="module")
+def refiner():
+    torch.manual_seed(0)
+    model = PoseFixNet(CFG)
+    with torch.no_grad():  # a refiner that is not the identity, so that the checks below can fail
+        model.final.weight.normal_(std=0.5)
+        model.confidence.weight.normal_(std=0.05)
+    return Refiner(model, "cpu", batch_size=8)
+
+
+def _sample():
+    gt = load_ground_truth(GT)
+    results = load_results(RESULTS, gt)
+    paths = {im["id"]: coco_image_path(SAMPLE_DIR / "images", im) for im in gt.doc["images"]}
+    return gt, results, paths
+
+
+def test_batching_across_images_equals_one_image_at_a_time(refiner):
+    gt, results, paths = _sample()
+    together = refine_results(refiner, results, paths)
+    for image_id in {r["image_id"] for r in results}:
+        rows = [n for n, r in enumerate(results) if r["image_id"] == image_id]
+        poses = np.array([results[n]["keypoints"] for n in rows]).reshape(-1, 17, 3)
+        xy, conf = refiner.refine([decode(paths[image_id])], np.zeros(len(rows), dtype=int), poses)
+        for k, n in enumerate(rows):
+            got = np.array(together[n]["keypoints"]).reshape(17, 3)
+            np.testing.assert_allclose(got[:, :2], xy[k], atol=1e-3)
+            np.testing.assert_allclose(got[:, 2], conf[k], atol=1e-5)
+    assert [r["image_id"] for r in together] == [r["image_id"] for r in results]
+    assert all(t["score"] == r["score"] and t.get("center") == r.get("center") for t, r in zip(together, results))
+
+
+def test_refine_images_reports_progress_and_keeps_order(refiner):
+    _, results, paths = _sample()
+    jobs, seen = [], []
+    for image_id in sorted({r["image_id"] for r in results}):
+        poses = np.array([r["keypoints"] for r in results if r["image_id"] == image_id]).reshape(-1, 17, 3)
+        jobs.append((image_id, paths[image_id], poses))
+    out = list(refine_images(refiner, jobs, workers=2, lookahead=2, progress=seen.append))
+    assert [k for k, _, _ in out] == [k for k, _, _ in jobs]
+    assert sum(seen) == sum(len(p) for _, _, p in jobs) and max(seen) <= refiner.batch_size + 32
+
+
+def test_flip_test_equals_refining_the_mirrored_image(refiner):
+    _, results, paths = _sample()
+    image = decode(paths[785])
+    poses = np.array([r["keypoints"] for r in results if r["image_id"] == 785][:3]).reshape(-1, 17, 3)
+    plain_xy, plain_conf = refiner.refine([image], np.zeros(3, dtype=int), poses)
+    width = image.shape[-1]
+    mirrored = poses[:, PARTNER].copy()
+    mirrored[..., 0] = width - 1 - mirrored[..., 0]
+    m_xy, m_conf = refiner.refine([image.flip(-1)], np.zeros(3, dtype=int), mirrored)
+    back = m_xy[:, PARTNER].copy()
+    back[..., 0] = width - 1 - back[..., 0]
+    flip = Refiner(refiner.model, "cpu", batch_size=8, flip_test=True)
+    xy, conf = flip.refine([image], np.zeros(3, dtype=int), poses)
+    np.testing.assert_allclose(xy, (plain_xy + back) / 2, atol=2e-2)
+    np.testing.assert_allclose(conf, (plain_conf + m_conf[:, PARTNER]) / 2, atol=1e-3)
+    assert np.abs(xy - plain_xy).max() > 0.5  # the flip test did change something
+
+
+def test_missing_and_corrupt_images_are_named(refiner, tmp_path):
+    _, results, paths = _sample()
+    with pytest.raises(InputError, match="000000000785.jpg: image: file not found"):
+        refine_results(refiner, results, {k: tmp_path / p.name for k, p in paths.items()})
+    broken = tmp_path / "000000000785.jpg"
+    broken.write_bytes(paths[785].read_bytes()[:2000])
+    with pytest.raises(InputError, match="000000000785.jpg: image: cannot decode"):
+        refine_results(refiner, [r for r in results if r["image_id"] == 785], {785: broken})
+
+
+def test_eval_and_viz_commands(refiner, tmp_path, capsys):
+    gt, results, paths = _sample()
+    refined = tmp_path / "refined.json"
+    refined.write_text(json.dumps(refine_results(refiner, results, paths)))
+    table = tmp_path / "table.json"
+    assert main(["eval", "--gt", str(GT), str(RESULTS), str(refined), "--json", str(table)]) == 0
+    rows = json.loads(table.read_text())["rows"]
+    from synth.diagnose import keypoint_ap
+
+    assert rows[0]["AP"] == pytest.approx(keypoint_ap(gt, results))
+    assert rows[1]["AP"] == pytest.approx(keypoint_ap(gt, json.loads(refined.read_text())))
+    assert "refined.json" in capsys.readouterr().out
+    out = tmp_path / "viz"
+    assert main(["viz", "--images", str(SAMPLE_DIR / "images"), "--results", str(RESULTS), "--compare", str(refined),
+                 "--out", str(out)]) == 0
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 4
+    picture = decode(pngs[0])
+    original = decode(paths[785])
+    assert picture.shape[2] == 2 * original.shape[2] + 8  # before | gap | after
+    assert not torch.equal(picture[:, :, :original.shape[2]], original)  # something was drawn
