@@ -109,7 +109,7 @@ def load_weights(path: str | Path) -> PoseFixNet:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except (SafetensorError, OSError, ValueError) as e:
         raise InputError("checkpoint", f"not a safetensors file: {e}", str(path)) from None
     if "posefix_model_config" not in meta:

@@ -7,7 +7,7 @@ import torch
 
 from posefix import SAMPLE_DIR
 from posefix.cli import main
-from posefix.engine import Refiner, export_weights, refine_images, refine_results
+from posefix.engine import Refiner, refine_images, refine_results
 from posefix.images import coco_image_path, decode
 from posefix.model import ModelConfig, PoseFixNet
 from synth.cocoio import load_ground_truth, load_results
@@ -37,7 +37,7 @@ def _sample():
 
 
 def test_batching_across_images_equals_one_image_at_a_time(refiner):
-    gt, results, paths = _sample()
+    _, results, paths = _sample()
     together = refine_results(refiner, results, paths)
     for image_id in {r["image_id"] for r in results}:
         rows = [n for n, r in enumerate(results) if r["image_id"] == image_id]
