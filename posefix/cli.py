@@ -194,7 +194,11 @@ def cmd_demo(args) -> int:
     for name, label, ap, sh in rows:
         cells = " ".join(f"{100 * (sh[k] or 0):5.1f}%" for k in ("good", "jitter", "inversion", "swap", "miss"))
         print(f"{name:45s} {label:8s} {ap:6.3f} {cells}")
-    print(f"\nrefined results and the run are in {out}/ (checkpoint {checkpoint})")
+    overlays = out / "overlays"
+    cmd_viz(argparse.Namespace(images=str(images_dir), results=str(SAMPLE_DIR / "topdown_keypoints_val4.json"),
+                               compare=str(out / "refined_topdown_keypoints_val4.json"), annotations=str(gt_path),
+                               out=str(overlays), min_score=0.2, min_keypoint_score=0.0, max_images=0))
+    print(f"\nrefined results, overlays and the run are in {out}/ (checkpoint {checkpoint})")
     if args.checkpoint is None:
         print("note: the refiner was trained on these same persons (with other synthesized errors) for a few "
               "minutes on a CPU; train on COCO (posefix train) for a refiner that generalises.")
@@ -223,6 +227,83 @@ def cmd_train(args) -> int:
         print(f"validation: input AP {summary['input_ap']:.3f} -> refined AP {summary['refined_ap']:.3f} "
               f"on {summary['persons']} persons; confidence ECE {summary['confidence_ece']:.3f}")
     print(f"weights: {out / 'model.safetensors'}")
+    return 0
+
+
+def _image_sizes(path, fmt, images_dir, coco_images) -> dict:
+    """(width, height) of each image a normalised-coordinate file (MoveNet, BlazePose) names, from the
+    annotations where they have it, else from the image file's header."""
+    from PIL import Image
+
+    from synth.cocoio import read_json
+
+    from .formats import image_file
+
+    doc = read_json(path, "input")
+    entries = doc if isinstance(doc, list) else []
+    sizes = {}
+    by_id = coco_images or {}
+    for entry in entries:
+        key = entry.get("image") if isinstance(entry, dict) else None
+        if key is None or key in sizes or not isinstance(key, (int, str)):
+            continue
+        if isinstance(key, int) and key in by_id and {"width", "height"} <= set(by_id[key]):
+            sizes[key] = (by_id[key]["width"], by_id[key]["height"])
+            continue
+        file = image_file(images_dir, key, coco_images)
+        try:
+            with Image.open(file) as im:
+                sizes[key] = im.size
+        except (OSError, ValueError):
+            pass  # reported by name when the file is needed
+    return sizes
+
+
+def cmd_refine(args) -> int:
+    from tqdm import tqdm
+
+    from synth.cocoio import load_ground_truth, write_json_atomic
+
+    from .engine import Refiner, refine_images
+    from .formats import image_file, image_ids, read_estimates, write_coco_results
+
+    _check_outputs(args, ("checkpoint", "input", "annotations"), ("out",))
+    if not Path(args.images).is_dir():
+        raise InputError("--images", f"{args.images} is not a directory")
+    if args.batch_size < 1:
+        raise InputError("--batch-size", f"must be at least 1, got {args.batch_size}")
+    coco_images = None
+    if args.annotations:
+        coco_images = {im["id"]: im for im in load_ground_truth(args.annotations).doc["images"]}
+    sizes = _image_sizes(args.input, args.format, args.images, coco_images) \
+        if args.format in ("movenet", "blazepose") else None
+    est = read_estimates(args.input, args.format, sizes, skip_invalid=args.skip_invalid)
+    refiner = Refiner.from_checkpoint(args.checkpoint, args.device, args.batch_size, args.flip_test)
+    n = len(est.image_keys)
+    groups: dict = {}
+    for i, key in enumerate(est.image_keys):
+        groups.setdefault(key, []).append(i)
+    jobs = ((key, image_file(args.images, key, coco_images), est.keypoints[rows]) for key, rows in groups.items())
+    xy = np.zeros((n, 17, 2))
+    conf = np.zeros((n, 17))
+    t0 = time.perf_counter()
+    with tqdm(total=n, unit="person", file=sys.stderr, disable=args.quiet or None, mininterval=0.5) as bar:
+        for key, kxy, kconf in refine_images(refiner, jobs, workers=args.workers, progress=bar.update):
+            xy[groups[key]], conf[groups[key]] = kxy, kconf
+    elapsed = time.perf_counter() - t0
+    given = est.keypoints
+    if args.keep_input_below is not None:
+        keep = (conf < args.keep_input_below) & (conf < given[..., 2])
+        xy[keep], conf[keep] = given[keep][:, :2], given[keep][:, 2]
+    present = given[..., 2] > 0
+    mean_conf = (conf * present).sum(1) / np.maximum(present.sum(1), 1)
+    results = write_coco_results(est, xy, conf, est.scores * mean_conf, image_ids(est, coco_images))
+    write_json_atomic(args.out, results)
+    kept = f", {int(keep.sum())} keypoints kept from the input" if args.keep_input_below is not None else ""
+    print(f"refined {n} persons on {len(groups)} images in {elapsed:.1f} s ({n / max(elapsed, 1e-9):.1f} persons/s)"
+          f"{kept} -> {args.out}")
+    if est.skipped:
+        print(f"skipped {len(est.skipped)} invalid entries (--skip-invalid); the first: {est.skipped[0]}")
     return 0
 
 
@@ -338,6 +419,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last.pt")
     t.add_argument("--list-presets", action="store_true", help="name the presets and exit")
     t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("refine", help="refine an estimator's results on a set of images",
+                       description="Refine an estimator's poses (COCO results or another estimator's format) and "
+                                   "write COCO results with each keypoint's refined confidence.")
+    r.add_argument("--checkpoint", required=True, metavar="CKPT", help="model.safetensors from posefix train")
+    r.add_argument("--images", required=True, metavar="DIR")
+    r.add_argument("--input", required=True, metavar="RESULTS.json", help="the estimator's output (a directory "
+                   "of *_keypoints.json for openpose)")
+    r.add_argument("--out", required=True, metavar="REFINED.json")
+    r.add_argument("--annotations", metavar="ANNOTATIONS.json", help="COCO annotations: image file names and ids")
+    r.add_argument("--format", default="coco", choices=("coco", "movenet", "blazepose", "posenet", "openpose"))
+    r.add_argument("--flip-test", action="store_true", help="average with the refinement of the mirrored crop")
+    r.add_argument("--batch-size", type=int, default=64, help="persons per model call (64)")
+    r.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    r.add_argument("--workers", type=int, default=2, help="image decoding threads (2)")
+    r.add_argument("--keep-input-below", type=float, metavar="CONF",
+                   help="keep the input keypoint where the refined confidence is below CONF and below the "
+                        "input keypoint's score")
+    r.add_argument("--skip-invalid", action="store_true", help="refine the valid entries and skip the rest")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_refine)
 
     e = sub.add_parser("eval", help="keypoint AP/AR and error breakdown of results files, side by side",
                        description="Evaluate COCO keypoint results with pycocotools, side by side, with the "

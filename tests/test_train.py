@@ -127,6 +127,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     original = json.loads((SAMPLE_DIR / "topdown_keypoints_val4.json").read_text())
     assert len(refined) == len(original)
     assert [r["image_id"] for r in refined] == [r["image_id"] for r in original]
+    assert len(list((out / "overlays").glob("*.png"))) == 4
     # A second run reuses the trained refiner instead of training again.
     assert main(["demo", "--out", str(out), "--steps", "3"]) == 0
     assert "reusing the refiner" in capsys.readouterr().out
