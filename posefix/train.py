@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from synth.cocoio import atomic_path, load_ground_truth
+from synth.cocoio import atomic_path, load_ground_truth, write_json_atomic
 from synth.exceptions import InputError
 from synth.profile import load_profile
 
@@ -128,11 +128,28 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
         dataset, batch_sampler=StepBatches(len(dataset), t.batch_size, t.seed, step, t.max_steps, rank, world),
         num_workers=cfg.data.workers, pin_memory=device.type == "cuda", persistent_workers=False,
         prefetch_factor=4 if cfg.data.workers else None)
-    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115 (closed in finally)
+    bar = _progress(step, t.max_steps, enabled=progress and rank == 0)
+    try:
+        summary = _loop(cfg, model, ddp, optimizer, scheduler, loader, device, bf16, channels_last, profile,
+                        step, rank, world, loaded, len(dataset), out, metrics, bar)
+    finally:
+        bar.close()
+        if metrics is not None:
+            metrics.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def _loop(cfg, model, ddp, optimizer, scheduler, loader, device, bf16, channels_last, profile, step, rank, world,
+          loaded, persons, out, metrics, bar) -> dict:
+    t = cfg.train
+    last = out / "last.pt"
     if rank == 0:
         _log(metrics, {"event": "start", "step": step, "world_size": world, "device": str(device),
-                       "pretrained": loaded, "persons": len(dataset), "posefix": __version__})
-    bar = _progress(step, t.max_steps, enabled=progress and rank == 0)
+                       "pretrained": loaded, "persons": persons, "posefix": __version__})
     model.train()
     tick, seen = time.perf_counter(), 0
     summary = {}
@@ -166,20 +183,15 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
         if t.val_every and step % t.val_every == 0 and step < t.max_steps and rank == 0 and cfg.data.val_annotations:
             _log(metrics, {"event": "val", "step": step, **_validate(model, cfg, device, profile)[0]})
             model.train()
-    bar.close()
     if rank == 0:
         save_checkpoint(last, model, optimizer, scheduler, step, cfg)
         if cfg.data.val_annotations:
             summary, calib = _validate(model, cfg, device, profile)
             _log(metrics, {"event": "val", "step": step, **summary})
-            (out / "calibration.json").write_text(json.dumps(calib, indent=2))
+            write_json_atomic(out / "calibration.json", calib)
         export_weights(model, out / "model.safetensors",
                        {"posefix_version": __version__, "config": to_dict(cfg), "step": step})
         _log(metrics, {"event": "end", "step": step})
-        metrics.close()
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
     return summary
 
 

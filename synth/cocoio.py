@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -31,13 +32,32 @@ def read_json(path: str | Path, what: str):
         raise InputError(what, f"not valid JSON{where}", str(path)) from None
 
 
+TMP_SUFFIX = ".posefix-tmp"
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove the temporary files that writers of ``path`` left when they were killed: named
+    ``.NAME.PID.*.posefix-tmp``, they are stale once process PID no longer runs."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*{TMP_SUFFIX}"):
+        pid = stale.name[len(path.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            stale.unlink(missing_ok=True)
+        except (PermissionError, OSError):
+            pass  # a live process of another user
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on failure removed,
     so a reader sees the old file or the whole new one, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
