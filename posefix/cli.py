@@ -377,6 +377,12 @@ def cmd_viz(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .service import serve_main
+
+    return serve_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posefix", description=__doc__.splitlines()[0].rstrip(".") + ".")
     p.add_argument("--version", action="version", version=f"posefix {__version__}")
@@ -461,6 +467,27 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--min-keypoint-score", type=float, default=0.0, help="skip keypoints scored at or below (0)")
     v.add_argument("--max-images", type=int, default=0, help="at most this many images (0 = all)")
     v.set_defaults(func=cmd_viz)
+
+    sv = sub.add_parser("serve", help="serve refinements over gRPC (posefix.v1.PoseRefiner)",
+                        description="Serve the refiner over gRPC until SIGTERM/SIGINT; concurrent calls are batched "
+                                    "together on the device. Health, reflection and Prometheus metrics included.")
+    sv.add_argument("--checkpoint", required=True, metavar="MODEL.safetensors",
+                    help="the refiner's weights (posefix train)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1; 0.0.0.0 for other machines)")
+    sv.add_argument("--port", type=int, default=50051, help="gRPC port (50051; 0: any free port)")
+    sv.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda if available)")
+    sv.add_argument("--max-batch-size", type=int, default=64, metavar="PERSONS", help="persons per model call (64)")
+    sv.add_argument("--max-queue-delay-ms", type=float, default=5.0, metavar="MS",
+                    help="how long the oldest waiting call waits for others to batch with (5)")
+    sv.add_argument("--max-queue-size", type=int, default=1024, metavar="PERSONS",
+                    help="persons that may wait, at least 256; beyond: RESOURCE_EXHAUSTED (1024)")
+    sv.add_argument("--metrics-port", type=int, default=None, metavar="PORT", help="Prometheus /metrics port (off)")
+    sv.add_argument("--flip-test", action="store_true", help="also refine each crop's mirror and average")
+    sv.add_argument("--grace-s", type=float, default=10.0, metavar="S",
+                    help="on SIGTERM, time for calls in flight (10)")
+    sv.add_argument("--drain-s", type=float, default=0.0, metavar="S",
+                    help="on SIGTERM, keep taking calls with health NOT_SERVING this long first (0)")
+    sv.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="run the demo on the bundled sample",
                        description="Synthesize inputs, train the CPU preset briefly (or use --checkpoint), "
