@@ -377,6 +377,56 @@ def cmd_viz(args) -> int:
     return 0
 
 
+def cmd_refine_video(args) -> int:
+    from tqdm import tqdm
+
+    from synth.cocoio import write_json_atomic
+
+    from .engine import Refiner
+    from .formats import write_coco_results
+    from .tracking import OneEuroParams
+    from .video import VideoWriter, draw_frame, load_poses, probe, refine_video
+
+    _check_outputs(args, ("checkpoint", "video", "input"), ("out", "render"))
+    info = probe(args.video)
+    sizes = None
+    if args.format in ("movenet", "blazepose"):
+        from synth.cocoio import read_json
+
+        doc = read_json(args.input, "input")
+        keys = {e.get("image") for e in doc if isinstance(e, dict)} if isinstance(doc, list) else set()
+        sizes = {k: (info.width, info.height) for k in keys if k is not None}
+    poses = load_poses(args.input, args.format, sizes)
+    smoothing = OneEuroParams(args.min_cutoff, args.beta, args.d_cutoff) if args.smooth else None
+    refiner = Refiner.from_checkpoint(args.checkpoint, args.device, args.batch_size, args.flip_test)
+    writer = VideoWriter(args.render, info.fps, info.width, info.height) if args.render else None
+    given = poses.est.keypoints
+
+    def draw(index, image, rows, xy, conf):
+        refined = np.concatenate([xy, conf[..., None]], axis=-1)
+        writer.write(draw_frame(image, given[rows], refined))
+
+    t0 = time.perf_counter()
+    try:
+        with tqdm(total=info.frames or None, unit="frame", file=sys.stderr, disable=args.quiet or None) as bar:
+            xy, conf, decoded = refine_video(refiner, args.video, poses, args.follow, smoothing, bar.update,
+                                             draw if writer else None)
+    except BaseException as e:
+        if writer:
+            writer.close(e)
+        raise
+    if writer:
+        writer.close()
+    elapsed = time.perf_counter() - t0
+    present = given[..., 2] > 0
+    scores = poses.est.scores * (conf * present).sum(1) / np.maximum(present.sum(1), 1)
+    write_json_atomic(args.out, write_coco_results(poses.est, xy, conf, scores, poses.frame))
+    print(f"refined {len(poses.frame)} persons on {decoded} frames in {elapsed:.1f} s "
+          f"({decoded / max(elapsed, 1e-9):.1f} frames/s) -> {args.out}"
+          + (f"; video with input (orange) and refined (cyan) poses -> {args.render}" if args.render else ""))
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .service import serve_main
 
@@ -467,6 +517,27 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--min-keypoint-score", type=float, default=0.0, help="skip keypoints scored at or below (0)")
     v.add_argument("--max-images", type=int, default=0, help="at most this many images (0 = all)")
     v.set_defaults(func=cmd_viz)
+
+    rv = sub.add_parser("refine-video", help="refine an estimator's poses on a video file",
+                        description="Refine per-frame poses of a video (COCO results with image_id = frame index, "
+                                    "or any supported format keyed by frame) and optionally render the result.")
+    rv.add_argument("--checkpoint", required=True, metavar="CKPT")
+    rv.add_argument("--video", required=True, metavar="IN.mp4")
+    rv.add_argument("--input", required=True, metavar="POSES.json")
+    rv.add_argument("--out", required=True, metavar="REFINED.json")
+    rv.add_argument("--render", metavar="OUT.mp4", help="also write the video with input and refined skeletons")
+    rv.add_argument("--format", default="coco", choices=("coco", "movenet", "blazepose", "posenet", "openpose"))
+    rv.add_argument("--follow", action="store_true",
+                    help="a tracked person's crop follows its previous refined pose (needs track_id)")
+    rv.add_argument("--smooth", action="store_true", help="One-Euro filter over each track's refined keypoints")
+    rv.add_argument("--min-cutoff", type=float, default=1.0, help="One-Euro minimum cutoff in Hz (1.0; lower: smoother)")
+    rv.add_argument("--beta", type=float, default=0.007, help="One-Euro speed coefficient in 1/px (0.007; higher: less lag)")
+    rv.add_argument("--d-cutoff", type=float, default=1.0, help="One-Euro cutoff of the speed estimate in Hz (1.0)")
+    rv.add_argument("--flip-test", action="store_true")
+    rv.add_argument("--batch-size", type=int, default=64)
+    rv.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    rv.add_argument("--quiet", action="store_true", help="no progress bar")
+    rv.set_defaults(func=cmd_refine_video)
 
     sv = sub.add_parser("serve", help="serve refinements over gRPC (posefix.v1.PoseRefiner)",
                         description="Serve the refiner over gRPC until SIGTERM/SIGINT; concurrent calls are batched "

@@ -39,27 +39,34 @@ class Refiner:
         return cls(model, device, batch_size, flip_test)
 
     @torch.no_grad()
-    def refine(self, images: list[torch.Tensor], image_index, poses) -> tuple[np.ndarray, np.ndarray]:
+    def refine(self, images: list[torch.Tensor], image_index, poses, crop_poses=None) -> tuple[np.ndarray, np.ndarray]:
         """images: decoded (3, Hi, Wi) uint8 tensors; image_index (P,) which image each person is in;
         poses (P, K, 3) input keypoints (x, y, score) in image pixels, a joint present where its
-        score > 0 and x, y are finite. Returns refined (P, K, 2) in image pixels and confidence (P, K).
+        score > 0 and x, y are finite; crop_poses (P, K, 3), optional: crop around these instead (a
+        video's previous refined pose). Returns refined (P, K, 2) in image pixels and confidence (P, K).
         Persons without a present joint come back unchanged with confidence 0."""
         poses = torch.as_tensor(np.asarray(poses, dtype=np.float64))
+        crops = poses if crop_poses is None else torch.as_tensor(np.asarray(crop_poses, dtype=np.float64))
         image_index = np.asarray(image_index, dtype=np.int64)
         xy = poses[..., :2].clone().numpy()
         conf = np.zeros(poses.shape[:2])
         for lo in range(0, poses.shape[0], self.batch_size):
             sl = slice(lo, lo + self.batch_size)
-            out_xy, out_conf, ok = self._batch(images, image_index[sl], poses[sl])
+            out_xy, out_conf, ok = self._batch(images, image_index[sl], poses[sl], crops[sl])
             xy[sl][ok], conf[sl][ok] = out_xy[ok], out_conf[ok]
         return xy, conf
 
-    def _batch(self, images, image_index, poses):
-        h, w = self.cfg.input_size
+    @staticmethod
+    def _present(poses):
         present = (poses[..., 2] > 0) & torch.isfinite(poses[..., :2]).all(-1)  # (P, K)
-        kp = torch.cat([torch.nan_to_num(poses[..., :2]), present[..., None].double()], dim=-1)
-        ok = present.any(-1).numpy()
-        center, size = codec.center_scale(codec.box_from_keypoints(kp), aspect=w / h)
+        return torch.cat([torch.nan_to_num(poses[..., :2]), present[..., None].double()], dim=-1)
+
+    def _batch(self, images, image_index, poses, crop_poses):
+        h, w = self.cfg.input_size
+        kp = self._present(poses)
+        around = kp if crop_poses is poses else self._present(crop_poses)
+        ok = (kp[..., 2] > 0).any(-1).numpy() & (around[..., 2] > 0).any(-1).numpy()
+        center, size = codec.center_scale(codec.box_from_keypoints(around), aspect=w / h)
         affine = codec.crop_affine(center, size, (h, w))  # (P, 2, 3) crop → image
         crops = torch.zeros((kp.shape[0], 3, h, w), device=self.device)
         for img in np.unique(image_index):
@@ -127,7 +134,7 @@ def load_weights(path: str | Path) -> PoseFixNet:
 def refine_images(refiner: Refiner, jobs, workers: int = 2, lookahead: int = 8, progress=None):
     """Refine the persons of many images, batching persons across images.
 
-    jobs: iterable of (key, image path, poses (P, K, 3) image pixels). Images are decoded in ``workers``
+    jobs: iterable of (key, image path or decoded (3, H, W) uint8 tensor, poses (P, K, 3) image pixels). Images are decoded in ``workers``
     background threads, up to ``lookahead`` ahead, while the model runs; each is decoded once. Yields
     (key, xy (P, K, 2), confidence (P, K)) in the order of ``jobs``. ``progress(n)`` is called with the
     number of persons done after each batch.
@@ -145,8 +152,9 @@ def refine_images(refiner: Refiner, jobs, workers: int = 2, lookahead: int = 8, 
                 job = next(jobs, None)
                 if job is None:
                     return
-                key, path, poses = job
-                pending.append((key, pool.submit(decode, path), np.asarray(poses, dtype=np.float64)))
+                key, source, poses = job
+                image = pool.submit(_identity, source) if isinstance(source, torch.Tensor) else pool.submit(decode, source)
+                pending.append((key, image, np.asarray(poses, dtype=np.float64)))
 
         fill()
         while pending:
@@ -167,6 +175,10 @@ def refine_images(refiner: Refiner, jobs, workers: int = 2, lookahead: int = 8, 
             if progress is not None:
                 progress(persons)
             fill()
+
+
+def _identity(x):
+    return x
 
 
 def refine_results(refiner: Refiner, results: list[dict], image_paths: dict) -> list[dict]:

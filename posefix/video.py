@@ -1,0 +1,237 @@
+"""Refining an estimator's poses on a video file, and drawing them onto a video.
+
+Frames are decoded by PyAV (FFmpeg, bundled in its wheels) one at a time — never the whole video in
+memory — and the persons of consecutive frames are refined together, as ``posefix refine`` does for the
+images of a dataset. ``follow`` and ``smooth`` are the same code the service's RefinePoseStream uses
+(:mod:`posefix.tracking`); with ``follow`` each frame waits for the previous one's refined poses.
+
+Glossary: F frames, P persons of a frame, K = 17 COCO joints; poses (P, K, 3) = x, y in pixels, score;
+frame indices are 0-based, in decoding order; times in seconds.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from synth.cocoio import atomic_path
+from synth.exceptions import InputError
+
+from .engine import Refiner, refine_images
+from .formats import Estimates, read_estimates
+from .tracking import OneEuroParams, Tracks
+from .viz import INPUT_COLOUR, REFINED_COLOUR, draw_poses
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    frames: int  # as the container declares it; 0 when it does not say
+    fps: float
+    width: int
+    height: int
+
+
+def _open(path):
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("video", "file not found", str(path))
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise InputError("video", f"cannot open: {e}", str(path)) from None
+    if not container.streams.video:
+        container.close()
+        raise InputError("video", "has no video stream", str(path))
+    return container
+
+
+def probe(path) -> VideoInfo:
+    with _open(path) as container:
+        s = container.streams.video[0]
+        fps = float(s.average_rate or s.guessed_rate or 0) or 30.0
+        return VideoInfo(int(s.frames or 0), fps, s.codec_context.width, s.codec_context.height)
+
+
+def frames(path) -> Iterator[tuple[int, float, torch.Tensor]]:
+    """Decode a video: (index, time in seconds, (3, H, W) uint8 RGB) per frame, one at a time. A
+    corrupt stream, or one with fewer frames than its container declares, is an InputError."""
+    import av
+
+    info = probe(path)
+    count = 0
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        try:
+            for frame in container.decode(stream):
+                t = float(frame.time) if frame.time is not None else count / info.fps
+                yield count, t, torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)
+                count += 1
+        except (av.FFmpegError, ValueError) as e:
+            raise InputError("video", f"cannot decode frame {count}: {e}", str(path)) from None
+    if info.frames and count < info.frames:
+        raise InputError("video", f"truncated: decoded {count} of the {info.frames} frames it declares", str(path))
+
+
+def frame_index(key, field: str) -> int:
+    """A pose file's image key as a frame index: an integer, or the number a name ends with
+    (OpenPose's ``<video>_000000000012``)."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        if key < 0:
+            raise InputError(field, f"frame index {key} is negative")
+        return key
+    match = re.search(r"(\d+)$", Path(str(key)).stem)
+    if not match:
+        raise InputError(field, f"{key!r} names no frame (expected a frame index)")
+    return int(match.group(1))
+
+
+@dataclass
+class VideoPoses:
+    """The poses of a video, by frame: ``rows[f]`` the indices into ``est`` of frame f's persons."""
+
+    est: Estimates
+    frame: np.ndarray  # (N,) frame index of each person
+    track: np.ndarray  # (N,) track id, 0 = untracked
+    rows: dict
+
+
+def load_poses(path, fmt: str = "coco", image_sizes: dict | None = None) -> VideoPoses:
+    """Per-frame poses: COCO results with ``image_id`` = frame index (and an optional ``track_id``),
+    or any supported estimator format keyed by frame."""
+    est = read_estimates(path, fmt, image_sizes)
+    frame = np.array([frame_index(k, f"poses[{i}].image") for i, k in enumerate(est.image_keys)], dtype=np.int64)
+    track = np.zeros(len(frame), dtype=np.int64)
+    for i, record in enumerate(est.records):
+        tid = record.get("track_id", 0) if isinstance(record, dict) else 0
+        if not isinstance(tid, int) or isinstance(tid, bool) or tid < 0:
+            raise InputError(f"poses[{i}].track_id", f"must be a non-negative integer, got {tid!r}")
+        track[i] = tid
+    rows: dict[int, list[int]] = {}
+    for i, f in enumerate(frame):
+        rows.setdefault(int(f), []).append(i)
+    for f, members in rows.items():
+        Tracks.check_ids([int(track[i]) for i in members], field=f"frame {f} persons")
+    return VideoPoses(est, frame, track, rows)
+
+
+def refine_video(refiner: Refiner, video, poses: VideoPoses, follow: bool = False,
+                 smoothing: OneEuroParams | None = None, progress=None, on_frame=None):
+    """Refine every frame's persons. Returns xy (N, K, 2), confidence (N, K) in the order of
+    ``poses.est`` and the number of frames decoded. ``on_frame(index, frame, rows, xy, conf)`` sees each
+    frame once its persons are refined (for drawing); ``progress(1)`` is called per frame."""
+    n = len(poses.frame)
+    xy = np.zeros((n, 17, 2))
+    conf = np.zeros((n, 17))
+    given = poses.est.keypoints
+    decoded = 0
+    if follow or smoothing is not None:
+        tracks = Tracks(follow, smoothing)
+        for index, t, image in frames(video):
+            decoded += 1
+            rows = poses.rows.get(index, [])
+            ids = [int(poses.track[i]) for i in rows]
+            inp, crop = tracks.prepare(ids, given[rows]) if rows else (given[rows], None)
+            if rows:
+                fx, fc = refiner.refine([image], np.zeros(len(rows), dtype=np.int64), inp, crop_poses=crop)
+                xy[rows], conf[rows] = tracks.update(ids, inp, fx, fc, t), fc
+            if on_frame:
+                on_frame(index, image, rows, xy[rows], conf[rows])
+            if progress:
+                progress(1)
+    else:
+        held: dict[int, torch.Tensor] = {}
+
+        def jobs():
+            for index, _, image in frames(video):
+                if on_frame:
+                    held[index] = image
+                yield index, image, given[poses.rows.get(index, [])]
+
+        for index, fx, fc in refine_images(refiner, jobs(), workers=1):
+            decoded += 1
+            rows = poses.rows.get(index, [])
+            xy[rows], conf[rows] = fx, fc
+            if on_frame:
+                on_frame(index, held.pop(index), rows, fx, fc)
+            if progress:
+                progress(1)
+    beyond = sorted(f for f in poses.rows if f >= decoded)
+    if beyond:
+        raise InputError("poses", f"poses for frame {beyond[0]}, but the video has {decoded} frames (0..{decoded - 1})")
+    return xy, conf, decoded
+
+
+class VideoWriter:
+    """An H.264 (or MPEG-4) video written atomically: frames go to a temporary file that replaces
+    ``path`` when closed without error. Odd frame sizes are padded by a pixel (the codecs need even)."""
+
+    def __init__(self, path, fps: float, width: int, height: int):
+        import av
+
+        self._ctx = atomic_path(path)
+        self._tmp = self._ctx.__enter__()
+        self.container = av.open(str(self._tmp), mode="w", format="mp4")
+        try:
+            self.stream = self.container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        except (av.FFmpegError, ValueError):
+            self.stream = self.container.add_stream("mpeg4", rate=Fraction(fps).limit_denominator(1001))
+        self.stream.width, self.stream.height = width + width % 2, height + height % 2
+        self.stream.pix_fmt = "yuv420p"
+
+    def write(self, image: torch.Tensor) -> None:
+        import av
+
+        h, w = image.shape[1:]
+        if (w, h) != (self.stream.width, self.stream.height):
+            padded = torch.zeros((3, self.stream.height, self.stream.width), dtype=torch.uint8)
+            padded[:, :h, :w] = image
+            image = padded
+        frame = av.VideoFrame.from_ndarray(image.permute(1, 2, 0).contiguous().numpy(), format="rgb24")
+        for packet in self.stream.encode(frame):
+            self.container.mux(packet)
+
+    def close(self, error: BaseException | None = None) -> None:
+        try:
+            if error is None:
+                for packet in self.stream.encode():
+                    self.container.mux(packet)
+        finally:
+            self.container.close()
+            if error is None:
+                self._ctx.__exit__(None, None, None)
+            else:
+                self._ctx.__exit__(type(error), error, error.__traceback__)
+
+
+def draw_frame(image: torch.Tensor, given: np.ndarray, refined: np.ndarray) -> torch.Tensor:
+    """A frame with the input poses (orange) and the refined ones (cyan) drawn over it."""
+    return draw_poses(draw_poses(image, given, INPUT_COLOUR), refined, REFINED_COLOUR)
+
+
+def make_sample_video(image: torch.Tensor, path, num_frames: int = 24, size=(240, 320), fps: float = 12.0,
+                      step: float = 4.0) -> np.ndarray:
+    """A short video made from one image: a (H, W) = ``size`` window panning by ``step`` pixels per
+    frame. Returns each frame's offset (F, 2) = (x, y) of the window in the image, so that poses of the
+    image map to frame f by subtracting offset[f]."""
+    h, w = size
+    _, ih, iw = image.shape
+    offsets = np.zeros((num_frames, 2))
+    writer = VideoWriter(path, fps, w, h)
+    try:
+        for f in range(num_frames):
+            x0 = int(min(max(0.0, (iw - w) / 2 + step * (f - num_frames / 2)), iw - w))
+            y0 = int(max(0, (ih - h) // 2))
+            offsets[f] = (x0, y0)
+            writer.write(image[:, y0:y0 + h, x0:x0 + w].contiguous())
+    except BaseException as e:
+        writer.close(e)
+        raise
+    writer.close()
+    return offsets
