@@ -70,7 +70,7 @@ def test_video_refinement_equals_refining_its_frames_as_images(clip):
 
 
 def test_follow_and_smooth_run_and_change_the_result(clip):
-    d, poses = clip
+    d, _ = clip
     plain, smooth = d / "plain.json", d / "smooth.json"
     common = ["--checkpoint", str(d / "model.safetensors"), "--video", str(d / "clip.mp4"), "--input",
               str(d / "poses.json"), "--quiet"]
@@ -97,9 +97,9 @@ def test_smoothing_removes_jitter_without_lagging_motion():
         pose[0, :, :2] = noisy[i]
         pose[0, :, 2] = 1.0
         out[i] = tracks.update([7], pose, pose[..., :2], np.ones((1, 17)), t[i])[0, 0, 0]
-    jitter = lambda x: np.std(np.diff(x) - np.diff(truth))  # noqa: E731
+    jitter = lambda x: np.std(np.diff(x) - np.diff(truth))
     assert jitter(out) < 0.5 * jitter(noisy)
-    lags = range(0, 8)
+    lags = range(8)
     err = [np.mean((out[30 + lag:] - truth[30:n - lag]) ** 2) for lag in lags]
     assert int(np.argmin(err)) <= 2
 
