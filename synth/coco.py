@@ -12,6 +12,16 @@ OVERLAP_IOU = 0.1
 MIN_AREA = 1.0  # px²; keeps the KS scale of degenerate annotations positive
 
 
+def _images(gt: GroundTruth):
+    """Per image with two or more non-crowd persons: their indices (M,) and box IoUs (M, M)."""
+    order = np.argsort(gt.image_ids, kind="stable")
+    bounds = np.flatnonzero(np.diff(gt.image_ids[order])) + 1
+    for idx in np.split(order, bounds):
+        idx = idx[~gt.crowd[idx]]
+        if idx.size >= 2:
+            yield idx, box_iou(gt.boxes[idx], gt.boxes[idx])
+
+
 def overlaps(gt: GroundTruth) -> tuple[np.ndarray, list[np.ndarray]]:
     """For every annotation, the count of non-crowd persons of its image whose box has IoU >= 0.1
     with its box, and the indices of those among them that have labelled keypoints."""
@@ -19,13 +29,7 @@ def overlaps(gt: GroundTruth) -> tuple[np.ndarray, list[np.ndarray]]:
     ov = np.zeros(n, dtype=np.int64)
     near: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * n
     labelled = (gt.keypoints[..., 2] > 0).any(-1)
-    order = np.argsort(gt.image_ids, kind="stable")
-    bounds = np.flatnonzero(np.diff(gt.image_ids[order])) + 1
-    for idx in np.split(order, bounds):
-        idx = idx[~gt.crowd[idx]]
-        if idx.size < 2:
-            continue
-        iou = box_iou(gt.boxes[idx], gt.boxes[idx])
+    for idx, iou in _images(gt):
         np.fill_diagonal(iou, 0.0)
         hit = iou >= OVERLAP_IOU
         ov[idx] = hit.sum(1)
@@ -41,13 +45,7 @@ def image_persons(gt: GroundTruth) -> tuple[list[np.ndarray], list[np.ndarray]]:
     members: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * n
     overlap: list[np.ndarray] = [np.zeros(0, dtype=bool)] * n
     labelled = (gt.keypoints[..., 2] > 0).any(-1)
-    order = np.argsort(gt.image_ids, kind="stable")
-    bounds = np.flatnonzero(np.diff(gt.image_ids[order])) + 1
-    for idx in np.split(order, bounds):
-        idx = idx[~gt.crowd[idx]]
-        if idx.size < 2:
-            continue
-        iou = box_iou(gt.boxes[idx], gt.boxes[idx])
+    for idx, iou in _images(gt):
         for row, i in enumerate(idx):
             keep = labelled[idx] & (idx != i)
             members[i], overlap[i] = idx[keep], iou[row, keep] >= OVERLAP_IOU
