@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64, 256])
-    ap.add_argument("--json", default="benchmarks/results/render.json")
+    ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "render.json"))
     ap.add_argument("--no-model", action="store_true", help="skip the end-to-end model column")
     args = ap.parse_args()
     device = torch.device(args.device)

@@ -84,7 +84,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--persons", type=int, default=150_000, help="size of the COCO-scale run (150000)")
     ap.add_argument("--reference-persons", type=int, default=240, help="persons per overlap bin for the plain sampler")
-    ap.add_argument("--json", default="benchmarks/results/synth.json")
+    ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "synth.json"))
     args = ap.parse_args()
 
     groups = sample_persons()
