@@ -168,6 +168,10 @@ class DynamicBatcher:
                 self._queued -= call.persons
                 self.stats.cancelled += 1
             raise
+        finally:
+            # A failed call's future holds its exception, whose traceback holds this frame: without
+            # this, frame → call → future → exception → frame would keep the image until a full GC.
+            del call
 
     async def _wait_for_call(self, until: float | None) -> bool:
         """Wait until a call is queued (True) or the loop time passes ``until`` (False)."""

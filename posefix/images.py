@@ -1,28 +1,200 @@
-"""Image files: finding them and decoding them with torchvision.io."""
+"""Images: finding the files, checking PNG and JPEG bytes before decoding, and decoding them with
+torchvision.io into (3, H, W) uint8 RGB tensors."""
 from __future__ import annotations
 
+import re
+import struct
+import sys
 import warnings
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.io import ImageReadMode, decode_image
 
 from synth.exceptions import InputError
 
 
 def decode(path: str | Path) -> torch.Tensor:
-    """Decode an image file to (3, H, W) uint8 RGB; a missing or corrupt file is an InputError naming it."""
+    """Decode an image file to (3, H, W) uint8 RGB (see :func:`decode_encoded`); a missing or corrupt
+    file is an InputError naming it."""
     path = Path(path)
     if not path.is_file():
         raise InputError("image", "file not found", str(path))
     try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InputError("image", f"cannot read: {e.strerror or e}", str(path)) from None
+    try:
+        return decode_encoded(data, "image")
+    except InputError as e:
+        raise InputError("image", e.problem, str(path)) from None
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}  # by colour type
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_INFLATE_STEP = 1 << 18  # bytes of image data decompressed at a time while checking a PNG
+
+
+def encoded_size(data: bytes, field: str = "image.encoded") -> tuple[int, int]:
+    """(height, width) in pixels from a PNG or JPEG file's header, without decoding it; an InputError
+    naming ``field`` if the bytes are neither format or the header is cut short."""
+    if data[:8] == PNG_SIGNATURE:
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise InputError(field, "a PNG without its IHDR header (truncated or corrupt)")
+        width, height = struct.unpack(">II", data[16:24])
+        return height, width
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 4 <= len(data):
+            if data[i] != 0xFF:
+                break
+            marker = data[i + 1]
+            if marker == 0xFF:  # fill byte
+                i += 1
+                continue
+            if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+                i += 2
+                continue
+            if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+                break
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start-of-frame segment
+                if i + 9 > len(data):
+                    break
+                height, width = struct.unpack(">HH", data[i + 5:i + 9])
+                return height, width
+            i += 2 + struct.unpack(">H", data[i + 2:i + 4])[0]
+        raise InputError(field, "a JPEG without a readable frame header (truncated or corrupt)")
+    raise InputError(field, f"is not a JPEG or PNG file (it starts with {data[:4].hex(' ')})")
+
+
+def _png_rows(width: int, height: int, depth: int, colour: int, interlace: int) -> list[tuple[int, int]]:
+    """The rows of a PNG's decompressed image data: (bytes per row, filter byte included; row count) per
+    pass (one pass, or Adam7's seven less the empty ones)."""
+    bits = depth * _PNG_CHANNELS[colour]
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    rows = []
+    for x0, y0, dx, dy in passes:
+        w, h = -(-(width - x0) // dx), -(-(height - y0) // dy)
+        if w > 0 and h > 0:
+            rows.append((1 + -(-w * bits // 8), h))
+    return rows
+
+
+def check_png(data: bytes, field: str = "image.encoded") -> None:
+    """Check a PNG file through its image data before libpng decodes it; an InputError naming ``field``
+    if it is corrupt.
+
+    torchvision's PNG decoder (0.29 included) crashes the whole process (SIGSEGV) when libpng reports
+    an error while reading the image rows (a corrupt or short compressed stream, an IDAT CRC error, a
+    bad row filter), so the server checks those itself first: IHDR first and valid; every chunk up
+    to the end of the IDAT run whole, named with letters and, if critical, with a correct CRC; no
+    unknown critical chunk; the IDATs one run holding one complete zlib stream (checksum included)
+    with exactly the rows IHDR declares, each with filter type 0-4. Decompression is bounded by that
+    size. Chunks after the IDAT run are not read by the decoder and not checked here."""
+    def corrupt(problem: str) -> InputError:
+        return InputError(field, f"a corrupt PNG: {problem}")
+
+    if data[:8] != PNG_SIGNATURE:
+        raise corrupt("no PNG signature")
+    view = memoryview(data)
+    pos, header, idats = 8, None, []
+    while True:
+        if idats and (data[pos + 4:pos + 8] != b"IDAT" or pos + 8 > len(data)):
+            break  # the end of the IDAT run
+        if pos + 8 > len(data):
+            raise corrupt("it ends before its image data (truncated)")
+        length, kind = struct.unpack(">I4s", view[pos:pos + 8])
+        if length > 0x7FFFFFFF or not kind.isalpha():
+            raise corrupt(f"a malformed chunk header at byte {pos}")
+        end = pos + 12 + length
+        if end > len(data):
+            raise corrupt(f"chunk {kind.decode()} at byte {pos} is cut short (truncated)")
+        body = view[pos + 8:end - 4]
+        critical = kind[:1].isupper()
+        if critical and zlib.crc32(view[pos + 4:end - 4]) != struct.unpack(">I", view[end - 4:end])[0]:
+            raise corrupt(f"chunk {kind.decode()} at byte {pos} fails its CRC")
+        if header is None and kind != b"IHDR":
+            raise corrupt("the first chunk is not IHDR")
+        if kind == b"IHDR":
+            if header is not None or length != 13:
+                raise corrupt("a second or malformed IHDR chunk")
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idats.append(body)
+        elif critical and kind not in (b"PLTE", b"IEND"):
+            raise corrupt(f"unknown critical chunk {kind.decode()}")
+        elif kind == b"IEND":
+            raise corrupt("no IDAT chunk (no image data)")
+        pos = end
+    width, height, depth, colour, compression, filtering, interlace = header
+    if not (0 < width <= 0x7FFFFFFF and 0 < height <= 0x7FFFFFFF) or colour not in _PNG_DEPTHS \
+            or depth not in _PNG_DEPTHS[colour] or compression or filtering or interlace > 1:
+        raise corrupt(f"invalid IHDR values {header}")
+    rows = _png_rows(width, height, depth, colour, interlace)
+    expected = sum(n * h for n, h in rows)
+    starts = []  # (first byte of the pass's rows, bytes per row, end of the pass) in the decompressed data
+    offset = 0
+    for n, h in rows:
+        starts.append((offset, n, offset + n * h))
+        offset += n * h
+    inflate = zlib.decompressobj()
+    produced = 0
+
+    def check(out: bytes) -> None:
+        nonlocal produced
+        lo, hi = produced, produced + len(out)
+        if hi > expected:
+            raise corrupt(f"more image data than its {width}×{height} pixels hold")
+        block = np.frombuffer(out, dtype=np.uint8)
+        for first, n, stop in starts:
+            if stop <= lo or first >= hi:
+                continue
+            rows_at = np.arange(first + -(-max(lo - first, 0) // n) * n, min(hi, stop), n)  # row starts in [lo, hi)
+            if len(rows_at) and (block[rows_at - lo] > 4).any():
+                raise corrupt("a row with an unknown filter type")
+        produced = hi
+
+    try:
+        for body in idats:
+            pending = body
+            while pending and not inflate.eof:
+                check(inflate.decompress(pending, _INFLATE_STEP))
+                pending = inflate.unconsumed_tail
+        while not inflate.eof:  # output still held back by the step limit
+            out = inflate.decompress(b"", _INFLATE_STEP)
+            if not out:
+                break
+            check(out)
+    except zlib.error as e:
+        raise corrupt(f"its image data do not decompress ({e})") from None
+    if not inflate.eof or produced < expected:
+        raise corrupt(f"its image data hold {produced} of the {expected} bytes of its {width}×{height} pixels"
+                      " (truncated)")
+
+
+def decode_encoded(data: bytes, field: str = "image.encoded") -> torch.Tensor:
+    """A JPEG or PNG file's bytes → (3, H, W) uint8 RGB (grey, palette, RGBA and 16-bit converted; the
+    EXIF orientation is not applied, as in :func:`posefix.images.decode`). A PNG is checked by
+    :func:`check_png` first."""
+    if data[:8] == PNG_SIGNATURE:
+        check_png(data, field)
+    buffer = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
+    try:
         with warnings.catch_warnings():
             # torchvision >= 0.29 announces that its image codecs will move to TorchCodec.
             warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
-            data = read_file(str(path))
-            return decode_image(data, mode=ImageReadMode.RGB)
+            image = decode_image(buffer, mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError) as e:
-        raise InputError("image", f"cannot decode: {str(e).splitlines()[0]}", str(path)) from None
+        reason = re.sub(r"^\w+, \S+:\d+, ", "", str(e).splitlines()[0])  # drop torchvision's source location
+        raise InputError(field, f"cannot decode: {reason}") from None
+    if image.dtype != torch.uint8:  # a 16-bit PNG: keep the high byte, read in place (no wider copy)
+        high = 1 if sys.byteorder == "little" else 0
+        image = image.contiguous().reshape(-1).view(torch.uint8)[high::2].reshape(image.shape).contiguous()
+    return image
 
 
 def coco_image_path(images_dir: str | Path, image: dict) -> Path:

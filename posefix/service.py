@@ -17,12 +17,8 @@ import asyncio
 import hashlib
 import logging
 import math
-import re
 import signal
-import struct
 import time
-import warnings
-import zlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,7 +30,6 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from torchvision.io import ImageReadMode, decode_image
 
 from synth.exceptions import InputError
 
@@ -42,6 +37,8 @@ from . import __version__
 from ._proto import FORMAT_LAYOUT, SERVICE_NAME, pb2, pb2_grpc
 from .batcher import BatcherStopped, BatchRecord, DeadlineExpired, DynamicBatcher, QueueFull
 from .formats import LAYOUTS, Layout, from_coco17, to_coco17
+from .images import PNG_SIGNATURE, check_png, decode_encoded, encoded_size  # noqa: F401 (part of this module's API)
+from .tracking import OneEuroFilter, OneEuroParams, Tracks  # noqa: F401 (OneEuroFilter: API)
 
 log = logging.getLogger(__name__)
 
@@ -71,46 +68,7 @@ class Limits:
     max_message_bytes: int = 64 * 1024 * 1024  # a request message, image included
 
 
-# Images: a header check before any decoding, then decoding (in a worker thread).
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}  # by colour type
-_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
-_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
-_INFLATE_STEP = 1 << 18  # bytes of image data decompressed at a time while checking a PNG
-
-
-def encoded_size(data: bytes, field: str = "image.encoded") -> tuple[int, int]:
-    """(height, width) in pixels from a PNG or JPEG file's header, without decoding it; an InputError
-    naming ``field`` if the bytes are neither format or the header is cut short."""
-    if data[:8] == PNG_SIGNATURE:
-        if len(data) < 24 or data[12:16] != b"IHDR":
-            raise InputError(field, "a PNG without its IHDR header (truncated or corrupt)")
-        width, height = struct.unpack(">II", data[16:24])
-        return height, width
-    if data[:2] == b"\xff\xd8":
-        i = 2
-        while i + 4 <= len(data):
-            if data[i] != 0xFF:
-                break
-            marker = data[i + 1]
-            if marker == 0xFF:  # fill byte
-                i += 1
-                continue
-            if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-                i += 2
-                continue
-            if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
-                break
-            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start-of-frame segment
-                if i + 9 > len(data):
-                    break
-                height, width = struct.unpack(">HH", data[i + 5:i + 9])
-                return height, width
-            i += 2 + struct.unpack(">H", data[i + 2:i + 4])[0]
-        raise InputError(field, "a JPEG without a readable frame header (truncated or corrupt)")
-    raise InputError(field, f"is not a JPEG or PNG file (it starts with {data[:4].hex(' ')})")
-
+# Images: a header check before any decoding, then decoding (in a worker thread), in posefix.images.
 
 def _check_image_size(height: int, width: int, limits: Limits, field: str) -> None:
     if height == 0 or width == 0:
@@ -118,136 +76,6 @@ def _check_image_size(height: int, width: int, limits: Limits, field: str) -> No
     if max(height, width) > limits.max_image_side or height * width > limits.max_image_pixels:
         raise InputError(field, f"{height}×{width} pixels exceed the limit of {limits.max_image_side} pixels a "
                          f"side and {limits.max_image_pixels} pixels in all")
-
-
-
-
-def _png_rows(width: int, height: int, depth: int, colour: int, interlace: int) -> list[tuple[int, int]]:
-    """The rows of a PNG's decompressed image data: (bytes per row, filter byte included; row count) per
-    pass (one pass, or Adam7's seven less the empty ones)."""
-    bits = depth * _PNG_CHANNELS[colour]
-    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
-    rows = []
-    for x0, y0, dx, dy in passes:
-        w, h = -(-(width - x0) // dx), -(-(height - y0) // dy)
-        if w > 0 and h > 0:
-            rows.append((1 + -(-w * bits // 8), h))
-    return rows
-
-
-def check_png(data: bytes, field: str = "image.encoded") -> None:
-    """Check a PNG file through its image data before libpng decodes it; an InputError naming ``field``
-    if it is corrupt.
-
-    torchvision's PNG decoder (0.29 included) crashes the whole process (SIGSEGV) when libpng reports
-    an error while reading the image rows (a corrupt or short compressed stream, an IDAT CRC error, a
-    bad row filter), so the server checks those itself first: IHDR first and valid; every chunk up
-    to the end of the IDAT run whole, named with letters and, if critical, with a correct CRC; no
-    unknown critical chunk; the IDATs one run holding one complete zlib stream (checksum included)
-    with exactly the rows IHDR declares, each with filter type 0-4. Decompression is bounded by that
-    size. Chunks after the IDAT run are not read by the decoder and not checked here."""
-    def corrupt(problem: str) -> InputError:
-        return InputError(field, f"a corrupt PNG: {problem}")
-
-    if data[:8] != PNG_SIGNATURE:
-        raise corrupt("no PNG signature")
-    view = memoryview(data)
-    pos, header, idats, after_idat = 8, None, [], False
-    while not after_idat:
-        if pos + 8 > len(data):
-            raise corrupt("it ends before its image data (truncated)" if not idats else
-                          "it ends inside its image data (truncated)")
-        length, kind = struct.unpack(">I4s", view[pos:pos + 8])
-        if length > 0x7FFFFFFF or not kind.isalpha():
-            raise corrupt(f"a malformed chunk header at byte {pos}")
-        end = pos + 12 + length
-        if end > len(data):
-            raise corrupt(f"chunk {kind.decode()} at byte {pos} is cut short (truncated)")
-        body = view[pos + 8:end - 4]
-        critical = kind[:1].isupper()
-        if critical and zlib.crc32(view[pos + 4:end - 4]) != struct.unpack(">I", view[end - 4:end])[0]:
-            raise corrupt(f"chunk {kind.decode()} at byte {pos} fails its CRC")
-        if header is None and kind != b"IHDR":
-            raise corrupt("the first chunk is not IHDR")
-        if kind == b"IHDR":
-            if header is not None or length != 13:
-                raise corrupt("a second or malformed IHDR chunk")
-            header = struct.unpack(">IIBBBBB", body)
-        elif kind == b"IDAT":
-            idats.append(body)
-        elif idats:
-            after_idat = True
-        elif critical and kind not in (b"PLTE", b"IEND"):
-            raise corrupt(f"unknown critical chunk {kind.decode()}")
-        elif kind == b"IEND":
-            raise corrupt("no IDAT chunk (no image data)")
-        pos = end
-        if pos == len(data) and idats:
-            break
-    width, height, depth, colour, compression, filtering, interlace = header
-    if not (0 < width <= 0x7FFFFFFF and 0 < height <= 0x7FFFFFFF) or colour not in _PNG_DEPTHS \
-            or depth not in _PNG_DEPTHS[colour] or compression or filtering or interlace > 1:
-        raise corrupt(f"invalid IHDR values {header}")
-    rows = _png_rows(width, height, depth, colour, interlace)
-    expected = sum(n * h for n, h in rows)
-    starts = []  # (first byte of the pass's rows, bytes per row, end of the pass) in the decompressed data
-    offset = 0
-    for n, h in rows:
-        starts.append((offset, n, offset + n * h))
-        offset += n * h
-    inflate = zlib.decompressobj()
-    produced = 0
-
-    def check(out: bytes) -> None:
-        nonlocal produced
-        lo, hi = produced, produced + len(out)
-        if hi > expected:
-            raise corrupt(f"more image data than its {width}×{height} pixels hold")
-        block = np.frombuffer(out, dtype=np.uint8)
-        for first, n, stop in starts:
-            if stop <= lo or first >= hi:
-                continue
-            rows_at = np.arange(first + -(-max(lo - first, 0) // n) * n, min(hi, stop), n)  # row starts in [lo, hi)
-            if len(rows_at) and (block[rows_at - lo] > 4).any():
-                raise corrupt("a row with an unknown filter type")
-        produced = hi
-
-    try:
-        for body in idats:
-            pending = body
-            while pending and not inflate.eof:
-                check(inflate.decompress(pending, _INFLATE_STEP))
-                pending = inflate.unconsumed_tail
-        while not inflate.eof:  # output still held back by the step limit
-            out = inflate.decompress(b"", _INFLATE_STEP)
-            if not out:
-                break
-            check(out)
-    except zlib.error as e:
-        raise corrupt(f"its image data do not decompress ({e})") from None
-    if not inflate.eof or produced < expected:
-        raise corrupt(f"its image data hold {produced} of the {expected} bytes of its {width}×{height} pixels"
-                      " (truncated)")
-
-
-def decode_encoded(data: bytes, field: str = "image.encoded") -> torch.Tensor:
-    """A JPEG or PNG file's bytes → (3, H, W) uint8 RGB (grey, palette, RGBA and 16-bit converted; the
-    EXIF orientation is not applied, as in :func:`posefix.images.decode`). A PNG is checked by
-    :func:`check_png` first."""
-    if data[:8] == PNG_SIGNATURE:
-        check_png(data, field)
-    buffer = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
-    try:
-        with warnings.catch_warnings():
-            # torchvision >= 0.29 announces that its image codecs will move to TorchCodec.
-            warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
-            image = decode_image(buffer, mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as e:
-        reason = re.sub(r"^\w+, \S+:\d+, ", "", str(e).splitlines()[0])  # drop torchvision's source location
-        raise InputError(field, f"cannot decode: {reason}") from None
-    if image.dtype != torch.uint8:  # a 16-bit PNG: keep the high byte
-        image = (image.to(torch.int32) >> 8).to(torch.uint8)
-    return image
 
 
 def raw_to_tensor(raw: pb2.RawImage) -> torch.Tensor:
@@ -359,65 +187,26 @@ def build_response(request: pb2.RefinePoseRequest, layout: Layout, native: np.nd
 
 # Video streams: tracks and smoothing.
 
-@dataclass(frozen=True)
-class OneEuroParams:
-    """One-Euro filter parameters (Casiez et al., CHI 2012): cutoffs in Hz, beta per pixel/second."""
-    min_cutoff_hz: float = 1.0
-    beta: float = 0.007
-    d_cutoff_hz: float = 1.0
-
-
-class OneEuroFilter:
-    """The One-Euro filter over an array of values, e.g. a person's (17, 2) keypoints in pixels: a
-    low-pass filter whose cutoff min_cutoff_hz + beta · |speed| rises with the (low-passed) speed."""
-
-    def __init__(self, params: OneEuroParams):
-        self.params = params
-        self.t: float | None = None
-        self.x: np.ndarray | None = None
-        self.dx: np.ndarray | None = None
-
-    @staticmethod
-    def _alpha(cutoff_hz, dt: float):
-        return 1.0 / (1.0 + 1.0 / (2 * math.pi * cutoff_hz * dt))
-
-    def __call__(self, x: np.ndarray, t: float) -> np.ndarray:
-        """Filter the values ``x`` observed at time ``t`` (seconds, increasing); the first call returns x."""
-        x = np.asarray(x, dtype=np.float64)
-        if self.t is None:
-            self.t, self.x, self.dx = t, x.copy(), np.zeros_like(x)
-            return x.copy()
-        dt = t - self.t
-        a_d = self._alpha(self.params.d_cutoff_hz, dt)
-        self.dx = a_d * (x - self.x) / dt + (1 - a_d) * self.dx
-        a = self._alpha(self.params.min_cutoff_hz + self.params.beta * np.abs(self.dx), dt)
-        self.x = a * x + (1 - a) * self.x
-        self.t = t
-        return self.x.copy()
-
-
 class VideoState:
-    """What a RefinePoseStream carries from frame to frame, per track id, in COCO-17 joints: the
-    previous frame's refined pose (follow_tracks) and a One-Euro filter (smoothing)."""
+    """What a RefinePoseStream carries from frame to frame: its clock and, per track id, the state of
+    :class:`posefix.tracking.Tracks` (previous refined pose for follow_tracks, One-Euro smoothing)."""
 
     def __init__(self, options: pb2.StreamOptions | None):
         options = options or pb2.StreamOptions()
-        self.follow = options.follow_tracks
         self.frame_rate = options.frame_rate_hz if options.HasField("frame_rate_hz") else 30.0
         if not (math.isfinite(self.frame_rate) and self.frame_rate > 0):
             raise InputError("options.frame_rate_hz", f"must be > 0, got {self.frame_rate}")
-        self.smoothing = None
+        smoothing = None
         if options.HasField("smoothing"):
             s, d = options.smoothing, OneEuroParams()
-            self.smoothing = OneEuroParams(*(getattr(s, n) if s.HasField(n) else getattr(d, n)
-                                             for n in ("min_cutoff_hz", "beta", "d_cutoff_hz")))
-            for name, value in vars(self.smoothing).items():
-                if not math.isfinite(value) or value < 0 or (value == 0 and name != "beta"):
-                    raise InputError(f"options.smoothing.{name}", f"must be {'>= 0' if name == 'beta' else '> 0'}"
-                                     f" and finite, got {value}")
+            try:
+                smoothing = OneEuroParams(*(getattr(s, n) if s.HasField(n) else getattr(d, n)
+                                            for n in ("min_cutoff_hz", "beta", "d_cutoff_hz")))
+            except InputError as e:
+                raise InputError(f"options.{e.field}", e.problem) from None
+        self.tracks = Tracks(options.follow_tracks, smoothing)
+        self.follow, self.smoothing = self.tracks.follow, self.tracks.smoothing
         self.t: float | None = None  # the previous frame's time, seconds
-        self.previous: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # track → (xy (17, 2), confidence (17,))
-        self.filters: dict[int, OneEuroFilter] = {}
 
     def clock(self, timestamp_us: int) -> float:
         """The frame's time in seconds: its timestamp, or one frame period after the previous frame."""
@@ -433,43 +222,17 @@ class VideoState:
 
     @staticmethod
     def track_ids(persons) -> list[int]:
-        ids = [p.track_id for p in persons]
-        seen: dict[int, int] = {}
-        for i, tid in enumerate(ids):
-            if tid and tid in seen:
-                raise InputError(f"persons[{i}].track_id", f"{tid} is also persons[{seen[tid]}].track_id")
-            seen[tid] = i
-        return ids
+        return Tracks.check_ids([p.track_id for p in persons])
 
     def fill(self, tracks: list[int], coco: np.ndarray) -> np.ndarray:
         """follow_tracks: coco (P, 17, 3) with each tracked person's absent joints taken from its track's
         refined pose of the previous frame (score: the refined confidence)."""
-        if not self.follow:
-            return coco
-        coco = coco.copy()
-        for i, tid in enumerate(tracks):
-            if tid in self.previous:
-                xy, conf = self.previous[tid]
-                absent = coco[i, :, 2] <= 0
-                coco[i, absent, :2] = xy[absent]
-                coco[i, absent, 2] = conf[absent]
-        return coco
+        return self.tracks.prepare(tracks, coco)[0]
 
     def update(self, tracks: list[int], coco: np.ndarray, xy: np.ndarray, conf: np.ndarray, t: float) -> np.ndarray:
         """After refinement: smooth each tracked person's refined xy (P, 17, 2), remember the frame's
         tracks, forget the others; the (smoothed) xy."""
-        xy = xy.copy()
-        filters, previous = {}, {}
-        for i, tid in enumerate(tracks):
-            if not tid or not (coco[i, :, 2] > 0).any():
-                continue
-            if self.smoothing is not None:
-                f = self.filters.get(tid) or OneEuroFilter(self.smoothing)
-                xy[i] = f(xy[i], t)
-                filters[tid] = f
-            previous[tid] = (xy[i].copy(), conf[i].copy())
-        self.filters, self.previous = filters, previous
-        return xy
+        return self.tracks.update(tracks, coco, xy, conf, t)
 
 
 # Metrics.
@@ -535,15 +298,24 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
         if t0 is not None:
             self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
 
-    async def _fail(self, method: str, context, error: Exception) -> None:
-        """Count the call and abort it with the error's status and message (this raises)."""
+    def _fail(self, method: str, context, error: Exception) -> None:
+        """Count the call and set its status, message and trailing metadata from the error; the handler
+        then returns (a unary one any response: gRPC discards it under a status other than OK).
+
+        Not ``context.abort``: its AbortError stays on the call's state while its traceback holds the
+        handler's frame, which holds the context and the request — a reference cycle that keeps each
+        refused request's memory (up to the message limit) until a full garbage collection, which a
+        process holding torch's many long-lived objects runs rarely."""
         code = status_of(error)
         self.metrics.requests.labels(method, code.name).inc()
+        context.set_code(code)
         if code == grpc.StatusCode.INTERNAL:
             log.error("%s failed", method, exc_info=error)
-            await context.abort(code, f"internal error: {type(error).__name__}")
-        metadata = ((FIELD_METADATA_KEY, error.field),) if isinstance(error, InputError) else ()
-        await context.abort(code, str(error), trailing_metadata=metadata)
+            context.set_details(f"internal error: {type(error).__name__}")
+            return
+        context.set_details(str(error))
+        if isinstance(error, InputError):
+            context.set_trailing_metadata(((FIELD_METADATA_KEY, error.field),))
 
     def _cancelled(self, method: str, context) -> None:
         remaining = context.time_remaining()
@@ -561,7 +333,8 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
             self._cancelled("RefinePose", context)
             raise
         except Exception as e:  # noqa: BLE001 — every error is answered with its status
-            await self._fail("RefinePose", context, e)
+            self._fail("RefinePose", context, e)
+            return pb2.RefinePoseResponse()
         self._succeeded("RefinePose", t0)
         return response
 
@@ -598,7 +371,8 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
             self._cancelled(method, context)
             raise
         except Exception as e:  # noqa: BLE001 — every error is answered with its status
-            await self._fail(method, context, e)
+            self._fail(method, context, e)
+            return
         self._succeeded(method)
 
     async def GetModelInfo(self, request: pb2.GetModelInfoRequest, context) -> pb2.ModelInfo:
