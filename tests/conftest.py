@@ -1,14 +1,21 @@
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from posefix import SAMPLE_DIR
+from posefix.engine import Refiner, export_weights
+from posefix.images import decode
+from posefix.model import ModelConfig, PoseFixNet
 from synth.keypoints import NUM_KEYPOINTS
 
 VAL_GT = SAMPLE_DIR / "person_keypoints_val_sample.json"
 TRAIN_GT = SAMPLE_DIR / "person_keypoints_train_sample.json"
 VAL_RESULTS = SAMPLE_DIR / "topdown_keypoints_val4.json"
+IMAGE_785 = SAMPLE_DIR / "images" / "000000000785.jpg"
+RESULTS = VAL_RESULTS
 
 # A plain standing figure, unit height, used to build synthetic persons (independent of synth.TEMPLATE).
 FIGURE = np.array([
@@ -38,3 +45,39 @@ def make_crowd(rng, n, m, labelled=0.85, spread=0.35, height=(80.0, 300.0)):
     others[..., :2] = FIGURE * (h[:, None] * scale)[..., None, None] + centre[:, None] + shift
     others[..., 2] = np.where(rng.random((n, m, NUM_KEYPOINTS)) < labelled, 2, 0)
     return gt, area, others, area[:, None] * scale ** 2
+
+
+# Shared by the service tests: a small refiner that moves joints, and image 785's real poses.
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = PoseFixNet(ModelConfig(backbone="resnet18", input_size=(128, 96), sigma=3.5, head_channels=32))
+    with torch.no_grad():  # a refiner that moves joints, so equal numbers mean equal computation
+        torch.nn.init.normal_(model.final.weight, std=0.2)
+        torch.nn.init.normal_(model.confidence.weight, std=0.2)
+    path = tmp_path_factory.mktemp("model") / "model.safetensors"
+    export_weights(model, path, {"step": 0})
+    return path
+
+
+@pytest.fixture(scope="module")
+def refiner(checkpoint):
+    return Refiner.from_checkpoint(checkpoint, "cpu", batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def poses_785():
+    results = [r for r in json.loads(RESULTS.read_text()) if r["image_id"] == 785]
+    return np.array([r["keypoints"] for r in results], dtype=np.float64).reshape(len(results), 17, 3)
+
+
+@pytest.fixture(scope="module")
+def offline_785(refiner, poses_785):
+    xy, conf = refiner.refine([decode(IMAGE_785)], np.zeros(len(poses_785), dtype=np.int64), poses_785)
+    return xy, conf
+
+
+def as_array(response) -> np.ndarray:
+    return np.array([[(k.x, k.y, k.confidence) for k in p.keypoints] for p in response.persons]).reshape(
+        len(response.persons), -1, 3)

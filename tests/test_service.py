@@ -20,19 +20,17 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from posefix import SAMPLE_DIR
 from posefix._proto import SERVICE_NAME, pb2, pb2_grpc
 from posefix.batcher import BatcherStopped, DeadlineExpired, DynamicBatcher
 from posefix.client import PoseRefinerClient, image_message, request_message
-from posefix.engine import Refiner, export_weights
+from posefix.engine import Refiner
 from posefix.formats import LAYOUTS
 from posefix.images import decode
-from posefix.model import ModelConfig, PoseFixNet
 from posefix.service import Limits, OneEuroFilter, OneEuroParams, create_server
 
+from .conftest import IMAGE_785, RESULTS, as_array
+
 ROOT = Path(__file__).resolve().parent.parent
-IMAGE_785 = SAMPLE_DIR / "images" / "000000000785.jpg"
-RESULTS = SAMPLE_DIR / "topdown_keypoints_val4.json"
 TIMEOUT = 10  # seconds, for every call
 TOL = 1e-4  # pixels and confidence
 
@@ -73,23 +71,6 @@ class GatedRefiner:
         self.started.set()
         assert self.gate.wait(TIMEOUT)
         return self.inner.refine(images, image_index, poses)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = PoseFixNet(ModelConfig(backbone="resnet18", input_size=(128, 96), sigma=3.5, head_channels=32))
-    with torch.no_grad():  # a refiner that moves joints, so equal numbers mean equal computation
-        torch.nn.init.normal_(model.final.weight, std=0.2)
-        torch.nn.init.normal_(model.confidence.weight, std=0.2)
-    path = tmp_path_factory.mktemp("model") / "model.safetensors"
-    export_weights(model, path, {"step": 0})
-    return path
-
-
-@pytest.fixture(scope="module")
-def refiner(checkpoint):
-    return Refiner.from_checkpoint(checkpoint, "cpu", batch_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -135,23 +116,6 @@ def stub(server):
     stub, channel = stub_for(server)
     yield stub
     channel.close()
-
-
-@pytest.fixture(scope="module")
-def poses_785():
-    results = [r for r in json.loads(RESULTS.read_text()) if r["image_id"] == 785]
-    return np.array([r["keypoints"] for r in results], dtype=np.float64).reshape(len(results), 17, 3)
-
-
-@pytest.fixture(scope="module")
-def offline_785(refiner, poses_785):
-    xy, conf = refiner.refine([decode(IMAGE_785)], np.zeros(len(poses_785), dtype=np.int64), poses_785)
-    return xy, conf
-
-
-def as_array(response) -> np.ndarray:
-    return np.array([[(k.x, k.y, k.confidence) for k in p.keypoints] for p in response.persons]).reshape(
-        len(response.persons), -1, 3)
 
 
 def metric_samples(handle) -> dict:

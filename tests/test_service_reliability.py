@@ -8,7 +8,6 @@ import asyncio
 import collections
 import gc
 import io
-import json
 import logging
 import os
 import select
@@ -32,15 +31,14 @@ from torchvision.io import encode_png
 from posefix import SAMPLE_DIR
 from posefix._proto import pb2, pb2_grpc
 from posefix.client import request_message
-from posefix.engine import Refiner, export_weights
+from posefix.engine import Refiner
 from posefix.formats import LAYOUTS
 from posefix.images import decode
-from posefix.model import ModelConfig, PoseFixNet
 from posefix.service import Limits, check_png, create_server, decode_encoded
 
+from .conftest import IMAGE_785, as_array
+
 IMAGES = sorted((SAMPLE_DIR / "images").glob("*.jpg"))
-IMAGE_785 = SAMPLE_DIR / "images" / "000000000785.jpg"
-RESULTS = SAMPLE_DIR / "topdown_keypoints_val4.json"
 TIMEOUT = 10  # seconds: the deadline of every call
 TOL = 1e-4  # pixels and confidence
 STARTUP_S = 90  # seconds for `posefix serve` to print its port
@@ -53,43 +51,8 @@ FORMATS = {"coco17": pb2.KEYPOINT_FORMAT_COCO_17, "blazepose33": pb2.KEYPOINT_FO
 # Fixtures: a refiner that moves joints (so equal numbers mean equal computation), its offline results.
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = PoseFixNet(ModelConfig(backbone="resnet18", input_size=(128, 96), sigma=3.5, head_channels=32))
-    with torch.no_grad():
-        torch.nn.init.normal_(model.final.weight, std=0.2)
-        torch.nn.init.normal_(model.confidence.weight, std=0.2)
-    path = tmp_path_factory.mktemp("model") / "model.safetensors"
-    export_weights(model, path, {"step": 0})
-    return path
-
-
-@pytest.fixture(scope="module")
-def refiner(checkpoint):
-    return Refiner.from_checkpoint(checkpoint, "cpu", batch_size=64)
-
-
-@pytest.fixture(scope="module")
 def pixels_785():
     return decode(IMAGE_785)  # (3, H, W) uint8
-
-
-@pytest.fixture(scope="module")
-def poses_785():
-    results = [r for r in json.loads(RESULTS.read_text()) if r["image_id"] == 785]
-    return np.array([r["keypoints"] for r in results], dtype=np.float64).reshape(len(results), 17, 3)
-
-
-@pytest.fixture(scope="module")
-def offline_785(refiner, pixels_785, poses_785):
-    """The offline engine's refinement of each person of image 785: xy (P, 17, 2), confidence (P, 17)."""
-    return refiner.refine([pixels_785], np.zeros(len(poses_785), dtype=np.int64), poses_785)
-
-
-def as_array(response) -> np.ndarray:
-    """(P, Kf, 3) = (x, y, confidence) of a RefinePoseResponse."""
-    return np.array([[(k.x, k.y, k.confidence) for k in p.keypoints] for p in response.persons],
-                    dtype=np.float64).reshape(len(response.persons), -1, 3)
 
 
 def xy_tolerance(poses: np.ndarray) -> float:
