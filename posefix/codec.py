@@ -55,6 +55,24 @@ def _gaussian_1d(centre: Tensor, length: int, scale: Tensor) -> Tensor:
     return torch.exp((grid - centre[..., None]) ** 2 * scale[..., None])
 
 
+def gaussian_axes(keypoints: Tensor, size: tuple[int, int], sigma: float | Tensor) -> tuple[Tensor, Tensor]:
+    """The two 1-D factors of each joint's Gaussian: heatmap = gy[..., :, None] * gx[..., None, :].
+
+    keypoints: (N, K, 3) = (x, y, v) in the heatmap's pixels; size: (H, W); sigma: pixels, a float or a tensor
+    broadcastable to (N, K). Returns gy (N, K, H) and gx (N, K, W) in at least float32 (float64 stays float64);
+    gy is zero for an invalid joint (v <= 0 or x or y not finite), so its whole heatmap is.
+    """
+    height, width = size
+    work = _work_dtype(keypoints.dtype)
+    valid = _valid(keypoints)  # (N, K)
+    xy = torch.where(valid[..., None], keypoints[..., :2], 0).to(work)  # (N, K, 2)
+    sigma = torch.as_tensor(sigma, dtype=work, device=keypoints.device)
+    scale = (-0.5 / sigma ** 2).expand(valid.shape)  # (N, K)
+    gx = _gaussian_1d(xy[..., 0], width, scale)  # (N, K, W)
+    gy = _gaussian_1d(xy[..., 1], height, scale) * valid[..., None]  # (N, K, H)
+    return gy, gx
+
+
 def render_heatmaps(keypoints: Tensor, size: tuple[int, int], sigma: float | Tensor,
                     dtype: torch.dtype | None = None) -> Tensor:
     """One Gaussian exp(-((X - x)² + (Y - y)²) / (2σ²)) with peak 1 per joint.
@@ -65,16 +83,49 @@ def render_heatmaps(keypoints: Tensor, size: tuple[int, int], sigma: float | Ten
     renders the part of its Gaussian that falls inside. The per-axis Gaussians are computed in at least float32
     and their outer product is the only full-size write.
     """
-    height, width = size
     dtype = dtype or _float_dtype(keypoints)
-    work = _work_dtype(keypoints.dtype)
-    valid = _valid(keypoints)  # (N, K)
-    xy = torch.where(valid[..., None], keypoints[..., :2], 0).to(work)  # (N, K, 2)
-    sigma = torch.as_tensor(sigma, dtype=work, device=keypoints.device)
-    scale = (-0.5 / sigma ** 2).expand(valid.shape)  # (N, K)
-    gx = _gaussian_1d(xy[..., 0], width, scale)  # (N, K, W)
-    gy = _gaussian_1d(xy[..., 1], height, scale) * valid[..., None]  # (N, K, H)
+    gy, gx = gaussian_axes(keypoints, size, sigma)
     return gy.to(dtype)[..., :, None] * gx.to(dtype)[..., None, :]  # (N, K, H, W)
+
+
+def pooled_heatmaps(keypoints: Tensor, size: tuple[int, int], sigma: float | Tensor, stride: int) -> Tensor:
+    """``F.avg_pool2d(render_heatmaps(keypoints, size, sigma), stride)`` without rendering the full maps.
+
+    The mean of gy ⊗ gx over a stride × stride block is the product of the blocks' 1-D means. size: (H, W),
+    multiples of stride. Returns (N, K, H / stride, W / stride) in at least float32.
+    """
+    gy, gx = gaussian_axes(keypoints, size, sigma)
+    gy = gy.unflatten(-1, (-1, stride)).mean(-1)  # (N, K, H / stride)
+    gx = gx.unflatten(-1, (-1, stride)).mean(-1)  # (N, K, W / stride)
+    return gy[..., :, None] * gx[..., None, :]
+
+
+def heatmap_conv2d(keypoints: Tensor, size: tuple[int, int], sigma: float | Tensor, weight: Tensor,
+                   stride: int = 1, padding: int = 0) -> Tensor:
+    """``F.conv2d(render_heatmaps(keypoints, size, sigma), weight, stride=stride, padding=padding)``, computed
+    from the Gaussians' 1-D factors at the convolution's output resolution: the K full-size maps are never made.
+
+    keypoints: (N, K, 3) in the maps' pixels; size: (H, W) of the maps; weight: (O, K, kh, kw).
+    Since map k is gy_k ⊗ gx_k, its convolution with W[o, k] is
+        out[n, o, i, j] = Σ_k Σ_u Σ_v W[o, k, u, v] · gy_k(s·i + u - p) · gx_k(s·j + v - p),
+    one contraction over v (cost ∝ O·K·kh·kw·Wo) and one batched matrix product over (k, u)
+    (∝ O·K·kh·Ho·Wo, a kw-th of the direct convolution's O·K·kh·kw·Ho·Wo). Returns (N, O, Ho, Wo) in the
+    weight's dtype (or autocast's), laid out channels-last; differentiable in the weight.
+    """
+    n, k = keypoints.shape[:2]
+    out_c, in_c, kh, kw = weight.shape
+    if in_c != k:
+        raise ValueError(f"weight has {in_c} input channels for {k} keypoints")
+    height, width = size
+    gy, gx = gaussian_axes(keypoints, size, sigma)  # (N, K, H), (N, K, W)
+    ay = F.pad(gy, (padding, padding)).unfold(-1, kh, stride)  # (N, K, Ho, kh): gy_k(s·i + u - p)
+    ax = F.pad(gx, (padding, padding)).unfold(-1, kw, stride)  # (N, K, Wo, kw)
+    out_h, out_w = ay.shape[2], ax.shape[2]
+    ay, ax = ay.to(weight.dtype), ax.to(weight.dtype)
+    along_x = torch.einsum("okuv,nkjv->nkujo", weight, ax).reshape(n, k * kh, out_w * out_c)  # (N, K·kh, Wo·O)
+    ay = ay.permute(0, 2, 1, 3).reshape(n, out_h, k * kh)  # (N, Ho, K·kh)
+    out = torch.bmm(ay, along_x)  # (N, Ho, Wo·O)
+    return out.view(n, out_h, out_w, out_c).permute(0, 3, 1, 2)  # (N, O, Ho, Wo), channels-last strides
 
 
 def onehot_target(coords: Tensor, valid: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:

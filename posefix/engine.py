@@ -19,24 +19,33 @@ from . import codec
 from .model import ModelConfig, PoseFixNet
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 class Refiner:
     """Refines poses with a trained :class:`PoseFixNet` (in eval mode, no gradients)."""
 
     def __init__(self, model: PoseFixNet, device: str | torch.device = "cpu", batch_size: int = 64,
-                 flip_test: bool = False):
-        self.model = model.to(device).eval()
-        self.cfg: ModelConfig = model.cfg
+                 flip_test: bool = False, precision: str = "fp32", channels_last: bool = False):
+        if precision not in PRECISIONS:
+            raise InputError("precision", f"must be one of {list(PRECISIONS)}, got {precision!r}")
         self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.cfg: ModelConfig = model.cfg
         self.batch_size = batch_size
         self.flip_test = flip_test
+        self.precision = precision  # "bf16": the model under bfloat16 autocast (coordinates stay float32/64)
+        self.channels_last = channels_last
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", batch_size: int = 64,
-                        flip_test: bool = False) -> Refiner:
+                        flip_test: bool = False, precision: str = "fp32", channels_last: bool = False) -> Refiner:
         if device == "cuda" and not torch.cuda.is_available():
             raise InputError("--device", "cuda was asked for but no CUDA device is available")
         model = load_weights(path)
-        return cls(model, device, batch_size, flip_test)
+        return cls(model, device, batch_size, flip_test, precision, channels_last)
 
     @torch.no_grad()
     def refine(self, images: list[torch.Tensor], image_index, poses, crop_poses=None) -> tuple[np.ndarray, np.ndarray]:
@@ -62,6 +71,14 @@ class Refiner:
         return torch.cat([torch.nan_to_num(poses[..., :2]), present[..., None].double()], dim=-1)
 
     def _batch(self, images, image_index, poses, crop_poses):
+        crops, kp_crop, affine, ok = self.prepare(images, image_index, poses, crop_poses)
+        coords, conf = self.infer(crops, kp_crop)
+        return self.back(coords, affine), conf.cpu().numpy(), ok
+
+    def prepare(self, images, image_index, poses, crop_poses):
+        """The crops and the input keypoints in crop pixels on the device: crops (P, 3, H, W) float in [0, 1],
+        kp_crop (P, K, 3), affine (P, 2, 3) float64 crop → image (on the CPU), ok (P,) bool: persons that can
+        be refined. ``poses`` and ``crop_poses`` are float64 tensors (P, K, 3)."""
         h, w = self.cfg.input_size
         kp = self._present(poses)
         around = kp if crop_poses is poses else self._present(crop_poses)
@@ -75,19 +92,28 @@ class Refiner:
             crops[sel] = codec.warp_crops(picture, torch.zeros(sel.size, dtype=torch.long, device=self.device),
                                           affine[sel].float().to(self.device), (h, w))
         kp_crop = torch.cat([codec.apply_affine(kp, codec.invert_affine(affine)), kp[..., 2:]], dim=-1)
-        kp_crop = kp_crop.float().to(self.device)
-        heat = codec.render_heatmaps(kp_crop, (h, w), self.cfg.sigma)
-        out = self.model(crops, heat)
-        coords = out["coords"].double()
-        conf = torch.sigmoid(out["confidence_logit"].float())
-        if self.flip_test:  # the mirrored crop, mapped back, averaged with the plain one
-            flipped_kp = codec.flip_keypoints(kp_crop, w)
-            out_f = self.model(crops.flip(-1), codec.render_heatmaps(flipped_kp, (h, w), self.cfg.sigma))
-            coords = (coords + codec.flip_keypoints(out_f["coords"].double(), w)) / 2
-            conf_f = torch.sigmoid(out_f["confidence_logit"].float())[:, PARTNER.tolist()]
-            conf = (conf + conf_f) / 2
-        xy = codec.apply_affine(coords.cpu(), affine).numpy()
-        return xy, conf.cpu().numpy(), ok
+        return crops, kp_crop.float().to(self.device), affine, ok
+
+    def infer(self, crops, kp_crop):
+        """The model on prepared crops: refined coords (P, K, 2) float64 in crop pixels and confidence (P, K),
+        both on the device. With ``flip_test``, averaged with the mirrored crop's, mapped back."""
+        w = self.cfg.input_size[1]
+        if self.channels_last:
+            crops = crops.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            out = self.model(crops, keypoints=kp_crop)
+            coords = out["coords"].double()
+            conf = torch.sigmoid(out["confidence_logit"].float())
+            if self.flip_test:
+                out_f = self.model(crops.flip(-1), keypoints=codec.flip_keypoints(kp_crop, w))
+                coords = (coords + codec.flip_keypoints(out_f["coords"].double(), w)) / 2
+                conf = (conf + torch.sigmoid(out_f["confidence_logit"].float())[:, PARTNER.tolist()]) / 2
+        return coords, conf
+
+    @staticmethod
+    def back(coords, affine) -> np.ndarray:
+        """Crop-pixel coords (P, K, 2) on the device → image pixels (P, K, 2), a numpy array."""
+        return codec.apply_affine(coords.cpu(), affine).numpy()
 
 
 def export_weights(model: PoseFixNet, path: str | Path, metadata: dict) -> None:

@@ -21,7 +21,7 @@ from synth.cocoio import atomic_path, load_ground_truth, write_json_atomic
 from synth.exceptions import InputError
 from synth.profile import load_profile
 
-from . import __version__, codec
+from . import __version__
 from .config import Config, dump_toml, to_dict
 from .data import PersonCrops, StepBatches
 from .engine import Refiner, export_weights
@@ -158,9 +158,8 @@ def _loop(cfg, model, ddp, optimizer, scheduler, loader, device, bf16, channels_
         if channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         inp = batch["input"].to(device, non_blocking=True)
-        heat = codec.render_heatmaps(inp, cfg.model.input_size, cfg.model.sigma)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            result = ddp(image, heat)
+            result = ddp(image, keypoints=inp)
         loss, parts = refiner_loss(result, batch["target"].to(device), batch["target_valid"].to(device),
                                    batch["area"].to(device), t.confidence_weight)
         optimizer.zero_grad(set_to_none=True)

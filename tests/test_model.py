@@ -155,3 +155,104 @@ def test_config_presets_overrides_and_rejections(tmp_path):
         load_config(overrides=["optimizer.lr=1"])
     with pytest.raises(InputError, match="unknown preset"):
         load_config(preset="r9000")
+
+
+def _random_keypoints(g, n, k, size, margin=20.0):
+    """Joints in and around an (H, W) map, about a fifth invalid, a few NaN."""
+    h, w = size
+    kp = torch.cat([torch.rand(n, k, 1, generator=g, dtype=torch.float64) * (w + 2 * margin) - margin,
+                    torch.rand(n, k, 1, generator=g, dtype=torch.float64) * (h + 2 * margin) - margin,
+                    (torch.rand(n, k, 1, generator=g, dtype=torch.float64) > 0.2).double()], dim=-1)
+    kp[0, 0, 0] = float("nan")
+    return kp
+
+
+@pytest.mark.parametrize(("size", "sigma", "kernel", "stride", "padding"), [
+    ((384, 288), 9.0, 7, 2, 3), ((256, 192), 7.0, 7, 2, 3), ((64, 96), 2.0, 3, 1, 1), ((33, 31), 1.5, 5, 3, 0),
+])
+def test_heatmap_conv_equals_convolving_the_rendered_maps(size, sigma, kernel, stride, padding):
+    """The fused stem's arithmetic against the plain path (render, then F.conv2d), in float64 and float32."""
+    g = torch.Generator().manual_seed(sum(size))
+    kp = _random_keypoints(g, 3, 17, size)
+    weight = torch.randn(8, 17, kernel, kernel, generator=g, dtype=torch.float64)
+    plain = torch.nn.functional.conv2d(codec.render_heatmaps(kp, size, sigma), weight, stride=stride, padding=padding)
+    fused = codec.heatmap_conv2d(kp, size, sigma, weight, stride=stride, padding=padding)
+    assert fused.shape == plain.shape
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-10)
+    fused32 = codec.heatmap_conv2d(kp.float(), size, sigma, weight.float(), stride=stride, padding=padding)
+    assert fused32.dtype == torch.float32
+    assert (fused32.double() - plain).abs().max() <= 1e-5 * plain.abs().max()
+
+
+def test_pooled_heatmaps_equal_pooling_the_rendered_maps():
+    g = torch.Generator().manual_seed(3)
+    for size, sigma, stride in (((256, 192), 7.0, 4), ((96, 64), 2.5, 4), ((30, 20), 1.0, 2)):
+        kp = _random_keypoints(g, 4, 17, size)
+        plain = torch.nn.functional.avg_pool2d(codec.render_heatmaps(kp, size, sigma), stride)
+        torch.testing.assert_close(codec.pooled_heatmaps(kp, size, sigma, stride), plain, rtol=0, atol=1e-12)
+
+
+def _perturbed(cfg, seed=0, head=0.1):
+    """A model whose heatmap channels and head matter (not the identity it starts as)."""
+    torch.manual_seed(seed)
+    model = PoseFixNet(cfg)
+    with torch.no_grad():
+        model.backbone[0].weight[:, 3:].normal_(std=0.05)
+        model.final.weight.normal_(std=head)
+    return model
+
+
+def test_fused_stem_equals_the_rendered_path():
+    """Tolerance of the fused stem in float32: logits within 1e-3, coordinates within 0.01 input pixels,
+    and the same gradients (within 1e-3 relative) for training."""
+    model = _perturbed(SMALL)
+    image, kp, heat = _inputs(6, SMALL, seed=4)
+    kp[0, 3] = torch.tensor([-30.0, 500.0, 1.0])  # a joint far outside the crop
+    heat = codec.render_heatmaps(kp, SMALL.input_size, SMALL.sigma)
+    model.eval()
+    with torch.no_grad():
+        fused = model(image, keypoints=kp)
+        plain = model(image, heat)
+        model.fused_stem = False
+        rendered = model(image, keypoints=kp)
+    model.fused_stem = True
+    torch.testing.assert_close(rendered["logits"], plain["logits"], rtol=0, atol=0)
+    assert (fused["logits"] - plain["logits"]).abs().max() < 1e-3
+    assert (fused["coords"] - plain["coords"]).abs().max() < 0.01
+    assert (fused["confidence_logit"] - plain["confidence_logit"]).abs().max() < 1e-4
+    model.train()
+    grads = []
+    for pose in ({"keypoints": kp}, {"heatmaps": heat}):
+        model.zero_grad()
+        out = model(image, **pose)
+        loss, _ = refiner_loss(out, kp[..., :2] + 2.0, kp[..., 2] > 0, torch.full((6,), 900.0))
+        loss.backward()
+        grads.append(model.backbone[0].weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-3 * grads[1].abs().max().item())
+    with pytest.raises(ValueError, match="exactly one"):
+        model(image, heat, keypoints=kp)
+    with pytest.raises(ValueError, match="exactly one"):
+        model(image)
+
+
+def test_refiner_precisions_and_layouts_agree():
+    """bf16 autocast and channels_last give the fp32 answer within bf16's precision; fused or rendered alike."""
+    model = _perturbed(SMALL, seed=1, head=3.0)
+    rng = np.random.default_rng(0)
+    picture = torch.from_numpy(rng.integers(0, 256, (3, 120, 160), dtype=np.uint8))
+    poses = np.concatenate([rng.uniform(30, 110, (3, 17, 2)), np.ones((3, 17, 1))], axis=-1)
+    results = {}
+    for name, options in {"fp32": {}, "bf16": {"precision": "bf16"}, "channels_last": {"channels_last": True},
+                          "flip": {"flip_test": True}}.items():
+        results[name] = Refiner(model, **options).refine([picture], np.zeros(3, dtype=np.int64), poses)[0]
+    model.fused_stem = False
+    rendered = Refiner(model).refine([picture], np.zeros(3, dtype=np.int64), poses)[0]
+    model.fused_stem = True
+    assert np.abs(results["fp32"] - rendered).max() < 0.01
+    assert np.abs(results["channels_last"] - results["fp32"]).max() < 0.01
+    moved = np.abs(results["fp32"] - poses[..., :2]).max()
+    assert moved > 1  # the perturbed model does move joints, so agreement below means something
+    assert np.abs(results["bf16"] - results["fp32"]).max() < 0.25 * moved  # bf16: 8 bits of mantissa in the logits
+    assert np.abs(results["flip"] - results["fp32"]).max() > 1e-3  # flip test is its own answer
+    with pytest.raises(InputError, match="precision"):
+        Refiner(model, precision="fp8")
