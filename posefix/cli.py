@@ -278,7 +278,8 @@ def cmd_refine(args) -> int:
     sizes = _image_sizes(args.input, args.format, args.images, coco_images) \
         if args.format in ("movenet", "blazepose") else None
     est = read_estimates(args.input, args.format, sizes, skip_invalid=args.skip_invalid)
-    refiner = Refiner.from_checkpoint(args.checkpoint, args.device, args.batch_size, args.flip_test)
+    refiner = Refiner.from_checkpoint(args.checkpoint, args.device, args.batch_size, args.flip_test,
+                                      args.precision, args.channels_last)
     n = len(est.image_keys)
     groups: dict = {}
     for i, key in enumerate(est.image_keys):
@@ -398,7 +399,8 @@ def cmd_refine_video(args) -> int:
         sizes = {k: (info.width, info.height) for k in keys if k is not None}
     poses = load_poses(args.input, args.format, sizes)
     smoothing = OneEuroParams(args.min_cutoff, args.beta, args.d_cutoff) if args.smooth else None
-    refiner = Refiner.from_checkpoint(args.checkpoint, args.device, args.batch_size, args.flip_test)
+    refiner = Refiner.from_checkpoint(args.checkpoint, args.device, args.batch_size, args.flip_test,
+                                      args.precision, args.channels_last)
     writer = VideoWriter(args.render, info.fps, info.width, info.height) if args.render else None
     given = poses.est.keypoints
 
@@ -489,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--flip-test", action="store_true", help="average with the refinement of the mirrored crop")
     r.add_argument("--batch-size", type=int, default=64, help="persons per model call (64)")
     r.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    r.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="the model's arithmetic (fp32; bf16: bfloat16 autocast, for GPUs)")
+    r.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster with bf16 on GPUs)")
     r.add_argument("--workers", type=int, default=2, help="image decoding threads (2)")
     r.add_argument("--keep-input-below", type=float, metavar="CONF",
                    help="keep the input keypoint where the refined confidence is below CONF and below the "
@@ -536,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("--flip-test", action="store_true")
     rv.add_argument("--batch-size", type=int, default=64)
     rv.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    rv.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="the model's arithmetic (fp32; bf16: bfloat16 autocast, for GPUs)")
+    rv.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster with bf16 on GPUs)")
     rv.add_argument("--quiet", action="store_true", help="no progress bar")
     rv.set_defaults(func=cmd_refine_video)
 
@@ -554,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="persons that may wait, at least 256; beyond: RESOURCE_EXHAUSTED (1024)")
     sv.add_argument("--metrics-port", type=int, default=None, metavar="PORT", help="Prometheus /metrics port (off)")
     sv.add_argument("--flip-test", action="store_true", help="also refine each crop's mirror and average")
+    sv.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="the model's arithmetic (fp32; bf16: bfloat16 autocast, for GPUs)")
+    sv.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster with bf16 on GPUs)")
     sv.add_argument("--grace-s", type=float, default=10.0, metavar="S",
                     help="on SIGTERM, time for calls in flight (10)")
     sv.add_argument("--drain-s", type=float, default=0.0, metavar="S",

@@ -527,7 +527,8 @@ def serve_main(args: argparse.Namespace) -> int:
     ``args``: checkpoint (a model.safetensors from posefix train), host, port (0: any free port), device
     ("auto": cuda if available, else cpu; "cpu", "cuda", "cuda:N"), max_batch_size (persons),
     max_queue_delay_ms, max_queue_size (persons), metrics_port (None: no metrics endpoint) and, optional,
-    flip_test (False: refine each crop with its mirror too), grace_s (10: seconds calls in flight have to
+    flip_test (False: refine each crop with its mirror too), precision ("fp32" or "bf16") and channels_last
+    (False), grace_s (10: seconds calls in flight have to
     finish once stopping) and drain_s (0: seconds to go on taking calls with health NOT_SERVING before
     that). Bad values raise InputError naming the option.
     """
@@ -549,7 +550,9 @@ def serve_main(args: argparse.Namespace) -> int:
     for name, value in (("--grace-s", grace_s), ("--drain-s", drain_s)):
         if not (math.isfinite(value) and value >= 0):
             raise InputError(name, f"must be >= 0 seconds, got {value}")
-    refiner = Refiner.from_checkpoint(args.checkpoint, device, batch_size=args.max_batch_size, flip_test=flip_test)
+    refiner = Refiner.from_checkpoint(args.checkpoint, device, batch_size=args.max_batch_size, flip_test=flip_test,
+                                      precision=getattr(args, "precision", "fp32"),
+                                      channels_last=bool(getattr(args, "channels_last", False)))
     h, w = refiner.cfg.input_size
     warm = np.zeros((1, 17, 3))
     warm[0, :, :2], warm[0, :, 2] = (w / 2, h / 2), 1.0
