@@ -74,18 +74,20 @@ def gaussian_axes(keypoints: Tensor, size: tuple[int, int], sigma: float | Tenso
 
 
 def render_heatmaps(keypoints: Tensor, size: tuple[int, int], sigma: float | Tensor,
-                    dtype: torch.dtype | None = None) -> Tensor:
+                    dtype: torch.dtype | None = None, out: Tensor | None = None) -> Tensor:
     """One Gaussian exp(-((X - x)² + (Y - y)²) / (2σ²)) with peak 1 per joint.
 
     keypoints: (N, K, 3) = (x, y, v) in the heatmap's pixels. size: (H, W). sigma: pixels, a float or a tensor
     broadcastable to (N, K). dtype: the result's, by default the keypoints' (floating) dtype.
     Returns (N, K, H, W). A channel is all zero where v <= 0 or x or y is not finite; a joint outside the map
     renders the part of its Gaussian that falls inside. The per-axis Gaussians are computed in at least float32
-    and their outer product is the only full-size write.
+    and their outer product is the only full-size write. ``out``: an (N, K, H, W) tensor to write into (its
+    dtype wins); reusing one across batches spares the allocation and first-touch page faults of a fresh
+    7.5 MB per person at 384×288, which cost several times the arithmetic on a CPU.
     """
-    dtype = dtype or _float_dtype(keypoints)
+    dtype = out.dtype if out is not None else dtype or _float_dtype(keypoints)
     gy, gx = gaussian_axes(keypoints, size, sigma)
-    return gy.to(dtype)[..., :, None] * gx.to(dtype)[..., None, :]  # (N, K, H, W)
+    return torch.mul(gy.to(dtype)[..., :, None], gx.to(dtype)[..., None, :], out=out)  # (N, K, H, W)
 
 
 def pooled_heatmaps(keypoints: Tensor, size: tuple[int, int], sigma: float | Tensor, stride: int) -> Tensor:

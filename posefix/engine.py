@@ -88,9 +88,10 @@ class Refiner:
         crops = torch.zeros((kp.shape[0], 3, h, w), device=self.device)
         for img in np.unique(image_index):
             sel = np.flatnonzero(image_index == img)
-            picture = images[img].to(self.device, non_blocking=True).float().div_(255)[None]
+            picture = images[img].to(self.device, non_blocking=True).float()[None]
             crops[sel] = codec.warp_crops(picture, torch.zeros(sel.size, dtype=torch.long, device=self.device),
                                           affine[sel].float().to(self.device), (h, w))
+        crops.div_(255)  # sampling is linear: scaling the crops equals scaling each whole image first
         kp_crop = torch.cat([codec.apply_affine(kp, codec.invert_affine(affine)), kp[..., 2:]], dim=-1)
         return crops, kp_crop.float().to(self.device), affine, ok
 

@@ -157,6 +157,16 @@ def test_render_heatmaps_matches_loop(seed, dtype):
     assert heat[0, 0].abs().sum() == 0 and heat[0, 1].abs().sum() == 0  # NaN x, infinite y
 
 
+def test_render_heatmaps_into_a_reused_buffer():
+    size, sigma = (12, 10), 1.7
+    buffer = torch.full((3, 5, 12, 10), 7.0)
+    for seed in range(2):  # the second render overwrites the first everywhere
+        kp = _keypoints(seed, 3, 5, size)
+        heat = render_heatmaps(kp, size, sigma, out=buffer)
+        assert heat.data_ptr() == buffer.data_ptr() and heat.dtype == torch.float32
+        np.testing.assert_allclose(buffer.double().numpy(), _render_loop(kp, size, sigma), atol=1e-6, rtol=0)
+
+
 def test_render_heatmaps_outside_map_renders_its_tail():
     kp = torch.tensor([[[-2.0, 3.0, 1.0], [4.0, 9.5, 1.0], [-30.0, 3.0, 1.0]]])
     heat = render_heatmaps(kp, (8, 6), 2.0)
