@@ -582,12 +582,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Commands that run the refiner: their batches reuse freed memory instead of faulting fresh pages in.
+MODEL_COMMANDS = {"train", "refine", "refine-video", "serve", "demo"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command in MODEL_COMMANDS:
+        from .runtime import keep_freed_memory
+        keep_freed_memory()
     try:
         return args.func(args)
     except PosefixError as e:
