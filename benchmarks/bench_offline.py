@@ -174,7 +174,10 @@ def refine_offline(work: Path, checkpoint: Path, args, seconds: float | None) ->
     from posefix.formats import image_file, image_ids, read_estimates, write_coco_results
     from synth.cocoio import write_json_atomic
 
-    out = {"rss_before_read_mb": _rss_mb(), "load_average_before": os.getloadavg()[0]}
+    from posefix.runtime import keep_freed_memory
+
+    out = {"keep_freed_memory": keep_freed_memory(),  # as the posefix command does for refine
+           "rss_before_read_mb": _rss_mb(), "load_average_before": os.getloadavg()[0]}
     t0 = time.perf_counter()
     est = read_estimates(work / "input.json", "coco")
     out["read_s"] = time.perf_counter() - t0
