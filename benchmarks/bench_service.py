@@ -28,8 +28,10 @@ of the size the service formed on average (rounded; each person in an image of i
 service) and of 1 person, images already decoded. ``service / in-process`` is the service's persons/s
 over the in-process persons/s at its mean batch: what serving costs on top of the model. The target
 on a GPU: >= 85 % under load, and batching far ahead of batch-1 serving. The same batches are also
-timed from a new worker thread, where the batcher runs the model: on the CPU, torch's OpenMP threads
-work differently there than under the thread that first used them.
+timed from a new worker thread, where the batcher runs the model, and ``(worker thread)`` is the
+service's share of that: on a CPU, once two threads have run torch's OpenMP regions the runtime has more
+threads than cores and its workers stop spinning between regions, so a small model loses up to a third
+of its speed in any process where the model does not run on the thread that used torch first.
 
 Defaults: on the CPU a ResNet-18 at 128×96, 10 s per level after a 2 s warm-up, C in 1 4 16 64, one
 load-generator process: about 3 minutes on 2 cores. There the load generator and the server share the
@@ -370,7 +372,8 @@ def _clamp(cores: float | None) -> float | None:
 
 def print_tables(rows: list[dict]) -> None:
     print(f"\n{'batching':>9} {'clients':>7} | {'calls/s':>8} {'persons/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'mean batch':>10} | {'in-process batch':>16} {'persons/s':>9} | {'service / in-process':>20}")
+          f"{'mean batch':>10} | {'in-process batch':>16} {'persons/s':>9} | {'service / in-process':>20} "
+          f"{'(worker thread)':>15}")
     for r in rows:
         s, ip = r["server"], r["inprocess"]
         mode = f"on ({r['max_batch_size']})" if r["max_batch_size"] > 1 else "off (1)"
@@ -378,7 +381,7 @@ def print_tables(rows: list[dict]) -> None:
         print(f"{mode:>9} {r['clients']:7d} | {r['calls_per_s']:8.1f} {r['persons_per_s']:9.1f} "
               f"{_fmt(r['latency_ms']['p50'], '.1f', 8)} {_fmt(r['latency_ms']['p99'], '.1f', 8)} "
               f"{_fmt(s['mean_batch'], '.2f', 10)} | {ip['batch']:16d} {ip['persons_per_s']:9.1f} | "
-              f"{100 * r['service_over_inprocess']:19.1f}%{bound}")
+              f"{100 * r['service_over_inprocess']:19.1f}% {100 * r['service_over_inprocess_worker']:14.1f}%{bound}")
     print(f"\nwhere the time goes (per level's window)\n{'batching':>9} {'clients':>7} | {'model busy':>10} "
           f"{'ms/batch':>8} | {'in-process ms/batch':>19} {'(worker thread)':>15} | {'queue ms/call':>13} | "
           f"{'server cores':>12} {'client cores':>12} {'other processes':>15}")
@@ -396,6 +399,9 @@ def run(args) -> dict:
 
     from posefix.images import decode_encoded
 
+    from posefix.runtime import keep_freed_memory
+
+    keep_freed_memory()  # as posefix serve does
     device = args.device
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -438,6 +444,7 @@ def run(args) -> dict:
         b = max(1, round(r["server"]["mean_batch"])) if r["server"]["mean_batch"] else 1
         r["inprocess"], r["inprocess_worker_thread"] = inprocess[b], inprocess_worker[b]
         r["service_over_inprocess"] = r["persons_per_s"] / inprocess[b]["persons_per_s"]
+        r["service_over_inprocess_worker"] = r["persons_per_s"] / inprocess_worker[b]["persons_per_s"]
     print_tables(rows)
     gain = {}
     for c in clients:
