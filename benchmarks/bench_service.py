@@ -399,9 +399,6 @@ def run(args) -> dict:
 
     from posefix.images import decode_encoded
 
-    from posefix.runtime import keep_freed_memory
-
-    keep_freed_memory()  # as posefix serve does
     device = args.device
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)

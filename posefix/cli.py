@@ -582,8 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Commands that run the refiner: their batches reuse freed memory instead of faulting fresh pages in.
-MODEL_COMMANDS = {"train", "refine", "refine-video", "serve", "demo"}
+# Commands whose model calls have one shape (full batches): freed memory is reused instead of faulted in
+# afresh. Not serve (its batches take every size, and a heap that is never trimmed fragments).
+MODEL_COMMANDS = {"train", "refine", "demo"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -161,47 +161,78 @@ def load_weights(path: str | Path) -> PoseFixNet:
 def refine_images(refiner: Refiner, jobs, workers: int = 2, lookahead: int = 8, progress=None):
     """Refine the persons of many images, batching persons across images.
 
-    jobs: iterable of (key, image path or decoded (3, H, W) uint8 tensor, poses (P, K, 3) image pixels). Images are decoded in ``workers``
-    background threads, up to ``lookahead`` ahead, while the model runs; each is decoded once. Yields
-    (key, xy (P, K, 2), confidence (P, K)) in the order of ``jobs``. ``progress(n)`` is called with the
-    number of persons done after each batch.
+    jobs: iterable of (key, image path or decoded (3, H, W) uint8 tensor, poses (P, K, 3) image pixels). Images
+    are decoded in ``workers`` background threads, up to ``lookahead`` ahead, while the model runs; each is
+    decoded once. Every model call but the last gets exactly ``refiner.batch_size`` persons: an image's persons
+    may be split between two calls. Fixed shapes keep the device busy and let freed memory be reused as it is
+    (see :mod:`posefix.runtime`). Yields (key, xy (P, K, 2), confidence (P, K)) in the order of ``jobs``, each
+    as soon as its persons are done. ``progress(n)`` is called with the number of persons of each call.
     """
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     from .images import decode
 
     jobs = iter(jobs)
     with ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="posefix-decode") as pool:
-        pending: list = []  # (key, future image, poses), in order
+        queue: deque[_Job] = deque()  # in the order of jobs, not yet yielded
+
+        def add_one() -> bool:
+            job = next(jobs, None)
+            if job is None:
+                return False
+            key, source, poses = job
+            image = pool.submit(_identity, source) if isinstance(source, torch.Tensor) else pool.submit(decode, source)
+            queue.append(_Job(key, image, np.asarray(poses, dtype=np.float64).reshape(-1, 17, 3)))
+            return True
 
         def fill():
-            while len(pending) < lookahead:
-                job = next(jobs, None)
-                if job is None:
-                    return
-                key, source, poses = job
-                image = pool.submit(_identity, source) if isinstance(source, torch.Tensor) else pool.submit(decode, source)
-                pending.append((key, image, np.asarray(poses, dtype=np.float64)))
+            while sum(job.taken == 0 for job in queue) < lookahead and add_one():
+                pass
 
-        fill()
-        while pending:
-            group, persons = [], 0
-            while pending and (not group or persons + len(pending[0][2]) <= refiner.batch_size):
-                key, future, poses = pending.pop(0)
-                group.append((key, future.result(), poses))
-                persons += len(poses)
-                fill()
-            images = [img for _, img, _ in group]
-            index = np.concatenate([np.full(len(p), n, dtype=np.int64) for n, (_, _, p) in enumerate(group)])
-            poses = np.concatenate([p.reshape(-1, 17, 3) for _, _, p in group]) if persons else np.zeros((0, 17, 3))
-            xy, conf = refiner.refine(images, index, poses) if persons else (np.zeros((0, 17, 2)), np.zeros((0, 17)))
-            start = 0
-            for key, _, p in group:
-                yield key, xy[start:start + len(p)], conf[start:start + len(p)]
-                start += len(p)
-            if progress is not None:
-                progress(persons)
+        while True:
             fill()
+            parts, need, i = [], refiner.batch_size, 0  # parts: (job, first person, end)
+            while need > 0:
+                if i == len(queue) and not add_one():
+                    break
+                job = queue[i]
+                take = min(len(job.poses) - job.taken, need)
+                if take > 0:
+                    parts.append((job, job.taken, job.taken + take))
+                    job.taken += take
+                    need -= take
+                i += 1
+            if parts:
+                jobs_in = list(dict.fromkeys(job for job, _, _ in parts))
+                images = [job.image.result() for job in jobs_in]
+                where = {id(job): n for n, job in enumerate(jobs_in)}
+                index = np.concatenate([np.full(hi - lo, where[id(job)], dtype=np.int64) for job, lo, hi in parts])
+                poses = np.concatenate([job.poses[lo:hi] for job, lo, hi in parts])
+                xy, conf = refiner.refine(images, index, poses)
+                start = 0
+                for job, lo, hi in parts:
+                    job.xy[lo:hi], job.conf[lo:hi] = xy[start:start + hi - lo], conf[start:start + hi - lo]
+                    start += hi - lo
+                if progress is not None:
+                    progress(len(poses))
+            while queue and queue[0].taken == len(queue[0].poses):
+                job = queue.popleft()
+                job.image.result()  # an image without persons is still decoded: a broken file is reported
+                yield job.key, job.xy, job.conf
+            if not parts and not queue:
+                return
+
+
+class _Job:
+    """One image of refine_images: its decoding, its poses, how many are in a batch, and their results."""
+
+    __slots__ = ("conf", "image", "key", "poses", "taken", "xy")
+
+    def __init__(self, key, image, poses: np.ndarray):
+        self.key, self.image, self.poses, self.taken = key, image, poses, 0
+        self.xy = poses[..., :2].copy()
+        self.conf = np.zeros(poses.shape[:2])
 
 
 def _identity(x):

@@ -2,11 +2,15 @@
 
 A refiner batch allocates and frees activations of hundreds of MB (about 60 MB per person for a
 ResNet-50 at 384×288). glibc's malloc serves each such block with a fresh mmap and hands it back to
-the kernel on free, so the next batch pays the first-touch page faults of every page again — on a
-CPU that is a large share of the batch's time (kernel time). ``keep_freed_memory`` makes malloc keep
-freed memory for reuse instead: large blocks come from the heap, which is not trimmed. The process's
-resident size then stays at its peak between batches, which a long refinement or a server reaches
-anyway. Elsewhere than glibc it does nothing.
+the kernel on free, so the next batch pays the first-touch page faults of every page again: on a
+CPU that is up to half of a batch's time, spent in the kernel. ``keep_freed_memory`` makes malloc
+keep freed memory for reuse instead: large blocks come from the heap, which is not trimmed.
+
+That pays where the model calls repeat one shape, as ``posefix refine`` and ``posefix train`` make
+them (every call a full batch): the same blocks are reused and the resident size stays at the first
+batch's peak. Where calls take every size (a server's dynamic batches), the untrimmed heap fragments
+and grows batch after batch, so ``posefix serve`` leaves malloc as it is. Elsewhere than glibc it does
+nothing.
 """
 from __future__ import annotations
 

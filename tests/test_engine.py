@@ -51,6 +51,28 @@ def test_batching_across_images_equals_one_image_at_a_time(refiner):
     assert all(t["score"] == r["score"] and t.get("center") == r.get("center") for t, r in zip(together, results))
 
 
+def test_prepared_crops_and_poses_equal_the_plain_way(refiner):
+    """prepare() scales the crops to [0, 1] after sampling; the plain way scales each image first. Its crop
+    poses are the input poses through each crop's inverse affine, and back() maps them home again."""
+    from posefix import codec
+
+    rng = np.random.default_rng(5)
+    images = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in ((90, 130), (70, 60))]
+    index = np.array([0, 1, 0])
+    poses = np.concatenate([rng.uniform(5, 55, (3, 17, 2)), (rng.random((3, 17, 1)) > 0.3)], axis=-1)
+    given = torch.as_tensor(poses)
+    crops, kp_crop, affine, ok = refiner.prepare(images, index, given, given)
+    h, w = CFG.input_size
+    for n, b in enumerate(index):
+        plain = codec.warp_crops(images[b].double()[None] / 255, torch.zeros(1, dtype=torch.long), affine[n:n + 1],
+                                 (h, w))
+        np.testing.assert_allclose(crops[n].numpy(), plain[0].numpy(), atol=2e-5)  # float32 sampling grid
+    present = poses[..., 2] > 0
+    np.testing.assert_allclose(refiner.back(kp_crop[..., :2].double(), affine)[present], poses[..., :2][present],
+                               atol=1e-3)
+    assert ok.all()
+
+
 def test_refine_images_reports_progress_and_keeps_order(refiner):
     _, results, paths = _sample()
     jobs, seen = [], []
@@ -131,3 +153,31 @@ def test_a_damaged_png_is_refused_not_crashing_the_process(tmp_path):
             f"try:\n    decode({str(damaged)!r})\nexcept InputError as e:\n    print(e); sys.exit(3)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 3 and "damaged.png: image:" in r.stdout, (r.returncode, r.stdout, r.stderr[-500:])
+
+
+def test_refine_images_fills_every_call_but_the_last(refiner):
+    """Persons of consecutive images share calls, an image's persons split between two when needed; the
+    results are those of refining each image alone, yielded in order."""
+    rng = np.random.default_rng(2)
+    picture = torch.from_numpy(rng.integers(0, 256, (3, 80, 100), dtype=np.uint8))
+    counts = [3, 0, 11, 1, 20, 2, 0, 5]  # 42 persons; batch size 8
+    jobs = [(f"im{n}", picture, np.concatenate([rng.uniform(10, 70, (c, 17, 2)), np.ones((c, 17, 1))], axis=-1))
+            for n, c in enumerate(counts)]
+    calls = []
+    plain = refiner.refine
+
+    def spy(images, index, poses, crop_poses=None):
+        calls.append(len(poses))
+        return plain(images, index, poses, crop_poses)
+
+    refiner.refine = spy
+    try:
+        out = list(refine_images(refiner, iter(jobs), lookahead=2))
+    finally:
+        del refiner.refine
+    assert calls == [8, 8, 8, 8, 8, 2]
+    assert [key for key, _, _ in out] == [key for key, _, _ in jobs]
+    for (_, xy, conf), (_, _, poses) in zip(out, jobs):
+        alone_xy, alone_conf = refiner.refine([picture], np.zeros(len(poses), dtype=np.int64), poses)
+        np.testing.assert_allclose(xy, alone_xy, atol=1e-3)
+        np.testing.assert_allclose(conf, alone_conf, atol=1e-5)
