@@ -350,7 +350,7 @@ def main():
         (f"refine {done:,} persons on {run['images_refined']:,} images", run["refine_s"],
          f"{rate:.1f} persons/s; {steady:.1f} after the first batch ({p1} persons, {t1:.1f} s)"),
         ("  in Refiner.refine (crops, heatmaps, model)", run["refine_calls_s"],
-         f"{len(run['batches'])} batches of whole images, {done / len(run['batches']):.1f} persons on average "
+         f"{len(run['batches'])} model calls (full batches but the last), {done / len(run['batches']):.1f} persons on average "
          + f"(at most {args.batch_size})"),
         ("  elsewhere (waiting for decoded images...)", run["refine_s"] - run["refine_calls_s"],
          f"decoding takes {dec_ms:.1f} ms/image on one thread, in {args.workers} threads beside the model"),
