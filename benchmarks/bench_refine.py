@@ -85,7 +85,7 @@ def batch_jobs(jobs, persons: int, start: int = 0):
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, sync) -> float:
     """Measured FLOP/s of a large square matrix product in ``dtype`` (best of a few)."""
-    n = 8192 if device.type == "cuda" else 2048
+    n = 8192 if device.type == "cuda" else 4096
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
