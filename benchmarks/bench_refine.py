@@ -14,7 +14,8 @@ after each):
   back     refined coordinates to the host and through each crop's affine back into image pixels.
 
 ``serial/s`` is persons over the four stages' sum; ``piped/s`` is what ``refine_images`` (the offline
-path: decoding in background threads while the model runs) delivers over many batches. ``floor/s`` is the
+path: decoding in ``--workers`` background threads while the model runs) delivers over many batches; on a
+fast GPU, JPEG decoding on the CPU (about 1.7 ms per 640×480 image per core) can bound it. ``floor/s`` is the
 arithmetic limit: the device's measured matrix-multiply peak in the variant's dtype over the model's
 multiply-adds per person (counted by torch's FlopCounterMode); ``of floor`` is piped/s over it.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -148,12 +150,13 @@ def stage_times(refiner: Refiner, jobs, sync, repeat: int) -> dict:
     return best
 
 
-def piped_rate(refiner: Refiner, jobs, seconds: float, batches: int) -> float:
+def piped_rate(refiner: Refiner, jobs, seconds: float, batches: int, workers: int) -> float:
     """Persons/s of ``refine_images`` over at least ``batches`` batches or ``seconds`` s, whichever is more."""
     total = refiner.batch_size * batches
     stream = batch_jobs(jobs, total, start=3)
     done, t0 = 0, time.perf_counter()
-    for _, xy, _ in refine_images(refiner, ((n, p, poses) for n, (p, poses) in enumerate(stream))):
+    for _, xy, _ in refine_images(refiner, ((n, p, poses) for n, (p, poses) in enumerate(stream)), workers=workers,
+                                  lookahead=4 * workers):
         done += len(xy)
         if done >= total and time.perf_counter() - t0 >= seconds:
             break
@@ -170,6 +173,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=None, help="timed repeats per stage (default 2 CPU, 10 GPU)")
     ap.add_argument("--piped-seconds", type=float, default=None, help="at least this long per piped figure "
                     "(default 0 on a CPU: 2 batches; 5 s on a GPU)")
+    ap.add_argument("--workers", type=int, default=None, help="image decoding threads of the piped figure "
+                    "(default 2 on a CPU, as posefix refine; every core on a GPU, where decoding can bound it)")
     ap.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc as it is (the posefix "
                     "command keeps freed memory for reuse: posefix.runtime.keep_freed_memory)")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "refine.json"))
@@ -183,9 +188,11 @@ def main():
     repeat = args.repeat or (10 if gpu else 2)
     piped_seconds = args.piped_seconds if args.piped_seconds is not None else (5.0 if gpu else 0.0)
     sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes]
+    workers = args.workers or ((os.cpu_count() or 2) if gpu else 2)
     jobs = sample_jobs()
     info = machine(args.device)
     info["keep_freed_memory"] = kept
+    info["decode_workers"] = workers
     peaks = {"fp32": matmul_peak(device, torch.float32, sync)}
     if any(VARIANTS[v][0] == "bf16" for v in variants):
         peaks["bf16"] = matmul_peak(device, torch.bfloat16, sync)
@@ -204,9 +211,11 @@ def main():
                     try:
                         refiner = build(backbone, size, variant, device, n)
                         if macs is None:
-                            macs = flops_per_person(refiner.model, size, device)
+                            plain = PoseFixNet(ModelConfig(backbone=backbone, input_size=size)).to(device).eval()
+                            macs = flops_per_person(plain, size, device)
+                            del plain
                         times = stage_times(refiner, batch_jobs(jobs, n), sync, repeat)
-                        piped = piped_rate(refiner, jobs, piped_seconds, 2 if not gpu else 8)
+                        piped = piped_rate(refiner, jobs, piped_seconds, 2 if not gpu else 8, workers)
                     except Exception as e:  # noqa: BLE001 (a variant that does not hold up is reported)
                         row["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
                         rows.append(row)
