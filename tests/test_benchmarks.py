@@ -1,0 +1,48 @@
+"""The rendering, refinement and offline benchmarks run end to end on tiny settings, and their reports
+hold what their tables print: checked numbers, not a timing target."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _run(script, *args, tmp_path):
+    out = tmp_path / f"{script}.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args, "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_bench_render(tmp_path):
+    report, stdout = _run("bench_render.py", "--batches", "1", "3", "--no-model", tmp_path=tmp_path)
+    assert [(r["size"], r["batch"]) for r in report["rows"]] == [([384, 288], 1), ([384, 288], 3),
+                                                                  ([256, 192], 1), ([256, 192], 3)]
+    for row in report["rows"]:
+        assert row["stem_max_abs_diff"] < 1e-4  # the fused stem against render-then-convolve
+        assert row["speedup_reused"] == row["port_ms"] / row["reused_ms"] > 0
+    assert "384x288" in stdout
+
+
+def test_bench_refine(tmp_path):
+    report, _ = _run("bench_refine.py", "--backbones", "resnet18", "--sizes", "64x64", "--batches", "3",
+                     "--variants", "fp32", "rendered", "--repeat", "1", tmp_path=tmp_path)
+    rows = report["rows"]
+    assert [r["variant"] for r in rows] == ["fp32", "rendered"] and not any("failed" in r for r in rows)
+    for r in rows:
+        assert r["serial_per_s"] > 0 and r["piped_per_s"] > 0 and r["floor_per_s"] > 0
+        assert abs(r["serial_per_s"] - 3 / sum(r[f"{k}_ms"] * 3e-3 for k in ("decode", "crop", "model", "back"))) \
+            < 1e-6 * r["serial_per_s"]
+    assert rows[0]["gmac_per_person"] == rows[1]["gmac_per_person"] > 0
+
+
+def test_bench_offline(tmp_path):
+    report, _ = _run("bench_offline.py", "--instances", "300", "--backbone", "resnet18", "--input-size", "64",
+                     "64", "--batch-size", "16", "--seconds", "0", tmp_path=tmp_path)
+    run = report["refine"]
+    assert report["generation"]["instances"] == run["persons"] == run["persons_refined"] == 300  # --seconds 0: all
+    assert run["complete"] and not report["wall"]["projected"]
+    assert report["wall"]["coco_val_projected"]  # 300 persons scaled to a COCO val pass
+    assert run["batches"][-1][1] == 300  # persons done after the last model call
