@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from common import machine, timed, write
 from posefix import codec
 from posefix.model import ModelConfig, PoseFixNet
+from posefix.runtime import keep_freed_memory
 
 
 def port_way(kp: np.ndarray, size, sigma, device):
@@ -65,15 +66,19 @@ def main():
                     help="batches that also time the R-50 forward (default: all on a GPU, up to 16 on a CPU)")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "render.json"))
     ap.add_argument("--no-model", action="store_true", help="skip the R-50 columns")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="as posefix refine and train run: freed memory reused, not faulted in afresh")
     args = ap.parse_args()
+    kept = keep_freed_memory() if args.keep_freed_memory else False
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     model_batches = args.model_batches or [n for n in args.batches if device.type == "cuda" or n <= 16]
     rng = np.random.default_rng(0)
     info = machine(args.device)
+    info["keep_freed_memory"] = kept
     rows = []
-    print(f"device {device} ({info.get('gpu', info['processor'])}, {info['torch_threads']} threads); ms per person; "
-          "speed-ups are the port's time over each")
+    print(f"device {device} ({info.get('gpu', info['processor'])}, {info['torch_threads']} threads"
+          f"{', freed memory kept' if kept else ''}); ms per person; speed-ups are the port's time over each")
     print(f"{'size':>8} {'batch':>5} | {'port':>7} {'loop':>7} {'dense':>7} {'reused':>7} {'factors':>7} | "
           f"{'×loop':>6} {'×dense':>6} {'×reused':>7} {'×factors':>8} | {'stem plain':>10} {'fused':>6} | "
           f"{'R-50':>7} {'dense %':>7} {'factors %':>9}")
