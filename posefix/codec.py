@@ -23,6 +23,7 @@ their dtype unless a dtype is given (soft_argmax: at least float32), and keeps t
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -49,10 +50,10 @@ def _valid(keypoints: Tensor) -> Tensor:
     return (keypoints[..., 2] > 0) & torch.isfinite(keypoints[..., :2]).all(-1)
 
 
-def _gaussian_1d(centre: Tensor, length: int, scale: Tensor) -> Tensor:
-    """exp(scale · (i - centre)²) for i in 0..length-1: centre, scale (N, K) → (N, K, length)."""
+def _gaussian_1d(centre: Tensor, length: int, scale: Tensor | float) -> Tensor:
+    """exp(scale · (i - centre)²) for i in 0..length-1: centre (N, K), scale a float or (N, K) → (N, K, length)."""
     grid = torch.arange(length, dtype=centre.dtype, device=centre.device)
-    return torch.exp((grid - centre[..., None]) ** 2 * scale[..., None])
+    return torch.exp((grid - centre[..., None]) ** 2 * (scale[..., None] if isinstance(scale, Tensor) else scale))
 
 
 def gaussian_axes(keypoints: Tensor, size: tuple[int, int], sigma: float | Tensor) -> tuple[Tensor, Tensor]:
@@ -66,8 +67,10 @@ def gaussian_axes(keypoints: Tensor, size: tuple[int, int], sigma: float | Tenso
     work = _work_dtype(keypoints.dtype)
     valid = _valid(keypoints)  # (N, K)
     xy = torch.where(valid[..., None], keypoints[..., :2], 0).to(work)  # (N, K, 2)
-    sigma = torch.as_tensor(sigma, dtype=work, device=keypoints.device)
-    scale = (-0.5 / sigma ** 2).expand(valid.shape)  # (N, K)
+    if isinstance(sigma, Tensor):
+        scale = (-0.5 / sigma.to(work, copy=False) ** 2).to(keypoints.device).expand(valid.shape)  # (N, K)
+    else:
+        scale = -0.5 / float(sigma) ** 2  # a plain number: nothing is copied to the device, nothing waits on it
     gx = _gaussian_1d(xy[..., 0], width, scale)  # (N, K, W)
     gy = _gaussian_1d(xy[..., 1], height, scale) * valid[..., None]  # (N, K, H)
     return gy, gx
@@ -166,8 +169,10 @@ def soft_argmax(logits: Tensor) -> tuple[Tensor, Tensor]:
     prob = torch.softmax(logits.to(work).flatten(-2), dim=-1).unflatten(-1, (height, width))  # (N, K, H, W)
     xs = torch.arange(width, dtype=work, device=logits.device)
     ys = torch.arange(height, dtype=work, device=logits.device)
-    x = prob.sum(-2) @ xs  # column marginal (N, K, W) → (N, K)
-    y = prob.sum(-1) @ ys  # row marginal (N, K, H) → (N, K)
+    # Products and sums, not matmul: autocast would run a matmul in bf16 and round the coordinates to its
+    # 8-bit mantissa (2 px steps above 256).
+    x = (prob.sum(-2) * xs).sum(-1)  # column marginal (N, K, W) → (N, K)
+    y = (prob.sum(-1) * ys).sum(-1)  # row marginal (N, K, H) → (N, K)
     return torch.stack([x, y], -1), prob
 
 
@@ -258,49 +263,75 @@ def _to_grid_sample(affine: Tensor, image_size: tuple[int, int]) -> Tensor:
     With align_corners=False, x ↦ (2x + 1) / Wi - 1 and y ↦ (2y + 1) / Hi - 1.
     """
     image_h, image_w = image_size
-    scale = affine.new_tensor([[2 / image_w], [2 / image_h]])  # (2, 1)
-    offset = affine.new_tensor([[0, 0, 1 / image_w - 1], [0, 0, 1 / image_h - 1]])  # (2, 3)
-    return affine * scale + offset
+    x = affine[:, 0] * (2 / image_w)  # (N, 3); plain numbers: nothing is copied to the device
+    y = affine[:, 1] * (2 / image_h)
+    x[:, 2] += 1 / image_w - 1
+    y[:, 2] += 1 / image_h - 1
+    return torch.stack([x, y], 1)  # (N, 2, 3)
 
 
-def _group_by_image(image_index: Tensor, batch: int) -> list[tuple[int, Tensor]]:
-    """(image, indices of its persons) for every image that holds persons; one device sync."""
+def _group_by_image(image_index: Tensor, batch: int) -> list[tuple[int, slice | Tensor]]:
+    """(image, its persons) for every image that holds persons: a slice where they are consecutive, else
+    their indices. An index on the host is grouped there; one on a device costs one device sync."""
     order = torch.argsort(image_index, stable=True)
     present, counts = torch.unique_consecutive(image_index[order], return_counts=True)
-    present = present.tolist()
+    present, counts = present.tolist(), counts.tolist()
     if present and not (0 <= present[0] and present[-1] < batch):
         raise ValueError(f"image_index must lie in [0, {batch}) for a batch of {batch} images, "
                          f"got values from {present[0]} to {present[-1]}")
-    return list(zip(present, order.split(counts.tolist())))
+    groups = []
+    for image, persons in zip(present, order.split(counts)):
+        if persons.device.type == "cpu" and int(persons[-1]) - int(persons[0]) + 1 == len(persons):
+            persons = slice(int(persons[0]), int(persons[-1]) + 1)  # ascending (a stable sort): consecutive
+        groups.append((image, persons))
+    return groups
 
 
-def warp_crops(images: Tensor, image_index: Tensor, affine: Tensor, out_size: tuple[int, int],
+def warp_crops(images: Tensor | Sequence[Tensor], image_index: Tensor, affine: Tensor, out_size: tuple[int, int],
                fill: float | Sequence[float] | Tensor = 0.0) -> Tensor:
     """Bilinear crops: out[n, :, v, u] = images[image_index[n]] at image point affine[n] · (u, v, 1).
 
-    images: (B, C, Hi, Wi) floating; image_index: (N,) long; affine: (N, 2, 3) crop → image (``crop_affine``);
-    out_size: (H, W); fill: the value outside the image, a float or one per channel (C,). Returns (N, C, H, W)
-    in the images' dtype. Sampling is F.grid_sample(align_corners=False) with the pixel-centre convention, as if
-    the image were padded with fill (a non-zero fill is applied as sample(image - fill) + fill).
+    images: (B, C, Hi, Wi), or a sequence of B (C, Hi, Wi) images of any sizes, all on affine's device;
+    image_index: (N,) long; affine: (N, 2, 3) crop → image (``crop_affine``); out_size: (H, W); fill: the value
+    outside the image, a float or one per channel (C,). Returns (N, C, H, W) in the images' floating dtype
+    (float32 for integer images such as decoded uint8 ones). Sampling is F.grid_sample(align_corners=False) with
+    the pixel-centre convention, as if the image were padded with fill (a non-zero fill is applied as
+    sample(image - fill) + fill).
 
     Persons are grouped by image and each image is sampled once for all its persons (one grid_sample call per
     distinct image, its persons' grids stacked along the grid's height), so no image is copied per person. The
     allocations are the output, and per image one group's grid and crops (plus one copy of the image when fill
-    is non-zero or the image is bf16/fp16: those are sampled in float32, since their grids would be too coarse).
-    Reading image_index synchronises with the device once per call.
+    is non-zero, the image is bf16/fp16, or it is an integer image: those are sampled in float32, since their
+    grids would be too coarse). With image_index on the host and fill a number or a sequence, nothing is read
+    back from the device and nothing is copied to it: the call only queues work. An image_index on the device
+    is read once.
     """
-    batch, channels, image_h, image_w = images.shape
+    stacked = isinstance(images, Tensor)
+    batch = images.shape[0] if stacked else len(images)
+    channels = images.shape[1] if stacked else images[0].shape[0]
+    dtype = images.dtype if stacked else images[0].dtype
+    device = affine.device
     height, width = out_size
-    work = _work_dtype(images.dtype)
-    to_grid = _to_grid_sample(affine.to(work), (image_h, image_w))  # (N, 2, 3)
-    fill = torch.as_tensor(fill, dtype=work, device=images.device).reshape(1, -1, 1, 1)  # (1, C or 1, 1, 1)
-    blend = bool((fill != 0).any())
-    out = images.new_empty(len(image_index), channels, height, width)  # (N, C, H, W)
+    work = _work_dtype(dtype)
+    affine = affine.to(work)
+    if isinstance(fill, Tensor):
+        fill = fill.to(device=device, dtype=work).reshape(1, -1, 1, 1)  # (1, C or 1, 1, 1)
+        blend = bool((fill != 0).any())
+    else:
+        values = torch.as_tensor(fill, dtype=torch.float64).reshape(-1).tolist()  # on the host
+        blend = any(v != 0 for v in values)
+        if blend:
+            fill = torch.tensor(values, dtype=work).reshape(1, -1, 1, 1).to(device)  # (1, C or 1, 1, 1)
+    out = torch.empty(len(image_index), channels, height, width, dtype=dtype if dtype.is_floating_point else work,
+                      device=device)  # (N, C, H, W)
     for b, persons in _group_by_image(image_index, batch):
-        image = images[b:b + 1].to(work)  # (1, C, Hi, Wi), a view when already in the work dtype
-        grid = _crop_grid(to_grid[persons], out_size).reshape(1, -1, width, 2)  # (1, n*H, W, 2)
-        crops = F.grid_sample(image - fill if blend else image, grid, mode="bilinear", padding_mode="zeros",
-                              align_corners=False)  # (1, C, n*H, W)
+        if isinstance(persons, Tensor) and persons.device != device:  # not consecutive: their indices, sent once
+            persons = (persons.pin_memory() if device.type == "cuda" else persons).to(device, non_blocking=True)
+        image = images[b:b + 1] if stacked else images[b][None]
+        image = image.to(work)  # (1, C, Hi, Wi), a view when already in the work dtype
+        grid = _crop_grid(_to_grid_sample(affine[persons], image.shape[-2:]), out_size)  # (n, H, W, 2)
+        crops = F.grid_sample(image - fill if blend else image, grid.reshape(1, -1, width, 2), mode="bilinear",
+                              padding_mode="zeros", align_corners=False)  # (1, C, n*H, W)
         if blend:
             crops.add_(fill)
         out[persons] = crops.reshape(channels, -1, height, width).transpose(0, 1).to(out.dtype)  # (n, C, H, W)
@@ -315,10 +346,23 @@ def flip_keypoints(keypoints: Tensor, width: float | Tensor,
     pixels, a float or (N,); pairs: the left/right index pairs. Returns (N, K, 2+). Applying it twice is the
     identity, and it matches torch.flip(image, [-1]) under the pixel-centre convention.
     """
-    partner = list(range(keypoints.shape[-2]))
+    swapped = swap_partners(keypoints, -2, pairs)  # (N, K, 2+)
+    if isinstance(width, Tensor):
+        width = width.to(keypoints.device, keypoints.dtype)
+        width = width[..., None] if width.ndim else width
+    x = width - 1 - swapped[..., 0]  # (N, K)
+    return torch.cat([x[..., None], swapped[..., 1:]], -1)
+
+
+def swap_partners(t: Tensor, dim: int, pairs: Sequence[tuple[int, int]] = FLIP_PAIRS) -> Tensor:
+    """``t`` with the left/right entries of each pair swapped along ``dim`` (joints)."""
+    return t.index_select(dim, _partner_index(t.shape[dim], tuple(map(tuple, pairs)), t.device))
+
+
+@functools.lru_cache(maxsize=64)
+def _partner_index(k: int, pairs: tuple[tuple[int, int], ...], device: torch.device) -> Tensor:
+    """The joint permutation of a mirror, made once per device (a fresh index would be a copy to it per call)."""
+    partner = list(range(k))
     for a, b in pairs:
         partner[a], partner[b] = b, a
-    swapped = keypoints[..., partner, :]  # (N, K, 2+)
-    width = torch.as_tensor(width, dtype=keypoints.dtype, device=keypoints.device)
-    x = (width[..., None] if width.ndim else width) - 1 - swapped[..., 0]  # (N, K)
-    return torch.cat([x[..., None], swapped[..., 1:]], -1)
+    return torch.tensor(partner, device=device)

@@ -7,17 +7,16 @@ refinement is the same number wherever it is asked for.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from synth.exceptions import InputError
-from synth.keypoints import PARTNER
 
 from . import codec
 from .model import ModelConfig, PoseFixNet
-
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -42,8 +41,7 @@ class Refiner:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", batch_size: int = 64,
                         flip_test: bool = False, precision: str = "fp32", channels_last: bool = False) -> Refiner:
-        if device == "cuda" and not torch.cuda.is_available():
-            raise InputError("--device", "cuda was asked for but no CUDA device is available")
+        device = check_device(device)
         model = load_weights(path)
         return cls(model, device, batch_size, flip_test, precision, channels_last)
 
@@ -85,15 +83,24 @@ class Refiner:
         ok = (kp[..., 2] > 0).any(-1).numpy() & (around[..., 2] > 0).any(-1).numpy()
         center, size = codec.center_scale(codec.box_from_keypoints(around), aspect=w / h)
         affine = codec.crop_affine(center, size, (h, w))  # (P, 2, 3) crop → image
-        crops = torch.zeros((kp.shape[0], 3, h, w), device=self.device)
-        for img in np.unique(image_index):
-            sel = np.flatnonzero(image_index == img)
-            picture = images[img].to(self.device, non_blocking=True).float()[None]
-            crops[sel] = codec.warp_crops(picture, torch.zeros(sel.size, dtype=torch.long, device=self.device),
-                                          affine[sel].float().to(self.device), (h, w))
-        crops.div_(255)  # sampling is linear: scaling the crops equals scaling each whole image first
         kp_crop = torch.cat([codec.apply_affine(kp, codec.invert_affine(affine)), kp[..., 2:]], dim=-1)
-        return crops, kp_crop.float().to(self.device), affine, ok
+        # Everything the device needs goes in two copies and the used images; nothing is read back before the
+        # model's output, so on a GPU the host only queues work (pinned sources make the copies asynchronous).
+        used, local = np.unique(image_index, return_inverse=True)
+        pictures = [self._to_device(images[i]) for i in used]
+        crops = codec.warp_crops(pictures, torch.from_numpy(local.reshape(-1)), self._to_device(affine.float()), (h, w))
+        crops.div_(255)  # sampling is linear: scaling the crops equals scaling each whole image first
+        return crops, self._to_device(kp_crop.float()), affine, ok
+
+    def stage(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor made ready for this refiner's device: pinned where that is a GPU (an asynchronous copy
+        then, that waits for nothing), as it is elsewhere. Decoding threads call it, off the model's thread."""
+        if self.device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+            return t.pin_memory()
+        return t
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        return self.stage(t).to(self.device, non_blocking=True)
 
     def infer(self, crops, kp_crop):
         """The model on prepared crops: refined coords (P, K, 2) float64 in crop pixels and confidence (P, K),
@@ -101,20 +108,36 @@ class Refiner:
         w = self.cfg.input_size[1]
         if self.channels_last:
             crops = crops.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
+        with autocast:
             out = self.model(crops, keypoints=kp_crop)
             coords = out["coords"].double()
             conf = torch.sigmoid(out["confidence_logit"].float())
             if self.flip_test:
                 out_f = self.model(crops.flip(-1), keypoints=codec.flip_keypoints(kp_crop, w))
                 coords = (coords + codec.flip_keypoints(out_f["coords"].double(), w)) / 2
-                conf = (conf + torch.sigmoid(out_f["confidence_logit"].float())[:, PARTNER.tolist()]) / 2
+                conf = (conf + codec.swap_partners(torch.sigmoid(out_f["confidence_logit"].float()), 1)) / 2
         return coords, conf
 
     @staticmethod
     def back(coords, affine) -> np.ndarray:
         """Crop-pixel coords (P, K, 2) on the device → image pixels (P, K, 2), a numpy array."""
         return codec.apply_affine(coords.cpu(), affine).numpy()
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The device named by ``--device``, or an InputError saying why it cannot be used here."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError("--device", str(e).splitlines()[0]) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("--device", f"{device} was asked for but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError("--device", f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def export_weights(model: PoseFixNet, path: str | Path, metadata: dict) -> None:
@@ -171,9 +194,8 @@ def refine_images(refiner: Refiner, jobs, workers: int = 2, lookahead: int = 8, 
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    from .images import decode
-
     jobs = iter(jobs)
+    stage = getattr(refiner, "stage", _identity)
     with ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="posefix-decode") as pool:
         queue: deque[_Job] = deque()  # in the order of jobs, not yet yielded
 
@@ -182,7 +204,7 @@ def refine_images(refiner: Refiner, jobs, workers: int = 2, lookahead: int = 8, 
             if job is None:
                 return False
             key, source, poses = job
-            image = pool.submit(_identity, source) if isinstance(source, torch.Tensor) else pool.submit(decode, source)
+            image = pool.submit(_staged, stage, source)
             queue.append(_Job(key, image, np.asarray(poses, dtype=np.float64).reshape(-1, 17, 3)))
             return True
 
@@ -237,6 +259,13 @@ class _Job:
 
 def _identity(x):
     return x
+
+
+def _staged(stage, source):
+    """A job's image, decoded when it is a file, staged for the refiner's device."""
+    from .images import decode
+
+    return stage(source if isinstance(source, torch.Tensor) else decode(source))
 
 
 def refine_results(refiner: Refiner, results: list[dict], image_paths: dict) -> list[dict]:

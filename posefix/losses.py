@@ -29,7 +29,8 @@ def ks_to_truth(coords, target, area, sigmas=None):
 def refiner_loss(out: dict, target: torch.Tensor, valid: torch.Tensor, area: torch.Tensor,
                  confidence_weight: float = 0.1) -> tuple[torch.Tensor, dict]:
     """out: the model's outputs; target (N, K, 2) GT joints in input pixels; valid (N, K) bool;
-    area (N,) the persons' areas in input pixels². Returns the total loss and its parts (floats).
+    area (N,) the persons' areas in input pixels². Returns the total loss and its parts (detached scalar tensors:
+    reading one waits for the device, so a training loop reads them only when it logs).
 
     - ``heatmap``: softmax cross-entropy against the GT splatted bilinearly on its 4 neighbouring
       output pixels, over joints whose 4 neighbours lie in the grid;
@@ -49,4 +50,4 @@ def refiner_loss(out: dict, target: torch.Tensor, valid: torch.Tensor, area: tor
     bce = F.binary_cross_entropy_with_logits(out["confidence_logit"].float(), hit, reduction="none")
     conf = (bce * vmask).sum() / vmask.sum().clamp(min=1)
     total = heat + l1 + confidence_weight * conf
-    return total, {"heatmap": heat.item(), "coord": l1.item(), "confidence": conf.item()}
+    return total, {"heatmap": heat.detach(), "coord": l1.detach(), "confidence": conf.detach()}

@@ -271,7 +271,8 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
     """Request → batcher → response; every error becomes a status through :data:`STATUS`."""
 
     def __init__(self, batcher: DynamicBatcher, model_info: pb2.ModelInfo, limits: Limits, metrics: Metrics,
-                 decoder: ThreadPoolExecutor):
+                 decoder: ThreadPoolExecutor, stage=None):
+        self.stage = stage  # a decoded image → ready for the model's device (Refiner.stage), in the decoder's thread
         self.batcher = batcher
         self.model_info = model_info
         self.limits = limits
@@ -286,9 +287,13 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
         if len(native):
             kind = request.image.WhichOneof("data")
             convert = decode_encoded if kind == "encoded" else raw_to_tensor
-            image = await asyncio.get_running_loop().run_in_executor(self.decoder, convert,
+            image = await asyncio.get_running_loop().run_in_executor(self.decoder, self._decode, convert,
                                                                      getattr(request.image, kind))
         return _Request(image, layout, native, to_coco17(native, layout))
+
+    def _decode(self, convert, data) -> torch.Tensor:
+        image = convert(data)
+        return image if self.stage is None else self.stage(image)
 
     async def _refine(self, image, coco: np.ndarray, context) -> tuple[np.ndarray, np.ndarray]:
         return await self.batcher.refine(image, coco, timeout=context.time_remaining())
@@ -476,7 +481,8 @@ def create_server(refiner, host: str = "127.0.0.1", port: int = 0, *, max_batch_
         ("grpc.so_reuseport", 0),
     ])
     info = model_info(refiner, limits, batcher, model_version)
-    pb2_grpc.add_PoseRefinerServicer_to_server(PoseRefinerServicer(batcher, info, limits, metrics, decoder), server)
+    pb2_grpc.add_PoseRefinerServicer_to_server(PoseRefinerServicer(batcher, info, limits, metrics, decoder,
+                                                                   getattr(refiner, "stage", None)), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -532,19 +538,14 @@ def serve_main(args: argparse.Namespace) -> int:
     finish once stopping) and drain_s (0: seconds to go on taking calls with health NOT_SERVING before
     that). Bad values raise InputError naming the option.
     """
-    from .engine import Refiner
+    from .engine import Refiner, check_device
 
     grace_s, drain_s = getattr(args, "grace_s", 10.0), getattr(args, "drain_s", 0.0)
     flip_test = bool(getattr(args, "flip_test", False))
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch_device = torch.device(device)
-    except RuntimeError as e:
-        raise InputError("--device", str(e).splitlines()[0]) from None
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device", f"{device}: CUDA is not available")
+    check_device(device)
     if args.max_batch_size < 1:
         raise InputError("--max-batch-size", f"must be >= 1, got {args.max_batch_size}")
     for name, value in (("--grace-s", grace_s), ("--drain-s", drain_s)):

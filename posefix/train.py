@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -29,13 +30,17 @@ from .evaluate import calibration, refine_synthesized
 from .losses import refiner_loss
 from .model import PoseFixNet, load_pretrained
 
+DISTRIBUTED_TIMEOUT = timedelta(hours=2)
+
 
 def _setup_distributed(device_kind: str):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, 0
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    # Rank 0 validates and exports alone while the others wait in their next collective: a full COCO val
+    # pass can outlast the default 10-minute collective timeout.
+    dist.init_process_group("nccl" if device_kind == "cuda" else "gloo", timeout=DISTRIBUTED_TIMEOUT)
     return rank, world, local
 
 
@@ -160,8 +165,9 @@ def _loop(cfg, model, ddp, optimizer, scheduler, loader, device, bf16, channels_
         inp = batch["input"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             result = ddp(image, keypoints=inp)
-        loss, parts = refiner_loss(result, batch["target"].to(device), batch["target_valid"].to(device),
-                                   batch["area"].to(device), t.confidence_weight)
+        loss, parts = refiner_loss(result, batch["target"].to(device, non_blocking=True),
+                                   batch["target_valid"].to(device, non_blocking=True),
+                                   batch["area"].to(device, non_blocking=True), t.confidence_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -173,7 +179,8 @@ def _loop(cfg, model, ddp, optimizer, scheduler, loader, device, bf16, channels_
             if step % t.log_every == 0 or step == t.max_steps:
                 now = time.perf_counter()
                 rate = seen / max(now - tick, 1e-9)
-                _log(metrics, {"event": "train", "step": step, "loss": loss.item(), **parts,
+                _log(metrics, {"event": "train", "step": step, "loss": loss.item(),
+                               **{k: v.item() for k, v in parts.items()},
                                "lr": scheduler.get_last_lr()[0], "samples_per_s": rate})
                 bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{rate:.1f}")
                 tick, seen = now, 0

@@ -255,6 +255,20 @@ def test_soft_argmax_low_precision_computes_in_float32(dtype):
     np.testing.assert_allclose(coords.numpy(), _soft_argmax_loop(logits.float()), atol=1e-4)
 
 
+def test_soft_argmax_under_autocast_keeps_float32_coordinates():
+    """Under bf16 autocast (as ``--precision bf16`` runs the model) the expectation is not rounded to bf16:
+    the coordinates equal the float32 ones, on a map large enough that bf16 steps would be whole pixels."""
+    logits = torch.randn(2, 17, 96, 72, generator=torch.Generator().manual_seed(0)) * 3
+    logits[..., 60:, 50:] += 6  # mass far from the origin: x near 60, y near 80, where bf16 steps are 0.25-0.5
+    plain, _ = soft_argmax(logits)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        coords, prob = soft_argmax(logits.bfloat16())
+    assert coords.dtype == prob.dtype == torch.float32
+    reference = soft_argmax(logits.bfloat16().float())[0]  # the same bf16 logits, computed without autocast
+    np.testing.assert_allclose(coords.numpy(), reference.numpy(), atol=1e-4)
+    assert (plain - reference).abs().max() < 0.5  # and the logits' own bf16 rounding moves them little
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_render_then_soft_argmax_recovers_the_point(dtype):
     size, sigma = (24, 20), 1.0
@@ -389,6 +403,27 @@ def test_warp_crops_follows_the_images_dtype(dtype, tol):
     assert crops.dtype == dtype
     expected = _warp_loop(images.to(dtype), image_index, affine, (6, 5), 0.5)
     np.testing.assert_allclose(crops.double().numpy(), expected, atol=tol)
+
+
+@pytest.mark.parametrize("fill", [0.0, (0.25, -1.0)])
+def test_warp_crops_of_images_of_several_sizes(fill):
+    """A list of images of their own sizes (uint8 as decoded, or floating) equals warping each one alone."""
+    rng = np.random.default_rng(3)
+    sizes = ((13, 17), (9, 21), (16, 8))
+    images = [torch.from_numpy(rng.integers(0, 256, (2, h, w), dtype=np.uint8)) for h, w in sizes]
+    center, size, rotation = _random_crops(3, 7)
+    affine = crop_affine(center * torch.tensor([0.17, 0.13], dtype=F64), size * 0.2, (6, 5), rotation)
+    image_index = torch.tensor([2, 0, 0, 1, 2, 2, 0])
+    crops = warp_crops(images, image_index, affine, (6, 5), fill)
+    assert crops.shape == (7, 2, 6, 5) and crops.dtype == torch.float32
+    for b, image in enumerate(images):
+        sel = image_index == b
+        alone = torch.zeros(int(sel.sum()), dtype=torch.long)
+        expected = _warp_loop(image[None].double(), alone, affine[sel], (6, 5), fill)
+        np.testing.assert_allclose(crops[sel].double().numpy(), expected, atol=2e-3)
+    floating = warp_crops([im.double() for im in images], image_index, affine, (6, 5), fill)
+    assert floating.dtype == F64
+    np.testing.assert_allclose(floating.numpy(), crops.double().numpy(), atol=2e-3)
 
 
 def test_warp_crops_of_a_drawn_point_lands_where_the_affine_predicts():

@@ -4,6 +4,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from posefix import SAMPLE_DIR
 from posefix.cli import main
@@ -181,3 +183,73 @@ def test_refine_images_fills_every_call_but_the_last(refiner):
         alone_xy, alone_conf = refiner.refine([picture], np.zeros(len(poses), dtype=np.int64), poses)
         np.testing.assert_allclose(xy, alone_xy, atol=1e-3)
         np.testing.assert_allclose(conf, alone_conf, atol=1e-5)
+
+
+class _Transfers(TorchDispatchMode):
+    """Every operation that moves data between devices, or reads a value out of a tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.log = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = {t.device.type for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
+        outputs = {t.device.type for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)}
+        if len(inputs) > 1 or (inputs and outputs and inputs != outputs):
+            self.log.append((func.__name__, sorted(inputs), sorted(outputs), kwargs.get("non_blocking", False)))
+        elif func.__name__.startswith("_local_scalar_dense") and inputs != {"cpu"}:
+            self.log.append((func.__name__, sorted(inputs), [], False))
+        return out
+
+
+@pytest.mark.parametrize("flip_test", [False, True])
+@pytest.mark.parametrize("index", [[0, 0, 1, 1, 1], [0, 1, 0, 1, 1]])
+def test_the_device_is_only_given_work_until_the_results_come_back(flip_test, index):
+    """Cropping, rendering and the model read nothing back from the device and copy to it only the used
+    images, the affines and the poses, each asynchronously: on a GPU the host queues a whole batch without
+    waiting. Checked on PyTorch's meta device (shapes without data), where any read of a value would raise
+    and every copy to it is seen; the crops and poses equal the CPU's."""
+    model = PoseFixNet(CFG)
+    rng = np.random.default_rng(0)
+    images = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in ((120, 160), (90, 70))]
+    images.append(torch.zeros(3, 10, 10, dtype=torch.uint8))  # an image without persons is not copied
+    poses = torch.as_tensor(np.concatenate([rng.uniform(10, 60, (5, 17, 2)), np.ones((5, 17, 1))], -1))
+    index = np.array(index)
+    cpu = Refiner(model, "cpu", flip_test=flip_test).prepare(images, index, poses, poses)
+    meta = Refiner(PoseFixNet(CFG), "meta", flip_test=flip_test)
+    with torch.no_grad(), _Transfers() as seen:
+        crops, kp_crop, affine, ok = meta.prepare(images, index, poses, poses)
+        coords, conf = meta.infer(crops, kp_crop)
+    assert crops.device.type == kp_crop.device.type == coords.device.type == conf.device.type == "meta"
+    assert coords.shape == (5, 17, 2) and conf.shape == (5, 17)
+    copies = [entry for entry in seen.log if entry[:3] == ("_to_copy.default", ["cpu"], ["meta"])]
+    assert copies == seen.log  # no implicit transfer, no value read back
+    assert all(non_blocking for *_, non_blocking in copies)
+    consecutive = index.tolist() == sorted(index.tolist())
+    assert len(copies) == 2 + 2 + (0 if consecutive else 2)  # images, affines + poses, indices of scattered persons
+    assert crops.shape == cpu[0].shape and kp_crop.shape == cpu[1].shape
+    torch.testing.assert_close(affine, cpu[2], rtol=0, atol=0)
+    np.testing.assert_array_equal(ok, cpu[3])
+
+
+def test_devices_that_cannot_be_used_are_named(tmp_path, capsys):
+    from posefix.engine import check_device, export_weights
+
+    assert check_device("cpu") == torch.device("cpu")
+    with pytest.raises(InputError, match="--device"):
+        check_device("gpu0")
+    missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(InputError, match="--device.*(no CUDA device|cuda:0 to)"):
+        check_device(missing)
+    weights = tmp_path / "model.safetensors"
+    export_weights(PoseFixNet(CFG), weights, {})
+    with pytest.raises(InputError, match="--device"):
+        Refiner.from_checkpoint(weights, missing)
+    if not torch.cuda.is_available():  # the command line names the device in one line and writes nothing
+        out = tmp_path / "out.json"
+        code = main(["refine", "--checkpoint", str(weights), "--images", str(SAMPLE_DIR / "images"), "--input",
+                     str(RESULTS), "--out", str(out), "--device", "cuda"])
+        err = capsys.readouterr().err.strip()
+        assert code != 0 and "--device" in err and len(err.splitlines()) == 1 and not out.exists()

@@ -75,7 +75,9 @@ def test_loss_parts_respect_the_mask():
     out = model(image, heat)
     none = torch.zeros(2, 17, dtype=torch.bool)
     loss, parts = refiner_loss(out, kp[..., :2], none, torch.full((2,), 900.0))
-    assert loss.item() == 0 and parts == {"heatmap": 0.0, "coord": 0.0, "confidence": 0.0}
+    assert all(not v.requires_grad and v.ndim == 0 for v in parts.values())  # read only when logged
+    assert loss.item() == 0 and {k: v.item() for k, v in parts.items()} == {"heatmap": 0.0, "coord": 0.0,
+                                                                            "confidence": 0.0}
     _, near = refiner_loss(out, kp[..., :2], kp[..., 2] > 0, torch.full((2,), 900.0))
     _, far = refiner_loss(out, kp[..., :2] + 6.0, kp[..., 2] > 0, torch.full((2,), 900.0))
     assert far["coord"] > near["coord"] + 1 and far["heatmap"] > near["heatmap"]
@@ -204,7 +206,7 @@ def _perturbed(cfg, seed=0, head=0.1):
 
 def test_fused_stem_equals_the_rendered_path():
     """Tolerance of the fused stem in float32: logits within 1e-3, coordinates within 0.01 input pixels,
-    and the same gradients (within 1e-3 relative) for training."""
+    and the stem's gradients for training within 1e-4 (relative to their largest) of the plain path's in float64."""
     model = _perturbed(SMALL)
     image, kp, heat = _inputs(6, SMALL, seed=4)
     kp[0, 3] = torch.tensor([-30.0, 500.0, 1.0])  # a joint far outside the crop
@@ -220,15 +222,23 @@ def test_fused_stem_equals_the_rendered_path():
     assert (fused["logits"] - plain["logits"]).abs().max() < 1e-3
     assert (fused["coords"] - plain["coords"]).abs().max() < 0.01
     assert (fused["confidence_logit"] - plain["confidence_logit"]).abs().max() < 1e-4
-    model.train()
-    grads = []
-    for pose in ({"keypoints": kp}, {"heatmaps": heat}):
-        model.zero_grad()
-        out = model(image, **pose)
-        loss, _ = refiner_loss(out, kp[..., :2] + 2.0, kp[..., 2] > 0, torch.full((6,), 900.0))
+    # Gradients for training: the fused stem's in float32 against the plain path's in float64. (The plain
+    # path's own float32 stem gradient can be further off than this: its convolution backward over 3 + 17
+    # channels is torch's, with its own accumulation order.)
+    def stem_grad(dtype, pose):
+        net = _perturbed(SMALL).to(dtype).train()
+        points = kp.to(dtype)
+        given = {"keypoints": points} if pose == "keypoints" else {
+            "heatmaps": codec.render_heatmaps(points, SMALL.input_size, SMALL.sigma)}
+        out = net(image.to(dtype), **given)
+        loss, _ = refiner_loss(out, points[..., :2] + 2.0, points[..., 2] > 0, torch.full((6,), 900.0, dtype=dtype))
         loss.backward()
-        grads.append(model.backbone[0].weight.grad.clone())
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-3 * grads[1].abs().max().item())
+        return net.backbone[0].weight.grad.double()
+
+    reference = stem_grad(torch.float64, "heatmaps")
+    scale = reference.abs().max().item()
+    assert (stem_grad(torch.float64, "keypoints") - reference).abs().max() < 1e-5 * scale
+    assert (stem_grad(torch.float32, "keypoints") - reference).abs().max() < 1e-4 * scale
     with pytest.raises(ValueError, match="exactly one"):
         model(image, heat, keypoints=kp)
     with pytest.raises(ValueError, match="exactly one"):
