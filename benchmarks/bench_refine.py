@@ -11,7 +11,10 @@ after each):
   decode   the batch's JPEG files → uint8 tensors (torchvision.io, ``posefix.images.decode``);
   crop     boxes and affines from the input poses, bilinear crops on the device, poses into crop pixels;
   model    the refiner's forward pass (which renders the input pose: its 1-D Gaussian factors) and soft-argmax;
-  back     refined coordinates to the host and through each crop's affine back into image pixels.
+  back     refined coordinates to the host and through each crop's affine back into image pixels;
+  render   of the model's time, the part that renders the input pose, timed alone on the same batch: the 1-D
+           Gaussian factors (``codec.gaussian_axes``) for the fused-stem variants, the 17 full-resolution maps
+           (``codec.render_heatmaps``) for ``rendered``. It is inside ``model``, not added to the sum.
 
 ``serial/s`` is persons over the four stages' sum; ``piped/s`` is what ``refine_images`` (the offline
 path: decoding in ``--workers`` background threads while the model runs) delivers over many batches; on a
@@ -28,6 +31,7 @@ Defaults: on a CPU fp32, rendered and cl, batches 1 8 32; on a GPU every variant
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -35,10 +39,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import machine, write
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import machine, write
-from posefix import SAMPLE_DIR
+from posefix import SAMPLE_DIR, codec
 from posefix.engine import Refiner, refine_images
 from posefix.images import decode
 from posefix.model import ModelConfig, PoseFixNet
@@ -86,20 +90,27 @@ def batch_jobs(jobs, persons: int, start: int = 0):
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, sync) -> float:
-    """Measured FLOP/s of a large square matrix product in ``dtype`` (best of a few)."""
+    """Measured FLOP/s of a large square matrix product in ``dtype`` (best of a few). On a GPU a float32
+    product is timed with TF32 allowed, as cuDNN runs the model's float32 convolutions by default
+    (``torch.backends.cudnn.allow_tf32``): the floor is that of the arithmetic the model really gets."""
     n = 8192 if device.type == "cuda" else 4096
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(4):
-        if sync:
-            sync()
-        t0 = time.perf_counter()
-        for _ in range(10 if device.type == "cuda" else 2):
-            a @ b
-        if sync:
-            sync()
-        best = min(best, (time.perf_counter() - t0) / (10 if device.type == "cuda" else 2))
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32
+    try:
+        best = float("inf")
+        for _ in range(4):
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            for _ in range(10 if device.type == "cuda" else 2):
+                a @ b
+            if sync:
+                sync()
+            best = min(best, (time.perf_counter() - t0) / (10 if device.type == "cuda" else 2))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     return 2 * n ** 3 / best
 
 
@@ -119,12 +130,27 @@ def build(backbone, size, variant, device, batch_size):
     model.fused_stem = fused
     refiner = Refiner(model, device, batch_size=batch_size, precision=precision, channels_last=channels_last)
     if mode is not None:
+        torch._dynamo.reset()  # a fresh compilation per row: no recompile limit reached, no stale CUDA graphs
         refiner.model = torch.compile(refiner.model, mode=mode)
     return refiner
 
 
-def stage_times(refiner: Refiner, jobs, sync, repeat: int) -> dict:
-    """Best-of-``repeat`` seconds of each stage for one batch (after a warm-up)."""
+def render_seconds(refiner: Refiner, kp_crop: torch.Tensor, fused: bool, sync, repeat: int) -> float:
+    """Best-of-``repeat`` seconds of rendering one batch's input poses as the model does (after a warm-up)."""
+    cfg = refiner.cfg
+    render = codec.gaussian_axes if fused else codec.render_heatmaps
+    best = float("inf")
+    for _ in range(repeat + 1):
+        t0 = time.perf_counter()
+        render(kp_crop, cfg.input_size, cfg.sigma)
+        if sync:
+            sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def stage_times(refiner: Refiner, jobs, sync, repeat: int, fused: bool = True) -> dict:
+    """Best-of-``repeat`` seconds of each stage for one batch (after a warm-up); ``render`` is part of ``model``."""
     paths = [p for p, _ in jobs]
     poses = torch.as_tensor(np.concatenate([p for _, p in jobs]))
     index = np.concatenate([np.full(len(p), i) for i, (_, p) in enumerate(jobs)])
@@ -147,18 +173,23 @@ def stage_times(refiner: Refiner, jobs, sync, repeat: int) -> dict:
         t4 = time.perf_counter()
         for k, t in zip(best, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             best[k] = min(best[k], t)
+    with torch.no_grad():
+        best["render"] = render_seconds(refiner, kp_crop, fused, sync, repeat)
     return best
 
 
 def piped_rate(refiner: Refiner, jobs, seconds: float, batches: int, workers: int) -> float:
-    """Persons/s of ``refine_images`` over at least ``batches`` batches or ``seconds`` s, whichever is more."""
-    total = refiner.batch_size * batches
-    stream = batch_jobs(jobs, total, start=3)
-    done, t0 = 0, time.perf_counter()
-    for _, xy, _ in refine_images(refiner, ((n, p, poses) for n, (p, poses) in enumerate(stream)), workers=workers,
-                                  lookahead=4 * workers):
+    """Persons/s of ``refine_images`` over at least ``batches`` batches and at least ``seconds`` s, the first
+    batch (thread start-up, first decodes, allocator warm-up) left out of the count."""
+    stream = ((n, *jobs[(n + 3) % len(jobs)]) for n in itertools.count())  # the jobs, cycled without end
+    done, t0, first = 0, None, refiner.batch_size
+    for _, xy, _ in refine_images(refiner, stream, workers=workers, lookahead=4 * workers):
         done += len(xy)
-        if done >= total and time.perf_counter() - t0 >= seconds:
+        if t0 is None:
+            if done >= first:  # the first batch is done: count from here
+                done, t0 = 0, time.perf_counter()
+            continue
+        if done >= refiner.batch_size * batches and time.perf_counter() - t0 >= seconds:
             break
     return done / (time.perf_counter() - t0)
 
@@ -198,7 +229,8 @@ def main():
         peaks["bf16"] = matmul_peak(device, torch.bfloat16, sync)
     print(f"device {device} ({info.get('gpu', info['processor'])}, {info['torch_threads']} threads); "
           "matmul peak " + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in peaks.items()))
-    print(f"{'model':>16} {'variant':>18} {'batch':>5} | {'decode':>7} {'crop':>7} {'model':>8} {'back':>7} ms/person"
+    print(f"{'model':>16} {'variant':>18} {'batch':>5} | {'decode':>7} {'crop':>7} {'model':>8} {'back':>7} "
+          f"{'(render)':>8} ms/person"
           f" | {'serial/s':>8} {'piped/s':>8} | {'GMAC':>5} {'floor/s':>8} {'of floor':>8}")
     rows = []
     for backbone in args.backbones:
@@ -214,7 +246,7 @@ def main():
                             plain = PoseFixNet(ModelConfig(backbone=backbone, input_size=size)).to(device).eval()
                             macs = flops_per_person(plain, size, device)
                             del plain
-                        times = stage_times(refiner, batch_jobs(jobs, n), sync, repeat)
+                        times = stage_times(refiner, batch_jobs(jobs, n), sync, repeat, fused=VARIANTS[variant][2])
                         piped = piped_rate(refiner, jobs, piped_seconds, 2 if not gpu else 8, workers)
                     except Exception as e:  # noqa: BLE001 (a variant that does not hold up is reported)
                         row["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
@@ -224,13 +256,14 @@ def main():
                     peak = peaks[VARIANTS[variant][0]]
                     floor = peak / (2 * macs)
                     per = {k: 1e3 * v / n for k, v in times.items()}
-                    serial = n / sum(times.values())
+                    serial = n / sum(v for k, v in times.items() if k != "render")
                     row.update({f"{k}_ms": v for k, v in per.items()})
                     row.update({"serial_per_s": serial, "piped_per_s": piped, "gmac_per_person": macs / 1e9,
                                 "peak_flops": peak, "floor_per_s": floor, "of_floor": piped / floor})
                     rows.append(row)
                     print(f"{label:>16} {variant:>18} {n:5d} | {per['decode']:7.2f} {per['crop']:7.2f} "
-                          f"{per['model']:8.2f} {per['back']:7.3f}           | {serial:8.1f} {piped:8.1f} | "
+                          f"{per['model']:8.2f} {per['back']:7.3f} {per['render']:8.4f}           | "
+                          f"{serial:8.1f} {piped:8.1f} | "
                           f"{macs / 1e9:5.2f} {floor:8.1f} {100 * piped / floor:7.1f}%")
                     del refiner
                     if gpu:
