@@ -179,19 +179,24 @@ def stage_times(refiner: Refiner, jobs, sync, repeat: int, fused: bool = True) -
 
 
 def piped_rate(refiner: Refiner, jobs, seconds: float, batches: int, workers: int) -> float:
-    """Persons/s of ``refine_images`` over at least ``batches`` batches and at least ``seconds`` s, the first
-    batch (thread start-up, first decodes, allocator warm-up) left out of the count."""
+    """Persons/s of ``refine_images`` over at least ``batches`` batches and at least ``seconds`` s, counted per
+    model call from the end of the first (thread start-up, first decodes, allocator warm-up left out)."""
+    if not any(len(poses) for _, poses in jobs):
+        raise ValueError("jobs: no persons to refine")
     stream = ((n, *jobs[(n + 3) % len(jobs)]) for n in itertools.count())  # the jobs, cycled without end
-    done, t0, first = 0, None, refiner.batch_size
-    for _, xy, _ in refine_images(refiner, stream, workers=workers, lookahead=4 * workers):
-        done += len(xy)
-        if t0 is None:
-            if done >= first:  # the first batch is done: count from here
-                done, t0 = 0, time.perf_counter()
-            continue
-        if done >= refiner.batch_size * batches and time.perf_counter() - t0 >= seconds:
+    count = {"t0": None, "persons": 0}
+
+    def on_call(persons: int) -> None:
+        if count["t0"] is None:
+            count["t0"] = time.perf_counter()  # the first call is done: count from here
+        else:
+            count["persons"] += persons
+
+    for _ in refine_images(refiner, stream, workers=workers, lookahead=4 * workers, progress=on_call):
+        if (count["t0"] is not None and count["persons"] >= refiner.batch_size * max(batches, 1)
+                and time.perf_counter() - count["t0"] >= seconds):
             break
-    return done / (time.perf_counter() - t0)
+    return count["persons"] / (time.perf_counter() - count["t0"])
 
 
 def main():

@@ -67,10 +67,11 @@ def gaussian_axes(keypoints: Tensor, size: tuple[int, int], sigma: float | Tenso
     work = _work_dtype(keypoints.dtype)
     valid = _valid(keypoints)  # (N, K)
     xy = torch.where(valid[..., None], keypoints[..., :2], 0).to(work)  # (N, K, 2)
-    if isinstance(sigma, Tensor):
-        scale = (-0.5 / sigma.to(work, copy=False) ** 2).to(keypoints.device).expand(valid.shape)  # (N, K)
-    else:
+    if isinstance(sigma, (int, float)):
         scale = -0.5 / float(sigma) ** 2  # a plain number: nothing is copied to the device, nothing waits on it
+    else:
+        sigma = torch.as_tensor(sigma, dtype=work, device=keypoints.device)
+        scale = (-0.5 / sigma ** 2).expand(valid.shape)  # (N, K)
     gx = _gaussian_1d(xy[..., 0], width, scale)  # (N, K, W)
     gy = _gaussian_1d(xy[..., 1], height, scale) * valid[..., None]  # (N, K, H)
     return gy, gx
@@ -302,11 +303,13 @@ def warp_crops(images: Tensor | Sequence[Tensor], image_index: Tensor, affine: T
     distinct image, its persons' grids stacked along the grid's height), so no image is copied per person. The
     allocations are the output, and per image one group's grid and crops (plus one copy of the image when fill
     is non-zero, the image is bf16/fp16, or it is an integer image: those are sampled in float32, since their
-    grids would be too coarse). With image_index on the host and fill a number or a sequence, nothing is read
-    back from the device and nothing is copied to it: the call only queues work. An image_index on the device
-    is read once.
+    grids would be too coarse). With image_index and fill on the host, nothing is read back from the device:
+    the call only queues work, and with fill 0 and each image's persons consecutive it copies nothing to the
+    device either. An image_index on the device is read once.
     """
     stacked = isinstance(images, Tensor)
+    if not stacked and not images:
+        raise ValueError("images: an empty list (give at least one image, or a (0, C, Hi, Wi) tensor)")
     batch = images.shape[0] if stacked else len(images)
     channels = images.shape[1] if stacked else images[0].shape[0]
     dtype = images.dtype if stacked else images[0].dtype
@@ -314,13 +317,13 @@ def warp_crops(images: Tensor | Sequence[Tensor], image_index: Tensor, affine: T
     height, width = out_size
     work = _work_dtype(dtype)
     affine = affine.to(work)
-    if isinstance(fill, Tensor):
-        fill = fill.to(device=device, dtype=work).reshape(1, -1, 1, 1)  # (1, C or 1, 1, 1)
-        blend = bool((fill != 0).any())
+    if isinstance(fill, Tensor) and fill.device.type != "cpu":
+        fill = fill.to(dtype=work).reshape(1, -1, 1, 1)  # (1, C or 1, 1, 1)
+        blend = bool((fill != 0).any())  # read from the device
     else:
         values = torch.as_tensor(fill, dtype=torch.float64).reshape(-1).tolist()  # on the host
         blend = any(v != 0 for v in values)
-        if blend:
+        if blend:  # one small copy to the device
             fill = torch.tensor(values, dtype=work).reshape(1, -1, 1, 1).to(device)  # (1, C or 1, 1, 1)
     out = torch.empty(len(image_index), channels, height, width, dtype=dtype if dtype.is_floating_point else work,
                       device=device)  # (N, C, H, W)
@@ -347,8 +350,8 @@ def flip_keypoints(keypoints: Tensor, width: float | Tensor,
     identity, and it matches torch.flip(image, [-1]) under the pixel-centre convention.
     """
     swapped = swap_partners(keypoints, -2, pairs)  # (N, K, 2+)
-    if isinstance(width, Tensor):
-        width = width.to(keypoints.device, keypoints.dtype)
+    if not isinstance(width, (int, float)):  # a tensor or an array: one per person
+        width = torch.as_tensor(width, dtype=keypoints.dtype, device=keypoints.device)
         width = width[..., None] if width.ndim else width
     x = width - 1 - swapped[..., 0]  # (N, K)
     return torch.cat([x[..., None], swapped[..., 1:]], -1)
@@ -365,4 +368,5 @@ def _partner_index(k: int, pairs: tuple[tuple[int, int], ...], device: torch.dev
     partner = list(range(k))
     for a, b in pairs:
         partner[a], partner[b] = b, a
-    return torch.tensor(partner, device=device)
+    with torch.inference_mode(False):  # a cached index made under inference_mode would refuse autograd later
+        return torch.tensor(partner, device=device)

@@ -86,6 +86,9 @@ class Refiner:
         kp_crop = torch.cat([codec.apply_affine(kp, codec.invert_affine(affine)), kp[..., 2:]], dim=-1)
         # Everything the device needs goes in two copies and the used images; nothing is read back before the
         # model's output, so on a GPU the host only queues work (pinned sources make the copies asynchronous).
+        if kp.shape[0] == 0:
+            empty = torch.zeros((0, 3, h, w), device=self.device)
+            return empty, torch.zeros((0, kp.shape[1], 3), device=self.device), affine, ok
         used, local = np.unique(image_index, return_inverse=True)
         pictures = [self._to_device(images[i]) for i in used]
         crops = codec.warp_crops(pictures, torch.from_numpy(local.reshape(-1)), self._to_device(affine.float()), (h, w))
@@ -108,7 +111,10 @@ class Refiner:
         w = self.cfg.input_size[1]
         if self.channels_last:
             crops = crops.contiguous(memory_format=torch.channels_last)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
+        if torch.amp.is_autocast_available(self.device.type):
+            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        else:
+            autocast = nullcontext()  # a device without autocast (meta) runs as it is
         with autocast:
             out = self.model(crops, keypoints=kp_crop)
             coords = out["coords"].double()

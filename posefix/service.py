@@ -18,7 +18,9 @@ import hashlib
 import logging
 import math
 import signal
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -267,12 +269,44 @@ class Metrics:
 
 # The servicer.
 
+class PinnedBudget:
+    """At most ``limit`` bytes of the images of calls in flight staged in pinned (page-locked) host memory, for
+    asynchronous copies to a GPU; past it an image stays in ordinary memory (its copy then waits for the
+    device). The bytes of an image come back when its tensor is freed."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._lock = threading.Lock()
+
+    def stage(self, stage, image: torch.Tensor) -> torch.Tensor:
+        size = image.numel() * image.element_size()
+        with self._lock:
+            if self.used + size > self.limit:
+                return image
+            self.used += size
+        try:
+            staged = stage(image)
+        except BaseException:
+            self._release(size)
+            raise
+        if staged is image:  # nothing was pinned (a CPU refiner)
+            self._release(size)
+        else:
+            weakref.finalize(staged, self._release, size)
+        return staged
+
+    def _release(self, size: int) -> None:
+        with self._lock:
+            self.used -= size
+
+
 class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
     """Request → batcher → response; every error becomes a status through :data:`STATUS`."""
 
     def __init__(self, batcher: DynamicBatcher, model_info: pb2.ModelInfo, limits: Limits, metrics: Metrics,
-                 decoder: ThreadPoolExecutor, stage=None):
+                 decoder: ThreadPoolExecutor, stage=None, max_pinned_bytes: int = 0):
         self.stage = stage  # a decoded image → ready for the model's device (Refiner.stage), in the decoder's thread
+        self.pinned = PinnedBudget(max_pinned_bytes)
         self.batcher = batcher
         self.model_info = model_info
         self.limits = limits
@@ -293,7 +327,7 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
 
     def _decode(self, convert, data) -> torch.Tensor:
         image = convert(data)
-        return image if self.stage is None else self.stage(image)
+        return image if self.stage is None else self.pinned.stage(self.stage, image)
 
     async def _refine(self, image, coco: np.ndarray, context) -> tuple[np.ndarray, np.ndarray]:
         return await self.batcher.refine(image, coco, timeout=context.time_remaining())
@@ -450,13 +484,16 @@ class PoseRefinerServer:
 
 def create_server(refiner, host: str = "127.0.0.1", port: int = 0, *, max_batch_size: int = 64,
                   max_queue_delay_ms: float = 5.0, max_queue_size: int = 1024, metrics_port: int | None = None,
-                  limits: Limits = Limits(), model_version: str = "", decode_workers: int = 4) -> PoseRefinerServer:
+                  limits: Limits = Limits(), model_version: str = "", decode_workers: int = 4,
+                  max_pinned_bytes: int = 512 * 1024 * 1024) -> PoseRefinerServer:
     """A PoseRefiner server for ``refiner`` (a :class:`~posefix.engine.Refiner`, or anything with its
     ``refine`` and ``cfg``), bound to ``host:port`` (port 0: a free port, see ``.port``), not started.
 
     Batching: up to ``max_batch_size`` persons per model call; the oldest waiting call waits at most
     ``max_queue_delay_ms`` for others; at most ``max_queue_size`` persons wait (more: RESOURCE_EXHAUSTED).
     ``metrics_port``: serve Prometheus metrics over HTTP on ``host`` at this port (0: a free one).
+    ``max_pinned_bytes``: on a GPU, decoded images of calls in flight are staged in pinned host memory, so that
+    their copies to the device wait for nothing, up to this many bytes (page-locked memory is the machine's).
     Call it from the event loop that will run the server.
     """
     if max_batch_size < 1:
@@ -482,7 +519,8 @@ def create_server(refiner, host: str = "127.0.0.1", port: int = 0, *, max_batch_
     ])
     info = model_info(refiner, limits, batcher, model_version)
     pb2_grpc.add_PoseRefinerServicer_to_server(PoseRefinerServicer(batcher, info, limits, metrics, decoder,
-                                                                   getattr(refiner, "stage", None)), server)
+                                                                   getattr(refiner, "stage", None),
+                                                                   max_pinned_bytes), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
