@@ -16,20 +16,23 @@ import torch
 from synth.exceptions import InputError
 
 from . import codec
-from .model import ModelConfig, PoseFixNet
+from .model import ModelConfig, PoseFixNet, fold_batchnorm
 
 PRECISIONS = ("fp32", "bf16")
 
 
 class Refiner:
-    """Refines poses with a trained :class:`PoseFixNet` (in eval mode, no gradients)."""
+    """Refines poses with a trained :class:`PoseFixNet`: an inference copy of it (eval mode, BatchNorm folded
+    into the convolutions, no gradients), on ``device``."""
 
     def __init__(self, model: PoseFixNet, device: str | torch.device = "cpu", batch_size: int = 64,
                  flip_test: bool = False, precision: str = "fp32", channels_last: bool = False):
         if precision not in PRECISIONS:
             raise InputError("precision", f"must be one of {list(PRECISIONS)}, got {precision!r}")
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        # BatchNorm folded into the convolutions (the same function, a memory pass less per layer), on a copy:
+        # the model given, which may still be training, is left as it is.
+        self.model = fold_batchnorm(model).to(self.device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.cfg: ModelConfig = model.cfg

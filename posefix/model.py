@@ -118,7 +118,8 @@ class PoseFixNet(nn.Module):
         if keypoints is not None and self.fused_stem:
             stem = self.backbone[0]
             k = cfg.num_keypoints
-            x = F.conv2d(rgb, stem.weight[:, :3], stride=stem.stride, padding=stem.padding)  # (N, 64, H/2, W/2)
+            x = F.conv2d(rgb, stem.weight[:, :3], stem.bias, stride=stem.stride,
+                         padding=stem.padding)  # (N, 64, H/2, W/2); a bias once BatchNorm is folded in
             x = x + codec.heatmap_conv2d(keypoints, cfg.input_size, cfg.sigma, stem.weight[:, 3:3 + k],
                                          stride=stem.stride[0], padding=stem.padding[0]).to(x.dtype)
             f = self.head(self.backbone[1:](x))  # (N, c, h, w)
@@ -137,6 +138,38 @@ class PoseFixNet(nn.Module):
         confidence_logit = (conf_map * prob.detach()).sum(dim=(2, 3))
         return {"logits": logits, "prob": prob, "coords": coords * STRIDE + (STRIDE - 1) / 2,
                 "confidence_logit": confidence_logit}
+
+
+def fold_batchnorm(model: PoseFixNet) -> PoseFixNet:
+    """A copy of ``model`` for inference, every BatchNorm folded into the convolution before it.
+
+    In eval mode a BatchNorm is a per-channel affine map, so it folds into the preceding convolution's weights
+    and a bias (``torch.nn.utils.fusion.fuse_conv_bn_eval``; transposed for the head): the same function up to
+    float rounding, without a memory pass over every activation. The stem's fold covers its RGB and heatmap
+    channels alike, so the fused stem stays exact. The copy is in eval mode and is for inference only; the
+    model given is left as it is.
+    """
+    from copy import deepcopy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    def fold(parent, conv: str, bn: str, transpose: bool = False) -> None:
+        if isinstance(getattr(parent, bn), nn.BatchNorm2d):  # (an already folded model is left as it is)
+            setattr(parent, conv, fuse_conv_bn_eval(getattr(parent, conv), getattr(parent, bn), transpose))
+            setattr(parent, bn, nn.Identity())
+
+    folded = deepcopy(model).eval()
+    fold(folded.backbone, "0", "1")  # the stem and bn1
+    for layer in folded.backbone[4:]:
+        for block in layer:
+            for i in (1, 2, 3):
+                if hasattr(block, f"conv{i}"):
+                    fold(block, f"conv{i}", f"bn{i}")
+            if block.downsample is not None:
+                fold(block.downsample, "0", "1")
+    for deconv in folded.head:
+        fold(deconv, "0", "1", transpose=True)
+    return folded
 
 
 def load_pretrained(model: PoseFixNet, pretrained: str | None) -> str:

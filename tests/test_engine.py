@@ -253,3 +253,14 @@ def test_devices_that_cannot_be_used_are_named(tmp_path, capsys):
                      str(RESULTS), "--out", str(out), "--device", "cuda"])
         err = capsys.readouterr().err.strip()
         assert code != 0 and "--device" in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_a_batch_without_persons_prepares_nothing(refiner):
+    image = torch.zeros(3, 20, 30, dtype=torch.uint8)
+    crops, kp_crop, affine, ok = refiner.prepare([image], np.zeros(0, dtype=np.int64),
+                                                 torch.zeros(0, 17, 3, dtype=torch.float64),
+                                                 torch.zeros(0, 17, 3, dtype=torch.float64))
+    assert crops.shape == (0, 3, *CFG.input_size) and kp_crop.shape == (0, 17, 3) and affine.shape == (0, 2, 3)
+    assert ok.shape == (0,)
+    xy, conf = refiner.refine([image], np.zeros(0, dtype=np.int64), np.zeros((0, 17, 3)))
+    assert xy.shape == (0, 17, 2) and conf.shape == (0, 17)

@@ -1,4 +1,5 @@
 """The refiner model, its config, weights files and loss."""
+import copy
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ from posefix import codec
 from posefix.config import PRESETS, dump_toml, from_dict, load_config, to_dict
 from posefix.engine import Refiner, export_weights, load_weights
 from posefix.losses import refiner_loss
-from posefix.model import ModelConfig, PoseFixNet, load_pretrained
+from posefix.model import ModelConfig, PoseFixNet, fold_batchnorm, load_pretrained
 from synth.exceptions import InputError
 
 SMALL = ModelConfig(backbone="resnet18", input_size=(96, 64), sigma=2.5, head_channels=32)
@@ -266,3 +267,37 @@ def test_refiner_precisions_and_layouts_agree():
     assert np.abs(results["flip"] - results["fp32"]).max() > 1e-3  # flip test is its own answer
     with pytest.raises(InputError, match="precision"):
         Refiner(model, precision="fp8")
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_folded_batchnorm_is_the_same_function(backbone):
+    """Every BatchNorm folded into its convolution: the same outputs (float64 within 1e-9, float32 within
+    float rounding), no BatchNorm left, and the model given left untouched."""
+    cfg = ModelConfig(backbone=backbone, input_size=(64, 64), sigma=2.5, head_channels=16)
+    model = _perturbed(cfg, seed=2, head=1.0)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # running statistics and affine parameters of their own, as after training
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.2)
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.weight.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.bias.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batchnorm(model)
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()) and not folded.training
+    image, kp, heat = _inputs(3, cfg, seed=6)
+    model.eval()
+    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-3)):
+        plain = copy.deepcopy(model).to(dtype)
+        fast = fold_batchnorm(plain)  # folded in the dtype it runs in
+        with torch.no_grad():
+            for pose in ({"keypoints": kp.to(dtype)}, {"heatmaps": heat.to(dtype)}):
+                want, got = plain(image.to(dtype), **pose), fast(image.to(dtype), **pose)
+                for key in ("logits", "coords", "confidence_logit"):
+                    scale = want[key].abs().max().item()
+                    assert (got[key] - want[key]).abs().max().item() <= tol * max(scale, 1.0), (dtype, key)
+    again = fold_batchnorm(folded)  # folding a folded model changes nothing
+    assert all(torch.equal(v, folded.state_dict()[k]) for k, v in again.state_dict().items())
