@@ -87,11 +87,11 @@ class Refiner:
         center, size = codec.center_scale(codec.box_from_keypoints(around), aspect=w / h)
         affine = codec.crop_affine(center, size, (h, w))  # (P, 2, 3) crop → image
         kp_crop = torch.cat([codec.apply_affine(kp, codec.invert_affine(affine)), kp[..., 2:]], dim=-1)
-        # Everything the device needs goes in two copies and the used images; nothing is read back before the
-        # model's output, so on a GPU the host only queues work (pinned sources make the copies asynchronous).
         if kp.shape[0] == 0:
             empty = torch.zeros((0, 3, h, w), device=self.device)
             return empty, torch.zeros((0, kp.shape[1], 3), device=self.device), affine, ok
+        # Everything the device needs goes in two copies and the used images; nothing is read back before the
+        # model's output, so on a GPU the host only queues work (pinned sources make the copies asynchronous).
         used, local = np.unique(image_index, return_inverse=True)
         pictures = [self._to_device(images[i]) for i in used]
         crops = codec.warp_crops(pictures, torch.from_numpy(local.reshape(-1)), self._to_device(affine.float()), (h, w))

@@ -576,14 +576,13 @@ def serve_main(args: argparse.Namespace) -> int:
     finish once stopping) and drain_s (0: seconds to go on taking calls with health NOT_SERVING before
     that). Bad values raise InputError naming the option.
     """
-    from .engine import Refiner, check_device
+    from .engine import Refiner
 
     grace_s, drain_s = getattr(args, "grace_s", 10.0), getattr(args, "drain_s", 0.0)
     flip_test = bool(getattr(args, "flip_test", False))
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    check_device(device)
     if args.max_batch_size < 1:
         raise InputError("--max-batch-size", f"must be >= 1, got {args.max_batch_size}")
     for name, value in (("--grace-s", grace_s), ("--drain-s", drain_s)):

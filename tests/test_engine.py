@@ -210,7 +210,7 @@ def test_the_device_is_only_given_work_until_the_results_come_back(flip_test, in
     """Cropping, rendering and the model read nothing back from the device and copy to it only the used
     images, the affines and the poses, each asynchronously: on a GPU the host queues a whole batch without
     waiting. Checked on PyTorch's meta device (shapes without data), where any read of a value would raise
-    and every copy to it is seen; the crops and poses equal the CPU's."""
+    and every copy to it is seen; the shapes, affines and refinable persons equal the CPU's."""
     model = PoseFixNet(CFG)
     rng = np.random.default_rng(0)
     images = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in ((120, 160), (90, 70))]
