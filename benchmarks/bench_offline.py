@@ -331,7 +331,7 @@ def compare_ray(work: Path, checkpoint: Path, args) -> dict:
     for r in rows:
         r["ratio_to_in_process"] = r["persons_per_s_after_first"] / ref
         print(f"{r['run']:30s} {r['persons']:8d} {r['refine_s']:8.1f} {r['first_result_s']:7.1f} "
-              f"{r['persons_per_s']:10.1f} {r['persons_per_s_after_first_quarter']:10.1f} "
+              f"{r['persons_per_s']:10.1f} {r['persons_per_s_after_first']:10.1f} "
               f"{r['ratio_to_in_process']:13.2f}x {r['load_average_before']:5.1f}")
     print(f"\nRay started in {start_s:.1f} s (not in the runs' seconds); 'first': seconds to the first refined "
           "image (the actors' start included); 'after 1st': persons/s after the first result (a model call in process, a block of images on Ray)")

@@ -12,6 +12,7 @@ cannot be read or decoded is reported by name instead of failing its block.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import pickle
 import warnings
@@ -160,8 +161,6 @@ def refine_images_ray(checkpoint, jobs, *, actors: int | None = None, num_gpus: 
 
 def connect(address: str | None = None) -> None:
     """Start a local Ray (``address`` None) or join the cluster at ``address``; an InputError if that fails."""
-    import logging
-
     ray = _ray()
     try:
         ray.init(address=address or None, logging_level=logging.WARNING, include_dashboard=False)
@@ -199,6 +198,8 @@ def _run(ray, checkpoint, keys, images, poses, images_per_block, actors, num_gpu
         warnings.simplefilter("ignore", DeprecationWarning)
         context = ray.data.DataContext.get_current()
     context.enable_progress_bars = show_progress
+    if not show_progress:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # nor its start and finish lines
     resources = ray.cluster_resources()
     if num_gpus > 0:
         have = resources.get("GPU", 0)
