@@ -33,7 +33,8 @@ full GPU figure, every person refined, nothing projected:
 
 With ``--ray`` (the ray extra) the same input is refined three times, every person each time, side by side:
 in process as above, then by ``posefix.distributed.refine_images_ray`` on a local Ray with 1 and with 2
-actors (the machine's CPUs split between them; on a GPU, the GPUs), in blocks of up to 16 images, 8 blocks
+actors (the machine's CPUs split between them; on a GPU, the GPUs; Ray is started before the first run and idles
+through the in-process one), in blocks of up to 16 images, 8 blocks
 an actor at least. Each run's persons/s is taken over the whole run and after its first result (a model
 call in process, a block on Ray: the actors' start and the model's first call left out); the Ray start is
 timed apart. ``--seconds`` does not apply there.
@@ -310,15 +311,16 @@ def compare_ray(work: Path, checkpoint: Path, args) -> dict:
 
     import ray
 
-    base = refine_offline(work, checkpoint, args, 0.0)
-    rows = [{"run": "in process (posefix refine)", "persons": base["persons_refined"], "refine_s": base["refine_s"],
-             "first_result_s": base["batches"][0][0], "persons_per_s": base["persons_refined"] / base["refine_s"],
-             "persons_per_s_after_first": _after_first(base["batches"]),
-             "load_average_before": base["load_average_before"]}]
     t0 = time.perf_counter()
-    ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(include_dashboard=False, logging_level=logging.WARNING)  # first: a busy host may not start it in time
     start_s = time.perf_counter() - t0
     try:
+        base = refine_offline(work, checkpoint, args, 0.0)
+        rows = [{"run": "in process (posefix refine)", "persons": base["persons_refined"],
+                 "refine_s": base["refine_s"], "first_result_s": base["batches"][0][0],
+                 "persons_per_s": base["persons_refined"] / base["refine_s"],
+                 "persons_per_s_after_first": _after_first(base["batches"]),
+                 "load_average_before": base["load_average_before"]}]
         for actors in (1, 2):
             print(f"refining on Ray with {actors} actor(s) ...", file=sys.stderr)
             run = refine_ray(work, checkpoint, args, actors)

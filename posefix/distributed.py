@@ -22,14 +22,11 @@ import numpy as np
 
 from synth.exceptions import InputError, PosefixError
 
-EXTRA = "posefix: refining on Ray needs the ray extra: pip install 'posefix[ray]'"
+EXTRA = "refining on Ray needs the ray extra: pip install 'posefix[ray]'"
 
 
 class MissingExtra(PosefixError):
     """An optional dependency is not installed; the message names the extra that brings it."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]).removeprefix("posefix: ")
 
 
 def _ray():
@@ -144,7 +141,7 @@ def refine_images_ray(checkpoint, jobs, *, actors: int | None = None, num_gpus: 
         raise InputError("images_per_block", f"must be at least 1, got {images_per_block}")
     if num_gpus == 0:
         check_device(device)
-    checkpoint = str(checkpoint) if is_uri(str(checkpoint)) else str(Path(checkpoint).absolute())
+    checkpoint = str(Path(checkpoint).absolute())
     load_weights(checkpoint)  # a bad checkpoint is reported here, before any actor starts
     keys, images, poses = _rows(jobs)
     started = not ray.is_initialized()
@@ -159,14 +156,22 @@ def refine_images_ray(checkpoint, jobs, *, actors: int | None = None, num_gpus: 
             ray.shutdown()
 
 
+def _batches(ray, ds):
+    """The dataset's output batches; a failure of the pipeline itself (not an image's) as one PosefixError."""
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    except ray.exceptions.RayError as e:
+        raise PosefixError(f"the Ray pipeline failed: {str(e).strip().splitlines()[-1]}") from None
+
+
 def connect(address: str | None = None) -> None:
-    """Start a local Ray (``address`` None) or join the cluster at ``address``; an InputError if that fails."""
+    """Start a local Ray (``address`` None) or join the cluster at ``address``; a PosefixError if that fails."""
     ray = _ray()
     try:
         ray.init(address=address or None, logging_level=logging.WARNING, include_dashboard=False)
-    except (ConnectionError, ValueError, RuntimeError) as e:
-        raise InputError("--ray", f"cannot start or join Ray at {address or 'a new local cluster'}: "
-                         f"{str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 (ray.init raises bare Exceptions too, e.g. a start that timed out)
+        raise PosefixError(f"--ray: cannot start or join Ray at {address or 'a new local cluster'}: "
+                           f"{str(e).strip().splitlines()[0]}") from None
 
 
 def _rows(jobs):
@@ -219,7 +224,7 @@ def _run(ray, checkpoint, keys, images, poses, images_per_block, actors, num_gpu
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=None, batch_format="numpy",
         num_cpus=cpus, num_gpus=num_gpus or None)
     done = np.zeros(len(keys), dtype=bool)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in _batches(ray, ds):
         for job, result, error in zip(batch["job"], batch["result"], batch["error"]):
             if done[job]:
                 continue  # a block that ran again after its actor died: this image came back already

@@ -146,7 +146,7 @@ def test_a_corrupt_image_is_named_and_the_rest_refined(tmp_path, checkpoint, clu
 def test_a_killed_worker_its_blocks_run_again_every_person_once(tmp_path, checkpoint, cluster):
     from posefix.distributed import refine_images_ray
 
-    images, path = _many_images(tmp_path, copies=3)
+    images, path = _many_images(tmp_path, copies=1)
     results = json.loads(path.read_text())
     groups: dict = {}
     for i, r in enumerate(results):
@@ -158,11 +158,11 @@ def test_a_killed_worker_its_blocks_run_again_every_person_once(tmp_path, checkp
     def kill_one(_):
         if not killed:
             pids = _actor_pids()
-            assert len(pids) == 2
+            assert pids
             os.kill(pids[0], signal.SIGKILL)
             killed.append(pids[0])
 
-    got = list(refine_images_ray(checkpoint, jobs, actors=2, batch_size=8, images_per_block=2, progress=kill_one,
+    got = list(refine_images_ray(checkpoint, jobs, actors=2, batch_size=8, images_per_block=1, progress=kill_one,
                                  show_progress=False))
     assert killed
     assert sorted(key for key, _, _ in got) == sorted(groups)  # every image once
