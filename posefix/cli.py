@@ -327,7 +327,8 @@ def cmd_refine(args) -> int:
     if est.skipped:
         print(f"skipped {len(est.skipped)} invalid entries (--skip-invalid); the first: {est.skipped[0]}")
     if skipped_images:
-        print(f"skipped {len(skipped_images)} images that cannot be read (--skip-invalid), their persons left out: "
+        print(f"skipped {len(skipped_images)} image{'s' * (len(skipped_images) > 1)} that cannot be read "
+              "(--skip-invalid), their persons left out: "
               + "; ".join(message for _, message in skipped_images[:5]) + ("; ..." if len(skipped_images) > 5 else ""))
     return 0
 

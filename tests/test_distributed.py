@@ -137,7 +137,7 @@ def test_a_corrupt_image_is_named_and_the_rest_refined(tmp_path, checkpoint, clu
     assert _refine("--checkpoint", checkpoint, "--images", bad.parent.as_uri(), "--input", VAL_RESULTS,
                    "--out", out, "--ray", "--actors", "1", "--skip-invalid") == 0
     printed = capsys.readouterr().out
-    assert f"skipped 1 images that cannot be read (--skip-invalid), their persons left out: {bad.as_uri()}: image: " \
+    assert f"skipped 1 image that cannot be read (--skip-invalid), their persons left out: {bad.as_uri()}: image: " \
            in printed
     _assert_same(json.loads(out.read_text()), json.loads(want.read_text()))
 
