@@ -30,6 +30,16 @@ took 7 h 27 min 54 s for a COCO val2017 pass on one GTX 1080 Ti (mks0601/PoseFix
 full GPU figure, every person refined, nothing projected:
 
     python benchmarks/bench_offline.py --device cuda [--precision bf16 --channels-last] [--backbone resnet152]
+
+With ``--ray`` (the ray extra) the same input is refined three times, every person each time, side by side:
+in process as above, then by ``posefix.distributed.refine_images_ray`` on a local Ray with 1 and with 2
+actors (the machine's CPUs split between them; on a GPU, the GPUs; Ray is started before the first run and idles
+through the in-process one), in blocks of up to 16 images, 8 blocks
+an actor at least. Each run's persons/s is taken over the whole run and after its first result (a model
+call in process, a block on Ray: the actors' start and the model's first call left out); the Ray start is
+timed apart. ``--seconds`` does not apply there.
+
+    python benchmarks/bench_offline.py --ray --instances 2000 --backbone resnet18 --input-size 256 192
 """
 from __future__ import annotations
 
@@ -257,6 +267,79 @@ def refine_offline(work: Path, checkpoint: Path, args, seconds: float | None) ->
     return out
 
 
+def _after_first(points) -> float:
+    """Persons/s after the first result, from (seconds, persons done by then) points: the rate a long run
+    keeps, once the model is loaded and has run once."""
+    (t0, p0), (t1, p1) = points[0], points[-1]
+    return (p1 - p0) / (t1 - t0) if t1 > t0 else p1 / t1
+
+
+def refine_ray(work: Path, checkpoint: Path, args, actors: int) -> dict:
+    """``refine_images_ray`` over every person of work/input.json with ``actors`` actors."""
+    import torch
+
+    from posefix.distributed import refine_images_ray
+    from posefix.formats import image_file, read_estimates
+
+    est = read_estimates(work / "input.json", "coco")
+    groups: dict = {}
+    for i, key in enumerate(est.image_keys):
+        groups.setdefault(key, []).append(i)
+    jobs = [(key, image_file(work / "images", key), est.keypoints[rows]) for key, rows in groups.items()]
+    gpus = min(torch.cuda.device_count() / actors, 1.0) if args.device == "cuda" else 0.0
+    points, load = [], os.getloadavg()[0]
+    t_start = time.perf_counter()
+
+    def progress(k):
+        points.append((time.perf_counter() - t_start, (points[-1][1] if points else 0) + k))
+
+    images, block = 0, max(1, min(16, len(jobs) // (8 * actors)))  # 8 blocks an actor at least
+    for _ in refine_images_ray(checkpoint, jobs, actors=actors, images_per_block=block, num_gpus=gpus, device=args.device,
+                               batch_size=args.batch_size, precision=args.precision, channels_last=args.channels_last,
+                               workers=args.workers, progress=progress, show_progress=False):
+        images += 1
+    elapsed = time.perf_counter() - t_start
+    return {"actors": actors, "persons": int(points[-1][1]), "images": images, "images_per_block": block,
+            "refine_s": elapsed,
+            "first_result_s": points[0][0], "persons_per_s": points[-1][1] / elapsed,
+            "persons_per_s_after_first": _after_first(points), "load_average_before": load}
+
+
+def compare_ray(work: Path, checkpoint: Path, args) -> dict:
+    """In process, then on a local Ray with 1 and 2 actors, every person each time; prints the table."""
+    import logging
+
+    import ray
+
+    t0 = time.perf_counter()
+    ray.init(include_dashboard=False, logging_level=logging.WARNING)  # first: a busy host may not start it in time
+    start_s = time.perf_counter() - t0
+    try:
+        base = refine_offline(work, checkpoint, args, 0.0)
+        rows = [{"run": "in process (posefix refine)", "persons": base["persons_refined"],
+                 "refine_s": base["refine_s"], "first_result_s": base["batches"][0][0],
+                 "persons_per_s": base["persons_refined"] / base["refine_s"],
+                 "persons_per_s_after_first": _after_first(base["batches"]),
+                 "load_average_before": base["load_average_before"]}]
+        for actors in (1, 2):
+            print(f"refining on Ray with {actors} actor(s) ...", file=sys.stderr)
+            run = refine_ray(work, checkpoint, args, actors)
+            rows.append({"run": f"Ray Data, {actors} actor{'s' if actors > 1 else ''}", **run})
+    finally:
+        ray.shutdown()
+    ref = rows[0]["persons_per_s_after_first"]
+    print(f"\n{'run':30s} {'persons':>8s} {'seconds':>8s} {'first':>7s} {'persons/s':>10s} {'after 1st':>10s} "
+          f"{'vs in process':>14s} {'load':>5s}")
+    for r in rows:
+        r["ratio_to_in_process"] = r["persons_per_s_after_first"] / ref
+        print(f"{r['run']:30s} {r['persons']:8d} {r['refine_s']:8.1f} {r['first_result_s']:7.1f} "
+              f"{r['persons_per_s']:10.1f} {r['persons_per_s_after_first']:10.1f} "
+              f"{r['ratio_to_in_process']:13.2f}x {r['load_average_before']:5.1f}")
+    print(f"\nRay started in {start_s:.1f} s (not in the runs' seconds); 'first': seconds to the first refined "
+          "image (the actors' start included); 'after 1st': persons/s after the first result (a model call in process, a block of images on Ray)")
+    return {"rows": rows, "ray_start_s": start_s, "ray": ray.__version__}
+
+
 def _hms(s: float) -> str:
     if s >= 3600:
         m = round(s / 60)
@@ -281,8 +364,12 @@ def main():
                     help=f"stop refining new images after this long ({CPU_SECONDS:g} on cpu; "
                          "cuda: no limit); 0 = refine every person")
     ap.add_argument("--seed", type=int, default=0, help="seed of the generated input (0)")
-    ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "offline.json"))
+    ap.add_argument("--ray", action="store_true", help="also refine on a local Ray with 1 and 2 actors, side by side")
+    ap.add_argument("--json", default=None, help="where to write the numbers (results/offline.json; "
+                    "results/offline_ray.json with --ray)")
     args = ap.parse_args()
+    if args.json is None:
+        args.json = str(Path(__file__).parent / "results" / ("offline_ray.json" if args.ray else "offline.json"))
     if args.instances < 1:
         ap.error("--instances must be at least 1")
     if args.seconds is not None and args.seconds < 0:
@@ -307,6 +394,15 @@ def main():
         torch.manual_seed(args.seed)
         checkpoint = work / "model.safetensors"
         export_weights(PoseFixNet(cfg), checkpoint, {"benchmark": "random weights"})
+        if args.ray:
+            print(f"refining in process on {args.device} ({args.backbone} {h}x{w} {args.precision}, batch "
+                  f"{args.batch_size}, every person) ...", file=sys.stderr)
+            report = compare_ray(work, checkpoint, args)
+            write(args.json, {"benchmark": "offline_ray", "config": {
+                "instances": args.instances, "backbone": args.backbone, "input_size": [h, w], "device": args.device,
+                "precision": args.precision, "batch_size": args.batch_size, "workers": args.workers,
+                "seed": args.seed}, "generation": gen, **report, "machine": machine(args.device)})
+            return
         print(f"refining on {args.device} ({args.backbone} {h}x{w} {args.precision}, batch {args.batch_size}"
               + (f", at most {seconds:g} s" if seconds else ", every person") + ") ...", file=sys.stderr)
         run = refine_offline(work, checkpoint, args, seconds)

@@ -6,6 +6,7 @@ outputs are written atomically, and never over one of the command's own inputs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -264,11 +265,13 @@ def cmd_refine(args) -> int:
 
     from synth.cocoio import load_ground_truth, write_json_atomic
 
+    from .distributed import check_ray_args
     from .engine import Refiner, refine_images
     from .formats import image_file, image_ids, read_estimates, write_coco_results
 
     _check_outputs(args, ("checkpoint", "input", "annotations"), ("out",))
-    if not Path(args.images).is_dir():
+    check_ray_args(args)
+    if not (args.ray is not None and "://" in args.images) and not Path(args.images).is_dir():
         raise InputError("--images", f"{args.images} is not a directory")
     if args.batch_size < 1:
         raise InputError("--batch-size", f"must be at least 1, got {args.batch_size}")
@@ -278,8 +281,9 @@ def cmd_refine(args) -> int:
     sizes = _image_sizes(args.input, args.format, args.images, coco_images) \
         if args.format in ("movenet", "blazepose") else None
     est = read_estimates(args.input, args.format, sizes, skip_invalid=args.skip_invalid)
-    refiner = Refiner.from_checkpoint(args.checkpoint, args.device, args.batch_size, args.flip_test,
-                                      args.precision, args.channels_last)
+    if args.ray is None:
+        refiner = Refiner.from_checkpoint(args.checkpoint, args.device, args.batch_size, args.flip_test,
+                                          args.precision, args.channels_last)
     n = len(est.image_keys)
     groups: dict = {}
     for i, key in enumerate(est.image_keys):
@@ -287,10 +291,20 @@ def cmd_refine(args) -> int:
     jobs = ((key, image_file(args.images, key, coco_images), est.keypoints[rows]) for key, rows in groups.items())
     xy = np.zeros((n, 17, 2))
     conf = np.zeros((n, 17))
+    skipped_images: list = []
     t0 = time.perf_counter()
-    with tqdm(total=n, unit="person", file=sys.stderr, disable=args.quiet or None, mininterval=0.5) as bar:
-        for key, kxy, kconf in refine_images(refiner, jobs, workers=args.workers, progress=bar.update):
-            xy[groups[key]], conf[groups[key]] = kxy, kconf
+    with tqdm(total=n, unit="person", file=sys.stderr, disable=args.quiet or args.ray is not None or None,
+              mininterval=0.5) as bar:
+        if args.ray is None:
+            refined = refine_images(refiner, jobs, workers=args.workers, progress=bar.update)
+        else:
+            from .distributed import ray_jobs_and_options, refine_images_ray
+
+            jobs, options = ray_jobs_and_options(args, est.keypoints, groups, coco_images, skipped_images)
+            refined = refine_images_ray(args.checkpoint, jobs, **options)
+        with contextlib.closing(refined):
+            for key, kxy, kconf in refined:
+                xy[groups[key]], conf[groups[key]] = kxy, kconf
     elapsed = time.perf_counter() - t0
     given = est.keypoints
     if args.keep_input_below is not None:
@@ -298,13 +312,24 @@ def cmd_refine(args) -> int:
         xy[keep], conf[keep] = given[keep][:, :2], given[keep][:, 2]
     present = given[..., 2] > 0
     mean_conf = (conf * present).sum(1) / np.maximum(present.sum(1), 1)
-    results = write_coco_results(est, xy, conf, est.scores * mean_conf, image_ids(est, coco_images))
-    write_json_atomic(args.out, results)
+    if args.ray is None:
+        results = write_coco_results(est, xy, conf, est.scores * mean_conf, image_ids(est, coco_images))
+        write_json_atomic(args.out, results)
+        where = args.out
+    else:
+        from .distributed import write_ray_results
+
+        n, where = write_ray_results(args, est, xy, conf, est.scores * mean_conf, image_ids(est, coco_images), groups,
+                                     skipped_images)
     kept = f", {int(keep.sum())} keypoints kept from the input" if args.keep_input_below is not None else ""
-    print(f"refined {n} persons on {len(groups)} images in {elapsed:.1f} s ({n / max(elapsed, 1e-9):.1f} persons/s)"
-          f"{kept} -> {args.out}")
+    print(f"refined {n} persons on {len(groups) - len(skipped_images)} images in {elapsed:.1f} s "
+          f"({n / max(elapsed, 1e-9):.1f} persons/s){kept} -> {where}")
     if est.skipped:
         print(f"skipped {len(est.skipped)} invalid entries (--skip-invalid); the first: {est.skipped[0]}")
+    if skipped_images:
+        print(f"skipped {len(skipped_images)} image{'s' * (len(skipped_images) > 1)} that cannot be read "
+              "(--skip-invalid), their persons left out: "
+              + "; ".join(message for _, message in skipped_images[:5]) + ("; ..." if len(skipped_images) > 5 else ""))
     return 0
 
 
@@ -500,6 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "input keypoint's score")
     r.add_argument("--skip-invalid", action="store_true", help="refine the valid entries and skip the rest")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    ray = r.add_argument_group("on a Ray cluster (pip install 'posefix[ray]')")
+    ray.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                     help="refine as a Ray Data pipeline: on a new local Ray, or on the cluster at ADDRESS")
+    ray.add_argument("--actors", type=int, help="refiners, one per actor (the cluster's GPUs / --num-gpus, or its CPUs)")
+    ray.add_argument("--num-gpus", type=float, help="GPUs per actor, a fraction shares one (1 with --device cuda)")
+    ray.add_argument("--shards", type=int, help="write the output as N files REFINED-00000-of-0000N.json, "
+                     "the images split between them in input order")
     r.set_defaults(func=cmd_refine)
 
     e = sub.add_parser("eval", help="keypoint AP/AR and error breakdown of results files, side by side",

@@ -1,5 +1,6 @@
 """The rendering, refinement and offline benchmarks run end to end on tiny settings, and their reports
 hold what their tables print: checked numbers, not a timing target."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -50,3 +51,18 @@ def test_bench_offline(tmp_path):
     assert run["complete"] and not report["wall"]["projected"]
     assert report["wall"]["coco_val_projected"]  # 300 persons scaled to a COCO val pass
     assert run["batches"][-1][1] == 300  # persons done after the last model call
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed (pip install 'posefix[ray]')")
+def test_bench_offline_ray(tmp_path):
+    report, stdout = _run("bench_offline.py", "--ray", "--instances", "60", "--backbone", "resnet18", "--input-size",
+                          "64", "64", "--batch-size", "16", tmp_path=tmp_path)
+    rows = report["rows"]
+    assert [r["run"] for r in rows] == ["in process (posefix refine)", "Ray Data, 1 actor", "Ray Data, 2 actors"]
+    assert all(r["persons"] == 60 for r in rows)  # every person, each run
+    for r in rows:
+        assert r["ratio_to_in_process"] == pytest.approx(
+            r["persons_per_s_after_first"] / rows[0]["persons_per_s_after_first"], rel=1e-9)
+        assert r["persons_per_s"] == pytest.approx(60 / r["refine_s"], rel=1e-9)
+    assert "Ray Data, 2 actors" in stdout

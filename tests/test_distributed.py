@@ -1,0 +1,199 @@
+"""``posefix refine --ray``: the same refinement as ``posefix refine``, through a local Ray cluster, and its faults.
+
+One local Ray (2 CPUs) serves the module; each refinement starts its own pool of actors on it."""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from posefix import SAMPLE_DIR
+from posefix.cli import main
+from posefix.engine import Refiner, refine_images
+
+from .conftest import VAL_GT, VAL_RESULTS
+
+IMAGES = SAMPLE_DIR / "images"
+ACTOR = "ray::MapWorker(MapBatches(_RefineBlock))"
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                               reason="Ray is not installed (pip install 'posefix[ray]')")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import logging
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 2 ** 20, logging_level=logging.WARNING)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def _actor_pids() -> list[int]:
+    """The processes of this machine's refining actors, by the title Ray gives them."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(ACTOR.encode()):
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
+def _refine(*args) -> int:
+    return main(["refine", "--quiet", *map(str, args)])
+
+
+def _by_person(results: list) -> list:
+    """Results sorted by image, then by the input keypoints' first joint (the persons' identity here)."""
+    return sorted(results, key=lambda r: (r["image_id"], r.get("center", [0])[0], r["keypoints"][0]))
+
+
+def _assert_same(got: list, want: list):
+    assert len(got) == len(want)
+    for g, w in zip(_by_person(got), _by_person(want)):
+        assert {k: v for k, v in g.items() if k not in ("keypoints", "score")} == \
+               {k: v for k, v in w.items() if k not in ("keypoints", "score")}
+        np.testing.assert_allclose(g["keypoints"], w["keypoints"], rtol=1e-6, atol=1e-6)  # float32 rounding
+        np.testing.assert_allclose(g["score"], w["score"], rtol=1e-6, atol=1e-6)
+
+
+def _many_images(tmp_path: Path, copies: int) -> tuple[Path, Path]:
+    """A COCO results file of the sample's GT persons on ``copies`` copies of each photograph (links)."""
+    gt = json.loads(VAL_GT.read_text())
+    files = {im["id"]: IMAGES / im["file_name"] for im in gt["images"]}
+    images, results = tmp_path / "many", []
+    images.mkdir()
+    for c in range(copies):
+        for image_id, file in files.items():
+            new_id = c * 10 ** 7 + image_id
+            os.symlink(file, images / f"{new_id:012d}.jpg")
+            for a in gt["annotations"]:
+                if a["image_id"] == image_id and a["num_keypoints"] > 0:
+                    kp = np.array(a["keypoints"], dtype=np.float64).reshape(17, 3)
+                    kp[:, 2] = np.where(kp[:, 2] > 0, 0.9, 0.0)
+                    results.append({"image_id": new_id, "category_id": 1, "keypoints": kp.reshape(-1).tolist(),
+                                    "score": 0.8})
+    path = tmp_path / "many.json"
+    path.write_text(json.dumps(results))
+    return images, path
+
+
+def test_without_ray_it_names_the_extra(tmp_path, checkpoint, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as where it is not installed
+    out = tmp_path / "out.json"
+    assert _refine("--checkpoint", checkpoint, "--images", IMAGES, "--input", VAL_RESULTS, "--out", out, "--ray") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "posefix: error: refining on Ray needs the ray extra: pip install 'posefix[ray]'"
+    assert not out.exists()
+    assert _refine("--checkpoint", checkpoint, "--images", IMAGES, "--input", VAL_RESULTS, "--out", out,
+                   "--actors", "2") == 2
+    assert "--actors: only goes with --ray" in capsys.readouterr().err
+
+
+@needs_ray
+def test_same_output_as_refine_through_two_actors(tmp_path, checkpoint, cluster, capsys):
+    want = tmp_path / "in_process.json"
+    assert _refine("--checkpoint", checkpoint, "--images", IMAGES, "--input", VAL_RESULTS, "--out", want,
+                   "--batch-size", "16", "--flip-test") == 0
+    out = tmp_path / "ray.json"
+    assert _refine("--checkpoint", checkpoint, "--images", IMAGES, "--input", VAL_RESULTS, "--out", out,
+                   "--batch-size", "16", "--flip-test", "--ray", "--actors", "2", "--shards", "3") == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "persons/s" in line and "ray-00000-of-00003.json" in line
+    assert not out.exists()
+    shards = [json.loads(out.with_name(f"ray-{i:05d}-of-00003.json").read_text()) for i in range(3)]
+    images = [{r["image_id"] for r in s} for s in shards]
+    assert sum(map(len, images)) == len(set().union(*images)) == 4  # each image in one shard
+    _assert_same([r for s in shards for r in s], json.loads(want.read_text()))
+
+
+@needs_ray
+def test_a_corrupt_image_is_named_and_the_rest_refined(tmp_path, checkpoint, cluster, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    results = json.loads(VAL_RESULTS.read_text())
+    for image_id in {r["image_id"] for r in results}:
+        (images / f"{image_id:012d}.jpg").write_bytes((IMAGES / f"{image_id:012d}.jpg").read_bytes())
+    bad = images / "000000040083.jpg"
+    bad.write_bytes(bad.read_bytes()[:400])  # cut short in its header
+    want = tmp_path / "want.json"
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps([r for r in results if r["image_id"] != 40083]))
+    assert _refine("--checkpoint", checkpoint, "--images", IMAGES, "--input", good, "--out", want) == 0
+    capsys.readouterr()
+    out = tmp_path / "out.json"
+    # Read by the workers through a URI, as from an object store.
+    assert _refine("--checkpoint", checkpoint, "--images", bad.parent.as_uri(), "--input", VAL_RESULTS,
+                   "--out", out, "--ray", "--actors", "1", "--skip-invalid") == 0
+    printed = capsys.readouterr().out
+    assert f"skipped 1 image that cannot be read (--skip-invalid), their persons left out: {bad.as_uri()}: image: " \
+           in printed
+    _assert_same(json.loads(out.read_text()), json.loads(want.read_text()))
+
+
+@needs_ray
+def test_a_killed_worker_its_blocks_run_again_every_person_once(tmp_path, checkpoint, cluster):
+    from posefix.distributed import refine_images_ray
+
+    images, path = _many_images(tmp_path, copies=1)
+    results = json.loads(path.read_text())
+    groups: dict = {}
+    for i, r in enumerate(results):
+        groups.setdefault(r["image_id"], []).append(i)
+    poses = np.array([r["keypoints"] for r in results]).reshape(-1, 17, 3)
+    jobs = [(key, images / f"{key:012d}.jpg", poses[rows]) for key, rows in groups.items()]
+    killed = []
+
+    def kill_one(_):
+        if not killed:
+            pids = _actor_pids()
+            assert pids
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    got = list(refine_images_ray(checkpoint, jobs, actors=2, batch_size=8, images_per_block=1, progress=kill_one,
+                                 show_progress=False))
+    assert killed
+    assert sorted(key for key, _, _ in got) == sorted(groups)  # every image once
+    want = {key: (xy, conf) for key, xy, conf in refine_images(Refiner.from_checkpoint(checkpoint, batch_size=8),
+                                                               jobs)}
+    for key, xy, conf in got:
+        assert xy.shape == (len(groups[key]), 17, 2)
+        np.testing.assert_allclose(xy, want[key][0], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(conf, want[key][1], rtol=0, atol=1e-6)
+
+
+@needs_ray
+def test_stopping_the_driver_leaves_no_output(tmp_path, checkpoint, cluster):
+    images, path = _many_images(tmp_path, copies=6)
+    out = tmp_path / "out.json"
+    out.write_text("[]")  # an earlier output, which must stay as it was
+    proc = subprocess.Popen([sys.executable, "-m", "posefix", "refine", "--checkpoint", str(checkpoint), "--images",
+                             str(images), "--input", str(path), "--out", str(out), "--ray", cluster, "--actors", "1",
+                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _actor_pids() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "posefix: interrupted"
+    assert out.read_text() == "[]"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many", "many.json", "out.json"]
