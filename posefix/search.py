@@ -17,7 +17,8 @@ swapped), so a person matches their mirror image. This is the one definition eve
 
 Index (:class:`PoseIndex`): the poses as given, their pose ids, image ids, boxes, instance scores and image
 files, searched exactly (numpy, every pose) or approximately (faiss' inverted-file index on the normalised
-coordinates gives candidates, which the exact distance then ranks; needs the ``search`` extra). Stored as
+coordinates, each joint's deviation from the index's mean pose weighed by the square root of its confidence,
+gives candidates, which the exact distance then ranks; needs the ``search`` extra). Stored as
 one uncompressed ``.npz`` of plain arrays (read without pickle: loading a file runs no code of it), with a
 format name and a version, written atomically.
 """
@@ -81,8 +82,9 @@ def mirror(poses) -> np.ndarray:
 
 
 def embed(poses, rotate: bool = False) -> Embedding:
-    """Poses (N, K, 3) in pixels → their :class:`Embedding`. A pose without a present joint, or whose present
-    joints all coincide, has weight 0 everywhere (it matches nothing; the index refuses such poses)."""
+    """Poses (N, K, 3) in pixels → their :class:`Embedding`. A pose whose present joints all coincide (one joint)
+    keeps them at the centroid, unscaled; a pose without a present joint has weight 0 everywhere (it is at
+    :data:`MISSING_DISTANCE` from every pose)."""
     poses = np.asarray(poses, dtype=np.float64).reshape(-1, NUM_KEYPOINTS, 3)
     have = present(poses)
     xy = np.where(have[..., None], np.nan_to_num(poses[..., :2]), 0.0)
@@ -90,16 +92,15 @@ def embed(poses, rotate: bool = False) -> Embedding:
     centre = xy.sum(-2) / np.maximum(n, 1)  # (N, 2)
     xy = np.where(have[..., None], xy - centre[:, None], 0.0)
     radius = np.sqrt((xy ** 2).sum((-2, -1)) / np.maximum(n[:, 0], 1))  # (N,)
-    ok = radius > 0
-    xy = xy / np.where(ok, radius, 1.0)[:, None, None]
+    xy = xy / np.where(radius > 0, radius, 1.0)[:, None, None]
     if rotate:
         both = have[:, _SHOULDERS].all(-1) & have[:, _HIPS].all(-1)
         torso = xy[:, _SHOULDERS].mean(1) - xy[:, _HIPS].mean(1)  # (N, 2), y down
         angle = np.where(both, np.arctan2(torso[:, 0], -torso[:, 1]), 0.0)  # 0 when the torso points up
         c, s = np.cos(angle)[:, None], np.sin(angle)[:, None]
         x, y = xy[..., 0], xy[..., 1]
-        xy = np.stack([c * x - s * y, s * x + c * y], axis=-1)
-    weight = np.where(have & ok[:, None], np.clip(poses[..., 2], 0.0, 1.0), 0.0)
+        xy = np.stack([c * x + s * y, c * y - s * x], axis=-1)  # turned by -angle
+    weight = np.where(have, np.clip(poses[..., 2], 0.0, 1.0), 0.0)
     return Embedding(xy.astype(np.float32), weight.astype(np.float32))
 
 
@@ -158,7 +159,7 @@ class PoseIndex:
     ids, unique; image_ids (N,) int64; boxes (N, 4) xywh pixels; scores (N,) instance scores; files: the image
     files named by ``file_index`` (N,) (-1: no file); rotate: whether the embedding aligns the torso;
     method: "exact" or "ivf" (the approximate index, faiss); nprobe: inverted lists an approximate search
-    visits; candidates: approximate candidates per query ranked exactly, as a multiple of k (at least 100)."""
+    visits; candidates: approximate candidates per query ranked exactly, as a multiple of k (at least 300)."""
 
     keypoints: np.ndarray
     ids: np.ndarray
@@ -169,8 +170,9 @@ class PoseIndex:
     file_index: np.ndarray
     rotate: bool = False
     method: str = "exact"
-    nprobe: int = 16
-    candidates: int = 10
+    nprobe: int = 32
+    candidates: int = 30
+    template: np.ndarray | None = None  # (K, 2) the mean normalised pose the approximate index's vectors deviate from
     _embedding: Embedding | None = field(default=None, repr=False)
     _ann: object = field(default=None, repr=False)
 
@@ -206,11 +208,6 @@ class PoseIndex:
         n = kp.shape[0]
         have = present(kp)
         emb = embed(kp, self.rotate)
-        empty = ~(emb.weight > 0).any(-1)
-        if empty.any():
-            i = int(np.argmax(empty))
-            what = "no present joint" if not have[i].any() else "its present joints all at one point"
-            raise InputError(f"poses[{i}].keypoints", f"has {what}; such a pose cannot be searched for")
         if ids is None:
             start = int(self.ids.max()) + 1 if len(self.ids) else 0
             ids = np.arange(start, start + n, dtype=np.int64)
@@ -235,7 +232,7 @@ class PoseIndex:
                 if file_index[i] == len(file_list):
                     file_list.append(f)
         if self._ann is not None:
-            self._ann.add(_ann_vectors(emb))
+            self._ann.add(_ann_vectors(emb, self.template))
         self.keypoints = np.concatenate([self.keypoints, kp])
         self.ids = np.concatenate([self.ids, ids])
         self.image_ids = np.concatenate([self.image_ids, image_ids])
@@ -248,11 +245,15 @@ class PoseIndex:
 
     def _train_ann(self) -> None:
         faiss = _faiss()
-        vectors = _ann_vectors(self.embedding)
-        nlist = max(1, min(int(4 * math.sqrt(len(self))), len(self) // 39))
+        e = self.embedding
+        have = (e.weight > 0)[..., None]
+        self.template = ((e.xy * have).sum(0) / np.maximum(have.sum(0), 1)).astype(np.float32)
+        vectors = _ann_vectors(e, self.template)
+        nlist = max(1, min(int(math.sqrt(len(self))), len(self) // 39))
         quantizer = faiss.IndexFlatL2(vectors.shape[1])
         ann = faiss.IndexIVFFlat(quantizer, vectors.shape[1], nlist)
         ann.cp.seed = 0
+        ann.cp.max_points_per_centroid = 64  # k-means on a sample of 64 poses a list: seconds at 10^6 poses
         ann.train(vectors)
         ann.add(vectors)
         self._ann = ann
@@ -296,9 +297,9 @@ class PoseIndex:
         """Per query, the rows the approximate index proposes (those of the mirror image too), unique."""
         if self._ann is None:
             self._train_ann()
-        m = min(len(self), max(100, self.candidates * k))
+        m = min(len(self), max(300, self.candidates * k))
         self._ann.nprobe = min(self.nprobe, self._ann.nlist)
-        found = [self._ann.search(_ann_vectors(e), m)[1] for e in (qe, qm) if e is not None]
+        found = [self._ann.search(_ann_vectors(e, self.template), m)[1] for e in (qe, qm) if e is not None]
         rows = np.concatenate(found, axis=1)
         return [np.unique(r[r >= 0]) for r in rows]
 
@@ -316,6 +317,7 @@ class PoseIndex:
             if self._ann is None:
                 self._train_ann()
             arrays["ann"] = _faiss().serialize_index(self._ann)
+            arrays["template"] = self.template
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
@@ -372,12 +374,15 @@ class PoseIndex:
             if ann.ntotal != n or ann.d != 2 * NUM_KEYPOINTS:
                 raise ValueError(f"the approximate index holds {ann.ntotal} vectors of {ann.d} numbers for {n} poses")
             index._ann = ann
+            index.template = np.asarray(a["template"], np.float32).reshape(NUM_KEYPOINTS, 2)
         return index
 
 
-def _ann_vectors(e: Embedding) -> np.ndarray:
-    """What the approximate index compares: the normalised coordinates (absent joints at the centroid)."""
-    return np.ascontiguousarray(e.xy.reshape(len(e), -1), dtype=np.float32)
+def _ann_vectors(e: Embedding, template: np.ndarray) -> np.ndarray:
+    """What the approximate index compares: each joint's deviation from ``template`` (K, 2) times the square root
+    of its confidence (0 for an absent joint), (N, 2K) float32."""
+    dev = np.where((e.weight > 0)[..., None], e.xy - template, 0) * np.sqrt(e.weight)[..., None]
+    return np.ascontiguousarray(dev.reshape(len(e), -1), dtype=np.float32)
 
 
 def _repeated(ids: np.ndarray) -> np.ndarray:
