@@ -9,9 +9,11 @@ so that the torso (mid-hip → mid-shoulder) points up; each joint keeps its con
 [0, 1], 0 for an absent joint. Only the present joints take part in the centroid and the scale.
 
 Distance (:func:`pose_distance`), the confidence-weighted mean joint distance Move Mirror used, made
-symmetric and aware of missing joints: joint k weighs ω_k = (c_ak + c_bk) / 2; it contributes the Euclidean
-distance between the two normalised joints where both poses have it, :data:`MISSING_DISTANCE` (one RMS
-radius of the person) where only one has it, nothing where neither has it; D = Σ ω_k d_k / Σ ω_k. With
+symmetric and aware of missing joints: the two poses are first normalised again, each over the joints both
+have (centroid and RMS radius of those), so that a joint one pose lacks moves neither pose; then joint k
+weighs ω_k = (c_ak + c_bk) / 2 and contributes the Euclidean distance between the two normalised joints
+where both poses have it, :data:`MISSING_DISTANCE` (one RMS radius) where only one has it, nothing where
+neither has it; D = Σ ω_k d_k / Σ ω_k. With
 ``mirror``, D is the smaller of the distance to the pose and to its mirror image (x flipped, left and right
 swapped), so a person matches their mirror image. This is the one definition every search uses.
 
@@ -56,17 +58,27 @@ def _faiss():
 
 @dataclass(frozen=True)
 class Embedding:
-    """Normalised poses: xy (N, K, 2) float32 in RMS radii about the centroid (0 where absent) and
-    weight (N, K) float32, the confidence in [0, 1] (0: absent)."""
+    """Normalised poses: x, y (N, K) float32 in RMS radii about the centroid (0 where absent) and weight (N, K)
+    float32, the confidence in [0, 1] (0: absent). x and y apart, each contiguous: what the distance sums over."""
 
-    xy: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
     weight: np.ndarray
 
     def __len__(self) -> int:
-        return self.xy.shape[0]
+        return self.x.shape[0]
 
     def __getitem__(self, rows) -> Embedding:
-        return Embedding(self.xy[rows], self.weight[rows])
+        return Embedding(self.x[rows], self.y[rows], self.weight[rows])
+
+    @property
+    def xy(self) -> np.ndarray:
+        """(N, K, 2)."""
+        return np.stack([self.x, self.y], axis=-1)
+
+    @staticmethod
+    def concatenate(parts) -> Embedding:
+        return Embedding(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("x", "y", "weight")))
 
 
 def present(poses: np.ndarray) -> np.ndarray:
@@ -101,25 +113,44 @@ def embed(poses, rotate: bool = False) -> Embedding:
         x, y = xy[..., 0], xy[..., 1]
         xy = np.stack([c * x + s * y, c * y - s * x], axis=-1)  # turned by -angle
     weight = np.where(have, np.clip(poses[..., 2], 0.0, 1.0), 0.0)
-    return Embedding(xy.astype(np.float32), weight.astype(np.float32))
+    f32 = np.float32
+    return Embedding(np.ascontiguousarray(xy[..., 0], f32), np.ascontiguousarray(xy[..., 1], f32), weight.astype(f32))
 
 
 def pose_distance(a: Embedding, b: Embedding) -> np.ndarray:
     """The distance (see the module's docstring) of each pose of ``a`` to each of ``b``, broadcasting their
-    leading axes: ``a`` (..., K, 2) against ``b`` (..., K, 2) → (...). 0 for equal poses; a pose with no
-    present joint is at :data:`MISSING_DISTANCE` from everything."""
-    wa, wb = a.weight, b.weight
-    d = np.sqrt(((a.xy - b.xy) ** 2).sum(-1))
-    d = np.where((wa > 0) & (wb > 0), d, np.float32(MISSING_DISTANCE))
+    leading axes: ``a`` (..., K) against ``b`` (..., K) → (...). 0 for equal poses; a pose with no present joint
+    is at :data:`MISSING_DISTANCE` from everything.
+
+    Where both poses have all the joints either has, normalising again over the common joints changes nothing
+    (each is normalised over its own already): those pairs skip it."""
+    shape = np.broadcast_shapes(a.x.shape, b.x.shape)
+    ax, ay, wa, bx, by, wb = (np.broadcast_to(v, shape).reshape(-1, shape[-1])
+                              for v in (a.x, a.y, a.weight, b.x, b.y, b.weight))
+    ha, hb = wa > 0, wb > 0
+    both = ha & hb
+    dx, dy = ax - bx, ay - by
+    d = np.sqrt(dx * dx + dy * dy)
+    redo = np.flatnonzero((both != ha).any(-1) | (both != hb).any(-1))
+    if redo.size:
+        m = both[redo].astype(np.float32)
+        count = np.maximum(m.sum(-1, keepdims=True), 1)
+        xa, ya, xb, yb = ((v[redo] - (v[redo] * m).sum(-1, keepdims=True) / count) * m for v in (ax, ay, bx, by))
+        ra, rb = (np.sqrt((u * u + v * v).sum(-1, keepdims=True) / count) for u, v in ((xa, ya), (xb, yb)))
+        ra[ra == 0], rb[rb == 0] = 1, 1
+        dx, dy = xa / ra - xb / rb, ya / ra - yb / rb
+        d[redo] = np.sqrt(dx * dx + dy * dy)
+    d = np.where(both, d, np.float32(MISSING_DISTANCE))
     w = (wa + wb) * np.float32(0.5)
     total = w.sum(-1)
-    return np.where(total > 0, (w * d).sum(-1) / np.where(total > 0, total, 1), np.float32(MISSING_DISTANCE))
+    out = np.where(total > 0, (w * d).sum(-1) / np.where(total > 0, total, 1), np.float32(MISSING_DISTANCE))
+    return out.reshape(shape[:-1])
 
 
 def distances_to(query: Embedding, poses: Embedding) -> np.ndarray:
-    """One query (K, 2) against N poses → (N,) float32, in chunks of :data:`CHUNK` poses."""
+    """One query (K,) against N poses → (N,) float32, in chunks of :data:`CHUNK` poses."""
     out = np.empty(len(poses), dtype=np.float32)
-    q = Embedding(query.xy[None], query.weight[None])
+    q = query[None]
     for lo in range(0, len(poses), CHUNK):
         out[lo:lo + CHUNK] = pose_distance(q, poses[lo:lo + CHUNK])
     return out
@@ -240,8 +271,7 @@ class PoseIndex:
         self.scores = np.concatenate([self.scores, scores])
         self.files, self.file_index = file_list, np.concatenate([self.file_index, file_index])
         if self._embedding is not None:
-            self._embedding = Embedding(np.concatenate([self._embedding.xy, emb.xy]),
-                                        np.concatenate([self._embedding.weight, emb.weight]))
+            self._embedding = Embedding.concatenate([self._embedding, emb])
 
     def _train_ann(self) -> None:
         faiss = _faiss()
