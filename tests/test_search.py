@@ -380,3 +380,30 @@ def test_the_sample_gt_persons_find_themselves():
     kp[..., 2] = (kp[..., 2] > 0).astype(float)
     index = PoseIndex.build(kp)
     assert (index.search(kp, 1).rows[:, 0] == np.arange(len(kp))).all()
+
+
+# The benchmarks, on tiny settings; the retrieval-quality figures on the samples' real persons.
+
+def test_bench_search_runs_and_reports_what_it_prints(tmp_path, capsys):
+    from benchmarks import bench_search
+
+    out = tmp_path / "bench.json"
+    assert bench_search.main(["--sizes", "400", "--queries", "3", "--nprobe", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["poses"], r["method"]) for r in rows] == [(400, "exact"), (400, "ivf nprobe 2")]
+    assert rows[0]["recall_at_10"] == 1.0 and 0 <= rows[1]["recall_at_10"] <= 1
+    assert all(0 < r["p50_ms"] <= r["p99_ms"] and r["build_s"] > 0 and r["file_bytes"] > 0 for r in rows)
+    assert "ivf nprobe 2" in capsys.readouterr().out
+
+
+def test_jittered_copies_of_the_samples_persons_find_the_original(tmp_path):
+    from benchmarks import search_quality
+
+    out = tmp_path / "quality.json"
+    assert search_quality.main(["--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert report["index_poses"] == 191
+    for name in ("jitter, every joint", "jitter, published rates", "mirrored, --mirror"):
+        assert rows[name]["all"]["rank1"] >= 0.95, (name, rows[name])
+    assert rows["mirrored, without --mirror"]["all"]["rank1"] < 0.5
