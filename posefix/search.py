@@ -264,14 +264,16 @@ class PoseIndex:
                     file_list.append(f)
         if self._ann is not None:
             self._ann.add(_ann_vectors(emb, self.template))
+        if self._embedding is None and len(self) == 0:
+            self._embedding = emb
+        elif self._embedding is not None:
+            self._embedding = Embedding.concatenate([self._embedding, emb])
         self.keypoints = np.concatenate([self.keypoints, kp])
         self.ids = np.concatenate([self.ids, ids])
         self.image_ids = np.concatenate([self.image_ids, image_ids])
         self.boxes = np.concatenate([self.boxes, boxes])
         self.scores = np.concatenate([self.scores, scores])
         self.files, self.file_index = file_list, np.concatenate([self.file_index, file_index])
-        if self._embedding is not None:
-            self._embedding = Embedding.concatenate([self._embedding, emb])
 
     def _train_ann(self) -> None:
         faiss = _faiss()
