@@ -601,7 +601,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="on SIGTERM, time for calls in flight (10)")
     sv.add_argument("--drain-s", type=float, default=0.0, metavar="S",
                     help="on SIGTERM, keep taking calls with health NOT_SERVING this long first (0)")
+    sv.add_argument("--index", metavar="POSES.index", help="a pose index (posefix index build) for SearchPoses")
     sv.set_defaults(func=cmd_serve)
+
+    from .search_cli import add_parsers as add_search_parsers
+
+    add_search_parsers(sub, ("coco", "movenet", "blazepose", "posenet", "openpose"))
 
     d = sub.add_parser("demo", help="run the demo on the bundled sample",
                        description="Synthesize inputs, train the CPU preset briefly (or use --checkpoint), "

@@ -40,6 +40,7 @@ from ._proto import FORMAT_LAYOUT, SERVICE_NAME, pb2, pb2_grpc
 from .batcher import BatcherStopped, BatchRecord, DeadlineExpired, DynamicBatcher, QueueFull
 from .formats import LAYOUTS, Layout, from_coco17, to_coco17
 from .images import PNG_SIGNATURE, check_png, decode_encoded, encoded_size  # noqa: F401 (part of this module's API)
+from .search_service import NoIndex, search_poses
 from .tracking import OneEuroFilter, OneEuroParams, Tracks  # noqa: F401 (OneEuroFilter: API)
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ STATUS: dict[type[BaseException], grpc.StatusCode] = {
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     BatcherStopped: grpc.StatusCode.UNAVAILABLE,
+    NoIndex: grpc.StatusCode.FAILED_PRECONDITION,
 }
 FIELD_METADATA_KEY = "posefix-field"  # trailing metadata naming the offending field of an INVALID_ARGUMENT
 
@@ -304,7 +306,7 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
     """Request → batcher → response; every error becomes a status through :data:`STATUS`."""
 
     def __init__(self, batcher: DynamicBatcher, model_info: pb2.ModelInfo, limits: Limits, metrics: Metrics,
-                 decoder: ThreadPoolExecutor, stage=None, max_pinned_bytes: int = 0):
+                 decoder: ThreadPoolExecutor, stage=None, max_pinned_bytes: int = 0, index=None):
         self.stage = stage  # a decoded image → ready for the model's device (Refiner.stage), in the decoder's thread
         self.pinned = PinnedBudget(max_pinned_bytes)
         self.batcher = batcher
@@ -312,6 +314,7 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
         self.limits = limits
         self.metrics = metrics
         self.decoder = decoder
+        self.index = index  # a posefix.search.PoseIndex for SearchPoses, or None
 
     async def _prepare(self, request: pb2.RefinePoseRequest) -> _Request:
         layout = layout_of(request.format)
@@ -414,6 +417,19 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
             return
         self._succeeded(method)
 
+    async def SearchPoses(self, request: pb2.SearchPosesRequest, context) -> pb2.SearchPosesResponse:
+        t0 = time.perf_counter()
+        try:
+            response = await search_poses(self, request, context)
+        except asyncio.CancelledError:
+            self._cancelled("SearchPoses", context)
+            raise
+        except Exception as e:  # noqa: BLE001 — every error is answered with its status
+            self._fail("SearchPoses", context, e)
+            return pb2.SearchPosesResponse()
+        self._succeeded("SearchPoses", t0)
+        return response
+
     async def GetModelInfo(self, request: pb2.GetModelInfoRequest, context) -> pb2.ModelInfo:
         self._succeeded("GetModelInfo")
         return self.model_info
@@ -421,12 +437,13 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
 
 # The server.
 
-def model_info(refiner, limits: Limits, batcher: DynamicBatcher, model_version: str = "") -> pb2.ModelInfo:
+def model_info(refiner, limits: Limits, batcher: DynamicBatcher, model_version: str = "", index=None) -> pb2.ModelInfo:
     cfg = refiner.cfg
     return pb2.ModelInfo(
         keypoint_format=pb2.KEYPOINT_FORMAT_COCO_17, input_height=cfg.input_size[0], input_width=cfg.input_size[1],
         model_variant=cfg.backbone, model_version=model_version, server_version=__version__,
-        flip_test=bool(getattr(refiner, "flip_test", False)),
+        flip_test=bool(getattr(refiner, "flip_test", False)), index_loaded=index is not None,
+        index_size=0 if index is None else len(index),
         limits=pb2.Limits(max_persons_per_image=limits.max_persons_per_image, max_image_side=limits.max_image_side,
                           max_image_pixels=limits.max_image_pixels, max_message_bytes=limits.max_message_bytes,
                           max_batch_size=batcher.max_batch_size, max_queue_delay_ms=batcher.max_queue_delay_ms,
@@ -485,7 +502,7 @@ class PoseRefinerServer:
 def create_server(refiner, host: str = "127.0.0.1", port: int = 0, *, max_batch_size: int = 64,
                   max_queue_delay_ms: float = 5.0, max_queue_size: int = 1024, metrics_port: int | None = None,
                   limits: Limits = Limits(), model_version: str = "", decode_workers: int = 4,
-                  max_pinned_bytes: int = 512 * 1024 * 1024) -> PoseRefinerServer:
+                  max_pinned_bytes: int = 512 * 1024 * 1024, index=None) -> PoseRefinerServer:
     """A PoseRefiner server for ``refiner`` (a :class:`~posefix.engine.Refiner`, or anything with its
     ``refine`` and ``cfg``), bound to ``host:port`` (port 0: a free port, see ``.port``), not started.
 
@@ -494,6 +511,7 @@ def create_server(refiner, host: str = "127.0.0.1", port: int = 0, *, max_batch_
     ``metrics_port``: serve Prometheus metrics over HTTP on ``host`` at this port (0: a free one).
     ``max_pinned_bytes``: on a GPU, decoded images of calls in flight are staged in pinned host memory, so that
     their copies to the device wait for nothing, up to this many bytes (page-locked memory is the machine's).
+    ``index``: a :class:`~posefix.search.PoseIndex` that SearchPoses searches (None: FAILED_PRECONDITION).
     Call it from the event loop that will run the server.
     """
     if max_batch_size < 1:
@@ -517,10 +535,10 @@ def create_server(refiner, host: str = "127.0.0.1", port: int = 0, *, max_batch_
         ("grpc.max_send_message_length", limits.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ])
-    info = model_info(refiner, limits, batcher, model_version)
+    info = model_info(refiner, limits, batcher, model_version, index)
     pb2_grpc.add_PoseRefinerServicer_to_server(PoseRefinerServicer(batcher, info, limits, metrics, decoder,
                                                                    getattr(refiner, "stage", None),
-                                                                   max_pinned_bytes), server)
+                                                                   max_pinned_bytes, index), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -574,9 +592,11 @@ def serve_main(args: argparse.Namespace) -> int:
     flip_test (False: refine each crop with its mirror too), precision ("fp32" or "bf16") and channels_last
     (False), grace_s (10: seconds calls in flight have to
     finish once stopping) and drain_s (0: seconds to go on taking calls with health NOT_SERVING before
-    that). Bad values raise InputError naming the option.
+    that), index (None: no pose index; else a file of posefix index build, for SearchPoses). Bad values raise
+    InputError naming the option.
     """
     from .engine import Refiner
+    from .search import PoseIndex
 
     grace_s, drain_s = getattr(args, "grace_s", 10.0), getattr(args, "drain_s", 0.0)
     flip_test = bool(getattr(args, "flip_test", False))
@@ -588,6 +608,7 @@ def serve_main(args: argparse.Namespace) -> int:
     for name, value in (("--grace-s", grace_s), ("--drain-s", drain_s)):
         if not (math.isfinite(value) and value >= 0):
             raise InputError(name, f"must be >= 0 seconds, got {value}")
+    index = PoseIndex.load(args.index, "--index") if getattr(args, "index", None) else None
     refiner = Refiner.from_checkpoint(args.checkpoint, device, batch_size=args.max_batch_size, flip_test=flip_test,
                                       precision=getattr(args, "precision", "fp32"),
                                       channels_last=bool(getattr(args, "channels_last", False)))
@@ -597,5 +618,5 @@ def serve_main(args: argparse.Namespace) -> int:
     refiner.refine([torch.zeros((3, h, w), dtype=torch.uint8)], np.zeros(1, dtype=np.int64), warm)
     serve(refiner, args.host, args.port, grace_s=grace_s, drain_s=drain_s, max_batch_size=args.max_batch_size,
           max_queue_delay_ms=args.max_queue_delay_ms, max_queue_size=args.max_queue_size,
-          metrics_port=args.metrics_port, model_version=checkpoint_version(args.checkpoint))
+          metrics_port=args.metrics_port, model_version=checkpoint_version(args.checkpoint), index=index)
     return 0

@@ -183,7 +183,7 @@ class FormatInfo(_message.Message):
     def __init__(self, format: _Optional[_Union[KeypointFormat, str]] = ..., keypoint_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("keypoint_format", "input_height", "input_width", "model_variant", "model_version", "server_version", "limits", "formats", "flip_test")
+    __slots__ = ("keypoint_format", "input_height", "input_width", "model_variant", "model_version", "server_version", "limits", "formats", "flip_test", "index_loaded", "index_size")
     KEYPOINT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     INPUT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     INPUT_WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +193,8 @@ class ModelInfo(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     FORMATS_FIELD_NUMBER: _ClassVar[int]
     FLIP_TEST_FIELD_NUMBER: _ClassVar[int]
+    INDEX_LOADED_FIELD_NUMBER: _ClassVar[int]
+    INDEX_SIZE_FIELD_NUMBER: _ClassVar[int]
     keypoint_format: KeypointFormat
     input_height: int
     input_width: int
@@ -202,4 +204,44 @@ class ModelInfo(_message.Message):
     limits: Limits
     formats: _containers.RepeatedCompositeFieldContainer[FormatInfo]
     flip_test: bool
-    def __init__(self, keypoint_format: _Optional[_Union[KeypointFormat, str]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., model_variant: _Optional[str] = ..., model_version: _Optional[str] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., formats: _Optional[_Iterable[_Union[FormatInfo, _Mapping]]] = ..., flip_test: _Optional[bool] = ...) -> None: ...
+    index_loaded: bool
+    index_size: int
+    def __init__(self, keypoint_format: _Optional[_Union[KeypointFormat, str]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., model_variant: _Optional[str] = ..., model_version: _Optional[str] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., formats: _Optional[_Iterable[_Union[FormatInfo, _Mapping]]] = ..., flip_test: _Optional[bool] = ..., index_loaded: _Optional[bool] = ..., index_size: _Optional[int] = ...) -> None: ...
+
+class SearchPosesRequest(_message.Message):
+    __slots__ = ("format", "query", "image", "k", "mirror")
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    MIRROR_FIELD_NUMBER: _ClassVar[int]
+    format: KeypointFormat
+    query: Person
+    image: Image
+    k: int
+    mirror: bool
+    def __init__(self, format: _Optional[_Union[KeypointFormat, str]] = ..., query: _Optional[_Union[Person, _Mapping]] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., k: _Optional[int] = ..., mirror: _Optional[bool] = ...) -> None: ...
+
+class PoseMatch(_message.Message):
+    __slots__ = ("pose_id", "image_id", "box", "distance", "mirrored", "keypoints")
+    POSE_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    MIRRORED_FIELD_NUMBER: _ClassVar[int]
+    KEYPOINTS_FIELD_NUMBER: _ClassVar[int]
+    pose_id: int
+    image_id: int
+    box: Box
+    distance: float
+    mirrored: bool
+    keypoints: _containers.RepeatedCompositeFieldContainer[Keypoint]
+    def __init__(self, pose_id: _Optional[int] = ..., image_id: _Optional[int] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., distance: _Optional[float] = ..., mirrored: _Optional[bool] = ..., keypoints: _Optional[_Iterable[_Union[Keypoint, _Mapping]]] = ...) -> None: ...
+
+class SearchPosesResponse(_message.Message):
+    __slots__ = ("matches", "query")
+    MATCHES_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    matches: _containers.RepeatedCompositeFieldContainer[PoseMatch]
+    query: _containers.RepeatedCompositeFieldContainer[Keypoint]
+    def __init__(self, matches: _Optional[_Iterable[_Union[PoseMatch, _Mapping]]] = ..., query: _Optional[_Iterable[_Union[Keypoint, _Mapping]]] = ...) -> None: ...

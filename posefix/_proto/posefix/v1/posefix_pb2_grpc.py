@@ -50,6 +50,11 @@ class PoseRefinerStub:
                 request_serializer=posefix_dot_v1_dot_posefix__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=posefix_dot_v1_dot_posefix__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.SearchPoses = channel.unary_unary(
+                '/posefix.v1.PoseRefiner/SearchPoses',
+                request_serializer=posefix_dot_v1_dot_posefix__pb2.SearchPosesRequest.SerializeToString,
+                response_deserializer=posefix_dot_v1_dot_posefix__pb2.SearchPosesResponse.FromString,
+                _registered_method=True)
 
 
 class PoseRefinerServicer:
@@ -83,6 +88,14 @@ class PoseRefinerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchPoses(self, request, context):
+        """The k indexed poses nearest to a query pose (the index given to the server at start). Without an
+        index: FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PoseRefinerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -100,6 +113,11 @@ def add_PoseRefinerServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=posefix_dot_v1_dot_posefix__pb2.GetModelInfoRequest.FromString,
                     response_serializer=posefix_dot_v1_dot_posefix__pb2.ModelInfo.SerializeToString,
+            ),
+            'SearchPoses': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchPoses,
+                    request_deserializer=posefix_dot_v1_dot_posefix__pb2.SearchPosesRequest.FromString,
+                    response_serializer=posefix_dot_v1_dot_posefix__pb2.SearchPosesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +202,33 @@ class PoseRefiner:
             '/posefix.v1.PoseRefiner/GetModelInfo',
             posefix_dot_v1_dot_posefix__pb2.GetModelInfoRequest.SerializeToString,
             posefix_dot_v1_dot_posefix__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchPoses(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/posefix.v1.PoseRefiner/SearchPoses',
+            posefix_dot_v1_dot_posefix__pb2.SearchPosesRequest.SerializeToString,
+            posefix_dot_v1_dot_posefix__pb2.SearchPosesResponse.FromString,
             options,
             channel_credentials,
             insecure,
