@@ -183,7 +183,7 @@ class FormatInfo(_message.Message):
     def __init__(self, format: _Optional[_Union[KeypointFormat, str]] = ..., keypoint_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("keypoint_format", "input_height", "input_width", "model_variant", "model_version", "server_version", "limits", "formats", "flip_test")
+    __slots__ = ("keypoint_format", "input_height", "input_width", "model_variant", "model_version", "server_version", "limits", "formats", "flip_test", "backend")
     KEYPOINT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     INPUT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     INPUT_WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +193,7 @@ class ModelInfo(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     FORMATS_FIELD_NUMBER: _ClassVar[int]
     FLIP_TEST_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     keypoint_format: KeypointFormat
     input_height: int
     input_width: int
@@ -202,4 +203,5 @@ class ModelInfo(_message.Message):
     limits: Limits
     formats: _containers.RepeatedCompositeFieldContainer[FormatInfo]
     flip_test: bool
-    def __init__(self, keypoint_format: _Optional[_Union[KeypointFormat, str]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., model_variant: _Optional[str] = ..., model_version: _Optional[str] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., formats: _Optional[_Iterable[_Union[FormatInfo, _Mapping]]] = ..., flip_test: _Optional[bool] = ...) -> None: ...
+    backend: str
+    def __init__(self, keypoint_format: _Optional[_Union[KeypointFormat, str]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., model_variant: _Optional[str] = ..., model_version: _Optional[str] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., formats: _Optional[_Iterable[_Union[FormatInfo, _Mapping]]] = ..., flip_test: _Optional[bool] = ..., backend: _Optional[str] = ...) -> None: ...
