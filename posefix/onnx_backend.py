@@ -297,7 +297,7 @@ def onnx_model(checkpoint, onnx, device, provider=None, fp16=False) -> OnnxModel
 
 # Triton Inference Server.
 
-TRITON_TYPES = {1: "TYPE_FP32", 6: "TYPE_INT32", 7: "TYPE_INT64", 10: "TYPE_FP16"}
+TRITON_TYPES = {1: "TYPE_FP32", 6: "TYPE_INT32", 7: "TYPE_INT64", 9: "TYPE_BOOL", 10: "TYPE_FP16", 11: "TYPE_FP64"}
 
 
 def triton_config(proto, name: str = "posefix", max_batch_size: int = 64, max_queue_delay_ms: float = 5.0,

@@ -3,9 +3,8 @@
 The exported graph is compared with the torch refiner it came from (coordinates within 0.05 px, confidences
 within 1e-3) on random and real crops; the int8 model with the fp32 one (a stated bound, and keypoint AP on the
 bundled sample's synthesized inputs and a real estimator's results within 0.5 AP points)."""
+import argparse
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,6 +19,8 @@ from posefix.images import coco_image_path, decode  # noqa: E402
 from posefix.model import ModelConfig, PoseFixNet  # noqa: E402
 from posefix.onnx_backend import (OnnxModel, calibration_crops, export_onnx, quantize_int8,  # noqa: E402
                                   triton_config)
+from posefix.service import serve_main  # noqa: E402
+from synth.exceptions import InputError  # noqa: E402
 from synth.cocoio import load_ground_truth, load_results  # noqa: E402
 from synth.diagnose import keypoint_ap  # noqa: E402
 
@@ -121,6 +122,17 @@ def test_fp32_equals_torch_for_every_backbone(backbone):
         image, kp = random_inputs(model.cfg, batch, seed=batch)
         with torch.no_grad():
             assert_equal_outputs(folded(image, keypoints=kp), session(image, keypoints=kp))
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available(),
+                    reason="needs onnxruntime's CUDA execution provider and a CUDA device")
+def test_cuda_provider_equals_torch(files, torch_refiner):
+    image, kp = random_inputs(torch_refiner.cfg, 7, seed=5)
+    with torch.no_grad():
+        expected = torch_refiner.model(image, keypoints=kp)
+    got = OnnxModel(files[1], "cuda", "cuda")(image.cuda(), keypoints=kp.cuda())
+    assert got["coords"].device.type == "cuda"
+    assert_equal_outputs(expected, {k: v.cpu() for k, v in got.items()})
 
 
 def test_refiner_gives_the_same_refinement_with_either_backend(files, torch_refiner, poses_785):
@@ -229,12 +241,13 @@ def test_serve_names_the_backend_and_refines_the_same(files, torch_refiner, pose
 
 # Bad input: one line naming the flag, exit 2, nothing written.
 
-def _run(args):
-    proc = subprocess.run([sys.executable, "-m", "posefix", *args], capture_output=True, text=True, timeout=300)
-    return proc.returncode, proc.stderr.strip()
+def _error(capsys, args) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(args)
+    return code, capsys.readouterr().err.strip()
 
 
-def test_bad_onnx_files_and_providers_are_one_line_errors(files, tmp_path):
+def test_bad_onnx_files_and_providers_are_one_line_errors(files, tmp_path, capsys):
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(files[1].read_bytes()[:5000])
     foreign = tmp_path / "foreign.onnx"
@@ -242,7 +255,6 @@ def test_bad_onnx_files_and_providers_are_one_line_errors(files, tmp_path):
                                    [onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [1])],
                                    [onnx.helper.make_tensor_value_info("coords", onnx.TensorProto.FLOAT, [1])])
     onnx.save(onnx.helper.make_model(graph), str(foreign))
-    base = ["refine", "--images", str(IMAGES), "--input", str(VAL_RESULTS), "--quiet"]
     cases = [
         (["--onnx", str(tmp_path / "missing.onnx")], "--onnx: file not found"),
         (["--onnx", str(corrupt)], "--onnx: not an ONNX model"),
@@ -252,25 +264,33 @@ def test_bad_onnx_files_and_providers_are_one_line_errors(files, tmp_path):
         (["--onnx", str(files[1]), "--precision", "bf16"], "--precision: bf16 is for the torch backend"),
         ([], "--checkpoint: is required"),
     ]
+    out = tmp_path / "out.json"
     for extra, message in cases:
-        out = tmp_path / "out.json"
-        rc, err = _run(base + extra + ["--out", str(out)])
-        assert rc == 2 and err.count("\n") == 0 and message in err, (extra, rc, err)
+        code, err = _error(capsys, ["refine", "--images", str(IMAGES), "--input", str(VAL_RESULTS), "--quiet", *extra,
+                                    "--out", str(out)])
+        assert code == 2 and err.count("\n") == 0 and message in err and err.startswith("posefix: error:"), (extra, err)
         assert not out.exists()
+    args = argparse.Namespace(checkpoint=None, onnx=str(foreign), device="cpu", max_batch_size=8, backend=None,
+                              provider=None)
+    with pytest.raises(InputError, match="--onnx: has no posefix metadata"):
+        serve_main(args)
 
 
-def test_export_bad_input_writes_nothing(files, tmp_path):
+def test_export_bad_input_writes_nothing(files, tmp_path, capsys):
     bad_poses = tmp_path / "poses.json"
     bad_poses.write_text("[]")
     out, repo = tmp_path / "x.onnx", tmp_path / "repo"
     for extra, message in (
             (["--int8", "--calibration-images", str(IMAGES)], "--calibration-images/--calibration-poses: --int8 needs"),
             (["--int8", "--calibration-images", str(IMAGES), "--calibration-poses", str(bad_poses)],
-             "--calibration-poses"),
+             "--calibration-poses: "),
+            (["--int8", "--calibration-images", str(tmp_path), "--calibration-poses", str(VAL_RESULTS)],
+             "--calibration-images: no image"),
             (["--batch", "zero"], "--batch: must be dynamic or a positive integer"),
             (["--batch", "4", "--triton", str(repo)], "--batch: a Triton repository needs --batch dynamic")):
-        code = main(["export", "--checkpoint", str(files[0]), "--onnx", str(out), *extra])
-        assert code == 2, extra
+        code, err = _error(capsys, ["export", "--checkpoint", str(files[0]), "--onnx", str(out), *extra])
+        assert code == 2 and err.count("\n") == 0 and message in err, (extra, err)
         assert not out.exists() and not repo.exists()
-    rc, err = _run(["export", "--checkpoint", str(tmp_path / "none.safetensors"), "--onnx", str(out)])
-    assert rc == 2 and "checkpoint: file not found" in err and err.count("\n") == 0 and not out.exists()
+    code, err = _error(capsys, ["export", "--checkpoint", str(tmp_path / "none.safetensors"), "--onnx", str(out)])
+    assert code == 2 and "checkpoint: file not found" in err and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["poses.json"]  # no temporary file left either
