@@ -444,6 +444,9 @@ def cmd_export(args) -> int:
     batch = None if args.batch == "dynamic" else int(args.batch)
     if args.triton and batch is not None:
         raise InputError("--batch", "a Triton repository needs --batch dynamic (Triton batches the calls)")
+    for name in ("max_batch_size", "instances", "calibration_persons"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')}", f"must be at least 1, got {getattr(args, name)}")
     model = load_weights(args.checkpoint)
     t0 = time.perf_counter()
     if args.int8:  # the crops first: bad calibration input is reported before the export's work

@@ -287,7 +287,8 @@ def test_export_bad_input_writes_nothing(files, tmp_path, capsys):
             (["--int8", "--calibration-images", str(tmp_path), "--calibration-poses", str(VAL_RESULTS)],
              "--calibration-images: no image"),
             (["--batch", "zero"], "--batch: must be dynamic or a positive integer"),
-            (["--batch", "4", "--triton", str(repo)], "--batch: a Triton repository needs --batch dynamic")):
+            (["--batch", "4", "--triton", str(repo)], "--batch: a Triton repository needs --batch dynamic"),
+            (["--triton", str(repo), "--instances", "0"], "--instances: must be at least 1")):
         code, err = _error(capsys, ["export", "--checkpoint", str(files[0]), "--onnx", str(out), *extra])
         assert code == 2 and err.count("\n") == 0 and message in err, (extra, err)
         assert not out.exists() and not repo.exists()
