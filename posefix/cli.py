@@ -269,8 +269,10 @@ def cmd_refine(args) -> int:
     from .engine import Refiner, refine_images
     from .formats import image_file, image_ids, read_estimates, write_coco_results
 
-    _check_outputs(args, ("checkpoint", "input", "annotations"), ("out",))
+    _check_outputs(args, ("checkpoint", "onnx", "input", "annotations"), ("out",))
     check_ray_args(args)
+    if args.ray is not None and (args.backend not in (None, "torch") or args.onnx):
+        raise InputError("--ray", "runs the torch backend; give --checkpoint without --backend/--onnx")
     if not (args.ray is not None and "://" in args.images) and not Path(args.images).is_dir():
         raise InputError("--images", f"{args.images} is not a directory")
     if args.batch_size < 1:
@@ -283,7 +285,8 @@ def cmd_refine(args) -> int:
     est = read_estimates(args.input, args.format, sizes, skip_invalid=args.skip_invalid)
     if args.ray is None:
         refiner = Refiner.from_checkpoint(args.checkpoint, args.device, args.batch_size, args.flip_test,
-                                          args.precision, args.channels_last)
+                                          args.precision, args.channels_last, args.backend, args.onnx,
+                                          args.provider)
     n = len(est.image_keys)
     groups: dict = {}
     for i, key in enumerate(est.image_keys):
@@ -413,7 +416,7 @@ def cmd_refine_video(args) -> int:
     from .tracking import OneEuroParams
     from .video import VideoWriter, draw_frame, load_poses, probe, refine_video
 
-    _check_outputs(args, ("checkpoint", "video", "input"), ("out", "render"))
+    _check_outputs(args, ("checkpoint", "onnx", "video", "input"), ("out", "render"))
     info = probe(args.video)
     sizes = None
     if args.format in ("movenet", "blazepose"):
@@ -425,7 +428,7 @@ def cmd_refine_video(args) -> int:
     poses = load_poses(args.input, args.format, sizes)
     smoothing = OneEuroParams(args.min_cutoff, args.beta, args.d_cutoff) if args.smooth else None
     refiner = Refiner.from_checkpoint(args.checkpoint, args.device, args.batch_size, args.flip_test,
-                                      args.precision, args.channels_last)
+                                      args.precision, args.channels_last, args.backend, args.onnx, args.provider)
     writer = VideoWriter(args.render, info.fps, info.width, info.height) if args.render else None
     given = poses.est.keypoints
 
@@ -452,6 +455,61 @@ def cmd_refine_video(args) -> int:
           f"({decoded / max(elapsed, 1e-9):.1f} frames/s) -> {args.out}"
           + (f"; video with input (orange) and refined (cyan) poses -> {args.render}" if args.render else ""))
     return 0
+
+
+def cmd_export(args) -> int:
+    from .engine import Refiner, load_weights
+    from .onnx_backend import export_onnx, save_model
+
+    if args.onnx is None and args.triton is None:
+        raise InputError("--onnx/--triton", "give at least one: the ONNX file or the Triton repository to write")
+    _check_outputs(args, ("checkpoint", "calibration_poses"), ("onnx",))
+    if args.int8 and (args.calibration_images is None or args.calibration_poses is None):
+        raise InputError("--calibration-images/--calibration-poses", "--int8 needs both: images and the "
+                         "estimator's poses on them, for the crops the quantiser calibrates on")
+    if args.batch != "dynamic" and not (args.batch.isdigit() and int(args.batch) > 0):
+        raise InputError("--batch", f"must be dynamic or a positive integer, got {args.batch!r}")
+    batch = None if args.batch == "dynamic" else int(args.batch)
+    if args.triton and batch is not None:
+        raise InputError("--batch", "a Triton repository needs --batch dynamic (Triton batches the calls)")
+    for name in ("max_batch_size", "instances", "calibration_persons"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')}", f"must be at least 1, got {getattr(args, name)}")
+    model = load_weights(args.checkpoint)
+    t0 = time.perf_counter()
+    if args.int8:  # the crops first: bad calibration input is reported before the export's work
+        from .onnx_backend import calibration_crops, quantize_int8
+
+        image, keypoints = calibration_crops(Refiner(model), args.calibration_images, args.calibration_poses,
+                                             args.calibration_persons)
+    proto = export_onnx(model, args.opset, batch)
+    what = "fp32"
+    if args.int8:
+        proto = quantize_int8(proto, image, keypoints)
+        what = f"int8 (calibrated on {len(image)} crops)"
+    written = []
+    if args.onnx:
+        save_model(proto, args.onnx)
+        written.append(args.onnx)
+    if args.triton:
+        from .onnx_backend import triton_config, write_triton_repository
+
+        config = triton_config(proto, args.triton_name, args.max_batch_size, args.max_queue_delay_ms,
+                               args.instances, args.instance_kind)
+        written.append(str(write_triton_repository(proto, args.triton, config, args.triton_name)))
+    print(f"exported {args.checkpoint} ({model.cfg.backbone}, {model.cfg.input_size[0]}x{model.cfg.input_size[1]}) "
+          f"as ONNX opset {args.opset}, {what}, batch {args.batch}, in {time.perf_counter() - t0:.1f} s -> "
+          + ", ".join(written))
+    return 0
+
+
+def _backend_args(parser) -> None:
+    parser.add_argument("--backend", choices=("torch", "onnxruntime"),
+                        help="what runs the model (torch; onnxruntime where --onnx is given)")
+    parser.add_argument("--onnx", metavar="MODEL.onnx", help="a model from posefix export (fp32 or int8), run by "
+                        "ONNX Runtime; without it --backend onnxruntime exports --checkpoint in memory")
+    parser.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"),
+                        help="ONNX Runtime's execution provider (default: cuda on --device cuda, else cpu)")
 
 
 def cmd_serve(args) -> int:
@@ -506,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("refine", help="refine an estimator's results on a set of images",
                        description="Refine an estimator's poses (COCO results or another estimator's format) and "
                                    "write COCO results with each keypoint's refined confidence.")
-    r.add_argument("--checkpoint", required=True, metavar="CKPT", help="model.safetensors from posefix train")
+    r.add_argument("--checkpoint", metavar="CKPT", help="model.safetensors from posefix train (or --onnx)")
     r.add_argument("--images", required=True, metavar="DIR")
     r.add_argument("--input", required=True, metavar="RESULTS.json", help="the estimator's output (a directory "
                    "of *_keypoints.json for openpose)")
@@ -532,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--num-gpus", type=float, help="GPUs per actor, a fraction shares one (1 with --device cuda)")
     ray.add_argument("--shards", type=int, help="write the output as N files REFINED-00000-of-0000N.json, "
                      "the images split between them in input order")
+    _backend_args(r)
     r.set_defaults(func=cmd_refine)
 
     e = sub.add_parser("eval", help="keypoint AP/AR and error breakdown of results files, side by side",
@@ -558,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     rv = sub.add_parser("refine-video", help="refine an estimator's poses on a video file",
                         description="Refine per-frame poses of a video (COCO results with image_id = frame index, "
                                     "or any supported format keyed by frame) and optionally render the result.")
-    rv.add_argument("--checkpoint", required=True, metavar="CKPT")
+    rv.add_argument("--checkpoint", metavar="CKPT", help="model.safetensors from posefix train (or --onnx)")
     rv.add_argument("--video", required=True, metavar="IN.mp4")
     rv.add_argument("--input", required=True, metavar="POSES.json")
     rv.add_argument("--out", required=True, metavar="REFINED.json")
@@ -577,13 +636,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's arithmetic (fp32; bf16: bfloat16 autocast, for GPUs)")
     rv.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster with bf16 on GPUs)")
     rv.add_argument("--quiet", action="store_true", help="no progress bar")
+    _backend_args(rv)
     rv.set_defaults(func=cmd_refine_video)
 
     sv = sub.add_parser("serve", help="serve refinements over gRPC (posefix.v1.PoseRefiner)",
                         description="Serve the refiner over gRPC until SIGTERM/SIGINT; concurrent calls are batched "
                                     "together on the device. Health, reflection and Prometheus metrics included.")
-    sv.add_argument("--checkpoint", required=True, metavar="MODEL.safetensors",
-                    help="the refiner's weights (posefix train)")
+    sv.add_argument("--checkpoint", metavar="MODEL.safetensors",
+                    help="the refiner's weights (posefix train; or --onnx)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1; 0.0.0.0 for other machines)")
     sv.add_argument("--port", type=int, default=50051, help="gRPC port (50051; 0: any free port)")
     sv.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda if available)")
@@ -602,11 +662,33 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--drain-s", type=float, default=0.0, metavar="S",
                     help="on SIGTERM, keep taking calls with health NOT_SERVING this long first (0)")
     sv.add_argument("--index", metavar="POSES.index", help="a pose index (posefix index build) for SearchPoses")
+    _backend_args(sv)
     sv.set_defaults(func=cmd_serve)
 
     from .search_cli import add_parsers as add_search_parsers
 
     add_search_parsers(sub, ("coco", "movenet", "blazepose", "posenet", "openpose"))
+
+    x = sub.add_parser("export", help="export a refiner to ONNX (fp32 or int8) or a Triton model repository",
+                       description="Export the whole refiner as one ONNX graph (crops and input keypoints in; "
+                                   "coordinates, confidences and the model's other outputs out), optionally "
+                                   "quantised to int8, and/or as a Triton Inference Server model repository.")
+    x.add_argument("--checkpoint", required=True, metavar="CKPT", help="model.safetensors from posefix train")
+    x.add_argument("--onnx", metavar="OUT.onnx", help="where to write the ONNX model")
+    x.add_argument("--opset", type=int, default=18, help="ONNX opset (18)")
+    x.add_argument("--batch", default="dynamic", metavar="dynamic|N", help="batch axis: dynamic (default) or fixed N")
+    x.add_argument("--int8", action="store_true", help="static int8 quantisation of the convolutions (ONNX Runtime)")
+    x.add_argument("--calibration-images", metavar="DIR", help="images for --int8's calibration crops")
+    x.add_argument("--calibration-poses", metavar="RESULTS.json",
+                   help="an estimator's COCO results on those images: the persons to crop")
+    x.add_argument("--calibration-persons", type=int, default=128, help="at most this many crops (128)")
+    x.add_argument("--triton", metavar="REPO_DIR", help="also write a Triton model repository (REPO_DIR/NAME/...)")
+    x.add_argument("--triton-name", default="posefix", help="the model's name in the repository (posefix)")
+    x.add_argument("--max-batch-size", type=int, default=64, help="Triton's max_batch_size (64)")
+    x.add_argument("--max-queue-delay-ms", type=float, default=5.0, help="Triton's dynamic batching delay (5)")
+    x.add_argument("--instances", type=int, default=1, help="Triton model instances (1)")
+    x.add_argument("--instance-kind", default="gpu", choices=("gpu", "cpu"), help="Triton instance kind (gpu)")
+    x.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", help="run the demo on the bundled sample",
                        description="Synthesize inputs, train the CPU preset briefly (or use --checkpoint), "

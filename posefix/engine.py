@@ -19,6 +19,7 @@ from . import codec
 from .model import ModelConfig, PoseFixNet, fold_batchnorm
 
 PRECISIONS = ("fp32", "bf16")
+BACKENDS = ("torch", "onnxruntime")
 
 
 class Refiner:
@@ -30,23 +31,47 @@ class Refiner:
         if precision not in PRECISIONS:
             raise InputError("precision", f"must be one of {list(PRECISIONS)}, got {precision!r}")
         self.device = torch.device(device)
-        # BatchNorm folded into the convolutions (the same function, a memory pass less per layer), on a copy:
-        # the model given, which may still be training, is left as it is.
-        self.model = fold_batchnorm(model).to(self.device)
-        if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        # The backend that executes the model: "torch", or another called like a PoseFixNet that returns its
+        # dict (posefix.onnx_backend.OnnxModel: "onnxruntime"), so batching and decoding are the same code.
+        self.backend = "torch" if isinstance(model, PoseFixNet) else model.backend
+        if self.backend != "torch" and precision != "fp32":
+            raise InputError("--precision", f"{precision} is for the torch backend; the {self.backend} model's "
+                             "arithmetic is its file's")
+        if self.backend == "torch":
+            # BatchNorm folded into the convolutions (the same function, a memory pass less per layer), on a
+            # copy: the model given, which may still be training, is left as it is.
+            self.model = fold_batchnorm(model).to(self.device)
+            if channels_last:
+                self.model = self.model.to(memory_format=torch.channels_last)
+        else:
+            self.model = model
         self.cfg: ModelConfig = model.cfg
         self.batch_size = batch_size
         self.flip_test = flip_test
         self.precision = precision  # "bf16": the model under bfloat16 autocast (coordinates stay float32/64)
-        self.channels_last = channels_last
+        self.channels_last = channels_last and self.backend == "torch"
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", batch_size: int = 64,
-                        flip_test: bool = False, precision: str = "fp32", channels_last: bool = False) -> Refiner:
+    def from_checkpoint(cls, path: str | Path | None, device: str = "cpu", batch_size: int = 64,
+                        flip_test: bool = False, precision: str = "fp32", channels_last: bool = False,
+                        backend: str | None = None, onnx: str | Path | None = None,
+                        provider: str | None = None) -> Refiner:
+        """``backend`` "onnxruntime" (the default where an ``onnx`` file is given, else "torch"): ONNX Runtime runs
+        the model, from the file ``onnx`` or, without one, the checkpoint ``path`` exported in memory, on the
+        execution ``provider`` (see :mod:`posefix.onnx_backend`)."""
         device = check_device(device)
-        model = load_weights(path)
-        return cls(model, device, batch_size, flip_test, precision, channels_last)
+        backend = backend or ("onnxruntime" if onnx is not None else "torch")
+        if backend not in BACKENDS:
+            raise InputError("--backend", f"must be one of {list(BACKENDS)}, got {backend!r}")
+        if onnx is None and path is None:
+            raise InputError("--checkpoint", "is required (or --onnx FILE with --backend onnxruntime)")
+        if backend == "torch" and onnx is None:
+            return cls(load_weights(path), device, batch_size, flip_test, precision, channels_last)
+        if backend == "torch":
+            raise InputError("--onnx", "is run by --backend onnxruntime, not torch")
+        from .onnx_backend import onnx_model
+
+        return cls(onnx_model(path, onnx, device, provider), device, batch_size, flip_test, precision, channels_last)
 
     @torch.no_grad()
     def refine(self, images: list[torch.Tensor], image_index, poses, crop_poses=None) -> tuple[np.ndarray, np.ndarray]:

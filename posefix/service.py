@@ -444,11 +444,18 @@ def model_info(refiner, limits: Limits, batcher: DynamicBatcher, model_version: 
         model_variant=cfg.backbone, model_version=model_version, server_version=__version__,
         flip_test=bool(getattr(refiner, "flip_test", False)), index_loaded=index is not None,
         index_size=0 if index is None else len(index),
+        backend=_backend(refiner),
         limits=pb2.Limits(max_persons_per_image=limits.max_persons_per_image, max_image_side=limits.max_image_side,
                           max_image_pixels=limits.max_image_pixels, max_message_bytes=limits.max_message_bytes,
                           max_batch_size=batcher.max_batch_size, max_queue_delay_ms=batcher.max_queue_delay_ms,
                           max_queue_size=batcher.max_queue_size),
         formats=[pb2.FormatInfo(format=f, keypoint_names=LAYOUTS[name].names) for f, name in FORMAT_LAYOUT.items()])
+
+
+def _backend(refiner) -> str:
+    """What executes the refiner's model: "torch", or its ONNX Runtime model's description."""
+    describe = getattr(getattr(refiner, "model", None), "describe", None)
+    return describe() if describe else getattr(refiner, "backend", "torch")
 
 
 class PoseRefinerServer:
@@ -611,12 +618,15 @@ def serve_main(args: argparse.Namespace) -> int:
     index = PoseIndex.load(args.index, "--index") if getattr(args, "index", None) else None
     refiner = Refiner.from_checkpoint(args.checkpoint, device, batch_size=args.max_batch_size, flip_test=flip_test,
                                       precision=getattr(args, "precision", "fp32"),
-                                      channels_last=bool(getattr(args, "channels_last", False)))
+                                      channels_last=bool(getattr(args, "channels_last", False)),
+                                      backend=getattr(args, "backend", None), onnx=getattr(args, "onnx", None),
+                                      provider=getattr(args, "provider", None))
     h, w = refiner.cfg.input_size
     warm = np.zeros((1, 17, 3))
     warm[0, :, :2], warm[0, :, 2] = (w / 2, h / 2), 1.0
     refiner.refine([torch.zeros((3, h, w), dtype=torch.uint8)], np.zeros(1, dtype=np.int64), warm)
     serve(refiner, args.host, args.port, grace_s=grace_s, drain_s=drain_s, max_batch_size=args.max_batch_size,
           max_queue_delay_ms=args.max_queue_delay_ms, max_queue_size=args.max_queue_size,
-          metrics_port=args.metrics_port, model_version=checkpoint_version(args.checkpoint), index=index)
+          metrics_port=args.metrics_port, index=index,
+          model_version=checkpoint_version(getattr(args, "onnx", None) or args.checkpoint))
     return 0

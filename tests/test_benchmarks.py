@@ -66,3 +66,16 @@ def test_bench_offline_ray(tmp_path):
             r["persons_per_s_after_first"] / rows[0]["persons_per_s_after_first"], rel=1e-9)
         assert r["persons_per_s"] == pytest.approx(60 / r["refine_s"], rel=1e-9)
     assert "Ray Data, 2 actors" in stdout
+
+
+@pytest.mark.slow
+def test_bench_backends(tmp_path):
+    pytest.importorskip("onnxruntime")
+    report, stdout = _run("bench_backends.py", "--models", "r18-64x64", "--batches", "2", "--backends", "torch-cl",
+                          "ort-fp32", "ort-int8", "--refine-persons", "8", "--repeat", "1", tmp_path=tmp_path)
+    rows = report["rows"]
+    assert [r["backend"] for r in rows] == ["torch-cl", "ort-fp32", "ort-int8"] and not any("unavailable" in r for r in rows)
+    for r in rows:
+        assert r["b2_per_s"] > 0 and r["refine_per_s"] > 0
+        assert r["x_torch_last_batch"] == pytest.approx(r["b2_per_s"] / rows[0]["b2_per_s"], rel=1e-9)
+    assert "ort-int8" in stdout and "CPUExecutionProvider" in report["machine"]["onnxruntime_providers"]

@@ -183,7 +183,7 @@ class FormatInfo(_message.Message):
     def __init__(self, format: _Optional[_Union[KeypointFormat, str]] = ..., keypoint_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("keypoint_format", "input_height", "input_width", "model_variant", "model_version", "server_version", "limits", "formats", "flip_test", "index_loaded", "index_size")
+    __slots__ = ("keypoint_format", "input_height", "input_width", "model_variant", "model_version", "server_version", "limits", "formats", "flip_test", "index_loaded", "index_size", "backend")
     KEYPOINT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     INPUT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     INPUT_WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +195,7 @@ class ModelInfo(_message.Message):
     FLIP_TEST_FIELD_NUMBER: _ClassVar[int]
     INDEX_LOADED_FIELD_NUMBER: _ClassVar[int]
     INDEX_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     keypoint_format: KeypointFormat
     input_height: int
     input_width: int
@@ -206,7 +207,8 @@ class ModelInfo(_message.Message):
     flip_test: bool
     index_loaded: bool
     index_size: int
-    def __init__(self, keypoint_format: _Optional[_Union[KeypointFormat, str]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., model_variant: _Optional[str] = ..., model_version: _Optional[str] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., formats: _Optional[_Iterable[_Union[FormatInfo, _Mapping]]] = ..., flip_test: _Optional[bool] = ..., index_loaded: _Optional[bool] = ..., index_size: _Optional[int] = ...) -> None: ...
+    backend: str
+    def __init__(self, keypoint_format: _Optional[_Union[KeypointFormat, str]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., model_variant: _Optional[str] = ..., model_version: _Optional[str] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., formats: _Optional[_Iterable[_Union[FormatInfo, _Mapping]]] = ..., flip_test: _Optional[bool] = ..., index_loaded: _Optional[bool] = ..., index_size: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class SearchPosesRequest(_message.Message):
     __slots__ = ("format", "query", "image", "k", "mirror")

@@ -1,0 +1,354 @@
+"""The refiner as one ONNX graph, run by ONNX Runtime behind the same :class:`~posefix.engine.Refiner`.
+
+Glossary: N persons, K = 17 joints, (H, W) the model's input size.
+
+The graph's inputs are ``image`` (N, 3, H, W) float32 RGB crops in [0, 1] and ``keypoints`` (N, K, 3) float32
+= (x, y, v) in crop pixels, a joint present where v > 0 and x, y are finite: exactly what
+:meth:`PoseFixNet.forward` takes. The fused stem's Gaussian factors, the convolutions (BatchNorm folded),
+soft-argmax and the confidence head are all inside, so nothing renders heatmaps outside the graph. Its
+outputs are every tensor of the forward's dict, named by the dict's keys (``coords`` (N, K, 2) in crop
+pixels, ``confidence_logit`` (N, K), ``logits`` and ``prob`` (N, K, H/4, W/4), and any other the model
+returns), plus ``confidence`` = sigmoid(confidence_logit). :class:`OnnxModel` is called like the
+PoseFixNet and returns the same dict, so the engine's batching, flip test and decoding are the same code
+whichever backend runs the model.
+
+The file's metadata (``posefix_*`` keys) holds the model config (input size, σ, backbone), the keypoint
+layout, the output names, the precision and the posefix version; a model without them is refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from synth.exceptions import InputError
+
+from . import __version__
+from .model import ModelConfig, PoseFixNet, fold_batchnorm
+
+INPUTS = ("image", "keypoints")
+PROVIDERS = {  # --provider → ONNX Runtime execution providers, in order of preference
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+DEFAULT_OPSET = 18
+
+
+def require(module: str, what: str):
+    """Import ``module`` (onnx, onnxruntime, onnxscript) or raise a one-line error naming the extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise InputError(what, f"needs {module}, in the onnx extra: pip install 'posefix[onnx]'") from None
+
+
+class _Graph(torch.nn.Module):
+    """The exported function: (image, keypoints) → the forward dict's tensors in its order, then confidence."""
+
+    def __init__(self, model: PoseFixNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image, keypoints):
+        out = self.model(image, keypoints=keypoints)
+        return (*(v for v in out.values() if isinstance(v, torch.Tensor)), torch.sigmoid(out["confidence_logit"]))
+
+
+def metadata(cfg: ModelConfig, outputs: list[str], precision: str, **extra) -> dict[str, str]:
+    from synth.keypoints import NAMES
+
+    meta = {"posefix_model_config": json.dumps(dataclasses.asdict(cfg)), "posefix_version": __version__,
+            "posefix_outputs": json.dumps(outputs), "posefix_precision": precision,
+            "posefix_keypoints": json.dumps({"format": "coco_17", "names": list(NAMES)}),
+            "posefix_inputs": json.dumps({
+                "image": "(N, 3, H, W) float32 RGB crop in [0, 1]",
+                "keypoints": "(N, K, 3) float32 (x, y, v) in crop pixels; a joint is present where v > 0"})}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
+    return meta
+
+
+def export_onnx(model: PoseFixNet, opset: int = DEFAULT_OPSET, batch: int | None = None, **extra_meta):
+    """The refiner (BatchNorm folded) as an ONNX ModelProto, checked with ``onnx.checker``.
+
+    batch: None for a dynamic batch axis, else the fixed batch size. Exported with ``torch.onnx.export``'s
+    torch.export-based exporter (``dynamo=True``, which needs onnxscript). ``extra_meta`` joins the metadata.
+    """
+    import warnings
+
+    onnx = require("onnx", "--onnx")
+    require("onnxscript", "--onnx")
+    folded = fold_batchnorm(model)
+    cfg = model.cfg
+    h, w = cfg.input_size
+    n = batch or 2
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(n, 3, h, w, generator=gen)
+    keypoints = torch.cat([torch.rand(n, cfg.num_keypoints, 2, generator=gen) * torch.tensor([w, h]),
+                           torch.ones(n, cfg.num_keypoints, 1)], -1)
+    with torch.no_grad():
+        sample = folded(image, keypoints=keypoints)
+    names = [k for k, v in sample.items() if isinstance(v, torch.Tensor)]
+    outputs = [*names, "confidence"]
+    dynamic = None
+    if batch is None:
+        dim = torch.export.Dim("batch", min=1)
+        dynamic = {"image": {0: dim}, "keypoints": {0: dim}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on axis names and deprecations of its own
+        program = torch.onnx.export(_Graph(folded).eval(), (image, keypoints), None, dynamo=True,
+                                    input_names=list(INPUTS), output_names=outputs, dynamic_shapes=dynamic,
+                                    opset_version=opset, optimize=True, verbose=False)
+    proto = program.model_proto
+    shapes = {k: list(sample[k].shape[1:]) for k in names}
+    shapes["confidence"] = list(sample["confidence_logit"].shape[1:])
+    _set_metadata(proto, metadata(cfg, names, "fp32", output_shapes=shapes, batch=batch or "dynamic",
+                                  opset=opset, **extra_meta))
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def _set_metadata(proto, meta: dict[str, str]) -> None:
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def save_model(proto, path: str | Path) -> None:
+    """Write a ModelProto atomically (a reader sees the old file or the whole new one)."""
+    from synth.cocoio import atomic_path
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(proto.SerializeToString())
+
+
+def read_metadata(proto) -> dict[str, str]:
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+# Static int8 quantisation.
+
+def calibration_crops(refiner, images_dir: str | Path, poses_path: str | Path, max_persons: int = 128,
+                      fmt: str = "coco") -> tuple[np.ndarray, np.ndarray]:
+    """Real crops for calibration: the persons of an estimator's results ``poses_path`` (any format
+    ``posefix refine`` reads) on the images of ``images_dir``, cut as the engine cuts them. Returns image
+    (P, 3, H, W) and keypoints (P, K, 3) float32, P <= max_persons, in the file's order."""
+    from .formats import image_file, read_estimates
+    from .images import decode
+
+    est = read_estimates(poses_path, fmt)
+    keep = np.flatnonzero(((est.keypoints[..., 2] > 0).sum(-1) > 0))[:max_persons]
+    if len(keep) == 0:
+        raise InputError("--calibration-poses", f"{poses_path} has no person with a present keypoint")
+    keys = [est.image_keys[i] for i in keep]
+    order = list(dict.fromkeys(keys))
+    images = []
+    for key in order:
+        path = image_file(images_dir, key)
+        if not path.is_file():
+            raise InputError("--calibration-images", f"no image {path.name} in {images_dir} for image {key!r}")
+        images.append(decode(path))
+    index = np.array([order.index(k) for k in keys])
+    poses = torch.as_tensor(est.keypoints[keep], dtype=torch.float64)
+    crops, kp_crop, _, _ = refiner.prepare(images, index, poses, poses)
+    return crops.float().numpy(), kp_crop.float().numpy()
+
+
+def quantize_int8(fp32, image: np.ndarray, keypoints: np.ndarray, batch: int = 8):
+    """A statically quantised int8 copy of an fp32 posefix ModelProto (ONNX Runtime's quantisation tools,
+    QDQ format, per-channel int8 weights, int8 activations calibrated by min-max on the given crops).
+
+    Only the convolutional trunk is quantised — the ResNet's and the head's convolutions and transposed
+    convolutions; the Gaussian factors, the two 1×1 output convolutions, soft-argmax and the confidence
+    readout stay float, so the coordinates are decoded at full precision.
+    """
+    import logging
+    import tempfile
+
+    onnx = require("onnx", "--int8")
+    quant = require("onnxruntime.quantization", "--int8")
+    k = json.loads(read_metadata(fp32)["posefix_model_config"])["num_keypoints"]
+    weights = {t.name: tuple(t.dims) for t in fp32.graph.initializer}
+    convs, exclude = [], []
+    for node in fp32.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose"):
+            shape = weights.get(node.input[1])
+            if shape is None or (node.op_type == "Conv" and shape[0] == k):
+                exclude.append(node.name)  # the stem's computed weight slice, the heatmap and confidence heads
+            else:
+                convs.append(node.name)
+
+    class Reader(quant.CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"image": image[i:i + batch], "keypoints": keypoints[i:i + batch]}
+                                 for i in range(0, len(image), batch)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser logs its advice on the root logger
+    try:
+        with tempfile.TemporaryDirectory(prefix="posefix-int8-") as tmp:
+            src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+            src.write_bytes(fp32.SerializeToString())
+            quant.quantize_static(str(src), str(dst), Reader(), quant_format=quant.QuantFormat.QDQ,
+                                  activation_type=quant.QuantType.QInt8, weight_type=quant.QuantType.QInt8,
+                                  per_channel=True, nodes_to_quantize=convs, nodes_to_exclude=exclude,
+                                  calibrate_method=quant.CalibrationMethod.MinMax)
+            proto = onnx.load(str(dst))
+    finally:
+        root.setLevel(level)
+    meta = read_metadata(fp32)
+    meta.update(posefix_precision="int8", posefix_calibration_persons=str(len(image)))
+    _set_metadata(proto, meta)
+    onnx.checker.check_model(proto)
+    return proto
+
+
+# Running a model.
+
+class OnnxModel:
+    """An exported posefix model in an ONNX Runtime session, called like :class:`PoseFixNet`:
+    ``model(image, keypoints=kp)`` → the forward's dict (torch tensors on ``device``).
+
+    source: a file path or the serialized model; provider: "cpu", "cuda" or "tensorrt" (None: "cuda" on a
+    CUDA device, else "cpu"); fp16: TensorRT builds fp16 engines. Inputs go to the session as host arrays.
+    """
+
+    backend = "onnxruntime"
+
+    def __init__(self, source: str | Path | bytes, device: str | torch.device = "cpu", provider: str | None = None,
+                 fp16: bool = False, field: str = "--onnx"):
+        ort = require("onnxruntime", "--backend onnxruntime")
+        self.device = torch.device(device)
+        provider = provider or ("cuda" if self.device.type == "cuda" else "cpu")
+        if provider not in PROVIDERS:
+            raise InputError("--provider", f"must be one of {list(PROVIDERS)}, got {provider!r}")
+        available = ort.get_available_providers()
+        if PROVIDERS[provider][0] not in available:
+            raise InputError("--provider", f"{provider} needs {PROVIDERS[provider][0]}, which this onnxruntime "
+                             f"does not have (it has {', '.join(available)})")
+        providers = [p for p in PROVIDERS[provider] if p in available]
+        if fp16 and provider == "tensorrt":
+            providers[0] = (providers[0], {"trt_fp16_enable": True})
+        name = "the exported model" if isinstance(source, bytes) else str(source)
+        if not isinstance(source, bytes):
+            if not Path(source).is_file():
+                raise InputError(field, "file not found", name)
+            source = str(source)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # the torch backend's thread count (OMP_NUM_THREADS)
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(source, options, providers=providers)
+        except Exception as e:  # noqa: BLE001 — onnxruntime raises its own exception types for a bad file
+            raise InputError(field, f"not an ONNX model ONNX Runtime can load: {str(e).splitlines()[0][:300]}",
+                             name) from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "posefix_model_config" not in meta or "posefix_outputs" not in meta:
+            raise InputError(field, "has no posefix metadata (posefix_model_config); export it with posefix export",
+                             name)
+        raw = json.loads(meta["posefix_model_config"])
+        raw["input_size"] = tuple(raw["input_size"])
+        try:
+            self.cfg = ModelConfig(**raw)
+        except TypeError as e:
+            raise InputError(field, f"posefix metadata does not describe a model: {e}", name) from None
+        self.outputs = json.loads(meta["posefix_outputs"])
+        self.precision = meta.get("posefix_precision", "fp32")
+        self.metadata = meta
+        self.providers = self.session.get_providers()
+        given = {i.name for i in self.session.get_inputs()}
+        if given != set(INPUTS):
+            raise InputError(field, f"has inputs {sorted(given)}, a posefix model has {list(INPUTS)}", name)
+
+    def describe(self) -> str:
+        """The backend as GetModelInfo names it: "onnxruntime (CPUExecutionProvider, int8)"."""
+        return f"onnxruntime ({', '.join(self.providers)}, {self.precision})"
+
+    def __call__(self, image: torch.Tensor, heatmaps=None, *, keypoints: torch.Tensor) -> dict:
+        if heatmaps is not None:
+            raise ValueError("an exported model takes the input pose as keypoints")
+        feeds = {"image": np.ascontiguousarray(image.detach().float().cpu().numpy()),
+                 "keypoints": np.ascontiguousarray(keypoints.detach().float().cpu().numpy())}
+        out = self.session.run(self.outputs, feeds)
+        return {k: torch.from_numpy(v).to(self.device) for k, v in zip(self.outputs, out)}
+
+
+def onnx_model(checkpoint, onnx, device, provider=None, fp16=False) -> OnnxModel:
+    """The ONNX Runtime model of ``posefix refine/serve --backend onnxruntime``: the file ``onnx``, or the
+    checkpoint exported in memory when no file is given."""
+    if onnx is not None:
+        return OnnxModel(onnx, device, provider, fp16)
+    from .engine import load_weights
+
+    proto = export_onnx(load_weights(checkpoint))
+    return OnnxModel(proto.SerializeToString(), device, provider, fp16, field="--checkpoint")
+
+
+# Triton Inference Server.
+
+TRITON_TYPES = {1: "TYPE_FP32", 6: "TYPE_INT32", 7: "TYPE_INT64", 9: "TYPE_BOOL", 10: "TYPE_FP16", 11: "TYPE_FP64"}
+
+
+def triton_config(proto, name: str = "posefix", max_batch_size: int = 64, max_queue_delay_ms: float = 5.0,
+                  instances: int = 1, kind: str = "gpu") -> str:
+    """config.pbtxt for Triton's ONNX Runtime backend: the graph's inputs and outputs without the batch axis,
+    dynamic batching (preferred sizes up to ``max_batch_size``, queue delay) and an instance group."""
+    if kind not in ("gpu", "cpu"):
+        raise InputError("--instance-kind", f"must be gpu or cpu, got {kind!r}")
+    lines = [f'name: "{name}"', 'backend: "onnxruntime"', f"max_batch_size: {max_batch_size}"]
+
+    def tensor(value_info) -> str:
+        t = value_info.type.tensor_type
+        dims = [d.dim_value for d in t.shape.dim[1:]]
+        return (f'  {{ name: "{value_info.name}" data_type: {TRITON_TYPES[t.elem_type]} '
+                f'dims: [ {", ".join(map(str, dims))} ] }}')
+
+    for section, values in (("input", proto.graph.input), ("output", proto.graph.output)):
+        lines += [f"{section} ["] + [",\n".join(tensor(v) for v in values)] + ["]"]
+    preferred = [b for b in (8, 16, 32, 64, 128, 256) if b <= max_batch_size] or [max_batch_size]
+    lines += ["dynamic_batching {", f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]",
+              f"  max_queue_delay_microseconds: {int(round(max_queue_delay_ms * 1000))}", "}",
+              "instance_group [", f"  {{ count: {instances} kind: KIND_{kind.upper()} }}", "]"]
+    meta = read_metadata(proto)
+    lines += ["parameters [", ",\n".join(f'  {{ key: "{k}" value: {{ string_value: {json.dumps(meta[k])} }} }}'
+                                         for k in ("posefix_model_config", "posefix_precision", "posefix_version")),
+              "]"]
+    return "\n".join(lines) + "\n"
+
+
+def write_triton_repository(proto, repo: str | Path, config: str, name: str = "posefix") -> Path:
+    """REPO/NAME/config.pbtxt and REPO/NAME/1/model.onnx. The model's directory is built beside its place and
+    moved there whole, replacing an earlier one: Triton, or a reader, never sees half a model."""
+    import shutil
+    import tempfile
+
+    repo = Path(repo)
+    repo.mkdir(parents=True, exist_ok=True)
+    final = repo / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
+    try:
+        (tmp / "1").mkdir()
+        (tmp / "1" / "model.onnx").write_bytes(proto.SerializeToString())
+        (tmp / "config.pbtxt").write_text(config)
+        old = None
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=repo))
+            os.replace(final, old / name)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

@@ -1,0 +1,297 @@
+"""ONNX export, the ONNX Runtime backend behind refine and serve, int8 quantisation and the Triton repository.
+
+The exported graph is compared with the torch refiner it came from (coordinates within 0.05 px, confidences
+within 1e-3) on random and real crops; the int8 model with the fp32 one (a stated bound, and keypoint AP on the
+bundled sample's synthesized inputs and a real estimator's results within 0.5 AP points)."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from posefix.cli import main  # noqa: E402
+from posefix.engine import Refiner, export_weights, refine_results  # noqa: E402
+from posefix.images import coco_image_path, decode  # noqa: E402
+from posefix.model import ModelConfig, PoseFixNet  # noqa: E402
+from posefix.onnx_backend import (OnnxModel, calibration_crops, export_onnx, quantize_int8,  # noqa: E402
+                                  triton_config)
+from posefix.service import serve_main  # noqa: E402
+from synth.exceptions import InputError  # noqa: E402
+from synth.cocoio import load_ground_truth, load_results  # noqa: E402
+from synth.diagnose import keypoint_ap  # noqa: E402
+
+from .conftest import IMAGE_785, VAL_GT, VAL_RESULTS  # noqa: E402
+
+IMAGES = VAL_GT.parent / "images"
+PX, CONF = 0.05, 1e-3  # fp32: ONNX Runtime against torch
+INT8_PX, INT8_CONF = 1.0, 0.05  # int8 against fp32: the largest coordinate and confidence difference
+INT8_AP = 0.005  # 0.5 AP points
+
+
+def moving_model(backbone="resnet18", size=(128, 96), sigma=3.5, seed=0) -> PoseFixNet:
+    """An untrained refiner whose heads are random, so that it moves joints: equal outputs mean equal computation."""
+    torch.manual_seed(seed)
+    model = PoseFixNet(ModelConfig(backbone=backbone, input_size=size, sigma=sigma, head_channels=32))
+    with torch.no_grad():
+        torch.nn.init.normal_(model.final.weight, std=0.2)
+        torch.nn.init.normal_(model.confidence.weight, std=0.2)
+    return model
+
+
+def random_inputs(cfg, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    h, w = cfg.input_size
+    image = torch.rand(n, 3, h, w, generator=gen)
+    kp = torch.cat([torch.rand(n, 17, 2, generator=gen) * torch.tensor([w * 1.2, h * 1.2]) - 0.1 * torch.tensor([w, h]),
+                    (torch.rand(n, 17, 1, generator=gen) > 0.2).float()], -1)
+    kp[0, 3, :2] = float("nan")  # a joint without coordinates
+    return image, kp
+
+
+def assert_equal_outputs(torch_out, onnx_out):
+    assert set(torch_out) <= set(onnx_out)  # every output of the forward dict, by its name
+    np.testing.assert_allclose(onnx_out["coords"].numpy(), torch_out["coords"].numpy(), atol=PX, rtol=0)
+    np.testing.assert_allclose(torch.sigmoid(onnx_out["confidence_logit"]).numpy(),
+                               torch.sigmoid(torch_out["confidence_logit"]).numpy(), atol=CONF, rtol=0)
+    for key in torch_out:
+        np.testing.assert_allclose(onnx_out[key].numpy(), torch_out[key].numpy(), atol=1e-3, rtol=1e-3, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The moving model's checkpoint, and its fp32 export by ``posefix export``."""
+    tmp = tmp_path_factory.mktemp("onnx")
+    checkpoint, out = tmp / "model.safetensors", tmp / "refiner.onnx"
+    export_weights(moving_model(), checkpoint, {})
+    assert main(["export", "--checkpoint", str(checkpoint), "--onnx", str(out)]) == 0
+    return checkpoint, out
+
+
+@pytest.fixture(scope="module")
+def torch_refiner(files):
+    return Refiner.from_checkpoint(files[0])
+
+
+@pytest.fixture(scope="module")
+def real_crops(torch_refiner):
+    """Crops of the bundled real estimator's persons, cut as the engine cuts them (64 of them)."""
+    return calibration_crops(torch_refiner, IMAGES, VAL_RESULTS, max_persons=64)
+
+
+def test_export_is_one_checked_graph_with_posefix_metadata(files):
+    proto = onnx.load(str(files[1]))
+    onnx.checker.check_model(proto)
+    assert [i.name for i in proto.graph.input] == ["image", "keypoints"]
+    assert [o.name for o in proto.graph.output] == ["logits", "prob", "coords", "confidence_logit", "confidence"]
+    assert all(i.type.tensor_type.shape.dim[0].dim_param for i in proto.graph.input)  # a dynamic batch axis
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["posefix_model_config"])["input_size"] == [128, 96]
+    assert json.loads(meta["posefix_model_config"])["sigma"] == 3.5
+    assert json.loads(meta["posefix_keypoints"])["names"][5] == "left_shoulder"
+    assert meta["posefix_precision"] == "fp32" and meta["posefix_version"]
+    assert not any(n.op_type == "Resize" or "heatmap" in n.name for n in proto.graph.node)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_fp32_equals_torch_on_random_crops(files, torch_refiner, batch):
+    image, kp = random_inputs(torch_refiner.cfg, batch, seed=batch)
+    with torch.no_grad():
+        expected = torch_refiner.model(image, keypoints=kp)
+    assert_equal_outputs(expected, OnnxModel(files[1])(image, keypoints=kp))
+
+
+def test_fp32_equals_torch_on_real_crops(files, torch_refiner, real_crops):
+    image, kp = (torch.from_numpy(a) for a in real_crops)
+    with torch.no_grad():
+        expected = torch_refiner.model(image, keypoints=kp)
+    assert_equal_outputs(expected, OnnxModel(files[1])(image, keypoints=kp))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["resnet50", "resnet101", "resnet152"])
+def test_fp32_equals_torch_for_every_backbone(backbone):
+    """The presets' other backbones, at a tiny input size (64×64) to keep the export short."""
+    model = moving_model(backbone, (64, 64), 2.0, seed=1)
+    session = OnnxModel(export_onnx(model).SerializeToString())
+    folded = Refiner(model).model
+    for batch in (1, 7, 64):
+        image, kp = random_inputs(model.cfg, batch, seed=batch)
+        with torch.no_grad():
+            assert_equal_outputs(folded(image, keypoints=kp), session(image, keypoints=kp))
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available(),
+                    reason="needs onnxruntime's CUDA execution provider and a CUDA device")
+def test_cuda_provider_equals_torch(files, torch_refiner):
+    image, kp = random_inputs(torch_refiner.cfg, 7, seed=5)
+    with torch.no_grad():
+        expected = torch_refiner.model(image, keypoints=kp)
+    got = OnnxModel(files[1], "cuda", "cuda")(image.cuda(), keypoints=kp.cuda())
+    assert got["coords"].device.type == "cuda"
+    assert_equal_outputs(expected, {k: v.cpu() for k, v in got.items()})
+
+
+def test_refiner_gives_the_same_refinement_with_either_backend(files, torch_refiner, poses_785):
+    images, index = [decode(IMAGE_785)], np.zeros(len(poses_785), dtype=np.int64)
+    for flip in (False, True):
+        ours = Refiner.from_checkpoint(None, onnx=files[1], batch_size=5, flip_test=flip)
+        assert ours.backend == "onnxruntime"
+        torch_refiner.flip_test = flip
+        try:
+            xy, conf = torch_refiner.refine(images, index, poses_785)
+        finally:
+            torch_refiner.flip_test = False
+        got_xy, got_conf = ours.refine(images, index, poses_785)
+        assert np.abs(got_xy - xy).max() > 0 or np.abs(xy - poses_785[..., :2]).max() > 1  # the model moves joints
+        np.testing.assert_allclose(got_xy, xy, atol=PX * 4, rtol=0)  # crop pixels → image pixels: up to ×4 here
+        np.testing.assert_allclose(got_conf, conf, atol=CONF, rtol=0)
+
+
+def test_int8_within_its_bound_and_ap_of_fp32(files, torch_refiner, real_crops):
+    from synth.coco import synthesize_coco
+
+    fp32 = onnx.load(str(files[1]))
+    int8 = quantize_int8(fp32, *real_crops)
+    assert {p.key: p.value for p in int8.metadata_props}["posefix_precision"] == "int8"
+    assert sum(n.op_type == "QuantizeLinear" for n in int8.graph.node) > 10
+    a, b = OnnxModel(files[1]), OnnxModel(int8.SerializeToString())
+    assert b.describe() == "onnxruntime (CPUExecutionProvider, int8)"
+    image, kp = random_inputs(torch_refiner.cfg, 16, seed=3)
+    real = tuple(torch.from_numpy(x) for x in real_crops)
+    for x, k in ((image, kp), real):
+        fa, fb = a(x, keypoints=k), b(x, keypoints=k)
+        assert (fa["coords"] - fb["coords"]).abs().max() < INT8_PX
+        assert (torch.sigmoid(fa["confidence_logit"]) - torch.sigmoid(fb["confidence_logit"])).abs().max() < INT8_CONF
+    gt = load_ground_truth(VAL_GT)
+    paths = {im["id"]: coco_image_path(IMAGES, im) for im in gt.doc["images"]}
+    synthesized, _ = synthesize_coco(gt, np.random.default_rng(1))
+    for inputs in (synthesized, load_results(VAL_RESULTS, gt)):
+        aps = [keypoint_ap(gt, refine_results(Refiner(m), inputs, paths)) for m in (a, b)]
+        assert abs(aps[0] - aps[1]) <= INT8_AP, aps
+
+
+def test_export_int8_and_triton_repository_by_the_cli(files, tmp_path):
+    from google.protobuf import text_format
+
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    out, repo = tmp_path / "int8.onnx", tmp_path / "repo"
+    assert main(["export", "--checkpoint", str(files[0]), "--onnx", str(out), "--int8", "--calibration-images",
+                 str(IMAGES), "--calibration-poses", str(VAL_RESULTS), "--calibration-persons", "16",
+                 "--triton", str(repo), "--max-batch-size", "32", "--max-queue-delay-ms", "2",
+                 "--instances", "2", "--instance-kind", "cpu"]) == 0
+    assert OnnxModel(out).precision == "int8"
+    assert (repo / "posefix" / "1" / "model.onnx").read_bytes() == out.read_bytes()
+    config = text_format.Parse((repo / "posefix" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert config.max_batch_size == 32 and config.backend == "onnxruntime"
+    assert config.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert list(config.dynamic_batching.preferred_batch_size) == [8, 16, 32]
+    assert (config.instance_group[0].count, config.instance_group[0].kind) == (2, model_config_pb2.ModelInstanceGroup.KIND_CPU)
+    for ours, theirs in ((config.input, session.get_inputs()), (config.output, session.get_outputs())):
+        assert [(t.name, list(t.dims)) for t in ours] == [(t.name, t.shape[1:]) for t in theirs]
+        assert all(t.data_type == model_config_pb2.TYPE_FP32 for t in ours)
+    meta = {k: v.string_value for k, v in config.parameters.items()}
+    assert json.loads(meta["posefix_model_config"])["backbone"] == "resnet18"
+    # The config is what triton_config makes of the model file.
+    assert (repo / "posefix" / "config.pbtxt").read_text() == triton_config(onnx.load(str(out)), "posefix", 32, 2, 2,
+                                                                             "cpu")
+
+
+def test_refine_cli_with_onnxruntime_equals_torch(files, tmp_path):
+    outs = {}
+    for name, extra in (("torch", []), ("ort", ["--onnx", str(files[1])])):
+        outs[name] = tmp_path / f"{name}.json"
+        args = ["refine", "--images", str(IMAGES), "--input", str(VAL_RESULTS), "--out", str(outs[name]), "--quiet"]
+        assert main(args + (["--checkpoint", str(files[0])] if name == "torch" else extra)) == 0
+    a, b = (np.array([r["keypoints"] for r in json.loads(outs[n].read_text())]) for n in ("torch", "ort"))
+    assert a.shape == b.shape and np.abs(a - b).max() < 4 * PX
+
+
+def test_serve_names_the_backend_and_refines_the_same(files, torch_refiner, poses_785):
+    from posefix.client import PoseRefinerClient
+    from posefix.service import create_server
+
+    from .test_service import LoopThread
+
+    loop = LoopThread()
+    ours = Refiner.from_checkpoint(None, onnx=files[1])
+
+    async def start():
+        handle = create_server(ours, "127.0.0.1", 0, max_batch_size=8, max_queue_delay_ms=1, max_queue_size=512)
+        await handle.start()
+        return handle
+
+    handle = loop.run(start())
+    try:
+        with PoseRefinerClient(f"127.0.0.1:{handle.port}") as client:
+            info = client.model_info()
+            got = client.refine(IMAGE_785.read_bytes(), poses_785)
+    finally:
+        loop.run(handle.stop(grace_s=1.0))
+        loop.close()
+    assert info["backend"] == "onnxruntime (CPUExecutionProvider, fp32)"
+    xy, conf = torch_refiner.refine([decode(IMAGE_785)], np.zeros(len(poses_785), dtype=np.int64), poses_785)
+    np.testing.assert_allclose(got[..., :2], xy, atol=4 * PX, rtol=0)
+    np.testing.assert_allclose(got[..., 2], conf, atol=CONF, rtol=0)
+
+
+# Bad input: one line naming the flag, exit 2, nothing written.
+
+def _error(capsys, args) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(args)
+    return code, capsys.readouterr().err.strip()
+
+
+def test_bad_onnx_files_and_providers_are_one_line_errors(files, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(files[1].read_bytes()[:5000])
+    foreign = tmp_path / "foreign.onnx"
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["image"], ["coords"])], "g",
+                                   [onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [1])],
+                                   [onnx.helper.make_tensor_value_info("coords", onnx.TensorProto.FLOAT, [1])])
+    onnx.save(onnx.helper.make_model(graph), str(foreign))
+    cases = [
+        (["--onnx", str(tmp_path / "missing.onnx")], "--onnx: file not found"),
+        (["--onnx", str(corrupt)], "--onnx: not an ONNX model"),
+        (["--onnx", str(foreign)], "--onnx: has no posefix metadata"),
+        (["--onnx", str(files[1]), "--provider", "tensorrt"], "--provider: tensorrt needs TensorrtExecutionProvider"),
+        (["--onnx", str(files[1]), "--backend", "torch"], "--onnx: is run by --backend onnxruntime"),
+        (["--onnx", str(files[1]), "--precision", "bf16"], "--precision: bf16 is for the torch backend"),
+        ([], "--checkpoint: is required"),
+    ]
+    out = tmp_path / "out.json"
+    for extra, message in cases:
+        code, err = _error(capsys, ["refine", "--images", str(IMAGES), "--input", str(VAL_RESULTS), "--quiet", *extra,
+                                    "--out", str(out)])
+        assert code == 2 and err.count("\n") == 0 and message in err and err.startswith("posefix: error:"), (extra, err)
+        assert not out.exists()
+    args = argparse.Namespace(checkpoint=None, onnx=str(foreign), device="cpu", max_batch_size=8, backend=None,
+                              provider=None)
+    with pytest.raises(InputError, match="--onnx: has no posefix metadata"):
+        serve_main(args)
+
+
+def test_export_bad_input_writes_nothing(files, tmp_path, capsys):
+    bad_poses = tmp_path / "poses.json"
+    bad_poses.write_text("[]")
+    out, repo = tmp_path / "x.onnx", tmp_path / "repo"
+    for extra, message in (
+            (["--int8", "--calibration-images", str(IMAGES)], "--calibration-images/--calibration-poses: --int8 needs"),
+            (["--int8", "--calibration-images", str(IMAGES), "--calibration-poses", str(bad_poses)],
+             "--calibration-poses: "),
+            (["--int8", "--calibration-images", str(tmp_path), "--calibration-poses", str(VAL_RESULTS)],
+             "--calibration-images: no image"),
+            (["--batch", "zero"], "--batch: must be dynamic or a positive integer"),
+            (["--batch", "4", "--triton", str(repo)], "--batch: a Triton repository needs --batch dynamic"),
+            (["--triton", str(repo), "--instances", "0"], "--instances: must be at least 1")):
+        code, err = _error(capsys, ["export", "--checkpoint", str(files[0]), "--onnx", str(out), *extra])
+        assert code == 2 and err.count("\n") == 0 and message in err, (extra, err)
+        assert not out.exists() and not repo.exists()
+    code, err = _error(capsys, ["export", "--checkpoint", str(tmp_path / "none.safetensors"), "--onnx", str(out)])
+    assert code == 2 and "checkpoint: file not found" in err and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["poses.json"]  # no temporary file left either
