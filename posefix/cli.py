@@ -84,7 +84,12 @@ def cmd_synth_fit(args) -> int:
 
     _check_outputs(args, ("gt", "results", "profile"), ("out",))
     gt = load_ground_truth(args.gt)
-    results = load_results(args.results, gt)
+    if args.format == "coco":
+        results = load_results(args.results, gt)
+    else:
+        if args.images is None or not Path(args.images).is_dir():
+            raise InputError("--images", f"--format {args.format} needs the images' directory, got {args.images}")
+        results = as_coco_results(args.results, args.format, args.images, gt)
     report = diagnose(gt, results, source=str(args.results), with_ap=False)
     profile = fit_profile(report, gt, load_profile(args.profile))
     write_json_atomic(args.out, profile.to_dict())
@@ -145,19 +150,25 @@ def _f(x, signed=False) -> str:
     return f"{x:+.3f}" if signed else f"{x:.3f}"
 
 
+DEMO_INPUTS = (("synthesized inputs (published error rates)", None, "coco"),
+               ("real top-down estimator", "topdown_keypoints_val4.json", "coco"),
+               ("MoveNet Thunder (--format movenet)", "real_estimators/movenet_thunder_native.json", "movenet"),
+               ("BlazePose full (--format blazepose)", "real_estimators/blazepose_full_native.json", "blazepose"))
+
+
 def cmd_demo(args) -> int:
-    """Synthesize inputs on the bundled sample, train the CPU preset briefly (or take a checkpoint),
-    refine the synthesized inputs and a real estimator's results, and print before/after."""
+    """Train the CPU preset briefly on the bundled train images (or take a checkpoint), then refine held-out
+    inputs on the bundled val images — synthesized ones and real estimators' outputs, each through its own
+    --format — raw and with the per-joint choice, and print AP and the error breakdown of each."""
     from synth.cocoio import load_ground_truth, load_results, write_json_atomic
     from synth.diagnose import diagnose, keypoint_ap
 
     from .config import load_config
-    from .engine import Refiner, refine_results
-    from .images import coco_image_path
 
     out = Path(args.out)
     gt_path = SAMPLE_DIR / "person_keypoints_val_sample.json"
     images_dir = SAMPLE_DIR / "images"
+    train_gt = SAMPLE_DIR / "person_keypoints_train10.json"
     print(f"posefix {__version__} demo on the bundled COCO sample ({SAMPLE_DIR})\n")
     synth_path = out / "synth_results.json"
     cmd_synth(argparse.Namespace(gt=str(gt_path), out=str(synth_path), labels=str(out / "synth_labels.json"),
@@ -171,25 +182,34 @@ def cmd_demo(args) -> int:
         else:
             resume = (run / "last.pt").exists()
             print(f"\n{'resuming' if resume else 'training'} the cpu-small preset for {args.steps} steps on the "
-                  f"sample's persons -> {run}")
+                  f"train images' persons ({train_gt.name}) -> {run}")
             cfg = load_config(preset="cpu-small", overrides=[
-                f"data.train_annotations={gt_path}", f"data.train_images={images_dir}",
+                f"data.train_annotations={train_gt}", f"data.train_images={SAMPLE_DIR / 'train_images'}",
                 f"train.max_steps={args.steps}", f"train.seed={args.seed}", "train.lr_milestones=[0.9]"])
             from .train import train
 
             train(cfg, run, resume=resume)
-    refiner = Refiner.from_checkpoint(checkpoint)
     gt = load_ground_truth(gt_path)
-    paths = {im["id"]: coco_image_path(images_dir, im) for im in gt.doc["images"]}
+    parser = build_parser()
     rows = []
-    for name, path in (("synthesized inputs (published error rates)", synth_path),
-                       ("real top-down estimator", SAMPLE_DIR / "topdown_keypoints_val4.json")):
-        before = load_results(path, gt)
-        after = refine_results(refiner, before, paths)
-        write_json_atomic(out / f"refined_{Path(path).stem}.json", after)
-        for label, res in (("input", before), ("refined", after)):
-            report = diagnose(gt, res, source=str(path), with_ap=False)
-            shares = report["summary"]["keypoints"]["shares"]
+    print()
+    for name, file, fmt in DEMO_INPUTS:
+        path = synth_path if file is None else SAMPLE_DIR / file
+        stem = Path(path).stem
+        if fmt == "coco":
+            given = load_results(path, gt)
+        else:  # the estimator's poses as read, as COCO results: the input the refiner gets
+            given = as_coco_results(path, fmt, images_dir, gt)
+            write_json_atomic(out / f"input_{stem}.json", given)
+        files = [("input", given)]
+        for output in ("raw", "choice"):
+            refined = out / f"refined_{stem}_{output}.json"
+            cmd_refine(parser.parse_args(["refine", "--checkpoint", str(checkpoint), "--images", str(images_dir),
+                                          "--input", str(path), "--out", str(refined), "--annotations", str(gt_path),
+                                          "--format", fmt, "--output", output, "--quiet"]))
+            files.append((f"{output}", load_results(refined, gt)))
+        for label, res in files:
+            shares = diagnose(gt, res, source=str(path), with_ap=False)["summary"]["keypoints"]["shares"]
             rows.append((name, label, keypoint_ap(gt, res), shares))
     print(f"\n{'results':45s} {'':8s} {'AP':>6s} {'good':>6s} {'jitter':>7s} {'inv.':>6s} {'swap':>6s} {'miss':>6s}")
     for name, label, ap, sh in rows:
@@ -197,12 +217,15 @@ def cmd_demo(args) -> int:
         print(f"{name:45s} {label:8s} {ap:6.3f} {cells}")
     overlays = out / "overlays"
     cmd_viz(argparse.Namespace(images=str(images_dir), results=str(SAMPLE_DIR / "topdown_keypoints_val4.json"),
-                               compare=str(out / "refined_topdown_keypoints_val4.json"), annotations=str(gt_path),
-                               out=str(overlays), min_score=0.2, min_keypoint_score=0.0, max_images=0))
+                               compare=str(out / "refined_topdown_keypoints_val4_choice.json"),
+                               annotations=str(gt_path), out=str(overlays), min_score=0.2, min_keypoint_score=0.0,
+                               max_images=0))
     print(f"\nrefined results, overlays and the run are in {out}/ (checkpoint {checkpoint})")
+    print("AP by pycocotools on the val images each input covers; raw: every joint as refined; choice: per joint "
+          "the input or the refined joint, whichever the refiner finds more likely right (the default).")
     if args.checkpoint is None:
-        print("note: the refiner was trained on these same persons (with other synthesized errors) for a few "
-              "minutes on a CPU; train on COCO (posefix train) for a refiner that generalises.")
+        print(f"the refiner was trained for {args.steps} CPU steps on {train_gt.name}'s persons only; every "
+              "score above is on the held-out val images.")
     return 0
 
 
@@ -260,13 +283,27 @@ def _image_sizes(path, fmt, images_dir, coco_images) -> dict:
     return sizes
 
 
+def as_coco_results(path, fmt: str, images_dir, gt) -> list[dict]:
+    """An estimator's output in its own format, read as ``posefix refine`` reads it, as validated COCO results
+    on ``gt``'s images (the keypoints and instance scores as given)."""
+    from synth.cocoio import validate_results
+
+    from .formats import image_ids, read_estimates, write_coco_results
+
+    coco_images = {im["id"]: im for im in gt.doc["images"]}
+    sizes = _image_sizes(path, fmt, images_dir, coco_images) if fmt in ("movenet", "blazepose") else None
+    est = read_estimates(path, fmt, sizes)
+    return validate_results(write_coco_results(est, est.keypoints[..., :2], est.keypoints[..., 2], est.scores,
+                                               image_ids(est, coco_images)), str(path), gt)
+
+
 def cmd_refine(args) -> int:
     from tqdm import tqdm
 
     from synth.cocoio import load_ground_truth, write_json_atomic
 
     from .distributed import check_ray_args
-    from .engine import Refiner, refine_images
+    from .engine import Refiner, kept_input, refine_images
     from .formats import image_file, image_ids, read_estimates, write_coco_results
 
     _check_outputs(args, ("checkpoint", "onnx", "input", "annotations"), ("out",))
@@ -285,8 +322,9 @@ def cmd_refine(args) -> int:
     est = read_estimates(args.input, args.format, sizes, skip_invalid=args.skip_invalid)
     if args.ray is None:
         refiner = Refiner.from_checkpoint(args.checkpoint, args.device, args.batch_size, args.flip_test,
-                                          args.precision, args.channels_last, args.backend, args.onnx,
-                                          args.provider)
+                                          args.precision, args.channels_last, output=args.output,
+                                          choice_margin=args.choice_margin, backend=args.backend,
+                                          onnx=args.onnx, provider=args.provider)
     n = len(est.image_keys)
     groups: dict = {}
     for i, key in enumerate(est.image_keys):
@@ -315,16 +353,18 @@ def cmd_refine(args) -> int:
         xy[keep], conf[keep] = given[keep][:, :2], given[keep][:, 2]
     present = given[..., 2] > 0
     mean_conf = (conf * present).sum(1) / np.maximum(present.sum(1), 1)
+    from_input = kept_input(given, xy)
     if args.ray is None:
-        results = write_coco_results(est, xy, conf, est.scores * mean_conf, image_ids(est, coco_images))
+        results = write_coco_results(est, xy, conf, est.scores * mean_conf, image_ids(est, coco_images),
+                                     from_input)
         write_json_atomic(args.out, results)
         where = args.out
     else:
         from .distributed import write_ray_results
 
         n, where = write_ray_results(args, est, xy, conf, est.scores * mean_conf, image_ids(est, coco_images), groups,
-                                     skipped_images)
-    kept = f", {int(keep.sum())} keypoints kept from the input" if args.keep_input_below is not None else ""
+                                     skipped_images, from_input)
+    kept = f", {int(from_input[present].sum())} of {int(present.sum())} present keypoints kept from the input"
     print(f"refined {n} persons on {len(groups) - len(skipped_images)} images in {elapsed:.1f} s "
           f"({n / max(elapsed, 1e-9):.1f} persons/s){kept} -> {where}")
     if est.skipped:
@@ -411,7 +451,7 @@ def cmd_refine_video(args) -> int:
 
     from synth.cocoio import write_json_atomic
 
-    from .engine import Refiner
+    from .engine import Refiner, kept_input
     from .formats import write_coco_results
     from .tracking import OneEuroParams
     from .video import VideoWriter, draw_frame, load_poses, probe, refine_video
@@ -428,7 +468,9 @@ def cmd_refine_video(args) -> int:
     poses = load_poses(args.input, args.format, sizes)
     smoothing = OneEuroParams(args.min_cutoff, args.beta, args.d_cutoff) if args.smooth else None
     refiner = Refiner.from_checkpoint(args.checkpoint, args.device, args.batch_size, args.flip_test,
-                                      args.precision, args.channels_last, args.backend, args.onnx, args.provider)
+                                      args.precision, args.channels_last, output=args.output,
+                                      choice_margin=args.choice_margin, backend=args.backend, onnx=args.onnx,
+                                      provider=args.provider)
     writer = VideoWriter(args.render, info.fps, info.width, info.height) if args.render else None
     given = poses.est.keypoints
 
@@ -450,7 +492,7 @@ def cmd_refine_video(args) -> int:
     elapsed = time.perf_counter() - t0
     present = given[..., 2] > 0
     scores = poses.est.scores * (conf * present).sum(1) / np.maximum(present.sum(1), 1)
-    write_json_atomic(args.out, write_coco_results(poses.est, xy, conf, scores, poses.frame))
+    write_json_atomic(args.out, write_coco_results(poses.est, xy, conf, scores, poses.frame, kept_input(given, xy)))
     print(f"refined {len(poses.frame)} persons on {decoded} frames in {elapsed:.1f} s "
           f"({decoded / max(elapsed, 1e-9):.1f} frames/s) -> {args.out}"
           + (f"; video with input (orange) and refined (cyan) poses -> {args.render}" if args.render else ""))
@@ -518,6 +560,15 @@ def cmd_serve(args) -> int:
     return serve_main(args)
 
 
+def _output_options(parser) -> None:
+    parser.add_argument("--output", default="choice", choices=("choice", "raw"),
+                        help="choice (default): per joint, the input or the refined joint, whichever the model "
+                             "finds more likely right; raw: every joint as refined")
+    parser.add_argument("--choice-margin", type=float, default=0.0, metavar="P",
+                        help="with --output choice, take the refined joint only where its confidence exceeds the "
+                             "input joint's by more than P (0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posefix", description=__doc__.splitlines()[0].rstrip(".") + ".")
     p.add_argument("--version", action="version", version=f"posefix {__version__}")
@@ -539,6 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--results", required=True, metavar="RESULTS.json", help="the estimator's COCO results")
     f.add_argument("--out", required=True, metavar="PROFILE.json")
     f.add_argument("--profile", metavar="TEMPLATE.json", help="groups and bins to fit (default: the published)")
+    f.add_argument("--format", default="coco", choices=("coco", "movenet", "blazepose", "posenet", "openpose"),
+                   help="the results' format, as for refine (coco)")
+    f.add_argument("--images", metavar="DIR", help="the images (for a format other than coco: file names, sizes)")
     f.set_defaults(func=cmd_synth_fit)
 
     g = sub.add_parser("diagnose", help="diagnose an estimator's keypoint errors (Ronchi & Perona)",
@@ -581,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--keep-input-below", type=float, metavar="CONF",
                    help="keep the input keypoint where the refined confidence is below CONF and below the "
                         "input keypoint's score")
+    _output_options(r)
     r.add_argument("--skip-invalid", action="store_true", help="refine the valid entries and skip the rest")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     ray = r.add_argument_group("on a Ray cluster (pip install 'posefix[ray]')")
@@ -635,6 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="the model's arithmetic (fp32; bf16: bfloat16 autocast, for GPUs)")
     rv.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster with bf16 on GPUs)")
+    _output_options(rv)
     rv.add_argument("--quiet", action="store_true", help="no progress bar")
     _backend_args(rv)
     rv.set_defaults(func=cmd_refine_video)
@@ -657,6 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="the model's arithmetic (fp32; bf16: bfloat16 autocast, for GPUs)")
     sv.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster with bf16 on GPUs)")
+    _output_options(sv)
     sv.add_argument("--grace-s", type=float, default=10.0, metavar="S",
                     help="on SIGTERM, time for calls in flight (10)")
     sv.add_argument("--drain-s", type=float, default=0.0, metavar="S",
@@ -691,8 +748,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", help="run the demo on the bundled sample",
-                       description="Synthesize inputs, train the CPU preset briefly (or use --checkpoint), "
-                                   "refine, and print the before/after table.")
+                       description="Train the CPU preset briefly on the bundled train images (or use --checkpoint), "
+                                   "refine held-out synthesized and real estimators' inputs on the val images, raw "
+                                   "and with the per-joint choice, and print the table.")
     d.add_argument("--out", default="posefix-demo", metavar="DIR", help="output directory (posefix-demo)")
     d.add_argument("--seed", type=_seed, default=0)
     d.add_argument("--steps", type=_seed, default=150, help="training steps of the CPU preset (150)")

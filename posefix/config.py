@@ -49,6 +49,7 @@ class TrainConfig:
     val_every: int = 0  # steps between validations (0 = only at the end)
     checkpoint_every: int = 200
     confidence_weight: float = 0.1  # weight of the confidence head's BCE
+    input_confidence_weight: float = 0.1  # weight of the input-confidence head's BCE (the per-joint choice)
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,8 @@ class _RefineBlock:
 
 def refine_images_ray(checkpoint, jobs, *, actors: int | None = None, num_gpus: float = 0.0, device: str = "cpu",
                       batch_size: int = 64, flip_test: bool = False, precision: str = "fp32",
-                      channels_last: bool = False, workers: int = 2, images_per_block: int = 16,
+                      channels_last: bool = False, output: str = "choice", choice_margin: float = 0.0,
+                      workers: int = 2, images_per_block: int = 16,
                       address: str | None = None, skipped: list | None = None, progress=None,
                       show_progress: bool = True):
     """:func:`posefix.engine.refine_images` on a Ray cluster: yields what it yields per image, ``(key, xy,
@@ -150,7 +151,8 @@ def refine_images_ray(checkpoint, jobs, *, actors: int | None = None, num_gpus: 
     try:
         yield from _run(ray, checkpoint, keys, images, poses, images_per_block, actors, num_gpus, workers, skipped,
                         progress, show_progress, dict(device=device, batch_size=batch_size, flip_test=flip_test,
-                                                         precision=precision, channels_last=channels_last))
+                                                         precision=precision, channels_last=channels_last,
+                                                         output=output, choice_margin=choice_margin))
     finally:
         if started:
             ray.shutdown()
@@ -271,11 +273,13 @@ def ray_jobs_and_options(args, keypoints, groups: dict, coco_images, skipped: li
     jobs = ((key, source(key), keypoints[rows]) for key, rows in groups.items())
     return jobs, dict(actors=args.actors, num_gpus=num_gpus, device=args.device, batch_size=args.batch_size,
                       flip_test=args.flip_test, precision=args.precision, channels_last=args.channels_last,
-                      workers=args.workers, address=args.ray or None, skipped=skipped if args.skip_invalid else None,
+                      output=args.output, choice_margin=args.choice_margin, workers=args.workers, address=args.ray or None,
+                      skipped=skipped if args.skip_invalid else None,
                       show_progress=not args.quiet)
 
 
-def write_ray_results(args, est, xy, conf, scores, ids, groups: dict, skipped: list) -> tuple[int, str]:
+def write_ray_results(args, est, xy, conf, scores, ids, groups: dict, skipped: list,
+                      kept=None) -> tuple[int, str]:
     """Write the refined persons as COCO results to ``--out`` (or ``--shards`` files beside it, each image's
     persons in one), the persons of ``skipped`` images left out; every file is written in full before any
     replaces what was there. Returns (persons written, where)."""
@@ -291,7 +295,8 @@ def write_ray_results(args, est, xy, conf, scores, ids, groups: dict, skipped: l
         est = replace(est, image_keys=[est.image_keys[i] for i in rows], keypoints=est.keypoints[rows],
                       scores=est.scores[rows], native=est.native[rows], records=[est.records[i] for i in rows],
                       sizes=None if est.sizes is None else est.sizes[rows])
-    results = write_coco_results(est, xy[rows], conf[rows], scores[rows], ids[rows])
+    results = write_coco_results(est, xy[rows], conf[rows], scores[rows], ids[rows],
+                                 None if kept is None else kept[rows])
     image_of = np.zeros(len(keep), dtype=np.int64)
     for g, group in enumerate(groups.values()):
         image_of[group] = g

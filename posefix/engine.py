@@ -20,16 +20,30 @@ from .model import ModelConfig, PoseFixNet, fold_batchnorm
 
 PRECISIONS = ("fp32", "bf16")
 BACKENDS = ("torch", "onnxruntime")
+OUTPUTS = ("choice", "raw")
 
 
 class Refiner:
     """Refines poses with a trained :class:`PoseFixNet`: an inference copy of it (eval mode, BatchNorm folded
-    into the convolutions, no gradients), on ``device``."""
+    into the convolutions, no gradients), on ``device``.
+
+    ``output``: "choice" (the default) keeps, for every joint, whichever of the input joint and the refined
+    joint the model finds more likely right (KS >= 0.5 to the truth): the refined one only where its
+    confidence exceeds the input-confidence head's estimate for the input joint by more than
+    ``choice_margin``. A kept input joint is the input's exact coordinates, with the input-confidence as its
+    confidence; an input joint with non-finite coordinates is never kept. An untrained model returns the
+    input exactly. "raw": every joint refined, as the model puts it out.
+    """
 
     def __init__(self, model: PoseFixNet, device: str | torch.device = "cpu", batch_size: int = 64,
-                 flip_test: bool = False, precision: str = "fp32", channels_last: bool = False):
+                 flip_test: bool = False, precision: str = "fp32", channels_last: bool = False,
+                 output: str = "choice", choice_margin: float = 0.0):
         if precision not in PRECISIONS:
             raise InputError("precision", f"must be one of {list(PRECISIONS)}, got {precision!r}")
+        if output not in OUTPUTS:
+            raise InputError("output", f"must be one of {list(OUTPUTS)}, got {output!r}")
+        if not np.isfinite(choice_margin):
+            raise InputError("choice_margin", f"must be a finite number, got {choice_margin!r}")
         self.device = torch.device(device)
         # The backend that executes the model: "torch", or another called like a PoseFixNet that returns its
         # dict (posefix.onnx_backend.OnnxModel: "onnxruntime"), so batching and decoding are the same code.
@@ -50,12 +64,14 @@ class Refiner:
         self.flip_test = flip_test
         self.precision = precision  # "bf16": the model under bfloat16 autocast (coordinates stay float32/64)
         self.channels_last = channels_last and self.backend == "torch"
+        self.output = output
+        self.choice_margin = float(choice_margin)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None, device: str = "cpu", batch_size: int = 64,
                         flip_test: bool = False, precision: str = "fp32", channels_last: bool = False,
-                        backend: str | None = None, onnx: str | Path | None = None,
-                        provider: str | None = None) -> Refiner:
+                        output: str = "choice", choice_margin: float = 0.0, backend: str | None = None,
+                        onnx: str | Path | None = None, provider: str | None = None) -> Refiner:
         """``backend`` "onnxruntime" (the default where an ``onnx`` file is given, else "torch"): ONNX Runtime runs
         the model, from the file ``onnx`` or, without one, the checkpoint ``path`` exported in memory, on the
         execution ``provider`` (see :mod:`posefix.onnx_backend`)."""
@@ -66,20 +82,23 @@ class Refiner:
         if onnx is None and path is None:
             raise InputError("--checkpoint", "is required (or --onnx FILE with --backend onnxruntime)")
         if backend == "torch" and onnx is None:
-            return cls(load_weights(path), device, batch_size, flip_test, precision, channels_last)
+            return cls(load_weights(path), device, batch_size, flip_test, precision, channels_last, output,
+                       choice_margin)
         if backend == "torch":
             raise InputError("--onnx", "is run by --backend onnxruntime, not torch")
         from .onnx_backend import onnx_model
 
-        return cls(onnx_model(path, onnx, device, provider), device, batch_size, flip_test, precision, channels_last)
+        return cls(onnx_model(path, onnx, device, provider), device, batch_size, flip_test, precision, channels_last,
+                   output, choice_margin)
 
     @torch.no_grad()
     def refine(self, images: list[torch.Tensor], image_index, poses, crop_poses=None) -> tuple[np.ndarray, np.ndarray]:
         """images: decoded (3, Hi, Wi) uint8 tensors; image_index (P,) which image each person is in;
         poses (P, K, 3) input keypoints (x, y, score) in image pixels, a joint present where its
         score > 0 and x, y are finite; crop_poses (P, K, 3), optional: crop around these instead (a
-        video's previous refined pose). Returns refined (P, K, 2) in image pixels and confidence (P, K).
-        Persons without a present joint come back unchanged with confidence 0."""
+        video's previous refined pose). Returns refined (P, K, 2) in image pixels and confidence (P, K)
+        (with ``output="choice"`` a joint kept from the input is its input coordinates exactly, see
+        :func:`kept_input`). Persons without a present joint come back unchanged with confidence 0."""
         poses = torch.as_tensor(np.asarray(poses, dtype=np.float64))
         crops = poses if crop_poses is None else torch.as_tensor(np.asarray(crop_poses, dtype=np.float64))
         image_index = np.asarray(image_index, dtype=np.int64)
@@ -98,8 +117,11 @@ class Refiner:
 
     def _batch(self, images, image_index, poses, crop_poses):
         crops, kp_crop, affine, ok = self.prepare(images, image_index, poses, crop_poses)
-        coords, conf = self.infer(crops, kp_crop)
-        return self.back(coords, affine), conf.cpu().numpy(), ok
+        coords, conf, input_conf = self._forward(crops, kp_crop)
+        xy, conf = self.back(coords, affine), conf.cpu().numpy()
+        if self.output == "choice":
+            xy, conf = choose(poses.numpy(), xy, conf, input_conf.cpu().numpy(), self.choice_margin)
+        return xy, conf, ok
 
     def prepare(self, images, image_index, poses, crop_poses):
         """The crops and the input keypoints in crop pixels on the device: crops (P, 3, H, W) float in [0, 1],
@@ -136,6 +158,10 @@ class Refiner:
     def infer(self, crops, kp_crop):
         """The model on prepared crops: refined coords (P, K, 2) float64 in crop pixels and confidence (P, K),
         both on the device. With ``flip_test``, averaged with the mirrored crop's, mapped back."""
+        return self._forward(crops, kp_crop)[:2]
+
+    def _forward(self, crops, kp_crop):
+        """:meth:`infer`'s coords and confidence, and the input joints' confidence (P, K)."""
         w = self.cfg.input_size[1]
         if self.channels_last:
             crops = crops.contiguous(memory_format=torch.channels_last)
@@ -147,16 +173,34 @@ class Refiner:
             out = self.model(crops, keypoints=kp_crop)
             coords = out["coords"].double()
             conf = torch.sigmoid(out["confidence_logit"].float())
+            input_conf = torch.sigmoid(out["input_confidence_logit"].float())
             if self.flip_test:
                 out_f = self.model(crops.flip(-1), keypoints=codec.flip_keypoints(kp_crop, w))
                 coords = (coords + codec.flip_keypoints(out_f["coords"].double(), w)) / 2
                 conf = (conf + codec.swap_partners(torch.sigmoid(out_f["confidence_logit"].float()), 1)) / 2
-        return coords, conf
+                input_conf = (input_conf + codec.swap_partners(torch.sigmoid(out_f["input_confidence_logit"].float()), 1)) / 2
+        return coords, conf, input_conf
 
     @staticmethod
     def back(coords, affine) -> np.ndarray:
         """Crop-pixel coords (P, K, 2) on the device → image pixels (P, K, 2), a numpy array."""
         return codec.apply_affine(coords.cpu(), affine).numpy()
+
+
+def choose(poses: np.ndarray, xy: np.ndarray, conf: np.ndarray, input_conf: np.ndarray,
+           margin: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """The per-joint choice: poses (P, K, 3) the input (image pixels), xy (P, K, 2) and conf (P, K) the refined
+    joints and their confidence, input_conf (P, K) the input joints' estimated confidence. A joint is the
+    refined one where ``conf > input_conf + margin`` or the input joint is not finite, else the input joint's
+    exact coordinates with ``input_conf``. Returns the chosen xy (P, K, 2) and confidence (P, K)."""
+    given = np.asarray(poses, dtype=np.float64)[..., :2]
+    refined = (conf > input_conf + margin) | ~np.isfinite(given).all(-1)
+    return np.where(refined[..., None], xy, given), np.where(refined, conf, input_conf)
+
+
+def kept_input(poses, xy) -> np.ndarray:
+    """(P, K) bool: where the output joint xy (P, K, 2) is the input joint of poses (P, K, 3) exactly."""
+    return (np.asarray(xy, dtype=np.float64) == np.asarray(poses, dtype=np.float64)[..., :2]).all(-1)
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -208,6 +252,11 @@ def load_weights(path: str | Path) -> PoseFixNet:
     raw = json.loads(meta["posefix_model_config"])
     raw["input_size"] = tuple(raw["input_size"])
     model = PoseFixNet(ModelConfig(**raw))
+    # Weights written before the input-confidence head existed load with that head at its initial state: the
+    # per-joint choice then keeps every input joint (output="raw" refines as such weights always did).
+    for name, value in model.state_dict().items():
+        if name.startswith("input_confidence.") and name not in state:
+            state[name] = value
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -304,7 +353,8 @@ def _staged(stage, source):
 
 def refine_results(refiner: Refiner, results: list[dict], image_paths: dict) -> list[dict]:
     """Refine COCO keypoint results (validated). ``image_paths`` maps image_id → file. Each refined
-    keypoint's third value is the refiner's confidence; the instance score and every other field are kept."""
+    keypoint's third value is the refiner's confidence; ``keypoint_source`` says for each whether it is the
+    ``"input"`` joint or the ``"refined"`` one; the instance score and every other field are kept."""
     if not results:
         return []
     order: dict[int, list[int]] = {}
@@ -319,5 +369,6 @@ def refine_results(refiner: Refiner, results: list[dict], image_paths: dict) -> 
     for img, xy, conf in refine_images(refiner, jobs):
         for n, row in enumerate(order[img]):
             kp = np.concatenate([xy[n], conf[n][:, None]], axis=1).reshape(-1).tolist()
-            out[row] = dict(results[row], keypoints=kp)
+            source = ["input" if k else "refined" for k in kept_input(poses[row], xy[n]).tolist()]
+            out[row] = dict(results[row], keypoints=kp, keypoint_source=source)
     return out

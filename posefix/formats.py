@@ -643,7 +643,8 @@ def source_keypoints(est: Estimates, i: int, refined) -> object:
     return out
 
 
-def write_coco_results(est: Estimates, refined_xy, refined_conf, instance_scores, image_ids=None) -> list[dict]:
+def write_coco_results(est: Estimates, refined_xy, refined_conf, instance_scores, image_ids=None,
+                       kept=None) -> list[dict]:
     """COCO keypoint results of the refined persons, one per person in ``est`` order.
 
     refined_xy (P, 17, 2) image pixels; refined_conf (P, 17); instance_scores (P,); image_ids (P,) the
@@ -653,6 +654,8 @@ def write_coco_results(est: Estimates, refined_xy, refined_conf, instance_scores
     "keypoints", "score", "source_format", "image" | "file" (the image key; "file" for OpenPose),
     "source_keypoints"}`` (see :func:`source_keypoints`) and, where the person or its entry had other fields
     (OpenPose's face and hand keypoints, PoseNet's original pose score...), ``"source_fields"`` holding them.
+    kept (P, 17) bool, optional: where the output joint is the input's (the per-joint choice); given, each
+    result also has ``"keypoint_source"``: 17 × ``"input"`` or ``"refined"``.
     """
     p = len(est.records)
     xy = np.asarray(refined_xy, dtype=np.float64)
@@ -671,14 +674,20 @@ def write_coco_results(est: Estimates, refined_xy, refined_conf, instance_scores
     if len(image_ids) != p:
         raise ValueError(f"image_ids has {len(image_ids)} entries for {p} persons")
     refined = np.concatenate([xy, conf[..., None]], axis=-1)  # (P, 17, 3)
+    if kept is not None:
+        kept = np.asarray(kept, dtype=bool)
+        if kept.shape != (p, NUM_KEYPOINTS):
+            raise ValueError(f"kept {kept.shape} does not fit {p} persons: need ({p}, 17)")
     out = []
     for i in range(p):
         keypoints = refined[i].reshape(-1).tolist()
+        source = {} if kept is None else {"keypoint_source": ["input" if k else "refined" for k in kept[i].tolist()]}
         if est.format == "coco":
-            out.append({**est.records[i], "image_id": image_ids[i], "keypoints": keypoints, "score": float(inst[i])})
+            out.append({**est.records[i], "image_id": image_ids[i], "keypoints": keypoints, "score": float(inst[i]),
+                        **source})
             continue
         res = {"image_id": image_ids[i], "category_id": 1, "keypoints": keypoints, "score": float(inst[i]),
-               "source_format": est.format, _KEY_FIELD[est.format]: est.image_keys[i],
+               **source, "source_format": est.format, _KEY_FIELD[est.format]: est.image_keys[i],
                "source_keypoints": source_keypoints(est, i, refined[i])}
         _, fields = _person_keypoints(est, i)
         if fields:

@@ -15,6 +15,11 @@ with gradients. Two changes:
 - A confidence head: for each joint, the probability that the refined joint lies within KS >= 0.5
   of the truth, read from the head's features under the joint's heatmap and learned with a
   binary cross-entropy.
+- An input-confidence head: for each joint, the probability that the *input* joint lies within
+  KS >= 0.5 of the truth, read from the head's features under the input joint's pooled heatmap and
+  learned the same way. The engine keeps, per joint, whichever of input and refined is more likely
+  right. Its weights start at zero and its bias at ``INPUT_CONFIDENCE_INIT``, so an untrained model
+  trusts every input joint more than its own correction and returns the input exactly.
 
 Given the input pose as keypoints, the K heatmaps are never rendered at full resolution: the stem
 convolution is linear in them and each is a separable Gaussian, so their part of the stem's output
@@ -39,6 +44,8 @@ from .codec import soft_argmax
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 STRIDE = 4
 PRIOR_EPS = 1e-6
+# Initial logit of the input-confidence head (sigmoid 0.98): above any refined confidence an untrained head gives.
+INPUT_CONFIDENCE_INIT = 4.0
 # ImageNet statistics of the RGB channels, for images scaled to [0, 1].
 RGB_MEAN = (0.485, 0.456, 0.406)
 RGB_STD = (0.229, 0.224, 0.225)
@@ -93,6 +100,9 @@ class PoseFixNet(nn.Module):
         self.confidence = nn.Conv2d(c, k, kernel_size=1)
         nn.init.normal_(self.confidence.weight, std=1e-3)
         nn.init.zeros_(self.confidence.bias)
+        self.input_confidence = nn.Conv2d(c, k, kernel_size=1)
+        nn.init.zeros_(self.input_confidence.weight)
+        nn.init.constant_(self.input_confidence.bias, INPUT_CONFIDENCE_INIT)
         self.register_buffer("rgb_mean", torch.tensor(RGB_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("rgb_std", torch.tensor(RGB_STD).view(1, 3, 1, 1), persistent=False)
         self.fused_stem = True  # from keypoints: the heatmap channels' stem convolution without rendering them
@@ -109,7 +119,8 @@ class PoseFixNet(nn.Module):
         float rounding. With ``fused_stem = False`` the keypoints are rendered and take the plain path.
 
         Returns ``logits`` (N, K, h, w), ``prob`` (N, K, h, w), ``coords`` (N, K, 2) in input pixels,
-        ``confidence_logit`` (N, K) (sigmoid: probability of KS >= 0.5 to the truth).
+        ``confidence_logit`` (N, K) (sigmoid: probability of KS >= 0.5 to the truth),
+        ``input_confidence_logit`` (N, K) (sigmoid: probability that the input joint is within KS >= 0.5).
         """
         if (heatmaps is None) == (keypoints is None):
             raise ValueError("give the input pose as exactly one of heatmaps or keypoints")
@@ -123,21 +134,27 @@ class PoseFixNet(nn.Module):
             x = x + codec.heatmap_conv2d(keypoints, cfg.input_size, cfg.sigma, stem.weight[:, 3:3 + k],
                                          stride=stem.stride[0], padding=stem.padding[0]).to(x.dtype)
             f = self.head(self.backbone[1:](x))  # (N, c, h, w)
-            pooled = codec.pooled_heatmaps(keypoints, cfg.input_size, cfg.sigma, STRIDE) if cfg.input_prior else None
+            pooled = codec.pooled_heatmaps(keypoints, cfg.input_size, cfg.sigma, STRIDE)  # (N, K, h, w)
         else:
             if heatmaps is None:
                 heatmaps = codec.render_heatmaps(keypoints, cfg.input_size, cfg.sigma, dtype=image.dtype)
             x = torch.cat([rgb, heatmaps.to(rgb.dtype)], dim=1)  # (N, 3+K, H, W)
             f = self.head(self.backbone(x))  # (N, c, h, w)
-            pooled = F.avg_pool2d(heatmaps.float(), STRIDE) if cfg.input_prior else None  # (N, K, h, w)
+            pooled = F.avg_pool2d(heatmaps.float(), STRIDE)  # (N, K, h, w)
         logits = self.final(f)
-        if pooled is not None:
+        if cfg.input_prior:
             logits = logits.float() + torch.log(pooled + PRIOR_EPS)
         coords, prob = soft_argmax(logits)
         conf_map = self.confidence(f).float()  # (N, K, h, w)
         confidence_logit = (conf_map * prob.detach()).sum(dim=(2, 3))
+        # The input joint's features: under its pooled heatmap, normalised to sum 1 (0 for an absent joint:
+        # the bias alone).
+        pooled = pooled.float()
+        where = pooled / pooled.sum(dim=(2, 3), keepdim=True).clamp(min=PRIOR_EPS)
+        head = self.input_confidence
+        input_confidence_logit = (F.conv2d(f.float(), head.weight.float()) * where).sum(dim=(2, 3)) + head.bias.float()
         return {"logits": logits, "prob": prob, "coords": coords * STRIDE + (STRIDE - 1) / 2,
-                "confidence_logit": confidence_logit}
+                "confidence_logit": confidence_logit, "input_confidence_logit": input_confidence_logit}
 
 
 def fold_batchnorm(model: PoseFixNet) -> PoseFixNet:

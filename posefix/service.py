@@ -38,6 +38,7 @@ from synth.exceptions import InputError
 from . import __version__
 from ._proto import FORMAT_LAYOUT, SERVICE_NAME, pb2, pb2_grpc
 from .batcher import BatcherStopped, BatchRecord, DeadlineExpired, DynamicBatcher, QueueFull
+from .engine import kept_input
 from .formats import LAYOUTS, Layout, from_coco17, to_coco17
 from .images import PNG_SIGNATURE, check_png, decode_encoded, encoded_size  # noqa: F401 (part of this module's API)
 from .search_service import NoIndex, search_poses
@@ -171,21 +172,25 @@ class _Request:
 
 
 def build_response(request: pb2.RefinePoseRequest, layout: Layout, native: np.ndarray, xy: np.ndarray,
-                   conf: np.ndarray) -> pb2.RefinePoseResponse:
+                   conf: np.ndarray, kept: np.ndarray | None = None) -> pb2.RefinePoseResponse:
     """The response: ``native`` (P, Kf, 3) with its COCO joints replaced by xy (P, 17, 2) pixels and
-    confidence (P, 17); each person's box, score and track id as sent."""
+    confidence (P, 17); each person's box, score and track id as sent. ``kept`` (P, 17) bool: where the
+    COCO joint is the input's (``kept_input``; keypoints without a COCO counterpart are always kept)."""
     refined = from_coco17(np.concatenate([xy, conf[..., None]], axis=-1), native, layout)  # (P, Kf, 3)
     is_refined = np.zeros(len(layout.names), dtype=bool)
     is_refined[list(layout.coco_index)] = True
+    as_sent = np.broadcast_to(~is_refined, refined.shape[:2]).copy()  # (P, Kf)
+    if kept is not None and len(kept):
+        as_sent[:, list(layout.coco_index)] = kept
     response = pb2.RefinePoseResponse()
-    for person, values in zip(request.persons, refined.tolist()):
+    for person, values, same in zip(request.persons, refined.tolist(), as_sent.tolist()):
         out = response.persons.add(track_id=person.track_id)
         if person.HasField("box"):
             out.box.CopyFrom(person.box)
         if person.HasField("score"):
             out.score = person.score
-        for (x, y, c), r in zip(values, is_refined.tolist()):
-            out.keypoints.add(x=x, y=y, confidence=c, refined=r)
+        for (x, y, c), r, k in zip(values, is_refined.tolist(), same):
+            out.keypoints.add(x=x, y=y, confidence=c, refined=r, kept_input=k)
     return response
 
 
@@ -370,7 +375,7 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
         try:
             job = await self._prepare(request)
             xy, conf = await self._refine(job.image, job.coco, context)
-            response = build_response(request, job.layout, job.native, xy, conf)
+            response = build_response(request, job.layout, job.native, xy, conf, kept_input(job.coco, xy))
         except asyncio.CancelledError:
             self._cancelled("RefinePose", context)
             raise
@@ -403,8 +408,9 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
                     raise InputError(e.field, e.problem, f"stream message {index}") from None
                 coco = video.fill(tracks, job.coco)
                 xy, conf = await self._refine(job.image, coco, context)
+                kept = kept_input(job.coco, xy)  # before smoothing, which moves kept joints too
                 xy = video.update(tracks, coco, xy, conf, t)
-                result = build_response(message.frame, job.layout, job.native, xy, conf)
+                result = build_response(message.frame, job.layout, job.native, xy, conf, kept)
                 self.metrics.frames.inc()
                 self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
                 yield pb2.RefinePoseStreamResponse(frame_index=index, result=result)
@@ -619,6 +625,8 @@ def serve_main(args: argparse.Namespace) -> int:
     refiner = Refiner.from_checkpoint(args.checkpoint, device, batch_size=args.max_batch_size, flip_test=flip_test,
                                       precision=getattr(args, "precision", "fp32"),
                                       channels_last=bool(getattr(args, "channels_last", False)),
+                                      output=getattr(args, "output", "choice"),
+                                      choice_margin=getattr(args, "choice_margin", 0.0),
                                       backend=getattr(args, "backend", None), onnx=getattr(args, "onnx", None),
                                       provider=getattr(args, "provider", None))
     h, w = refiner.cfg.input_size

@@ -56,6 +56,9 @@ def checkpoint(tmp_path_factory):
     with torch.no_grad():  # a refiner that moves joints, so equal numbers mean equal computation
         torch.nn.init.normal_(model.final.weight, std=0.2)
         torch.nn.init.normal_(model.confidence.weight, std=0.2)
+        # and whose per-joint choice keeps some input joints and takes some refined ones
+        torch.nn.init.normal_(model.input_confidence.weight, std=0.2)
+        torch.nn.init.zeros_(model.input_confidence.bias)
     path = tmp_path_factory.mktemp("model") / "model.safetensors"
     export_weights(model, path, {"step": 0})
     return path

@@ -28,7 +28,7 @@ def refiner():
     with torch.no_grad():  # a refiner that is not the identity, so that the checks below can fail
         model.final.weight.normal_(std=0.5)
         model.confidence.weight.normal_(std=0.05)
-    return Refiner(model, "cpu", batch_size=8)
+    return Refiner(model, "cpu", batch_size=8, output="raw")  # the correction itself, every joint
 
 
 def _sample():
@@ -97,7 +97,7 @@ def test_flip_test_equals_refining_the_mirrored_image(refiner):
     m_xy, m_conf = refiner.refine([image.flip(-1)], np.zeros(3, dtype=int), mirrored)
     back = m_xy[:, PARTNER].copy()
     back[..., 0] = width - 1 - back[..., 0]
-    flip = Refiner(refiner.model, "cpu", batch_size=8, flip_test=True)
+    flip = Refiner(refiner.model, "cpu", batch_size=8, flip_test=True, output="raw")
     xy, conf = flip.refine([image], np.zeros(3, dtype=int), poses)
     np.testing.assert_allclose(xy, (plain_xy + back) / 2, atol=2e-2)
     np.testing.assert_allclose(conf, (plain_conf + m_conf[:, PARTNER]) / 2, atol=1e-3)

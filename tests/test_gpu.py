@@ -54,8 +54,8 @@ def no_tf32():
                          ids=["fp32", "channels_last", "flip"])
 def test_cuda_refines_as_the_cpu_does(model, case, options, no_tf32):
     images, index, poses = case
-    cpu_xy, cpu_conf = Refiner(copy.deepcopy(model), "cpu", **options).refine(images, index, poses)
-    xy, conf = Refiner(copy.deepcopy(model), "cuda", **options).refine(images, index, poses)
+    cpu_xy, cpu_conf = Refiner(copy.deepcopy(model), "cpu", output="raw", **options).refine(images, index, poses)
+    xy, conf = Refiner(copy.deepcopy(model), "cuda", output="raw", **options).refine(images, index, poses)
     assert np.abs(cpu_xy - poses[..., :2]).max() > 1  # the model moves joints
     np.testing.assert_allclose(xy, cpu_xy, atol=0.01)
     np.testing.assert_allclose(conf, cpu_conf, atol=1e-3)
@@ -63,8 +63,9 @@ def test_cuda_refines_as_the_cpu_does(model, case, options, no_tf32):
 
 def test_cuda_bf16_is_the_fp32_answer_within_bf16_precision(model, case):
     images, index, poses = case
-    fp32, _ = Refiner(copy.deepcopy(model), "cuda").refine(images, index, poses)
-    bf16, _ = Refiner(copy.deepcopy(model), "cuda", precision="bf16", channels_last=True).refine(images, index, poses)
+    fp32, _ = Refiner(copy.deepcopy(model), "cuda", output="raw").refine(images, index, poses)
+    bf16, _ = Refiner(copy.deepcopy(model), "cuda", output="raw", precision="bf16",
+                      channels_last=True).refine(images, index, poses)
     moved = np.abs(fp32 - poses[..., :2]).max()
     assert np.abs(bf16 - fp32).max() < 0.25 * moved
 

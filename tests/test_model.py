@@ -255,9 +255,10 @@ def test_refiner_precisions_and_layouts_agree():
     results = {}
     for name, options in {"fp32": {}, "bf16": {"precision": "bf16"}, "channels_last": {"channels_last": True},
                           "flip": {"flip_test": True}}.items():
-        results[name] = Refiner(model, **options).refine([picture], np.zeros(3, dtype=np.int64), poses)[0]
+        results[name] = Refiner(model, output="raw", **options).refine([picture], np.zeros(3, dtype=np.int64),
+                                                                       poses)[0]
     model.fused_stem = False
-    rendered = Refiner(model).refine([picture], np.zeros(3, dtype=np.int64), poses)[0]
+    rendered = Refiner(model, output="raw").refine([picture], np.zeros(3, dtype=np.int64), poses)[0]
     model.fused_stem = True
     assert np.abs(results["fp32"] - rendered).max() < 0.01
     assert np.abs(results["channels_last"] - results["fp32"]).max() < 0.01

@@ -117,17 +117,26 @@ def test_refiner_learns_to_fix_synthesized_errors(tmp_path):
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
+    import numpy as np
+
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--steps", "3"]) == 0
     printed = capsys.readouterr().out
-    assert "synthesized inputs" in printed and "real top-down estimator" in printed
-    for name in ("synth_results.json", "refined_synth_results.json", "refined_topdown_keypoints_val4.json"):
+    assert "person_keypoints_train10.json" in printed  # trained on the train images, not on the val persons
+    for name in ("synthesized inputs", "real top-down estimator", "MoveNet Thunder (--format movenet)",
+                 "BlazePose full (--format blazepose)"):
+        assert sum(line.startswith(name) for line in printed.splitlines()) == 3  # input, raw, choice
+    for name in ("synth_results.json", "refined_synth_results_raw.json", "refined_synth_results_choice.json",
+                 "refined_movenet_thunder_native_choice.json", "refined_topdown_keypoints_val4_choice.json"):
         assert isinstance(json.loads((out / name).read_text()), list)
-    refined = json.loads((out / "refined_topdown_keypoints_val4.json").read_text())
+    refined = json.loads((out / "refined_topdown_keypoints_val4_choice.json").read_text())
     original = json.loads((SAMPLE_DIR / "topdown_keypoints_val4.json").read_text())
     assert len(refined) == len(original)
     assert [r["image_id"] for r in refined] == [r["image_id"] for r in original]
     assert len(list((out / "overlays").glob("*.png"))) == 4
+    for r in refined:
+        conf = np.array(r["keypoints"][2::3])
+        assert np.all((conf >= 0) & (conf <= 1)) and len(r["keypoint_source"]) == 17
     # A second run reuses the trained refiner instead of training again.
     assert main(["demo", "--out", str(out), "--steps", "3"]) == 0
     assert "reusing the refiner" in capsys.readouterr().out

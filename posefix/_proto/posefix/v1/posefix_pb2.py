@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18posefix/v1/posefix.proto\x12\nposefix.v1\"G\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12#\n\x03raw\x18\x02 \x01(\x0b\x32\x14.posefix.v1.RawImageH\x00\x42\x06\n\x04\x64\x61ta\"K\n\x08RawImage\x12\x0e\n\x06pixels\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\"/\n\x08Keypoint\x12\t\n\x01x\x18\x01 \x01(\x01\x12\t\n\x01y\x18\x02 \x01(\x01\x12\r\n\x05score\x18\x03 \x01(\x02\":\n\x03\x42ox\x12\t\n\x01x\x18\x01 \x01(\x01\x12\t\n\x01y\x18\x02 \x01(\x01\x12\r\n\x05width\x18\x03 \x01(\x01\x12\x0e\n\x06height\x18\x04 \x01(\x01\"\x7f\n\x06Person\x12\'\n\tkeypoints\x18\x01 \x03(\x0b\x32\x14.posefix.v1.Keypoint\x12\x1c\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x0f.posefix.v1.Box\x12\x12\n\x05score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x10\n\x08track_id\x18\x04 \x01(\x03\x42\x08\n\x06_score\"\x86\x01\n\x11RefinePoseRequest\x12 \n\x05image\x18\x01 \x01(\x0b\x32\x11.posefix.v1.Image\x12*\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1a.posefix.v1.KeypointFormat\x12#\n\x07persons\x18\x03 \x03(\x0b\x32\x12.posefix.v1.Person\"L\n\x0fRefinedKeypoint\x12\t\n\x01x\x18\x01 \x01(\x01\x12\t\n\x01y\x18\x02 \x01(\x01\x12\x12\n\nconfidence\x18\x03 \x01(\x02\x12\x0f\n\x07refined\x18\x04 \x01(\x08\"\x8d\x01\n\rRefinedPerson\x12.\n\tkeypoints\x18\x01 \x03(\x0b\x32\x1b.posefix.v1.RefinedKeypoint\x12\x1c\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x0f.posefix.v1.Box\x12\x12\n\x05score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x10\n\x08track_id\x18\x04 \x01(\x03\x42\x08\n\x06_score\"@\n\x12RefinePoseResponse\x12*\n\x07persons\x18\x01 \x03(\x0b\x32\x19.posefix.v1.RefinedPerson\"\x83\x01\n\rOneEuroFilter\x12\x1a\n\rmin_cutoff_hz\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04\x62\x65ta\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0b\x64_cutoff_hz\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\x10\n\x0e_min_cutoff_hzB\x07\n\x05_betaB\x0e\n\x0c_d_cutoff_hz\"\x82\x01\n\rStreamOptions\x12\x15\n\rfollow_tracks\x18\x01 \x01(\x08\x12,\n\tsmoothing\x18\x02 \x01(\x0b\x32\x19.posefix.v1.OneEuroFilter\x12\x1a\n\rframe_rate_hz\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_frame_rate_hz\"\x89\x01\n\x17RefinePoseStreamRequest\x12*\n\x07options\x18\x01 \x01(\x0b\x32\x19.posefix.v1.StreamOptions\x12,\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x1d.posefix.v1.RefinePoseRequest\x12\x14\n\x0ctimestamp_us\x18\x03 \x01(\x03\"_\n\x18RefinePoseStreamResponse\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\x04\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1e.posefix.v1.RefinePoseResponse\"\x15\n\x13GetModelInfoRequest\"\xc0\x01\n\x06Limits\x12\x1d\n\x15max_persons_per_image\x18\x01 \x01(\r\x12\x16\n\x0emax_image_side\x18\x02 \x01(\r\x12\x18\n\x10max_image_pixels\x18\x03 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\r\x12\x1a\n\x12max_queue_delay_ms\x18\x06 \x01(\x01\x12\x16\n\x0emax_queue_size\x18\x07 \x01(\r\"P\n\nFormatInfo\x12*\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1a.posefix.v1.KeypointFormat\x12\x16\n\x0ekeypoint_names\x18\x02 \x03(\t\"\xcc\x02\n\tModelInfo\x12\x33\n\x0fkeypoint_format\x18\x01 \x01(\x0e\x32\x1a.posefix.v1.KeypointFormat\x12\x14\n\x0cinput_height\x18\x02 \x01(\r\x12\x13\n\x0binput_width\x18\x03 \x01(\r\x12\x15\n\rmodel_variant\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x16\n\x0eserver_version\x18\x06 \x01(\t\x12\"\n\x06limits\x18\x07 \x01(\x0b\x32\x12.posefix.v1.Limits\x12\'\n\x07\x66ormats\x18\x08 \x03(\x0b\x32\x16.posefix.v1.FormatInfo\x12\x11\n\tflip_test\x18\t \x01(\x08\x12\x14\n\x0cindex_loaded\x18\n \x01(\x08\x12\x12\n\nindex_size\x18\x0b \x01(\x04\x12\x0f\n\x07\x62\x61\x63kend\x18\x0c \x01(\t\"\xa0\x01\n\x12SearchPosesRequest\x12*\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1a.posefix.v1.KeypointFormat\x12!\n\x05query\x18\x02 \x01(\x0b\x32\x12.posefix.v1.Person\x12 \n\x05image\x18\x03 \x01(\x0b\x32\x11.posefix.v1.Image\x12\t\n\x01k\x18\x04 \x01(\r\x12\x0e\n\x06mirror\x18\x05 \x01(\x08\"\x99\x01\n\tPoseMatch\x12\x0f\n\x07pose_id\x18\x01 \x01(\x03\x12\x10\n\x08image_id\x18\x02 \x01(\x03\x12\x1c\n\x03\x62ox\x18\x03 \x01(\x0b\x32\x0f.posefix.v1.Box\x12\x10\n\x08\x64istance\x18\x04 \x01(\x01\x12\x10\n\x08mirrored\x18\x05 \x01(\x08\x12\'\n\tkeypoints\x18\x06 \x03(\x0b\x32\x14.posefix.v1.Keypoint\"b\n\x13SearchPosesResponse\x12&\n\x07matches\x18\x01 \x03(\x0b\x32\x15.posefix.v1.PoseMatch\x12#\n\x05query\x18\x02 \x03(\x0b\x32\x14.posefix.v1.Keypoint*\xbc\x01\n\x0eKeypointFormat\x12\x1f\n\x1bKEYPOINT_FORMAT_UNSPECIFIED\x10\x00\x12\x1b\n\x17KEYPOINT_FORMAT_COCO_17\x10\x01\x12 \n\x1cKEYPOINT_FORMAT_BLAZEPOSE_33\x10\x02\x12$\n KEYPOINT_FORMAT_OPENPOSE_BODY_25\x10\x03\x12$\n KEYPOINT_FORMAT_OPENPOSE_COCO_18\x10\x04\x32\xd5\x02\n\x0bPoseRefiner\x12K\n\nRefinePose\x12\x1d.posefix.v1.RefinePoseRequest\x1a\x1e.posefix.v1.RefinePoseResponse\x12\x61\n\x10RefinePoseStream\x12#.posefix.v1.RefinePoseStreamRequest\x1a$.posefix.v1.RefinePoseStreamResponse(\x01\x30\x01\x12\x46\n\x0cGetModelInfo\x12\x1f.posefix.v1.GetModelInfoRequest\x1a\x15.posefix.v1.ModelInfo\x12N\n\x0bSearchPoses\x12\x1e.posefix.v1.SearchPosesRequest\x1a\x1f.posefix.v1.SearchPosesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18posefix/v1/posefix.proto\x12\nposefix.v1\"G\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12#\n\x03raw\x18\x02 \x01(\x0b\x32\x14.posefix.v1.RawImageH\x00\x42\x06\n\x04\x64\x61ta\"K\n\x08RawImage\x12\x0e\n\x06pixels\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\"/\n\x08Keypoint\x12\t\n\x01x\x18\x01 \x01(\x01\x12\t\n\x01y\x18\x02 \x01(\x01\x12\r\n\x05score\x18\x03 \x01(\x02\":\n\x03\x42ox\x12\t\n\x01x\x18\x01 \x01(\x01\x12\t\n\x01y\x18\x02 \x01(\x01\x12\r\n\x05width\x18\x03 \x01(\x01\x12\x0e\n\x06height\x18\x04 \x01(\x01\"\x7f\n\x06Person\x12\'\n\tkeypoints\x18\x01 \x03(\x0b\x32\x14.posefix.v1.Keypoint\x12\x1c\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x0f.posefix.v1.Box\x12\x12\n\x05score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x10\n\x08track_id\x18\x04 \x01(\x03\x42\x08\n\x06_score\"\x86\x01\n\x11RefinePoseRequest\x12 \n\x05image\x18\x01 \x01(\x0b\x32\x11.posefix.v1.Image\x12*\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1a.posefix.v1.KeypointFormat\x12#\n\x07persons\x18\x03 \x03(\x0b\x32\x12.posefix.v1.Person\"`\n\x0fRefinedKeypoint\x12\t\n\x01x\x18\x01 \x01(\x01\x12\t\n\x01y\x18\x02 \x01(\x01\x12\x12\n\nconfidence\x18\x03 \x01(\x02\x12\x0f\n\x07refined\x18\x04 \x01(\x08\x12\x12\n\nkept_input\x18\x05 \x01(\x08\"\x8d\x01\n\rRefinedPerson\x12.\n\tkeypoints\x18\x01 \x03(\x0b\x32\x1b.posefix.v1.RefinedKeypoint\x12\x1c\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x0f.posefix.v1.Box\x12\x12\n\x05score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x10\n\x08track_id\x18\x04 \x01(\x03\x42\x08\n\x06_score\"@\n\x12RefinePoseResponse\x12*\n\x07persons\x18\x01 \x03(\x0b\x32\x19.posefix.v1.RefinedPerson\"\x83\x01\n\rOneEuroFilter\x12\x1a\n\rmin_cutoff_hz\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04\x62\x65ta\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0b\x64_cutoff_hz\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\x10\n\x0e_min_cutoff_hzB\x07\n\x05_betaB\x0e\n\x0c_d_cutoff_hz\"\x82\x01\n\rStreamOptions\x12\x15\n\rfollow_tracks\x18\x01 \x01(\x08\x12,\n\tsmoothing\x18\x02 \x01(\x0b\x32\x19.posefix.v1.OneEuroFilter\x12\x1a\n\rframe_rate_hz\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_frame_rate_hz\"\x89\x01\n\x17RefinePoseStreamRequest\x12*\n\x07options\x18\x01 \x01(\x0b\x32\x19.posefix.v1.StreamOptions\x12,\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x1d.posefix.v1.RefinePoseRequest\x12\x14\n\x0ctimestamp_us\x18\x03 \x01(\x03\"_\n\x18RefinePoseStreamResponse\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\x04\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1e.posefix.v1.RefinePoseResponse\"\x15\n\x13GetModelInfoRequest\"\xc0\x01\n\x06Limits\x12\x1d\n\x15max_persons_per_image\x18\x01 \x01(\r\x12\x16\n\x0emax_image_side\x18\x02 \x01(\r\x12\x18\n\x10max_image_pixels\x18\x03 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\r\x12\x1a\n\x12max_queue_delay_ms\x18\x06 \x01(\x01\x12\x16\n\x0emax_queue_size\x18\x07 \x01(\r\"P\n\nFormatInfo\x12*\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1a.posefix.v1.KeypointFormat\x12\x16\n\x0ekeypoint_names\x18\x02 \x03(\t\"\xcc\x02\n\tModelInfo\x12\x33\n\x0fkeypoint_format\x18\x01 \x01(\x0e\x32\x1a.posefix.v1.KeypointFormat\x12\x14\n\x0cinput_height\x18\x02 \x01(\r\x12\x13\n\x0binput_width\x18\x03 \x01(\r\x12\x15\n\rmodel_variant\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x16\n\x0eserver_version\x18\x06 \x01(\t\x12\"\n\x06limits\x18\x07 \x01(\x0b\x32\x12.posefix.v1.Limits\x12\'\n\x07\x66ormats\x18\x08 \x03(\x0b\x32\x16.posefix.v1.FormatInfo\x12\x11\n\tflip_test\x18\t \x01(\x08\x12\x14\n\x0cindex_loaded\x18\n \x01(\x08\x12\x12\n\nindex_size\x18\x0b \x01(\x04\x12\x0f\n\x07\x62\x61\x63kend\x18\x0c \x01(\t\"\xa0\x01\n\x12SearchPosesRequest\x12*\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1a.posefix.v1.KeypointFormat\x12!\n\x05query\x18\x02 \x01(\x0b\x32\x12.posefix.v1.Person\x12 \n\x05image\x18\x03 \x01(\x0b\x32\x11.posefix.v1.Image\x12\t\n\x01k\x18\x04 \x01(\r\x12\x0e\n\x06mirror\x18\x05 \x01(\x08\"\x99\x01\n\tPoseMatch\x12\x0f\n\x07pose_id\x18\x01 \x01(\x03\x12\x10\n\x08image_id\x18\x02 \x01(\x03\x12\x1c\n\x03\x62ox\x18\x03 \x01(\x0b\x32\x0f.posefix.v1.Box\x12\x10\n\x08\x64istance\x18\x04 \x01(\x01\x12\x10\n\x08mirrored\x18\x05 \x01(\x08\x12\'\n\tkeypoints\x18\x06 \x03(\x0b\x32\x14.posefix.v1.Keypoint\"b\n\x13SearchPosesResponse\x12&\n\x07matches\x18\x01 \x03(\x0b\x32\x15.posefix.v1.PoseMatch\x12#\n\x05query\x18\x02 \x03(\x0b\x32\x14.posefix.v1.Keypoint*\xbc\x01\n\x0eKeypointFormat\x12\x1f\n\x1bKEYPOINT_FORMAT_UNSPECIFIED\x10\x00\x12\x1b\n\x17KEYPOINT_FORMAT_COCO_17\x10\x01\x12 \n\x1cKEYPOINT_FORMAT_BLAZEPOSE_33\x10\x02\x12$\n KEYPOINT_FORMAT_OPENPOSE_BODY_25\x10\x03\x12$\n KEYPOINT_FORMAT_OPENPOSE_COCO_18\x10\x04\x32\xd5\x02\n\x0bPoseRefiner\x12K\n\nRefinePose\x12\x1d.posefix.v1.RefinePoseRequest\x1a\x1e.posefix.v1.RefinePoseResponse\x12\x61\n\x10RefinePoseStream\x12#.posefix.v1.RefinePoseStreamRequest\x1a$.posefix.v1.RefinePoseStreamResponse(\x01\x30\x01\x12\x46\n\x0cGetModelInfo\x12\x1f.posefix.v1.GetModelInfoRequest\x1a\x15.posefix.v1.ModelInfo\x12N\n\x0bSearchPoses\x12\x1e.posefix.v1.SearchPosesRequest\x1a\x1f.posefix.v1.SearchPosesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'posefix.v1.posefix_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KEYPOINTFORMAT']._serialized_start=2412
-  _globals['_KEYPOINTFORMAT']._serialized_end=2600
+  _globals['_KEYPOINTFORMAT']._serialized_start=2432
+  _globals['_KEYPOINTFORMAT']._serialized_end=2620
   _globals['_IMAGE']._serialized_start=40
   _globals['_IMAGE']._serialized_end=111
   _globals['_RAWIMAGE']._serialized_start=113
@@ -46,33 +46,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REFINEPOSEREQUEST']._serialized_start=429
   _globals['_REFINEPOSEREQUEST']._serialized_end=563
   _globals['_REFINEDKEYPOINT']._serialized_start=565
-  _globals['_REFINEDKEYPOINT']._serialized_end=641
-  _globals['_REFINEDPERSON']._serialized_start=644
-  _globals['_REFINEDPERSON']._serialized_end=785
-  _globals['_REFINEPOSERESPONSE']._serialized_start=787
-  _globals['_REFINEPOSERESPONSE']._serialized_end=851
-  _globals['_ONEEUROFILTER']._serialized_start=854
-  _globals['_ONEEUROFILTER']._serialized_end=985
-  _globals['_STREAMOPTIONS']._serialized_start=988
-  _globals['_STREAMOPTIONS']._serialized_end=1118
-  _globals['_REFINEPOSESTREAMREQUEST']._serialized_start=1121
-  _globals['_REFINEPOSESTREAMREQUEST']._serialized_end=1258
-  _globals['_REFINEPOSESTREAMRESPONSE']._serialized_start=1260
-  _globals['_REFINEPOSESTREAMRESPONSE']._serialized_end=1355
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1357
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1378
-  _globals['_LIMITS']._serialized_start=1381
-  _globals['_LIMITS']._serialized_end=1573
-  _globals['_FORMATINFO']._serialized_start=1575
-  _globals['_FORMATINFO']._serialized_end=1655
-  _globals['_MODELINFO']._serialized_start=1658
-  _globals['_MODELINFO']._serialized_end=1990
-  _globals['_SEARCHPOSESREQUEST']._serialized_start=1993
-  _globals['_SEARCHPOSESREQUEST']._serialized_end=2153
-  _globals['_POSEMATCH']._serialized_start=2156
-  _globals['_POSEMATCH']._serialized_end=2309
-  _globals['_SEARCHPOSESRESPONSE']._serialized_start=2311
-  _globals['_SEARCHPOSESRESPONSE']._serialized_end=2409
-  _globals['_POSEREFINER']._serialized_start=2603
-  _globals['_POSEREFINER']._serialized_end=2944
+  _globals['_REFINEDKEYPOINT']._serialized_end=661
+  _globals['_REFINEDPERSON']._serialized_start=664
+  _globals['_REFINEDPERSON']._serialized_end=805
+  _globals['_REFINEPOSERESPONSE']._serialized_start=807
+  _globals['_REFINEPOSERESPONSE']._serialized_end=871
+  _globals['_ONEEUROFILTER']._serialized_start=874
+  _globals['_ONEEUROFILTER']._serialized_end=1005
+  _globals['_STREAMOPTIONS']._serialized_start=1008
+  _globals['_STREAMOPTIONS']._serialized_end=1138
+  _globals['_REFINEPOSESTREAMREQUEST']._serialized_start=1141
+  _globals['_REFINEPOSESTREAMREQUEST']._serialized_end=1278
+  _globals['_REFINEPOSESTREAMRESPONSE']._serialized_start=1280
+  _globals['_REFINEPOSESTREAMRESPONSE']._serialized_end=1375
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1377
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1398
+  _globals['_LIMITS']._serialized_start=1401
+  _globals['_LIMITS']._serialized_end=1593
+  _globals['_FORMATINFO']._serialized_start=1595
+  _globals['_FORMATINFO']._serialized_end=1675
+  _globals['_MODELINFO']._serialized_start=1678
+  _globals['_MODELINFO']._serialized_end=2010
+  _globals['_SEARCHPOSESREQUEST']._serialized_start=2013
+  _globals['_SEARCHPOSESREQUEST']._serialized_end=2173
+  _globals['_POSEMATCH']._serialized_start=2176
+  _globals['_POSEMATCH']._serialized_end=2329
+  _globals['_SEARCHPOSESRESPONSE']._serialized_start=2331
+  _globals['_SEARCHPOSESRESPONSE']._serialized_end=2429
+  _globals['_POSEREFINER']._serialized_start=2623
+  _globals['_POSEREFINER']._serialized_end=2964
 # @@protoc_insertion_point(module_scope)

@@ -85,16 +85,18 @@ class RefinePoseRequest(_message.Message):
     def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., format: _Optional[_Union[KeypointFormat, str]] = ..., persons: _Optional[_Iterable[_Union[Person, _Mapping]]] = ...) -> None: ...
 
 class RefinedKeypoint(_message.Message):
-    __slots__ = ("x", "y", "confidence", "refined")
+    __slots__ = ("x", "y", "confidence", "refined", "kept_input")
     X_FIELD_NUMBER: _ClassVar[int]
     Y_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     REFINED_FIELD_NUMBER: _ClassVar[int]
+    KEPT_INPUT_FIELD_NUMBER: _ClassVar[int]
     x: float
     y: float
     confidence: float
     refined: bool
-    def __init__(self, x: _Optional[float] = ..., y: _Optional[float] = ..., confidence: _Optional[float] = ..., refined: _Optional[bool] = ...) -> None: ...
+    kept_input: bool
+    def __init__(self, x: _Optional[float] = ..., y: _Optional[float] = ..., confidence: _Optional[float] = ..., refined: _Optional[bool] = ..., kept_input: _Optional[bool] = ...) -> None: ...
 
 class RefinedPerson(_message.Message):
     __slots__ = ("keypoints", "box", "score", "track_id")
