@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 import weakref
+from fractions import Fraction
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -51,6 +53,7 @@ STATUS: dict[type[BaseException], grpc.StatusCode] = {
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     BatcherStopped: grpc.StatusCode.UNAVAILABLE,
 }
+FRAME_RATE_HZ = (1e-3, 1e6)  # StreamOptions.frame_rate_hz's range
 FIELD_METADATA_KEY = "posefix-field"  # trailing metadata naming the offending field of an INVALID_ARGUMENT
 
 
@@ -158,6 +161,10 @@ def persons_array(persons, fmt: int, image_size: tuple[int, int], limits: Limits
     return out
 
 
+class NonFiniteResult(RuntimeError):
+    """A response would carry a non-finite number (a fault of the server's, not of the request)."""
+
+
 @dataclass
 class _Request:
     """A validated RefinePoseRequest: its image (3, H, W) uint8 (None when it has no person), layout,
@@ -173,6 +180,8 @@ def build_response(request: pb2.RefinePoseRequest, layout: Layout, native: np.nd
     """The response: ``native`` (P, Kf, 3) with its COCO joints replaced by xy (P, 17, 2) pixels and
     confidence (P, 17); each person's box, score and track id as sent."""
     refined = from_coco17(np.concatenate([xy, conf[..., None]], axis=-1), native, layout)  # (P, Kf, 3)
+    if not np.isfinite(refined).all():  # never sent: the call ends INTERNAL, logged
+        raise NonFiniteResult(f"{int((~np.isfinite(refined)).sum())} non-finite refined values")
     is_refined = np.zeros(len(layout.names), dtype=bool)
     is_refined[list(layout.coco_index)] = True
     response = pb2.RefinePoseResponse()
@@ -196,8 +205,9 @@ class VideoState:
     def __init__(self, options: pb2.StreamOptions | None):
         options = options or pb2.StreamOptions()
         self.frame_rate = options.frame_rate_hz if options.HasField("frame_rate_hz") else 30.0
-        if not (math.isfinite(self.frame_rate) and self.frame_rate > 0):
-            raise InputError("options.frame_rate_hz", f"must be > 0, got {self.frame_rate}")
+        lo, hi = FRAME_RATE_HZ
+        if not lo <= self.frame_rate <= hi:  # NaN included
+            raise InputError("options.frame_rate_hz", f"must be in [{lo:g}, {hi:g}] Hz, got {self.frame_rate}")
         smoothing = None
         if options.HasField("smoothing"):
             s, d = options.smoothing, OneEuroParams()
@@ -208,17 +218,19 @@ class VideoState:
                 raise InputError(f"options.{e.field}", e.problem) from None
         self.tracks = Tracks(options.follow_tracks, smoothing)
         self.follow, self.smoothing = self.tracks.follow, self.tracks.smoothing
-        self.t: float | None = None  # the previous frame's time, seconds
+        self.period = Fraction(1 / self.frame_rate)
+        self.t: Fraction | None = None  # the previous frame's time, seconds, exact
 
-    def clock(self, timestamp_us: int) -> float:
-        """The frame's time in seconds: its timestamp, or one frame period after the previous frame."""
+    def clock(self, timestamp_us: int) -> Fraction:
+        """The frame's time in seconds, exact (a Fraction, so that 1 µs steps stay steps at any timestamp):
+        its timestamp, or one frame period after the previous frame."""
         if timestamp_us == 0:
-            t = 0.0 if self.t is None else self.t + 1 / self.frame_rate
+            t = Fraction(0) if self.t is None else self.t + self.period
         else:
-            t = timestamp_us / 1e6
+            t = Fraction(timestamp_us, 1_000_000)
             if self.t is not None and t <= self.t:
                 raise InputError("timestamp_us", f"{timestamp_us} does not increase on the previous frame's "
-                                 f"{round(self.t * 1e6)}")
+                                 f"{round(self.t * 1_000_000)}")
         self.t = t
         return t
 
@@ -313,21 +325,24 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
         self.metrics = metrics
         self.decoder = decoder
 
-    async def _prepare(self, request: pb2.RefinePoseRequest) -> _Request:
+    async def _prepare(self, request: pb2.RefinePoseRequest, timeout: float | None) -> _Request:
+        """Validate and decode the request in a decoder thread (nothing a client sends is scanned on the
+        event loop); a call the batcher cannot finish within ``timeout`` is refused before its decoding."""
+        return await asyncio.get_running_loop().run_in_executor(self.decoder, self._prepare_sync, request, timeout)
+
+    def _prepare_sync(self, request: pb2.RefinePoseRequest, timeout: float | None) -> _Request:
         layout = layout_of(request.format)
         size = _check_image(request.image, self.limits)
         native = persons_array(request.persons, request.format, size, self.limits)
         image = None
         if len(native):
+            self.batcher.admit(len(native), timeout)
             kind = request.image.WhichOneof("data")
             convert = decode_encoded if kind == "encoded" else raw_to_tensor
-            image = await asyncio.get_running_loop().run_in_executor(self.decoder, self._decode, convert,
-                                                                     getattr(request.image, kind))
+            image = convert(getattr(request.image, kind))
+            if self.stage is not None:
+                image = self.pinned.stage(self.stage, image)
         return _Request(image, layout, native, to_coco17(native, layout))
-
-    def _decode(self, convert, data) -> torch.Tensor:
-        image = convert(data)
-        return image if self.stage is None else self.pinned.stage(self.stage, image)
 
     async def _refine(self, image, coco: np.ndarray, context) -> tuple[np.ndarray, np.ndarray]:
         return await self.batcher.refine(image, coco, timeout=context.time_remaining())
@@ -362,10 +377,11 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
             else grpc.StatusCode.CANCELLED
         self.metrics.requests.labels(method, code.name).inc()
 
-    async def RefinePose(self, request: pb2.RefinePoseRequest, context) -> pb2.RefinePoseResponse:
+    async def RefinePose(self, request: pb2.RefinePoseRequest | bytes, context) -> pb2.RefinePoseResponse:
         t0 = time.perf_counter()
         try:
-            job = await self._prepare(request)
+            request = parse(pb2.RefinePoseRequest, request)
+            job = await self._prepare(request, context.time_remaining())
             xy, conf = await self._refine(job.image, job.coco, context)
             response = build_response(request, job.layout, job.native, xy, conf)
         except asyncio.CancelledError:
@@ -386,6 +402,7 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
             async for message in request_iterator:
                 t0 = time.perf_counter()
                 try:
+                    message = parse(pb2.RefinePoseStreamRequest, message)
                     if index == 0:
                         video = VideoState(message.options if message.HasField("options") else None)
                     elif message.HasField("options"):
@@ -393,7 +410,7 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
                     t = video.clock(message.timestamp_us)
                     try:
                         tracks = video.track_ids(message.frame.persons)
-                        job = await self._prepare(message.frame)
+                        job = await self._prepare(message.frame, context.time_remaining())
                     except InputError as e:
                         raise InputError(f"frame.{e.field}", e.problem) from None
                 except InputError as e:
@@ -414,9 +431,39 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
             return
         self._succeeded(method)
 
-    async def GetModelInfo(self, request: pb2.GetModelInfoRequest, context) -> pb2.ModelInfo:
+    async def GetModelInfo(self, request: pb2.GetModelInfoRequest | bytes, context) -> pb2.ModelInfo:
+        try:
+            parse(pb2.GetModelInfoRequest, request)
+        except InputError as e:
+            self._fail("GetModelInfo", context, e)
+            return pb2.ModelInfo()
         self._succeeded("GetModelInfo")
         return self.model_info
+
+
+def parse(message_type, data):
+    """A request as received: its bytes (the server registers its methods without a deserializer, so
+    that bytes that do not parse are answered INVALID_ARGUMENT by posefix, not UNKNOWN by gRPC) or an
+    already parsed message. An InputError("request") when the bytes are not a ``message_type``."""
+    if not isinstance(data, bytes):
+        return data
+    try:
+        return message_type.FromString(data)
+    except DecodeError as e:
+        raise InputError("request", f"is not a valid {message_type.DESCRIPTOR.name} message "
+                         f"({len(data)} bytes): {e}") from None
+
+
+def add_servicer(servicer: PoseRefinerServicer, server) -> None:
+    """Register the servicer's methods on ``server`` as ``pb2_grpc.add_PoseRefinerServicer_to_server``
+    does, but taking the request bytes as they came (see :func:`parse`)."""
+    handlers = {}
+    for method in pb2.DESCRIPTOR.services_by_name["PoseRefiner"].methods:
+        output = getattr(pb2, method.output_type.name)
+        handler = getattr(servicer, method.name)
+        kind = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = kind(handler, request_deserializer=None, response_serializer=output.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 # The server.
@@ -518,9 +565,8 @@ def create_server(refiner, host: str = "127.0.0.1", port: int = 0, *, max_batch_
         ("grpc.so_reuseport", 0),
     ])
     info = model_info(refiner, limits, batcher, model_version)
-    pb2_grpc.add_PoseRefinerServicer_to_server(PoseRefinerServicer(batcher, info, limits, metrics, decoder,
-                                                                   getattr(refiner, "stage", None),
-                                                                   max_pinned_bytes), server)
+    add_servicer(PoseRefinerServicer(batcher, info, limits, metrics, decoder, getattr(refiner, "stage", None),
+                                     max_pinned_bytes), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
