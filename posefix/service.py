@@ -90,17 +90,19 @@ def raw_to_tensor(raw: pb2.RawImage) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
 
 
-def _check_image(image: pb2.Image, limits: Limits) -> tuple[int, int]:
-    """Validate an Image message without decoding it; its (height, width) in pixels."""
+def _check_image(image: pb2.Image, limits: Limits) -> tuple[tuple[int, int], bytes | pb2.RawImage]:
+    """Validate an Image message without decoding it; its (height, width) in pixels and its data (the
+    encoded bytes, read once: each read of a bytes field copies it, holding the GIL, or the RawImage)."""
     kind = image.WhichOneof("data")
     if kind is None:
         raise InputError("image", "is empty: set image.encoded (JPEG or PNG bytes) or image.raw")
     if kind == "encoded":
-        if not image.encoded:
+        data = image.encoded
+        if not data:
             raise InputError("image.encoded", "is empty")
-        height, width = encoded_size(image.encoded)
+        height, width = encoded_size(data)
         _check_image_size(height, width, limits, "image.encoded")
-        return height, width
+        return (height, width), data
     raw = image.raw
     if raw.channels not in (1, 3, 4):
         raise InputError("image.raw.channels", f"must be 1 (grey), 3 (RGB) or 4 (RGBA), got {raw.channels}")
@@ -109,7 +111,7 @@ def _check_image(image: pb2.Image, limits: Limits) -> tuple[int, int]:
     if len(raw.pixels) != expected:
         raise InputError("image.raw.pixels", f"holds {len(raw.pixels)} bytes; height × width × channels = "
                          f"{raw.height} × {raw.width} × {raw.channels} = {expected}")
-    return raw.height, raw.width
+    return (raw.height, raw.width), raw
 
 
 # Persons.
@@ -330,16 +332,20 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
         event loop); a call the batcher cannot finish within ``timeout`` is refused before its decoding."""
         return await asyncio.get_running_loop().run_in_executor(self.decoder, self._prepare_sync, request, timeout)
 
+    async def _parse(self, message_type, data):
+        """:func:`parse`, in a decoder thread for messages of over 64 KiB."""
+        if isinstance(data, bytes) and len(data) > 1 << 16:
+            return await asyncio.get_running_loop().run_in_executor(self.decoder, parse, message_type, data)
+        return parse(message_type, data)
+
     def _prepare_sync(self, request: pb2.RefinePoseRequest, timeout: float | None) -> _Request:
         layout = layout_of(request.format)
-        size = _check_image(request.image, self.limits)
+        size, data = _check_image(request.image, self.limits)
         native = persons_array(request.persons, request.format, size, self.limits)
         image = None
         if len(native):
             self.batcher.admit(len(native), timeout)
-            kind = request.image.WhichOneof("data")
-            convert = decode_encoded if kind == "encoded" else raw_to_tensor
-            image = convert(getattr(request.image, kind))
+            image = decode_encoded(data) if isinstance(data, bytes) else raw_to_tensor(data)
             if self.stage is not None:
                 image = self.pinned.stage(self.stage, image)
         return _Request(image, layout, native, to_coco17(native, layout))
@@ -380,7 +386,7 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
     async def RefinePose(self, request: pb2.RefinePoseRequest | bytes, context) -> pb2.RefinePoseResponse:
         t0 = time.perf_counter()
         try:
-            request = parse(pb2.RefinePoseRequest, request)
+            request = await self._parse(pb2.RefinePoseRequest, request)
             job = await self._prepare(request, context.time_remaining())
             xy, conf = await self._refine(job.image, job.coco, context)
             response = build_response(request, job.layout, job.native, xy, conf)
@@ -402,7 +408,7 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
             async for message in request_iterator:
                 t0 = time.perf_counter()
                 try:
-                    message = parse(pb2.RefinePoseStreamRequest, message)
+                    message = await self._parse(pb2.RefinePoseStreamRequest, message)
                     if index == 0:
                         video = VideoState(message.options if message.HasField("options") else None)
                     elif message.HasField("options"):
