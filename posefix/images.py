@@ -41,7 +41,6 @@ _INFLATE_STEP = 1 << 18  # bytes of image data decompressed at a time while chec
 
 JPEG_HEADER_SCAN_BYTES = 4 << 20  # a JPEG's frame header must start within these first bytes...
 JPEG_HEADER_SEGMENTS = 1024  # ...and these first segments
-_NOT_FF = re.compile(rb"[^\xff]")
 
 
 def encoded_size(data: bytes, field: str = "image.encoded") -> tuple[int, int]:
@@ -65,11 +64,10 @@ def encoded_size(data: bytes, field: str = "image.encoded") -> tuple[int, int]:
             if segments > JPEG_HEADER_SEGMENTS:
                 raise InputError(field, f"a JPEG without a frame header in its first {JPEG_HEADER_SEGMENTS} segments")
             marker = data[i + 1]
-            if marker == 0xFF:  # fill bytes: skipped a 64 KiB window at a time (the GIL is free between two)
-                i += 1
-                while i < end and not (found := _NOT_FF.search(data, i, min(i + (1 << 16), end))):
-                    i += 1 << 16
-                i = min(found.start() if i < end else end, end) - 1
+            if marker == 0xFF:  # fill bytes: skipped in one step, by numpy (without the GIL)
+                run = np.frombuffer(data, dtype=np.uint8, count=end - i - 1, offset=i + 1) != 0xFF
+                k = int(run.argmax())
+                i = (i + 1 + k if run[k] else end) - 1
                 continue
             if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
                 i += 2

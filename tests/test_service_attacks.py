@@ -261,30 +261,41 @@ def test_the_queue_is_bounded_in_time():
 
     def refine(images, image_index, poses):
         gate.wait(TIMEOUT)
-        time.sleep(BATCH_S)
         return poses[..., :2].copy(), np.ones(poses.shape[:2])
 
-    async def scenario():
+    image = np.zeros((3, 8, 8), dtype=np.uint8)
+    pose = np.ones((1, 17, 3))
+
+    async def refused_by_estimate():
         batcher = DynamicBatcher(refine, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=64,
-                                 max_queue_wait_s=0.12, admission=False)
+                                 max_queue_wait_s=2.2, admission=False)
+        batcher.cost.add(1, 1.0)  # as if a batch had taken 1 s
         await batcher.start()
-        image = np.zeros((3, 8, 8), dtype=np.uint8)
-        pose = np.ones((1, 17, 3))
-        gate.set()
-        await batcher.refine(image, pose)  # measures the batch time
-        gate.clear()
         calls = [asyncio.ensure_future(batcher.refine(image, pose)) for _ in range(3)]  # no deadline
         await asyncio.sleep(0.01)
-        # Three calls ahead, 50 ms each: a fourth would wait over 0.12 s, refused at once.
-        with pytest.raises(QueueFull, match="queue's limit of 0.12 s"):
+        # One call computing, two waiting, 1 s each: a fourth would wait over 2.2 s, refused at once.
+        with pytest.raises(QueueFull, match="queue's limit of 2.2 s"):
             await batcher.refine(image, pose)
+        gate.set()
+        results = await asyncio.gather(*calls)
+        await batcher.stop()
+        return results, batcher.stats
+
+    async def timed_out_in_queue():
+        batcher = DynamicBatcher(refine, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=64,
+                                 max_queue_wait_s=0.1, admission=False)  # no estimate yet: all admitted
+        await batcher.start()
+        calls = [asyncio.ensure_future(batcher.refine(image, pose)) for _ in range(3)]
         await asyncio.sleep(0.2)  # the first is held by the gate; those behind it outwait the bound
         gate.set()
         results = await asyncio.gather(*calls, return_exceptions=True)
         await batcher.stop()
         return results, batcher.stats
 
-    results, stats = asyncio.run(asyncio.wait_for(scenario(), TIMEOUT))
+    results, stats = asyncio.run(asyncio.wait_for(refused_by_estimate(), TIMEOUT))
+    assert len(results) == 3 and stats.timed_out == stats.rejected == 1
+    gate.clear()
+    results, stats = asyncio.run(asyncio.wait_for(timed_out_in_queue(), TIMEOUT))
     assert not isinstance(results[0], Exception)
     assert all(isinstance(r, QueueTimeout) for r in results[1:]), results
-    assert stats.timed_out == 3 and stats.rejected == 3
+    assert stats.timed_out == stats.rejected == 2 and stats.calls == 1
