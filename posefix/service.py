@@ -538,12 +538,16 @@ class PoseRefinerServer:
 def create_server(refiner, host: str = "127.0.0.1", port: int = 0, *, max_batch_size: int = 64,
                   max_queue_delay_ms: float = 5.0, max_queue_size: int = 1024, metrics_port: int | None = None,
                   limits: Limits = Limits(), model_version: str = "", decode_workers: int = 4,
-                  max_pinned_bytes: int = 512 * 1024 * 1024) -> PoseRefinerServer:
+                  max_pinned_bytes: int = 512 * 1024 * 1024, max_queue_wait_s: float | None = None,
+                  admission: bool = True) -> PoseRefinerServer:
     """A PoseRefiner server for ``refiner`` (a :class:`~posefix.engine.Refiner`, or anything with its
     ``refine`` and ``cfg``), bound to ``host:port`` (port 0: a free port, see ``.port``), not started.
 
     Batching: up to ``max_batch_size`` persons per model call; the oldest waiting call waits at most
     ``max_queue_delay_ms`` for others; at most ``max_queue_size`` persons wait (more: RESOURCE_EXHAUSTED).
+    Admission (see :mod:`posefix.batcher`): a call estimated to finish after its deadline, or to wait over
+    ``max_queue_wait_s`` seconds before its batch starts, is refused at once with RESOURCE_EXHAUSTED
+    (``admission`` False: deadlines checked only when a batch starts, first in first out).
     ``metrics_port``: serve Prometheus metrics over HTTP on ``host`` at this port (0: a free one).
     ``max_pinned_bytes``: on a GPU, decoded images of calls in flight are staged in pinned host memory, so that
     their copies to the device wait for nothing, up to this many bytes (page-locked memory is the machine's).
@@ -561,8 +565,11 @@ def create_server(refiner, host: str = "127.0.0.1", port: int = 0, *, max_batch_
     if metrics_port is not None and not 0 <= metrics_port <= 65535:
         raise InputError("metrics_port", f"must be in 0..65535, got {metrics_port}")
     metrics = Metrics()
+    if max_queue_wait_s is not None and not (math.isfinite(max_queue_wait_s) and max_queue_wait_s > 0):
+        raise InputError("max_queue_wait_s", f"must be > 0 seconds, got {max_queue_wait_s}")
     batcher = DynamicBatcher(refiner.refine, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
-                             max_queue_size=max_queue_size, on_batch=metrics.on_batch)
+                             max_queue_size=max_queue_size, max_queue_wait_s=max_queue_wait_s, admission=admission,
+                             on_batch=metrics.on_batch)
     metrics.queued.set_function(lambda: batcher.queued_persons)
     decoder = ThreadPoolExecutor(max_workers=max(decode_workers, 1), thread_name_prefix="posefix-decode")
     server = grpc.aio.server(options=[
@@ -649,5 +656,6 @@ def serve_main(args: argparse.Namespace) -> int:
     refiner.refine([torch.zeros((3, h, w), dtype=torch.uint8)], np.zeros(1, dtype=np.int64), warm)
     serve(refiner, args.host, args.port, grace_s=grace_s, drain_s=drain_s, max_batch_size=args.max_batch_size,
           max_queue_delay_ms=args.max_queue_delay_ms, max_queue_size=args.max_queue_size,
-          metrics_port=args.metrics_port, model_version=checkpoint_version(args.checkpoint))
+          metrics_port=args.metrics_port, model_version=checkpoint_version(args.checkpoint),
+          max_queue_wait_s=getattr(args, "max_queue_wait_s", None))
     return 0
