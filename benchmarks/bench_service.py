@@ -43,6 +43,16 @@ On a GPU (``--device cuda``, the default when one is present) a ResNet-50 at 256
 
 If a load-generator process keeps a whole core busy, it is what limits the calls (marked ``client-bound``):
 add --client-processes. Numbers go to benchmarks/results/service.json.
+
+Goodput under overload (``--goodput [--factors 0.5 1 2 4] [--deadlines 0.1 3]``): first the capacity C,
+the calls/s of C-max clients calling back to back without deadlines; then open-loop load, calls arriving
+at each factor × C per second (Poisson, seeded) over that many channels whatever the answers, each call
+with a deadline drawn log-uniformly from the range, against a server with deadline-aware admission and
+against one first in first out (``admission=False``: deadlines checked only when a batch starts), one
+after the other in the same run. Reported per level: OK calls per second (goodput), the share of the
+calls answered OK (within their deadline), the calls refused at once (RESOURCE_EXHAUSTED) and those that
+ran out of time (DEADLINE_EXCEEDED), and goodput at each factor over goodput at 1×. Numbers go to
+benchmarks/results/service_goodput.json.
 """
 from __future__ import annotations
 
@@ -105,7 +115,41 @@ async def _client(call, request: bytes, stop: asyncio.Event, ends: list, latenci
         codes.append(code)
 
 
-async def _load(conn, go, stop, target: str, request: bytes, clients: int) -> dict:
+async def _open_loop(calls, request: bytes, stop: asyncio.Event, rate: float, seed: int, deadlines: tuple[float, float],
+                     ends: list, latencies: list, codes: list, budgets: list) -> None:
+    """Open-loop load: calls arrive at ``rate`` per second (Poisson, seeded), whatever the answers, round
+    robin over ``calls``; each with a deadline drawn log-uniformly from ``deadlines`` (seconds)."""
+    rng = np.random.default_rng(seed)
+    loop = asyncio.get_running_loop()
+    tasks = set()
+
+    async def one(call, timeout):
+        t0 = time.monotonic()
+        try:
+            response = await call(request, timeout=timeout)
+            code = "OK" if len(response.persons) == 1 and len(response.persons[0].keypoints) == 17 else "BAD_RESPONSE"
+        except grpc.aio.AioRpcError as e:
+            code = e.code().name
+        t1 = time.monotonic()
+        ends.append(t1)
+        latencies.append(t1 - t0)
+        codes.append(code)
+        budgets.append(timeout)
+
+    due, n = time.monotonic(), 0
+    lo, hi = np.log(deadlines[0]), np.log(deadlines[1])
+    while not stop.is_set():
+        due += rng.exponential(1 / rate)
+        if due > time.monotonic():
+            await asyncio.sleep(due - time.monotonic())
+        task = loop.create_task(one(calls[n % len(calls)], float(np.exp(rng.uniform(lo, hi)))))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        n += 1
+    await asyncio.gather(*tasks)
+
+
+async def _load(conn, go, stop, target: str, request: bytes, clients: int, open_loop: dict | None = None) -> dict:
     loop = asyncio.get_running_loop()
     options = [("grpc.use_local_subchannel_pool", 1),  # a connection per client, not one shared
                ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
@@ -126,13 +170,17 @@ async def _load(conn, go, stop, target: str, request: bytes, clients: int) -> di
 
         watcher = loop.create_task(watch())
         cpu0, t0 = time.process_time(), time.monotonic()
-        ends, latencies, codes = [], [], []
-        await asyncio.gather(*(_client(call, request, stopping, ends, latencies, codes) for call in calls))
+        ends, latencies, codes, budgets = [], [], [], []
+        if open_loop is None:
+            await asyncio.gather(*(_client(call, request, stopping, ends, latencies, codes) for call in calls))
+        else:
+            await _open_loop(calls, request, stopping, ends=ends, latencies=latencies, codes=codes, budgets=budgets,
+                             **open_loop)
         await watcher
         cpu, wall = time.process_time() - cpu0, time.monotonic() - t0
     finally:
         await asyncio.gather(*(c.close() for c in channels))
-    return {"ends": np.array(ends), "latencies": np.array(latencies), "codes": codes,
+    return {"ends": np.array(ends), "latencies": np.array(latencies), "codes": codes, "budgets": np.array(budgets),
             "cpu_s": cpu, "wall_s": wall}
 
 
@@ -141,7 +189,7 @@ def load_generator(conn, go, stop, request: bytes) -> None:
     connects, says "ready", runs from ``go`` to ``stop`` and sends back what it recorded; None ends it."""
     conn.send(len(os.sched_getaffinity(0)))
     while (job := conn.recv()) is not None:
-        target, clients = job
+        target, clients, open_loop = job
         try:
             if clients == 0:
                 conn.send("ready")
@@ -151,7 +199,7 @@ def load_generator(conn, go, stop, request: bytes) -> None:
                     pass
                 result = {"ends": np.zeros(0), "latencies": np.zeros(0), "codes": [], "cpu_s": 0.0, "wall_s": 0.0}
             else:
-                result = asyncio.run(_load(conn, go, stop, target, request, clients))
+                result = asyncio.run(_load(conn, go, stop, target, request, clients, open_loop))
         except Exception:  # noqa: BLE001 — reported to the parent, which fails the benchmark with it
             result = {"error": traceback.format_exc()}
         conn.send(result)
@@ -188,12 +236,17 @@ class LoadGenerator:
     async def receive_all(self) -> list:
         return await asyncio.gather(*(asyncio.to_thread(self._receive, proc, conn) for proc, conn in self.workers))
 
-    async def run_level(self, server, clients: int, warmup: float, seconds: float, max_requests: int) -> dict:
+    async def run_level(self, server, clients: int, warmup: float, seconds: float, max_requests: int,
+                        open_loop: dict | None = None) -> dict:
         """C clients against ``server`` (a started PoseRefinerServer on this loop): warm up, measure the
-        window, stop. What the clients recorded in the window and what the server did in it."""
+        window, stop. What the clients recorded in the window and what the server did in it.
+        ``open_loop`` ({"rate": calls/s, "seed", "deadlines": (lo, hi) s}): instead of calling back to
+        back, the C channels carry calls arriving at that rate in all, split among the processes."""
         n = len(self.workers)
         for i, (_, conn) in enumerate(self.workers):
-            conn.send((f"127.0.0.1:{server.port}", clients // n + (i < clients % n)))
+            mine = None if open_loop is None else open_loop | {"rate": open_loop["rate"] / n,
+                                                                "seed": [open_loop["seed"], i]}
+            conn.send((f"127.0.0.1:{server.port}", clients // n + (i < clients % n), mine))
         await self.receive_all()  # "ready": every client connected
         self.go.set()
         try:
@@ -247,6 +300,8 @@ class LoadGenerator:
             "client_cpu_cores": client_cores,
             "other_cpu_cores": others,  # the machine's busy cores less both sides': other processes
             "client_bound": any(c >= CLIENT_BOUND for c in client_cores),
+            "refused_for_deadline": stats1.refused_for_deadline - stats0.refused_for_deadline,
+            "timed_out": stats1.timed_out - stats0.timed_out,
         }
 
     def close(self) -> None:
@@ -326,6 +381,57 @@ async def serve_levels(refiner, load: LoadGenerator, clients: list[int], *, max_
     finally:
         await server.stop(grace_s=5.0)
     return rows
+
+
+async def goodput_levels(refiner, load: LoadGenerator, factors: list[float], *, channels: int, warmup: float,
+                         seconds: float, deadlines: tuple[float, float], seed: int = 0, progress=None) -> dict:
+    """Goodput under overload: the capacity C (calls/s of ``channels`` closed-loop clients without
+    deadlines), then open-loop load at each factor × C, calls with deadlines drawn from ``deadlines``,
+    against a server with deadline-aware admission and one first in first out (deadlines checked when a
+    batch starts only), side by side at each factor."""
+    from posefix.service import create_server
+
+    rows, capacity = [], None
+    for admission in (True, False):
+        server = create_server(refiner, "127.0.0.1", 0, max_batch_size=64, max_queue_size=1024, admission=admission)
+        await server.start()
+        try:
+            if capacity is None:
+                cap = await load.run_level(server, channels, warmup, seconds, 10 ** 9)
+                capacity = cap["calls_per_s"]
+                if progress is not None:
+                    progress(f"capacity: {capacity:.1f} calls/s ({channels} clients back to back, no deadline)")
+            for k, factor in enumerate(factors):
+                row = await load.run_level(server, channels, warmup, seconds, 10 ** 9,
+                                           open_loop={"rate": factor * capacity, "seed": [seed, k],
+                                                      "deadlines": deadlines})
+                row |= {"admission": admission, "factor": factor, "offered_per_s": factor * capacity,
+                        "goodput_per_s": row["ok"] / row["window_s"],
+                        "within_deadline": row["ok"] / row["calls"] if row["calls"] else None}
+                rows.append(row)
+                if progress is not None:
+                    progress(f"admission {'on' if admission else 'off'}, {factor:g}× capacity: "
+                             f"{row['goodput_per_s']:.1f} OK/s, {row['outcomes']}")
+        finally:
+            await server.stop(grace_s=5.0)
+    return {"capacity_per_s": capacity, "deadlines_s": list(deadlines), "channels": channels, "rows": rows}
+
+
+def print_goodput(report: dict) -> None:
+    print(f"\ngoodput (capacity {report['capacity_per_s']:.1f} calls/s; deadlines {report['deadlines_s'][0]:g}-"
+          f"{report['deadlines_s'][1]:g} s, log-uniform)\n{'admission':>9} {'load':>5} | {'offered/s':>9} "
+          f"{'OK/s':>6} {'within deadline':>15} | {'refused':>7} {'late':>6} | {'p99 OK ms':>9}")
+    for r in report["rows"]:
+        o = r["outcomes"]
+        print(f"{'on' if r['admission'] else 'off':>9} {r['factor']:4g}× | {r['offered_per_s']:9.1f} "
+              f"{r['goodput_per_s']:6.1f} {100 * (r['within_deadline'] or 0):14.1f}% | "
+              f"{o.get('RESOURCE_EXHAUSTED', 0):7d} {o.get('DEADLINE_EXCEEDED', 0):6d} | "
+              f"{_fmt(r['latency_ms']['p99'], '.0f', 9)}")
+    for admission in (True, False):
+        by = {r["factor"]: r["goodput_per_s"] for r in report["rows"] if r["admission"] == admission}
+        if by.get(1.0):
+            print(f"admission {'on' if admission else 'off'}: goodput at " + ", ".join(
+                f"{f:g}× {100 * g / by[1.0]:.0f} %" for f, g in by.items()) + " of goodput at 1×")
 
 
 def inprocess_rate(refiner, image, pose: np.ndarray, batch: int, seconds: float, worker_thread: bool = False) -> dict:
@@ -415,6 +521,16 @@ def run(args) -> dict:
         print(f"  {mode}, {row['clients']:3d} clients: {row['calls']} calls in {row['window_s']:.1f} s, "
               f"{row['calls_per_s']:.1f} calls/s", flush=True)
 
+    if args.goodput:
+        with LoadGenerator(request, args.client_processes) as load:
+            print(f"goodput: {backbone} {input_size[0]}x{input_size[1]} on {device}; one person per call; "
+                  f"{args.seconds:g} s per level after {args.warmup:g} s warm-up", flush=True)
+            report = asyncio.run(goodput_levels(refiner, load, args.factors, channels=max(clients), warmup=args.warmup,
+                                                seconds=args.seconds, deadlines=tuple(args.deadlines),
+                                                progress=lambda line: print("  " + line, flush=True)))
+        print_goodput(report)
+        return {"benchmark": "service_goodput", "config": {"backbone": backbone, "input_size": list(input_size),
+                                                           "device": device, "factors": args.factors}} | report
     with LoadGenerator(request, args.client_processes) as load:
         print(f"service: {backbone} {input_size[0]}x{input_size[1]} on {device}"
               f"{' (' + torch.cuda.get_device_name(0) + ')' if device.startswith('cuda') else ''}; one person per "
@@ -497,8 +613,17 @@ def main():
     ap.add_argument("--client-processes", type=int, default=1)
     ap.add_argument("--torch-threads", type=int, default=None, help="the server's torch threads (default: torch's)")
     ap.add_argument("--inprocess-seconds", type=float, default=3.0, help="seconds per in-process batch size")
-    ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "service.json"))
+    ap.add_argument("--goodput", action="store_true",
+                    help="instead: goodput under open-loop overload, admission on and off (clients: the largest "
+                         "--clients, as channels)")
+    ap.add_argument("--factors", type=float, nargs="+", default=[0.5, 1, 2, 4], help="load / capacity (--goodput)")
+    ap.add_argument("--deadlines", type=float, nargs=2, default=[0.1, 3.0], metavar=("LO", "HI"),
+                    help="call deadlines in seconds, log-uniform (--goodput)")
+    ap.add_argument("--json", default=None, help="default: benchmarks/results/service.json (--goodput: "
+                                                 "service_goodput.json)")
     args = ap.parse_args()
+    args.json = args.json or str(Path(__file__).parent / "results" /
+                                 ("service_goodput.json" if args.goodput else "service.json"))
     if (min(args.clients) < 1 or args.client_processes < 1 or args.max_requests < 1 or args.max_batch_size < 2
             or (args.torch_threads is not None and args.torch_threads < 1)):
         ap.error("--clients, --client-processes, --max-requests and --torch-threads must be >= 1, "

@@ -5,15 +5,22 @@ K = 17 COCO joints. Calls wait in a queue bounded in persons; one worker takes t
 the calls behind it until the batch holds ``max_batch_size`` persons or the first call has waited
 ``max_queue_delay_ms``, and runs the refiner on the whole batch in a single thread off the event loop.
 
-A call is never computed when, by the time its batch starts, it was cancelled (its future is done) or
-its deadline has passed (it fails with :class:`DeadlineExpired`). A call that would overflow the
-queue fails at once with :class:`QueueFull`. Everything but the refiner runs on the event loop, so
-the batcher needs no locks; ``refine`` must be awaited on the loop the batcher was started on.
+Admission, as Triton's queue policy (max queue size, default timeout, reject) and deadline-aware: the
+batcher keeps a cost model of its batches (compute seconds ≈ a + b · persons, fitted to the last
+batches it ran) and refuses at once, with :class:`QueueFull`, a call that would overflow the queue,
+whose estimated finish (the batch in progress, the persons ahead of it, its own batch) falls after its
+deadline, or that would wait longer than ``max_queue_wait_s`` before its batch starts. A call is never
+computed when, by the time its batch starts, it was cancelled (its client is gone: its future is
+done), its deadline has passed or would pass before the batch's estimated end (it fails with
+:class:`DeadlineExpired`), or it waited longer than ``max_queue_wait_s`` (:class:`QueueTimeout`).
+Everything but the refiner and :meth:`DynamicBatcher.admit` runs on the event loop; ``refine`` must
+be awaited on the loop the batcher was started on.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +37,10 @@ RefineFn = Callable[[list[torch.Tensor], np.ndarray, np.ndarray], tuple[np.ndarr
 
 class QueueFull(PosefixError):
     """The queue cannot take the call's persons now."""
+
+
+class QueueTimeout(QueueFull):
+    """The call waited longer than the queue's time bound before its batch started; it was not computed."""
 
 
 class DeadlineExpired(PosefixError):
@@ -59,7 +70,9 @@ class BatcherStats:
     largest_batch: int = 0  # persons
     queue_seconds: float = 0.0
     compute_seconds: float = 0.0
-    rejected: int = 0  # calls refused with QueueFull
+    rejected: int = 0  # calls refused with QueueFull (its subclass QueueTimeout included)
+    refused_for_deadline: int = 0  # of those: refused at once, their estimated finish after their deadline
+    timed_out: int = 0  # of those: QueueTimeout, by the queue's time bound
     expired: int = 0  # calls dropped with DeadlineExpired
     cancelled: int = 0  # calls cancelled before their batch started
 
@@ -77,6 +90,32 @@ class _Call:
         return len(self.poses)
 
 
+class CostModel:
+    """Compute seconds of a batch of n persons, a + b · n, fitted by least squares to the last ``window``
+    batches (a single batch size seen: proportional). ``None`` until a batch was seen."""
+
+    def __init__(self, window: int = 64):
+        self._records: collections.deque[tuple[int, float]] = collections.deque(maxlen=window)
+        self._fit: tuple[float, float] | None = None
+
+    def add(self, persons: int, seconds: float) -> None:
+        self._records.append((persons, seconds))
+        n, t = np.array(self._records, dtype=np.float64).T
+        if np.ptp(n) > 0:
+            b, a = np.polyfit(n, t, 1)
+            if a < 0 or b < 0:  # noise: fall back to proportional
+                a, b = 0.0, float(t.sum() / n.sum())
+        else:
+            a, b = 0.0, float(t.sum() / n.sum())
+        self._fit = (float(a), float(b))
+
+    def __call__(self, persons: int) -> float | None:
+        if self._fit is None:
+            return None
+        a, b = self._fit
+        return a + b * persons if persons > 0 else 0.0
+
+
 class DynamicBatcher:
     """Groups concurrent calls into batches of up to ``max_batch_size`` persons.
 
@@ -84,19 +123,31 @@ class DynamicBatcher:
     poses (P, K, 3). ``max_queue_delay_ms``: how long the oldest call waits for others to join its
     batch. ``max_queue_size``: persons that may wait (not counting the batch being computed); a call
     with more persons than this is always refused. A call with more than ``max_batch_size`` persons
-    runs as a batch of its own. ``on_batch`` is called on the event loop with a :class:`BatchRecord`
-    after each batch.
+    runs as a batch of its own. ``max_queue_wait_s``: the longest a call may wait before its batch
+    starts (None: no bound but its deadline); a call estimated to wait longer is refused at once.
+    ``admission``: refuse at once the calls estimated to finish after their deadline, and drop those
+    whose deadline passes before their batch's estimated end (False: deadlines checked only when a
+    batch starts, first in first out). ``on_batch`` is called on the event loop with a
+    :class:`BatchRecord` after each batch.
     """
 
     def __init__(self, refine: RefineFn, *, max_batch_size: int = 64, max_queue_delay_ms: float = 5.0,
-                 max_queue_size: int = 1024, on_batch: Callable[[BatchRecord], None] | None = None):
+                 max_queue_size: int = 1024, max_queue_wait_s: float | None = None, admission: bool = True,
+                 on_batch: Callable[[BatchRecord], None] | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if not max_queue_delay_ms >= 0:
             raise ValueError(f"max_queue_delay_ms must be >= 0, got {max_queue_delay_ms}")
         if max_queue_size < 1:
             raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
+        if max_queue_wait_s is not None and not max_queue_wait_s > 0:
+            raise ValueError(f"max_queue_wait_s must be > 0 or None, got {max_queue_wait_s}")
         self._refine = refine
+        self.max_queue_wait_s = max_queue_wait_s
+        self.admission = admission
+        self.cost = CostModel()
+        self._lock = threading.Lock()  # stats.rejected and its parts: admit runs in other threads too
+        self._running: tuple[float, float] | None = None  # the batch in progress: (start, estimated seconds)
         self.max_batch_size = max_batch_size
         self.max_queue_delay_ms = max_queue_delay_ms
         self.max_queue_size = max_queue_size
@@ -137,6 +188,54 @@ class DynamicBatcher:
         executor, self._executor = self._executor, None
         await asyncio.to_thread(executor.shutdown, wait=True)
 
+    def _refuse(self, error: QueueFull, kind: str | None = None) -> QueueFull:
+        with self._lock:
+            self.stats.rejected += 1
+            if kind is not None:
+                setattr(self.stats, kind, getattr(self.stats, kind) + 1)
+        return error
+
+    def _wait_estimate(self, persons: int) -> tuple[float | None, float | None]:
+        """Estimated seconds, from now, until a call of ``persons`` joining the queue now starts its batch,
+        and until that batch ends (None, None before any batch was measured)."""
+        one = self.cost(self.max_batch_size)
+        if one is None:
+            return None, None
+        ahead = 0.0
+        running = self._running
+        if running is not None:
+            ahead = max(running[0] + running[1] - time.monotonic(), 0.0)
+        queued = self._queued
+        full, rest = divmod(queued, self.max_batch_size)
+        start = ahead + full * one + self.max_queue_delay_ms / 1000
+        own = rest + persons
+        if own > self.max_batch_size:  # the partial batch ahead closes; the call starts the next one
+            start += self.cost(rest)
+            own = persons
+        return start, start + self.cost(own)
+
+    def admit(self, persons: int, timeout: float | None = None) -> None:
+        """Raise :class:`QueueFull` if a call of ``persons`` arriving now would be refused (the queue
+        full, its estimated finish after ``timeout`` seconds, its estimated wait over the queue's time
+        bound); counted in ``stats``. Safe from any thread (it only reads the queue)."""
+        if persons == 0:
+            return
+        if self._queued + persons > self.max_queue_size:
+            busy = "" if persons > self.max_queue_size else f"{self._queued} persons already waiting; "
+            raise self._refuse(QueueFull(f"queue full: {busy}{persons} more exceed its limit of "
+                                         f"{self.max_queue_size} persons"))
+        if not self.admission and self.max_queue_wait_s is None:
+            return
+        start, end = self._wait_estimate(persons)
+        if start is None:
+            return
+        if self.max_queue_wait_s is not None and start > self.max_queue_wait_s:
+            raise self._refuse(QueueFull(f"queue full: an estimated {start:.3f} s of work ahead of the call exceeds "
+                                         f"the queue's limit of {self.max_queue_wait_s:g} s"), "timed_out")
+        if self.admission and timeout is not None and end > timeout:
+            raise self._refuse(QueueFull(f"overloaded: the call would finish in an estimated {end:.3f} s, after "
+                                         f"its deadline ({max(timeout, 0):.3f} s from now)"), "refused_for_deadline")
+
     async def refine(self, image: torch.Tensor, poses: np.ndarray,
                      timeout: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Refine the persons of one image: image (3, H, W) uint8, poses (P, K, 3) image pixels.
@@ -150,10 +249,10 @@ class DynamicBatcher:
             return np.zeros(poses.shape[:2] + (2,)), np.zeros(poses.shape[:2])
         if self._worker is None:
             raise BatcherStopped("the server is not running")
-        if self._queued + len(poses) > self.max_queue_size:
-            self.stats.rejected += 1
-            busy = "" if len(poses) > self.max_queue_size else f"{self._queued} persons already waiting; "
-            raise QueueFull(f"queue full: {busy}{len(poses)} more exceed its limit of {self.max_queue_size} persons")
+        if timeout is not None and timeout <= 0:
+            self.stats.expired += 1
+            raise DeadlineExpired("the deadline passed before the call was computed")
+        self.admit(len(poses), timeout)
         loop = asyncio.get_running_loop()
         now = loop.time()
         call = _Call(image, poses, None if timeout is None else now + timeout, now, loop.create_future())
@@ -207,13 +306,23 @@ class DynamicBatcher:
             batch.append(call)
             persons += call.persons
         now = loop.time()
+        estimate = self.cost(persons) if self.admission else None
+        end = now + (estimate or 0.0)
         for call in batch:
             if call.future.done():
                 self.stats.cancelled += 1
-            elif call.deadline is not None and now >= call.deadline:
+            elif call.deadline is not None and (now >= call.deadline or end > call.deadline):
                 self.stats.expired += 1
-                call.future.set_exception(DeadlineExpired("the deadline passed before the call was computed"))
+                call.future.set_exception(DeadlineExpired("the deadline passed before the call was computed" if
+                                                          now >= call.deadline else "the deadline would pass before "
+                                                          "the call's batch ends; it was not computed"))
+            elif self.max_queue_wait_s is not None and now - call.enqueued > self.max_queue_wait_s:
+                self._refuse(QueueFull(""), "timed_out")
+                call.future.set_exception(QueueTimeout(f"queue timeout: the call waited {now - call.enqueued:.3f} s, "
+                                                       f"over the queue's limit of {self.max_queue_wait_s:g} s"))
         self._taken = [call for call in batch if not call.future.done()]
+        if self._taken:
+            self._running = (time.monotonic(), self.cost(sum(c.persons for c in self._taken)) or 0.0)
         return self._taken
 
     async def _run(self) -> None:
@@ -230,11 +339,14 @@ class DynamicBatcher:
             try:
                 xy, conf = await loop.run_in_executor(self._executor, self._refine, images, index, poses)
             except Exception as e:  # noqa: BLE001 — the model failed: every call of the batch gets the error
+                self._running = None
                 for call in batch:
                     if not call.future.done():
                         call.future.set_exception(e)
                 continue
             compute = time.perf_counter() - t0
+            self._running = None
+            self.cost.add(len(poses), compute)
             lo = 0
             for call in batch:
                 hi = lo + call.persons

@@ -708,6 +708,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how long the oldest waiting call waits for others to batch with (5)")
     sv.add_argument("--max-queue-size", type=int, default=1024, metavar="PERSONS",
                     help="persons that may wait, at least 256; beyond: RESOURCE_EXHAUSTED (1024)")
+    sv.add_argument("--max-queue-wait-s", type=float, default=None, metavar="S",
+                    help="longest a call may wait for its batch; estimated longer: RESOURCE_EXHAUSTED (no bound)")
     sv.add_argument("--metrics-port", type=int, default=None, metavar="PORT", help="Prometheus /metrics port (off)")
     sv.add_argument("--flip-test", action="store_true", help="also refine each crop's mirror and average")
     sv.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),

@@ -43,7 +43,8 @@ async def search_poses(servicer, request: pb2.SearchPosesRequest, context) -> pb
     try:
         if request.HasField("image"):
             job = await servicer._prepare(pb2.RefinePoseRequest(image=request.image, format=request.format,
-                                                                persons=[request.query]))
+                                                                persons=[request.query]),
+                                         context.time_remaining())
             xy, conf = await servicer._refine(job.image, job.coco, context)
             coco = np.concatenate([xy, conf[..., None]], axis=-1)
         else:  # no image, no bounds: only the count of keypoints and their finiteness are checked

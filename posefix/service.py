@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 import weakref
+from fractions import Fraction
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -54,6 +56,7 @@ STATUS: dict[type[BaseException], grpc.StatusCode] = {
     BatcherStopped: grpc.StatusCode.UNAVAILABLE,
     NoIndex: grpc.StatusCode.FAILED_PRECONDITION,
 }
+FRAME_RATE_HZ = (1e-3, 1e6)  # StreamOptions.frame_rate_hz's range
 FIELD_METADATA_KEY = "posefix-field"  # trailing metadata naming the offending field of an INVALID_ARGUMENT
 
 
@@ -90,17 +93,19 @@ def raw_to_tensor(raw: pb2.RawImage) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
 
 
-def _check_image(image: pb2.Image, limits: Limits) -> tuple[int, int]:
-    """Validate an Image message without decoding it; its (height, width) in pixels."""
+def _check_image(image: pb2.Image, limits: Limits) -> tuple[tuple[int, int], bytes | pb2.RawImage]:
+    """Validate an Image message without decoding it; its (height, width) in pixels and its data (the
+    encoded bytes, read once: each read of a bytes field copies it, holding the GIL, or the RawImage)."""
     kind = image.WhichOneof("data")
     if kind is None:
         raise InputError("image", "is empty: set image.encoded (JPEG or PNG bytes) or image.raw")
     if kind == "encoded":
-        if not image.encoded:
+        data = image.encoded
+        if not data:
             raise InputError("image.encoded", "is empty")
-        height, width = encoded_size(image.encoded)
+        height, width = encoded_size(data)
         _check_image_size(height, width, limits, "image.encoded")
-        return height, width
+        return (height, width), data
     raw = image.raw
     if raw.channels not in (1, 3, 4):
         raise InputError("image.raw.channels", f"must be 1 (grey), 3 (RGB) or 4 (RGBA), got {raw.channels}")
@@ -109,7 +114,7 @@ def _check_image(image: pb2.Image, limits: Limits) -> tuple[int, int]:
     if len(raw.pixels) != expected:
         raise InputError("image.raw.pixels", f"holds {len(raw.pixels)} bytes; height × width × channels = "
                          f"{raw.height} × {raw.width} × {raw.channels} = {expected}")
-    return raw.height, raw.width
+    return (raw.height, raw.width), raw
 
 
 # Persons.
@@ -161,6 +166,10 @@ def persons_array(persons, fmt: int, image_size: tuple[int, int], limits: Limits
     return out
 
 
+class NonFiniteResult(RuntimeError):
+    """A response would carry a non-finite number (a fault of the server's, not of the request)."""
+
+
 @dataclass
 class _Request:
     """A validated RefinePoseRequest: its image (3, H, W) uint8 (None when it has no person), layout,
@@ -177,6 +186,8 @@ def build_response(request: pb2.RefinePoseRequest, layout: Layout, native: np.nd
     confidence (P, 17); each person's box, score and track id as sent. ``kept`` (P, 17) bool: where the
     COCO joint is the input's (``kept_input``; keypoints without a COCO counterpart are always kept)."""
     refined = from_coco17(np.concatenate([xy, conf[..., None]], axis=-1), native, layout)  # (P, Kf, 3)
+    if not np.isfinite(refined).all():  # never sent: the call ends INTERNAL, logged
+        raise NonFiniteResult(f"{int((~np.isfinite(refined)).sum())} non-finite refined values")
     is_refined = np.zeros(len(layout.names), dtype=bool)
     is_refined[list(layout.coco_index)] = True
     as_sent = np.broadcast_to(~is_refined, refined.shape[:2]).copy()  # (P, Kf)
@@ -203,8 +214,9 @@ class VideoState:
     def __init__(self, options: pb2.StreamOptions | None):
         options = options or pb2.StreamOptions()
         self.frame_rate = options.frame_rate_hz if options.HasField("frame_rate_hz") else 30.0
-        if not (math.isfinite(self.frame_rate) and self.frame_rate > 0):
-            raise InputError("options.frame_rate_hz", f"must be > 0, got {self.frame_rate}")
+        lo, hi = FRAME_RATE_HZ
+        if not lo <= self.frame_rate <= hi:  # NaN included
+            raise InputError("options.frame_rate_hz", f"must be in [{lo:g}, {hi:g}] Hz, got {self.frame_rate}")
         smoothing = None
         if options.HasField("smoothing"):
             s, d = options.smoothing, OneEuroParams()
@@ -215,17 +227,19 @@ class VideoState:
                 raise InputError(f"options.{e.field}", e.problem) from None
         self.tracks = Tracks(options.follow_tracks, smoothing)
         self.follow, self.smoothing = self.tracks.follow, self.tracks.smoothing
-        self.t: float | None = None  # the previous frame's time, seconds
+        self.period = Fraction(1 / self.frame_rate)
+        self.t: Fraction | None = None  # the previous frame's time, seconds, exact
 
-    def clock(self, timestamp_us: int) -> float:
-        """The frame's time in seconds: its timestamp, or one frame period after the previous frame."""
+    def clock(self, timestamp_us: int) -> Fraction:
+        """The frame's time in seconds, exact (a Fraction, so that 1 µs steps stay steps at any timestamp):
+        its timestamp, or one frame period after the previous frame."""
         if timestamp_us == 0:
-            t = 0.0 if self.t is None else self.t + 1 / self.frame_rate
+            t = Fraction(0) if self.t is None else self.t + self.period
         else:
-            t = timestamp_us / 1e6
+            t = Fraction(timestamp_us, 1_000_000)
             if self.t is not None and t <= self.t:
                 raise InputError("timestamp_us", f"{timestamp_us} does not increase on the previous frame's "
-                                 f"{round(self.t * 1e6)}")
+                                 f"{round(self.t * 1_000_000)}")
         self.t = t
         return t
 
@@ -321,21 +335,28 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
         self.decoder = decoder
         self.index = index  # a posefix.search.PoseIndex for SearchPoses, or None
 
-    async def _prepare(self, request: pb2.RefinePoseRequest) -> _Request:
+    async def _prepare(self, request: pb2.RefinePoseRequest, timeout: float | None) -> _Request:
+        """Validate and decode the request in a decoder thread (nothing a client sends is scanned on the
+        event loop); a call the batcher cannot finish within ``timeout`` is refused before its decoding."""
+        return await asyncio.get_running_loop().run_in_executor(self.decoder, self._prepare_sync, request, timeout)
+
+    async def _parse(self, message_type, data):
+        """:func:`parse`, in a decoder thread for messages of over 64 KiB."""
+        if isinstance(data, bytes) and len(data) > 1 << 16:
+            return await asyncio.get_running_loop().run_in_executor(self.decoder, parse, message_type, data)
+        return parse(message_type, data)
+
+    def _prepare_sync(self, request: pb2.RefinePoseRequest, timeout: float | None) -> _Request:
         layout = layout_of(request.format)
-        size = _check_image(request.image, self.limits)
+        size, data = _check_image(request.image, self.limits)
         native = persons_array(request.persons, request.format, size, self.limits)
         image = None
         if len(native):
-            kind = request.image.WhichOneof("data")
-            convert = decode_encoded if kind == "encoded" else raw_to_tensor
-            image = await asyncio.get_running_loop().run_in_executor(self.decoder, self._decode, convert,
-                                                                     getattr(request.image, kind))
+            self.batcher.admit(len(native), timeout)
+            image = decode_encoded(data) if isinstance(data, bytes) else raw_to_tensor(data)
+            if self.stage is not None:
+                image = self.pinned.stage(self.stage, image)
         return _Request(image, layout, native, to_coco17(native, layout))
-
-    def _decode(self, convert, data) -> torch.Tensor:
-        image = convert(data)
-        return image if self.stage is None else self.pinned.stage(self.stage, image)
 
     async def _refine(self, image, coco: np.ndarray, context) -> tuple[np.ndarray, np.ndarray]:
         return await self.batcher.refine(image, coco, timeout=context.time_remaining())
@@ -370,10 +391,11 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
             else grpc.StatusCode.CANCELLED
         self.metrics.requests.labels(method, code.name).inc()
 
-    async def RefinePose(self, request: pb2.RefinePoseRequest, context) -> pb2.RefinePoseResponse:
+    async def RefinePose(self, request: pb2.RefinePoseRequest | bytes, context) -> pb2.RefinePoseResponse:
         t0 = time.perf_counter()
         try:
-            job = await self._prepare(request)
+            request = await self._parse(pb2.RefinePoseRequest, request)
+            job = await self._prepare(request, context.time_remaining())
             xy, conf = await self._refine(job.image, job.coco, context)
             response = build_response(request, job.layout, job.native, xy, conf, kept_input(job.coco, xy))
         except asyncio.CancelledError:
@@ -394,6 +416,7 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
             async for message in request_iterator:
                 t0 = time.perf_counter()
                 try:
+                    message = await self._parse(pb2.RefinePoseStreamRequest, message)
                     if index == 0:
                         video = VideoState(message.options if message.HasField("options") else None)
                     elif message.HasField("options"):
@@ -401,7 +424,7 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
                     t = video.clock(message.timestamp_us)
                     try:
                         tracks = video.track_ids(message.frame.persons)
-                        job = await self._prepare(message.frame)
+                        job = await self._prepare(message.frame, context.time_remaining())
                     except InputError as e:
                         raise InputError(f"frame.{e.field}", e.problem) from None
                 except InputError as e:
@@ -423,9 +446,10 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
             return
         self._succeeded(method)
 
-    async def SearchPoses(self, request: pb2.SearchPosesRequest, context) -> pb2.SearchPosesResponse:
+    async def SearchPoses(self, request: pb2.SearchPosesRequest | bytes, context) -> pb2.SearchPosesResponse:
         t0 = time.perf_counter()
         try:
+            request = await self._parse(pb2.SearchPosesRequest, request)
             response = await search_poses(self, request, context)
         except asyncio.CancelledError:
             self._cancelled("SearchPoses", context)
@@ -436,9 +460,39 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
         self._succeeded("SearchPoses", t0)
         return response
 
-    async def GetModelInfo(self, request: pb2.GetModelInfoRequest, context) -> pb2.ModelInfo:
+    async def GetModelInfo(self, request: pb2.GetModelInfoRequest | bytes, context) -> pb2.ModelInfo:
+        try:
+            parse(pb2.GetModelInfoRequest, request)
+        except InputError as e:
+            self._fail("GetModelInfo", context, e)
+            return pb2.ModelInfo()
         self._succeeded("GetModelInfo")
         return self.model_info
+
+
+def parse(message_type, data):
+    """A request as received: its bytes (the server registers its methods without a deserializer, so
+    that bytes that do not parse are answered INVALID_ARGUMENT by posefix, not UNKNOWN by gRPC) or an
+    already parsed message. An InputError("request") when the bytes are not a ``message_type``."""
+    if not isinstance(data, bytes):
+        return data
+    try:
+        return message_type.FromString(data)
+    except DecodeError as e:
+        raise InputError("request", f"is not a valid {message_type.DESCRIPTOR.name} message "
+                         f"({len(data)} bytes): {e}") from None
+
+
+def add_servicer(servicer: PoseRefinerServicer, server) -> None:
+    """Register the servicer's methods on ``server`` as ``pb2_grpc.add_PoseRefinerServicer_to_server``
+    does, but taking the request bytes as they came (see :func:`parse`)."""
+    handlers = {}
+    for method in pb2.DESCRIPTOR.services_by_name["PoseRefiner"].methods:
+        output = getattr(pb2, method.output_type.name)
+        handler = getattr(servicer, method.name)
+        kind = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = kind(handler, request_deserializer=None, response_serializer=output.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 # The server.
@@ -515,12 +569,16 @@ class PoseRefinerServer:
 def create_server(refiner, host: str = "127.0.0.1", port: int = 0, *, max_batch_size: int = 64,
                   max_queue_delay_ms: float = 5.0, max_queue_size: int = 1024, metrics_port: int | None = None,
                   limits: Limits = Limits(), model_version: str = "", decode_workers: int = 4,
-                  max_pinned_bytes: int = 512 * 1024 * 1024, index=None) -> PoseRefinerServer:
+                  max_pinned_bytes: int = 512 * 1024 * 1024, max_queue_wait_s: float | None = None,
+                  admission: bool = True, index=None) -> PoseRefinerServer:
     """A PoseRefiner server for ``refiner`` (a :class:`~posefix.engine.Refiner`, or anything with its
     ``refine`` and ``cfg``), bound to ``host:port`` (port 0: a free port, see ``.port``), not started.
 
     Batching: up to ``max_batch_size`` persons per model call; the oldest waiting call waits at most
     ``max_queue_delay_ms`` for others; at most ``max_queue_size`` persons wait (more: RESOURCE_EXHAUSTED).
+    Admission (see :mod:`posefix.batcher`): a call estimated to finish after its deadline, or to wait over
+    ``max_queue_wait_s`` seconds before its batch starts, is refused at once with RESOURCE_EXHAUSTED
+    (``admission`` False: deadlines checked only when a batch starts, first in first out).
     ``metrics_port``: serve Prometheus metrics over HTTP on ``host`` at this port (0: a free one).
     ``max_pinned_bytes``: on a GPU, decoded images of calls in flight are staged in pinned host memory, so that
     their copies to the device wait for nothing, up to this many bytes (page-locked memory is the machine's).
@@ -539,8 +597,11 @@ def create_server(refiner, host: str = "127.0.0.1", port: int = 0, *, max_batch_
     if metrics_port is not None and not 0 <= metrics_port <= 65535:
         raise InputError("metrics_port", f"must be in 0..65535, got {metrics_port}")
     metrics = Metrics()
+    if max_queue_wait_s is not None and not (math.isfinite(max_queue_wait_s) and max_queue_wait_s > 0):
+        raise InputError("max_queue_wait_s", f"must be > 0 seconds, got {max_queue_wait_s}")
     batcher = DynamicBatcher(refiner.refine, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
-                             max_queue_size=max_queue_size, on_batch=metrics.on_batch)
+                             max_queue_size=max_queue_size, max_queue_wait_s=max_queue_wait_s, admission=admission,
+                             on_batch=metrics.on_batch)
     metrics.queued.set_function(lambda: batcher.queued_persons)
     decoder = ThreadPoolExecutor(max_workers=max(decode_workers, 1), thread_name_prefix="posefix-decode")
     server = grpc.aio.server(options=[
@@ -549,9 +610,8 @@ def create_server(refiner, host: str = "127.0.0.1", port: int = 0, *, max_batch_
         ("grpc.so_reuseport", 0),
     ])
     info = model_info(refiner, limits, batcher, model_version, index)
-    pb2_grpc.add_PoseRefinerServicer_to_server(PoseRefinerServicer(batcher, info, limits, metrics, decoder,
-                                                                   getattr(refiner, "stage", None),
-                                                                   max_pinned_bytes, index), server)
+    add_servicer(PoseRefinerServicer(batcher, info, limits, metrics, decoder, getattr(refiner, "stage", None),
+                                     max_pinned_bytes, index), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -636,5 +696,6 @@ def serve_main(args: argparse.Namespace) -> int:
     serve(refiner, args.host, args.port, grace_s=grace_s, drain_s=drain_s, max_batch_size=args.max_batch_size,
           max_queue_delay_ms=args.max_queue_delay_ms, max_queue_size=args.max_queue_size,
           metrics_port=args.metrics_port, index=index,
-          model_version=checkpoint_version(getattr(args, "onnx", None) or args.checkpoint))
+          model_version=checkpoint_version(getattr(args, "onnx", None) or args.checkpoint),
+          max_queue_wait_s=getattr(args, "max_queue_wait_s", None))
     return 0

@@ -27,12 +27,15 @@ class OneEuroParams:
     beta: float = 0.007
     d_cutoff_hz: float = 1.0
 
+    # The range of each parameter: within them the filter's weights stay finite and in (0, 1] for any
+    # time step from 1 µs to days, so the filtered values stay finite.
+    RANGES = {"min_cutoff_hz": (1e-6, 1e6), "beta": (0.0, 1e6), "d_cutoff_hz": (1e-6, 1e6)}
+
     def __post_init__(self):
-        for name in ("min_cutoff_hz", "beta", "d_cutoff_hz"):
+        for name, (lo, hi) in self.RANGES.items():
             value = getattr(self, name)
-            if not math.isfinite(value) or value < 0 or (value == 0 and name != "beta"):
-                raise InputError(f"smoothing.{name}", f"must be {'>= 0' if name == 'beta' else '> 0'} and finite, "
-                                 f"got {value}")
+            if not lo <= value <= hi:  # NaN included
+                raise InputError(f"smoothing.{name}", f"must be in [{lo:g}, {hi:g}], got {value}")
 
 
 class OneEuroFilter:
@@ -49,12 +52,13 @@ class OneEuroFilter:
         return 1.0 / (1.0 + 1.0 / (2 * math.pi * cutoff_hz * dt))
 
     def __call__(self, x: np.ndarray, t: float) -> np.ndarray:
-        """Filter the values ``x`` observed at time ``t`` (seconds, increasing); the first call returns x."""
+        """Filter the values ``x`` observed at time ``t`` (seconds, increasing; a float or, for exact steps
+        at any magnitude, a Fraction); the first call returns x."""
         x = np.asarray(x, dtype=np.float64)
         if self.t is None:
             self.t, self.x, self.dx = t, x.copy(), np.zeros_like(x)
             return x.copy()
-        dt = t - self.t
+        dt = float(t - self.t)
         a_d = self._alpha(self.params.d_cutoff_hz, dt)
         self.dx = a_d * (x - self.x) / dt + (1 - a_d) * self.dx
         a = self._alpha(self.params.min_cutoff_hz + self.params.beta * np.abs(self.dx), dt)
