@@ -193,7 +193,10 @@ def test_stopping_the_driver_leaves_no_output(tmp_path, checkpoint, cluster):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "posefix: interrupted"
+    # Exit 130 with "posefix: interrupted"; where Ray's core worker has put SIGINT back to its default first,
+    # the signal ends the process (-SIGINT). Either way nothing is written.
+    assert proc.returncode in (130, -signal.SIGINT), err
+    if proc.returncode == 130:
+        assert err.strip().splitlines()[-1] == "posefix: interrupted"
     assert out.read_text() == "[]"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["many", "many.json", "out.json"]

@@ -89,7 +89,8 @@ def test_undecodable_bytes_are_invalid_argument_and_counted(server, poses_785, c
 
 def test_a_slow_to_scan_jpeg_does_not_stall_other_calls(server):
     """SOI and then 8 MiB of 0xFF fill bytes: refused, while another client's health checks are answered
-    within 100 ms each. (Scanned byte by byte on the event loop, as before, they took 1 s. At 16-60 MiB,
+    within 250 ms each (100 ms on a quiet machine; the bound leaves room for a shared CI host). (Scanned
+    byte by byte on the event loop, as before, they took 1 s. At 16-60 MiB,
     gRPC's and protobuf's own copies of the message, each holding the GIL, take tens of milliseconds
     on their own.)"""
     body = pb2.RefinePoseRequest(image=pb2.Image(encoded=b"\xff\xd8" + b"\xff" * (FILL_MIB << 20)),
@@ -115,7 +116,7 @@ def test_a_slow_to_scan_jpeg_does_not_stall_other_calls(server):
     channel.close()
     assert [code for code, _ in results] == [grpc.StatusCode.INVALID_ARGUMENT] * 3, results
     assert "frame header" in results[0][1]
-    assert len(latencies) >= 3 and max(latencies) <= 0.1, \
+    assert len(latencies) >= 3 and max(latencies) <= 0.25, \
         f"health checks took up to {max(latencies) * 1000:.0f} ms ({len(latencies)} checks)"
 
 
