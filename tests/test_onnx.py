@@ -57,10 +57,10 @@ def assert_equal_outputs(torch_out, onnx_out):
     np.testing.assert_allclose(onnx_out["coords"].numpy(), torch_out["coords"].numpy(), atol=PX, rtol=0)
     np.testing.assert_allclose(torch.sigmoid(onnx_out["confidence_logit"]).numpy(),
                                torch.sigmoid(torch_out["confidence_logit"]).numpy(), atol=CONF, rtol=0)
-    for key in torch_out:  # 1e-3, unbounded outputs (a deep random model's logits reach hundreds) 1e-4 of their scale
+    for key in torch_out:  # within 1e-3 of each output's scale (a deep random model's logits reach 1e3)
         want = torch_out[key].numpy()
         scale = max(1.0, float(np.abs(want[np.isfinite(want)]).max(initial=0)))
-        np.testing.assert_allclose(onnx_out[key].numpy(), want, atol=max(1e-3, 1e-4 * scale), rtol=1e-3,
+        np.testing.assert_allclose(onnx_out[key].numpy(), want, atol=1e-3 * scale, rtol=1e-3,
                                    err_msg=key)
 
 
