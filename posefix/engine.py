@@ -31,7 +31,7 @@ class Refiner:
     joint the model finds more likely right (KS >= 0.5 to the truth): the refined one only where its
     confidence exceeds the input-confidence head's estimate for the input joint by more than
     ``choice_margin``. A kept input joint is the input's exact coordinates, with the input-confidence as its
-    confidence; an input joint with non-finite coordinates is never kept. An untrained model returns the
+    confidence (0 for an absent input joint); an input joint with non-finite coordinates is never kept. An untrained model returns the
     input exactly. "raw": every joint refined, as the model puts it out.
     """
 
@@ -192,10 +192,13 @@ def choose(poses: np.ndarray, xy: np.ndarray, conf: np.ndarray, input_conf: np.n
     """The per-joint choice: poses (P, K, 3) the input (image pixels), xy (P, K, 2) and conf (P, K) the refined
     joints and their confidence, input_conf (P, K) the input joints' estimated confidence. A joint is the
     refined one where ``conf > input_conf + margin`` or the input joint is not finite, else the input joint's
-    exact coordinates with ``input_conf``. Returns the chosen xy (P, K, 2) and confidence (P, K)."""
-    given = np.asarray(poses, dtype=np.float64)[..., :2]
+    exact coordinates with ``input_conf`` — 0 where the input joint is absent (score <= 0): kept as given, it
+    is no more there than it was. Returns the chosen xy (P, K, 2) and confidence (P, K)."""
+    poses = np.asarray(poses, dtype=np.float64)
+    given = poses[..., :2]
     refined = (conf > input_conf + margin) | ~np.isfinite(given).all(-1)
-    return np.where(refined[..., None], xy, given), np.where(refined, conf, input_conf)
+    kept_conf = np.where(poses[..., 2] > 0, input_conf, 0.0)
+    return np.where(refined[..., None], xy, given), np.where(refined, conf, kept_conf)
 
 
 def kept_input(poses, xy) -> np.ndarray:

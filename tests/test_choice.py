@@ -62,6 +62,7 @@ def test_choose_equals_a_plain_loop():
     rng = np.random.default_rng(3)
     poses = rng.uniform(0, 500, (40, 17, 3))
     poses[rng.random((40, 17)) < 0.1, 0] = np.nan
+    poses[rng.random((40, 17)) < 0.2, 2] = 0  # absent joints
     xy = rng.uniform(0, 500, (40, 17, 2))
     conf, input_conf = rng.random((40, 17)), rng.random((40, 17))
     for margin in (0.0, 0.2, -0.1):
@@ -71,7 +72,8 @@ def test_choose_equals_a_plain_loop():
                 refined = conf[p, j] > input_conf[p, j] + margin or not np.isfinite(poses[p, j, :2]).all()
                 want = xy[p, j] if refined else poses[p, j, :2]
                 assert np.array_equal(got_xy[p, j], want)
-                assert got_conf[p, j] == (conf[p, j] if refined else input_conf[p, j])
+                kept_conf = input_conf[p, j] if poses[p, j, 2] > 0 else 0.0
+                assert got_conf[p, j] == (conf[p, j] if refined else kept_conf)
 
 
 def test_the_choice_is_the_input_or_the_raw_refinement_joint_by_joint():
