@@ -16,6 +16,7 @@ import torch
 from synth.exceptions import InputError
 
 from . import codec
+from .choice import METADATA_KEY, FittedChoice
 from .model import ModelConfig, PoseFixNet, fold_batchnorm
 
 PRECISIONS = ("fp32", "bf16")
@@ -66,6 +67,8 @@ class Refiner:
         self.channels_last = channels_last and self.backend == "torch"
         self.output = output
         self.choice_margin = float(choice_margin)
+        # A choice fitted to one estimator (posefix fit-choice), carried by the checkpoint; None: the heads' own.
+        self.fitted_choice = getattr(model, "fitted_choice", None)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None, device: str = "cpu", batch_size: int = 64,
@@ -99,16 +102,27 @@ class Refiner:
         video's previous refined pose). Returns refined (P, K, 2) in image pixels and confidence (P, K)
         (with ``output="choice"`` a joint kept from the input is its input coordinates exactly, see
         :func:`kept_input`). Persons without a present joint come back unchanged with confidence 0."""
+        xy, conf, input_conf = self.refine_parts(images, image_index, poses, crop_poses)
+        if self.output == "choice":
+            xy, conf = choose(poses, xy, conf, input_conf, self.choice_margin, self.fitted_choice)
+        return xy, conf
+
+    @torch.no_grad()
+    def refine_parts(self, images: list[torch.Tensor], image_index, poses, crop_poses=None):
+        """:meth:`refine` before the choice: every joint as refined, (P, K, 2) image pixels, its confidence
+        (P, K), and the input-confidence head's estimate for each input joint (P, K). Persons without a present
+        joint: their input coordinates and confidences 0."""
         poses = torch.as_tensor(np.asarray(poses, dtype=np.float64))
         crops = poses if crop_poses is None else torch.as_tensor(np.asarray(crop_poses, dtype=np.float64))
         image_index = np.asarray(image_index, dtype=np.int64)
         xy = poses[..., :2].clone().numpy()
         conf = np.zeros(poses.shape[:2])
+        input_conf = np.zeros(poses.shape[:2])
         for lo in range(0, poses.shape[0], self.batch_size):
             sl = slice(lo, lo + self.batch_size)
-            out_xy, out_conf, ok = self._batch(images, image_index[sl], poses[sl], crops[sl])
-            xy[sl][ok], conf[sl][ok] = out_xy[ok], out_conf[ok]
-        return xy, conf
+            out_xy, out_conf, out_input, ok = self._batch(images, image_index[sl], poses[sl], crops[sl])
+            xy[sl][ok], conf[sl][ok], input_conf[sl][ok] = out_xy[ok], out_conf[ok], out_input[ok]
+        return xy, conf, input_conf
 
     @staticmethod
     def _present(poses):
@@ -118,10 +132,7 @@ class Refiner:
     def _batch(self, images, image_index, poses, crop_poses):
         crops, kp_crop, affine, ok = self.prepare(images, image_index, poses, crop_poses)
         coords, conf, input_conf = self._forward(crops, kp_crop)
-        xy, conf = self.back(coords, affine), conf.cpu().numpy()
-        if self.output == "choice":
-            xy, conf = choose(poses.numpy(), xy, conf, input_conf.cpu().numpy(), self.choice_margin)
-        return xy, conf, ok
+        return self.back(coords, affine), conf.cpu().numpy(), input_conf.cpu().numpy(), ok
 
     def prepare(self, images, image_index, poses, crop_poses):
         """The crops and the input keypoints in crop pixels on the device: crops (P, 3, H, W) float in [0, 1],
@@ -188,15 +199,21 @@ class Refiner:
 
 
 def choose(poses: np.ndarray, xy: np.ndarray, conf: np.ndarray, input_conf: np.ndarray,
-           margin: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+           margin: float = 0.0, fitted=None) -> tuple[np.ndarray, np.ndarray]:
     """The per-joint choice: poses (P, K, 3) the input (image pixels), xy (P, K, 2) and conf (P, K) the refined
     joints and their confidence, input_conf (P, K) the input joints' estimated confidence. A joint is the
-    refined one where ``conf > input_conf + margin`` or the input joint is not finite, else the input joint's
-    exact coordinates with ``input_conf`` — 0 where the input joint is absent (score <= 0): kept as given, it
-    is no more there than it was. Returns the chosen xy (P, K, 2) and confidence (P, K)."""
+    refined one where ``conf > input_conf + margin`` — with a ``fitted`` rule (:class:`posefix.choice.FittedChoice`),
+    where its probability p that the refined joint is closer to the truth gives ``2p - 1 > margin`` — or where
+    the input joint is not finite; else the input joint's exact coordinates with ``input_conf``, 0 where the
+    input joint is absent (score <= 0): kept as given, it is no more there than it was. Returns the chosen
+    xy (P, K, 2) and confidence (P, K)."""
     poses = np.asarray(poses, dtype=np.float64)
     given = poses[..., :2]
-    refined = (conf > input_conf + margin) | ~np.isfinite(given).all(-1)
+    if fitted is None:
+        take = conf > input_conf + margin
+    else:
+        take = np.tanh(fitted.logit(poses, xy, conf, input_conf) / 2) > margin  # tanh(t / 2) = 2 sigmoid(t) - 1
+    refined = take | ~np.isfinite(given).all(-1)
     kept_conf = np.where(poses[..., 2] > 0, input_conf, 0.0)
     return np.where(refined[..., None], xy, given), np.where(refined, conf, kept_conf)
 
@@ -264,10 +281,12 @@ def load_weights(path: str | Path) -> PoseFixNet:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise InputError("checkpoint", f"weights do not match the model: {str(e).splitlines()[0]}", str(path)) from None
+    if METADATA_KEY in meta:
+        model.fitted_choice = FittedChoice.from_json(meta[METADATA_KEY], str(path))
     return model
 
 
-def refine_images(refiner: Refiner, jobs, workers: int = 2, lookahead: int = 8, progress=None):
+def refine_images(refiner: Refiner, jobs, workers: int = 2, lookahead: int = 8, progress=None, parts: bool = False):
     """Refine the persons of many images, batching persons across images.
 
     jobs: iterable of (key, image path or decoded (3, H, W) uint8 tensor, poses (P, K, 3) image pixels). Images
@@ -276,11 +295,12 @@ def refine_images(refiner: Refiner, jobs, workers: int = 2, lookahead: int = 8, 
     may be split between two calls. Fixed shapes keep the device busy and let freed memory be reused as it is
     (see :mod:`posefix.runtime`). Yields (key, xy (P, K, 2), confidence (P, K)) in the order of ``jobs``, each
     as soon as its persons are done. ``progress(n)`` is called with the number of persons of each call.
+    ``parts``: refine with :meth:`Refiner.refine_parts` instead, yielding (key, xy, confidence, input confidence).
     """
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    jobs = iter(jobs)
+    jobs, want_parts = iter(jobs), parts
     stage = getattr(refiner, "stage", _identity)
     with ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="posefix-decode") as pool:
         queue: deque[_Job] = deque()  # in the order of jobs, not yet yielded
@@ -317,17 +337,19 @@ def refine_images(refiner: Refiner, jobs, workers: int = 2, lookahead: int = 8, 
                 where = {id(job): n for n, job in enumerate(jobs_in)}
                 index = np.concatenate([np.full(hi - lo, where[id(job)], dtype=np.int64) for job, lo, hi in parts])
                 poses = np.concatenate([job.poses[lo:hi] for job, lo, hi in parts])
-                xy, conf = refiner.refine(images, index, poses)
+                out = refiner.refine_parts(images, index, poses) if want_parts else refiner.refine(images, index, poses)
                 start = 0
                 for job, lo, hi in parts:
-                    job.xy[lo:hi], job.conf[lo:hi] = xy[start:start + hi - lo], conf[start:start + hi - lo]
+                    job.xy[lo:hi], job.conf[lo:hi] = out[0][start:start + hi - lo], out[1][start:start + hi - lo]
+                    if want_parts:
+                        job.input_conf[lo:hi] = out[2][start:start + hi - lo]
                     start += hi - lo
                 if progress is not None:
                     progress(len(poses))
             while queue and queue[0].taken == len(queue[0].poses):
                 job = queue.popleft()
                 job.image.result()  # an image without persons is still decoded: a broken file is reported
-                yield job.key, job.xy, job.conf
+                yield (job.key, job.xy, job.conf, job.input_conf) if want_parts else (job.key, job.xy, job.conf)
             if not parts and not queue:
                 return
 
@@ -335,12 +357,13 @@ def refine_images(refiner: Refiner, jobs, workers: int = 2, lookahead: int = 8, 
 class _Job:
     """One image of refine_images: its decoding, its poses, how many are in a batch, and their results."""
 
-    __slots__ = ("conf", "image", "key", "poses", "taken", "xy")
+    __slots__ = ("conf", "image", "input_conf", "key", "poses", "taken", "xy")
 
     def __init__(self, key, image, poses: np.ndarray):
         self.key, self.image, self.poses, self.taken = key, image, poses, 0
         self.xy = poses[..., :2].copy()
         self.conf = np.zeros(poses.shape[:2])
+        self.input_conf = np.zeros(poses.shape[:2])
 
 
 def _identity(x):

@@ -28,6 +28,8 @@ import torch
 from synth.exceptions import InputError
 
 from . import __version__
+from .choice import METADATA_KEY as CHOICE_KEY
+from .choice import FittedChoice
 from .model import ModelConfig, PoseFixNet, fold_batchnorm
 
 INPUTS = ("image", "keypoints")
@@ -106,6 +108,9 @@ def export_onnx(model: PoseFixNet, opset: int = DEFAULT_OPSET, batch: int | None
                                     input_names=list(INPUTS), output_names=outputs, dynamic_shapes=dynamic,
                                     opset_version=opset, optimize=True, verbose=False)
     proto = program.model_proto
+    fitted = getattr(model, "fitted_choice", None)
+    if fitted is not None:  # a choice fitted to one estimator travels with the weights (posefix fit-choice)
+        extra_meta[CHOICE_KEY] = fitted.to_json()
     shapes = {k: list(sample[k].shape[1:]) for k in names}
     shapes["confidence"] = list(sample["confidence_logit"].shape[1:])
     _set_metadata(proto, metadata(cfg, names, "fp32", output_shapes=shapes, batch=batch or "dynamic",
@@ -266,6 +271,7 @@ class OnnxModel:
         self.outputs = json.loads(meta["posefix_outputs"])
         self.precision = meta.get("posefix_precision", "fp32")
         self.metadata = meta
+        self.fitted_choice = FittedChoice.from_json(meta[CHOICE_KEY], name) if CHOICE_KEY in meta else None
         self.providers = self.session.get_providers()
         given = {i.name for i in self.session.get_inputs()}
         if given != set(INPUTS):

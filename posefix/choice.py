@@ -1,0 +1,181 @@
+"""The per-joint choice fitted to one estimator: when to take the refiner's correction over the input joint.
+
+The choice built into a checkpoint compares two estimates learned on synthesized errors (the refined joint's
+confidence and the input joint's, "KS >= 0.5 to the truth"). Neither is calibrated on a real estimator: such an
+estimator's right joints are more precise than synthesized ones, and its errors sit where the image is hard.
+:func:`fit_choice` learns the choice on that estimator's own results for labelled images instead: a logistic
+rule over a few features of each joint (both confidences, the estimator's own keypoint score, how far the
+correction moves the joint relative to the person's size, which joint it is) trained to predict whether the
+refined joint lies closer to the truth than the input joint, each joint weighted by how much KS is at stake
+(|KS refined − KS input|), so the rule maximises the KS gained. The rule travels in the checkpoint's metadata
+(``posefix fit-choice``) and :func:`posefix.engine.choose` applies it wherever the checkpoint is loaded.
+
+Glossary: P persons, K = 17 joints; F features. numpy and scipy only.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from scipy.optimize import minimize
+
+from synth.exceptions import InputError
+from synth.keypoints import NUM_KEYPOINTS, ks
+
+METADATA_KEY = "posefix_choice"
+VERSION = 1
+NUMERIC = ("refined_confidence_logit", "input_confidence_logit", "input_score", "input_present", "log_move")
+_LOGIT_CLIP = 8.0
+
+
+def _logit(p):
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return np.clip(np.log(p / (1 - p)), -_LOGIT_CLIP, _LOGIT_CLIP)
+
+
+def person_scale(poses: np.ndarray) -> np.ndarray:
+    """(P,) the square root of the area of each input pose's box (present, finite joints); 1 without two."""
+    poses = np.asarray(poses, dtype=np.float64)
+    ok = (poses[..., 2] > 0) & np.isfinite(poses[..., :2]).all(-1)
+    low = np.where(ok[..., None], poses[..., :2], np.inf).min(-2)
+    high = np.where(ok[..., None], poses[..., :2], -np.inf).max(-2)
+    with np.errstate(invalid="ignore"):
+        size = np.sqrt(np.prod(high - low, axis=-1))
+    return np.where((ok.sum(-1) >= 2) & np.isfinite(size) & (size > 1.0), size, 1.0)
+
+
+def features(poses, xy, conf, input_conf) -> np.ndarray:
+    """The numeric features (P, K, 5) of each joint, in the order of :data:`NUMERIC`: poses (P, K, 3) the input,
+    xy (P, K, 2) and conf (P, K) the refined joints, input_conf (P, K) the head's estimate for the input joint."""
+    poses = np.asarray(poses, dtype=np.float64)
+    given = np.nan_to_num(poses[..., :2], nan=0.0, posinf=0.0, neginf=0.0)
+    present = ((poses[..., 2] > 0) & np.isfinite(poses[..., :2]).all(-1)).astype(np.float64)
+    score = np.clip(np.nan_to_num(poses[..., 2], nan=0.0), 0.0, 1.0)
+    move = np.linalg.norm(np.asarray(xy, dtype=np.float64) - given, axis=-1) / person_scale(poses)[:, None]
+    return np.stack([_logit(conf), _logit(input_conf), score, present, np.log(np.minimum(move, 10.0) + 1e-2)], -1)
+
+
+class FittedChoice:
+    """A fitted rule: P(refined joint closer to the truth) = sigmoid(standardised features · w + intercept +
+    bias[joint])."""
+
+    def __init__(self, mean, std, weights, intercept, joint_bias, info: dict | None = None):
+        self.intercept = float(intercept)
+        self.mean = np.asarray(mean, dtype=np.float64)
+        self.std = np.asarray(std, dtype=np.float64)
+        self.weights = np.asarray(weights, dtype=np.float64)
+        self.joint_bias = np.asarray(joint_bias, dtype=np.float64)
+        self.info = dict(info or {})
+        n = len(NUMERIC)
+        if not (self.mean.shape == self.std.shape == self.weights.shape == (n,)
+                and self.joint_bias.shape == (NUM_KEYPOINTS,)):
+            raise InputError(METADATA_KEY, f"expects {n} feature means, stds and weights and {NUM_KEYPOINTS} joint "
+                             "biases")
+        if not all(np.isfinite(a).all() for a in (self.mean, self.std, self.weights, self.joint_bias, self.intercept)) \
+                or (self.std <= 0).any():
+            raise InputError(METADATA_KEY, "holds a non-finite number or a non-positive std")
+
+    def logit(self, poses, xy, conf, input_conf) -> np.ndarray:
+        """(P, K) the log-odds that each refined joint is closer to the truth than the input joint."""
+        f = (features(poses, xy, conf, input_conf) - self.mean) / self.std
+        return f @ self.weights + self.intercept + self.joint_bias
+
+    def to_json(self) -> str:
+        return json.dumps({"version": VERSION, "features": list(NUMERIC), "mean": self.mean.tolist(),
+                           "std": self.std.tolist(), "weights": self.weights.tolist(),
+                           "intercept": self.intercept, "joint_bias": self.joint_bias.tolist(), "info": self.info})
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "checkpoint") -> FittedChoice:
+        try:
+            doc = json.loads(text)
+        except (TypeError, ValueError) as e:
+            raise InputError(METADATA_KEY, f"is not JSON: {e}", source) from None
+        if not isinstance(doc, dict):
+            raise InputError(METADATA_KEY, f"must be a JSON object, got {type(doc).__name__}", source)
+        if doc.get("version") != VERSION or doc.get("features") != list(NUMERIC):
+            raise InputError(METADATA_KEY, f"is version {doc.get('version')!r} with features {doc.get('features')!r}; "
+                             f"this posefix reads version {VERSION} with {list(NUMERIC)}", source)
+        try:
+            return cls(doc["mean"], doc["std"], doc["weights"], doc["intercept"], doc["joint_bias"], doc.get("info"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(METADATA_KEY, f"is incomplete or malformed: {e!r}", source) from None
+
+
+def fit_choice(poses, xy, conf, input_conf, gt, gt_area, l2: float = 1.0) -> FittedChoice:
+    """Fit the rule on labelled joints. poses (P, K, 3) the estimator's input poses, xy/conf/input_conf the raw
+    refinement of them (as :func:`features`), gt (P, K, 3) the matched ground truth (v > 0 labelled; persons
+    without a match have v = 0 throughout), gt_area (P,) its area. ``l2``: the ridge penalty on the weights
+    and the joints' own biases, in units of the KS at stake in one joint; the intercept is not penalised, so
+    where the corrections are never closer the rule keeps every input joint, however the features vary."""
+    poses = np.asarray(poses, dtype=np.float64)
+    gt = np.asarray(gt, dtype=np.float64)
+    labelled = gt[..., 2] > 0
+    if labelled.sum() < 20:
+        raise InputError("--annotations", f"only {int(labelled.sum())} labelled joints match the input; at least "
+                         "20 are needed to fit the choice")
+    given = np.nan_to_num(poses[..., :2], nan=0.0, posinf=0.0, neginf=0.0)
+    gain = ks(xy, gt, gt_area) - ks(given, gt, gt_area)  # (P, K) KS won by taking the correction
+    f = features(poses, xy, conf, input_conf)[labelled]  # (N, F)
+    joint = np.broadcast_to(np.arange(NUM_KEYPOINTS), labelled.shape)[labelled]  # (N,)
+    y, w = (gain[labelled] > 0).astype(np.float64), np.abs(gain[labelled])
+    mean, std = f.mean(0), f.std(0)
+    std = np.where(std > 1e-6, std, 1.0)
+    z = (f - mean) / std
+    onehot = np.eye(NUM_KEYPOINTS)[joint]
+    x = np.concatenate([z, np.ones((len(z), 1)), onehot], axis=1)  # (N, F + 1 + K)
+    penalised = np.ones(x.shape[1])
+    penalised[len(NUMERIC)] = 0.0
+    wsum = max(w.sum(), 1e-12)
+
+    def loss(theta):
+        t = x @ theta
+        # weighted logistic loss and its gradient, stable for large |t|
+        lp = np.logaddexp(0.0, -t)  # -log sigmoid(t)
+        ln = np.logaddexp(0.0, t)  # -log(1 - sigmoid(t))
+        value = (w * (y * lp + (1 - y) * ln)).sum() / wsum + l2 * (penalised * theta ** 2).sum() / wsum
+        p = 0.5 * (1 + np.tanh(t / 2))
+        grad = x.T @ (w * (p - y)) / wsum + 2 * l2 * penalised * theta / wsum
+        return value, grad
+
+    bound = [(-30.0, 30.0)] * x.shape[1]  # the unpenalised intercept runs off where every label is the same
+    theta = minimize(loss, np.zeros(x.shape[1]), jac=True, method="L-BFGS-B", bounds=bound).x
+    n = len(NUMERIC)
+    info = {"joints": int(labelled.sum()), "refined_closer": float(y.mean()),
+            "ks_gain_all_refined": float(gain[labelled].mean())}
+    rule = FittedChoice(mean, std, theta[:n], theta[n], theta[n + 1:], info)
+    take = rule.logit(poses, xy, conf, input_conf)[labelled] > 0
+    rule.info.update(taken=float(take.mean()), ks_gain_fitted=float(np.where(take, gain[labelled], 0.0).mean()),
+                     ks_gain_oracle=float(np.maximum(gain[labelled], 0.0).mean()))
+    return rule
+
+
+def raw_refinement(refiner, est, files: dict, workers: int = 2):
+    """Refine every person of ``est`` (:class:`posefix.formats.Estimates`) raw with ``refiner`` (a
+    :class:`posefix.engine.Refiner`), ``files`` mapping each image key to its file. Returns xy (P, K, 2),
+    confidence (P, K) and input confidence (P, K) in ``est`` order."""
+    from .engine import refine_images
+
+    n = len(est.image_keys)
+    groups: dict = {}
+    for i, key in enumerate(est.image_keys):
+        groups.setdefault(key, []).append(i)
+    xy, conf, input_conf = np.zeros((n, NUM_KEYPOINTS, 2)), np.zeros((n, NUM_KEYPOINTS)), np.zeros((n, NUM_KEYPOINTS))
+    jobs = ((key, files[key], est.keypoints[rows]) for key, rows in groups.items())
+    for key, kxy, kconf, kin in refine_images(refiner, jobs, workers=workers, parts=True):
+        xy[groups[key]], conf[groups[key]], input_conf[groups[key]] = kxy, kconf, kin
+    return xy, conf, input_conf
+
+
+def matched_truth(gt, results: list[dict]):
+    """The GT person COCO's matching (as :func:`synth.diagnose.diagnose`) pairs with each result: keypoints
+    (P, K, 3), v = 0 throughout where a result has no labelled match, and areas (P,)."""
+    from synth.diagnose import diagnose
+
+    index_of = {int(a): i for i, a in enumerate(gt.ids)}
+    truth, area = np.zeros((len(results), NUM_KEYPOINTS, 3)), np.ones(len(results))
+    for n, d in enumerate(diagnose(gt, results, with_ap=False)["detections"]):
+        g = index_of.get(d["matched_gt"]) if d["matched_gt"] is not None else None
+        if g is not None and not gt.crowd[g]:
+            truth[n], area[n] = gt.keypoints[g], gt.areas[g]
+    return truth, area
