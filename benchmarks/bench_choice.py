@@ -2,7 +2,8 @@
 
     python benchmarks/bench_choice.py --train-annotations TRAIN.json --train-images TRAIN_DIR \\
         --val-annotations VAL.json --val-images VAL_DIR --estimators EST_DIR [--seeds 0 1 2] [--steps 600] \\
-        [--profile PROFILE.json] [--runs runs/choice] [--set KEY=VALUE ...] [--json PATH]
+        [--train-estimators TRAIN_EST_DIR] [--profile PROFILE.json] [--runs runs/choice] [--set KEY=VALUE ...] \\
+        [--json PATH]
 
 For each seed, the ``cpu-small`` preset is trained as ``posefix train --preset cpu-small --set
 data.train_annotations=TRAIN.json --set data.train_images=TRAIN_DIR --set train.seed=SEED`` does (a run
@@ -13,8 +14,11 @@ EST_DIR (``movenet_*_native.json`` through ``--format movenet``, ``blazepose_*_n
 ``--format blazepose``). Every file is scored by pycocotools keypoint AP on the images it covers, with the
 error breakdown of ``posefix diagnose`` (the shares of good and jitter keypoints). A row "untrained" refines
 the same inputs with a randomly initialised model once: the cost of the decoding alone (raw) and the
-choice's starting point (choice must give the input exactly). Prints a table (mean and range over the
-seeds) and writes every number as JSON.
+choice's starting point (choice must give the input exactly). With ``--train-estimators`` (the same
+estimators' native files on the train images), each checkpoint's choice is also fitted to each input
+(``posefix fit-choice`` on its train-image counterpart: the train images' synthesized inputs, the estimator's
+own output there) and that fitted checkpoint refines the held-out input: column "fitted choice". Prints a
+table (mean and range over the seeds) and writes every number as JSON.
 """
 from __future__ import annotations
 
@@ -51,7 +55,8 @@ def refine(checkpoint, images, src, fmt, out, output, annotations) -> None:
         raise SystemExit(f"posefix refine failed on {src}")
 
 
-def evaluate(checkpoint, inputs, args, work: Path) -> dict:
+def evaluate(checkpoint, inputs, args, work: Path, fit_inputs=None) -> dict:
+    from posefix.cli import main as posefix
     from synth.cocoio import load_ground_truth
 
     gt = load_ground_truth(args.val_annotations)
@@ -62,6 +67,15 @@ def evaluate(checkpoint, inputs, args, work: Path) -> dict:
             out = work / f"{Path(src).stem}_{output}.json"
             refine(checkpoint, args.val_images, src, fmt, out, output, args.val_annotations)
             row[output] = score(gt, out)
+        if fit_inputs and name in fit_inputs:
+            fitted = work / f"{Path(src).stem}_fitted.safetensors"
+            if posefix(["fit-choice", "--checkpoint", str(checkpoint), "--images", args.train_images, "--input",
+                        str(fit_inputs[name]), "--format", fmt, "--annotations", args.train_annotations,
+                        "--out", str(fitted)]):
+                raise SystemExit(f"posefix fit-choice failed on {fit_inputs[name]}")
+            out = work / f"{Path(src).stem}_fitted.json"
+            refine(fitted, args.val_images, src, fmt, out, "choice", args.val_annotations)
+            row["fitted"] = score(gt, out)
         rows[name] = row
     return rows
 
@@ -88,6 +102,8 @@ def main(argv=None) -> int:
     p.add_argument("--val-annotations", required=True)
     p.add_argument("--val-images", required=True)
     p.add_argument("--estimators", required=True, help="directory of the estimators' native files on the val images")
+    p.add_argument("--train-estimators", help="directory of the same estimators' native files on the train images: "
+                   "fit the choice to each (posefix fit-choice) and score the fitted checkpoint too")
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--profile", help="train on this error profile (posefix synth fit) instead of the published one")
@@ -111,6 +127,15 @@ def main(argv=None) -> int:
     for name, file, fmt in ESTIMATORS:
         if (Path(args.estimators) / file).is_file():
             inputs.append((name, Path(args.estimators) / file, fmt))
+    fit_inputs = None
+    if args.train_estimators:
+        fit_inputs = {"synthesized (published rates)": work / "synthesized_train.json"}
+        if posefix(["synth", "--gt", args.train_annotations, "--out", str(fit_inputs["synthesized (published rates)"]),
+                    "--seed", "1"]):
+            return 2
+        for name, file, _ in ESTIMATORS:
+            if (Path(args.train_estimators) / file).is_file():
+                fit_inputs[name] = Path(args.train_estimators) / file
     # The estimators' own COCO results beside the native files give their input AP.
     coco_inputs = {name: Path(args.estimators) / file.replace("_native", "_coco") for name, file, _ in ESTIMATORS}
 
@@ -131,7 +156,7 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         checkpoint = train_run(args, seed)
         (work / f"seed-{seed}").mkdir(exist_ok=True)
-        report["seeds"][seed] = evaluate(checkpoint, inputs, args, work / f"seed-{seed}")
+        report["seeds"][seed] = evaluate(checkpoint, inputs, args, work / f"seed-{seed}", fit_inputs)
         write(args.json, report)
         print_table(report)
     return 0
@@ -148,15 +173,16 @@ def print_table(report) -> None:
     seeds = list(report["seeds"].values()) or [report["untrained"]]
     print(f"\n{len(seeds)} seed(s), {report['steps']} steps, profile {report['profile'] or 'published'}")
     print(f"{'input':32s} {'input AP':>9s} {'untrained raw':>14s} {'refined raw':>22s} {'with choice':>22s} "
-          f"{'kept input':>11s} {'good (in → raw → choice)':>26s}")
+          f"{'fitted choice':>22s} {'kept input':>11s} {'good (in → raw → choice)':>26s}")
     for name, base in report["input"].items():
         raw = cell([s[name]["raw"]["ap"] for s in seeds])
         choice = cell([s[name]["choice"]["ap"] for s in seeds])
+        fitted = cell([s[name]["fitted"]["ap"] for s in seeds if "fitted" in s[name]])
         kept = cell([s[name]["choice"]["kept_input"] for s in seeds])
         good = f"{100 * base['good']:.1f} → {100 * sum(s[name]['raw']['good'] for s in seeds) / len(seeds):.1f} → " \
                f"{100 * sum(s[name]['choice']['good'] for s in seeds) / len(seeds):.1f} %"
         print(f"{name:32s} {base['ap']:9.3f} {report['untrained'][name]['raw']['ap']:14.3f} {raw:>22s} "
-              f"{choice:>22s} {kept:>11s} {good:>26s}")
+              f"{choice:>22s} {fitted:>22s} {kept:>11s} {good:>26s}")
     sys.stdout.flush()
 
 

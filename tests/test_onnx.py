@@ -300,3 +300,32 @@ def test_export_bad_input_writes_nothing(files, tmp_path, capsys):
     code, err = _error(capsys, ["export", "--checkpoint", str(tmp_path / "none.safetensors"), "--onnx", str(out)])
     assert code == 2 and "checkpoint: file not found" in err and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["poses.json"]  # no temporary file left either
+
+
+def test_refine_video_and_in_memory_export_with_onnxruntime_equal_torch(files, tmp_path):
+    """``--backend onnxruntime`` with only ``--checkpoint`` (exported in memory) on refine and refine-video."""
+    from posefix.video import make_sample_video
+
+    image = decode(IMAGE_785)
+    offsets = make_sample_video(image, tmp_path / "clip.mp4", num_frames=4, size=(320, 240), fps=10.0)
+    rows = [r for r in json.loads(VAL_RESULTS.read_text()) if r["image_id"] == 785][:2]
+    poses = []
+    for f in range(4):
+        for t, r in enumerate(rows):
+            k = np.array(r["keypoints"], dtype=np.float64).reshape(17, 3)
+            k[:, :2] -= offsets[f]
+            poses.append({"image_id": f, "category_id": 1, "keypoints": k.reshape(-1).tolist(), "score": r["score"],
+                          "track_id": t + 1})
+    (tmp_path / "poses.json").write_text(json.dumps(poses))
+    video = ["refine-video", "--checkpoint", str(files[0]), "--video", str(tmp_path / "clip.mp4"), "--input",
+             str(tmp_path / "poses.json"), "--quiet"]
+    image_run = ["refine", "--checkpoint", str(files[0]), "--images", str(IMAGES), "--input", str(VAL_RESULTS),
+                 "--quiet"]
+    for name, args in (("video", video), ("images", image_run)):
+        a, b = tmp_path / f"{name}_torch.json", tmp_path / f"{name}_ort.json"
+        assert main(args + ["--out", str(a)]) == 0
+        assert main(args + ["--out", str(b), "--backend", "onnxruntime"]) == 0
+        ka, kb = (np.array([r["keypoints"] for r in json.loads(p.read_text())]).reshape(-1, 17, 3) for p in (a, b))
+        assert ka.shape == kb.shape and ka.shape[0] > 0
+        assert np.abs(ka[..., :2] - kb[..., :2]).max() < 4 * PX, name
+        assert np.abs(ka[..., 2] - kb[..., 2]).max() < 4 * CONF, name
