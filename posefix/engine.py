@@ -252,9 +252,9 @@ def load_weights(path: str | Path) -> PoseFixNet:
         raise InputError("checkpoint", f"not a safetensors file: {e}", str(path)) from None
     if "posefix_model_config" not in meta:
         raise InputError("checkpoint", "has no posefix model config in its metadata", str(path))
-    raw = json.loads(meta["posefix_model_config"])
-    raw["input_size"] = tuple(raw["input_size"])
-    model = PoseFixNet(ModelConfig(**raw))
+    from .config import model_config_from_json
+
+    model = PoseFixNet(model_config_from_json(meta["posefix_model_config"], "posefix_model_config", str(path)))
     # Weights written before the input-confidence head existed load with that head at its initial state: the
     # per-joint choice then keeps every input joint (output="raw" refines as such weights always did).
     for name, value in model.state_dict().items():

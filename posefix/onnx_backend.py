@@ -257,13 +257,15 @@ class OnnxModel:
         if "posefix_model_config" not in meta or "posefix_outputs" not in meta:
             raise InputError(field, "has no posefix metadata (posefix_model_config); export it with posefix export",
                              name)
-        raw = json.loads(meta["posefix_model_config"])
-        raw["input_size"] = tuple(raw["input_size"])
+        from .config import model_config_from_json
+
+        self.cfg = model_config_from_json(meta["posefix_model_config"], "posefix_model_config", name)
         try:
-            self.cfg = ModelConfig(**raw)
-        except TypeError as e:
-            raise InputError(field, f"posefix metadata does not describe a model: {e}", name) from None
-        self.outputs = json.loads(meta["posefix_outputs"])
+            self.outputs = json.loads(meta["posefix_outputs"])
+        except ValueError:
+            self.outputs = None
+        if not (isinstance(self.outputs, list) and self.outputs and all(isinstance(o, str) for o in self.outputs)):
+            raise InputError("posefix_outputs", "must be a JSON list of the model's output names", name)
         self.precision = meta.get("posefix_precision", "fp32")
         self.metadata = meta
         self.providers = self.session.get_providers()
