@@ -136,7 +136,7 @@ def read_metadata(proto) -> dict[str, str]:
 # Static int8 quantisation.
 
 def calibration_crops(refiner, images_dir: str | Path, poses_path: str | Path, max_persons: int = 128,
-                      fmt: str = "coco") -> tuple[np.ndarray, np.ndarray]:
+                      fmt: str = "coco", allow_outside: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Real crops for calibration: the persons of an estimator's results ``poses_path`` (any format
     ``posefix refine`` reads) on the images of ``images_dir``, cut as the engine cuts them. Returns image
     (P, 3, H, W) and keypoints (P, K, 3) float32, P <= max_persons, in the file's order."""
@@ -151,7 +151,7 @@ def calibration_crops(refiner, images_dir: str | Path, poses_path: str | Path, m
     order = list(dict.fromkeys(keys))
     images = []
     for key in order:
-        path = image_file(images_dir, key)
+        path = image_file(images_dir, key, allow_outside=allow_outside)
         if not path.is_file():
             raise InputError("--calibration-images", f"no image {path.name} in {images_dir} for image {key!r}")
         images.append(decode(path))
