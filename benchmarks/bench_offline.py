@@ -8,10 +8,10 @@ The input: a COCO keypoint results file of ``--instances`` persons (64,000 by de
 images, 12.8 persons per image on average with a negative-binomial spread (a top-down estimator's output
 on COCO val2017, duplicate and low-score detections included). Every image is one of the bundled
 sample's val2017 photographs (``posefix/sample/images``, reached through ``%012d.jpg`` symbolic links,
-as `posefix refine` finds COCO images), and each of its persons is one of that photograph's labelled GT
-persons with errors synthesized by ``synth.coco.synthesize_coco`` at the published rates (its real
-neighbours in the photograph shape the swaps and misses). It is generated, seeded, in a separate process
-into a temporary directory, and timed.
+as `posefix refine` finds COCO images; links out of the directory, read as `--allow-outside-images` reads
+them), and each of its persons is one of that photograph's labelled GT persons with errors synthesized
+by ``synth.coco.synthesize_coco`` at the published rates (its real neighbours in the photograph shape the
+swaps and misses). It is generated, seeded, in a separate process into a temporary directory, and timed.
 
 The measured path is the one `posefix refine` runs, in process, with a random-weight ``PoseFixNet``
 exported by ``posefix.engine.export_weights``: ``posefix.formats.read_estimates`` reads and validates the
@@ -234,7 +234,7 @@ def refine_offline(work: Path, checkpoint: Path, args, seconds: float | None) ->
                 if t + (handed[0] - p + len(rows)) * (t - t1) / (p - p1) > deadline:
                     return
             handed[0] += len(rows)
-            yield key, image_file(work / "images", key), given[rows]
+            yield key, image_file(work / "images", key, allow_outside=True), given[rows]  # links to the sample
 
     def progress(k):
         batches.append((time.perf_counter(), batches[-1][1] + k))
@@ -285,7 +285,8 @@ def refine_ray(work: Path, checkpoint: Path, args, actors: int) -> dict:
     groups: dict = {}
     for i, key in enumerate(est.image_keys):
         groups.setdefault(key, []).append(i)
-    jobs = [(key, image_file(work / "images", key), est.keypoints[rows]) for key, rows in groups.items()]
+    jobs = [(key, image_file(work / "images", key, allow_outside=True), est.keypoints[rows])
+            for key, rows in groups.items()]
     gpus = min(torch.cuda.device_count() / actors, 1.0) if args.device == "cuda" else 0.0
     points, load = [], os.getloadavg()[0]
     t_start = time.perf_counter()

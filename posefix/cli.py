@@ -89,7 +89,7 @@ def cmd_synth_fit(args) -> int:
     else:
         if args.images is None or not Path(args.images).is_dir():
             raise InputError("--images", f"--format {args.format} needs the images' directory, got {args.images}")
-        results = as_coco_results(args.results, args.format, args.images, gt)
+        results = as_coco_results(args.results, args.format, args.images, gt, args.allow_outside_images)
     report = diagnose(gt, results, source=str(args.results), with_ap=False)
     profile = fit_profile(report, gt, load_profile(args.profile))
     write_json_atomic(args.out, profile.to_dict())
@@ -235,7 +235,7 @@ def cmd_demo(args) -> int:
     cmd_viz(argparse.Namespace(images=str(images_dir), results=str(SAMPLE_DIR / "topdown_keypoints_val4.json"),
                                compare=str(out / "refined_topdown_keypoints_val4_choice.json"),
                                annotations=str(gt_path), out=str(overlays), min_score=0.2, min_keypoint_score=0.0,
-                               max_images=0))
+                               max_images=0, allow_outside_images=False))
     print(f"\nrefined results, overlays and the run are in {out}/ (checkpoint {checkpoint})")
     print("AP by pycocotools on the val images each input covers; raw: every joint as refined; choice: per joint "
           "the input or the refined joint, whichever the refiner finds more likely right (the default); fitted: "
@@ -271,9 +271,9 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _image_sizes(path, fmt, images_dir, coco_images) -> dict:
+def _image_sizes(path, fmt, images_dir, coco_images, allow_outside=False) -> dict:
     """(width, height) of each image a normalised-coordinate file (MoveNet, BlazePose) names, from the
-    annotations where they have it, else from the image file's header."""
+    annotations where they have it, else from the image file's header (the InputError of a refused name)."""
     from PIL import Image
 
     from synth.cocoio import read_json
@@ -291,7 +291,11 @@ def _image_sizes(path, fmt, images_dir, coco_images) -> dict:
         if isinstance(key, int) and key in by_id and {"width", "height"} <= set(by_id[key]):
             sizes[key] = (by_id[key]["width"], by_id[key]["height"])
             continue
-        file = image_file(images_dir, key, coco_images)
+        try:
+            file = image_file(images_dir, key, coco_images, allow_outside)
+        except InputError as e:
+            sizes[key] = e
+            continue
         try:
             with Image.open(file) as im:
                 sizes[key] = im.size
@@ -300,7 +304,7 @@ def _image_sizes(path, fmt, images_dir, coco_images) -> dict:
     return sizes
 
 
-def as_coco_results(path, fmt: str, images_dir, gt) -> list[dict]:
+def as_coco_results(path, fmt: str, images_dir, gt, allow_outside=False) -> list[dict]:
     """An estimator's output in its own format, read as ``posefix refine`` reads it, as validated COCO results
     on ``gt``'s images (the keypoints and instance scores as given)."""
     from synth.cocoio import validate_results
@@ -308,7 +312,8 @@ def as_coco_results(path, fmt: str, images_dir, gt) -> list[dict]:
     from .formats import image_ids, read_estimates, write_coco_results
 
     coco_images = {im["id"]: im for im in gt.doc["images"]}
-    sizes = _image_sizes(path, fmt, images_dir, coco_images) if fmt in ("movenet", "blazepose") else None
+    sizes = _image_sizes(path, fmt, images_dir, coco_images, allow_outside) \
+        if fmt in ("movenet", "blazepose") else None
     est = read_estimates(path, fmt, sizes)
     return validate_results(write_coco_results(est, est.keypoints[..., :2], est.keypoints[..., 2], est.scores,
                                                image_ids(est, coco_images)), str(path), gt)
@@ -317,11 +322,11 @@ def as_coco_results(path, fmt: str, images_dir, gt) -> list[dict]:
 def cmd_refine(args) -> int:
     from tqdm import tqdm
 
-    from synth.cocoio import load_ground_truth, write_json_atomic
+    from synth.cocoio import load_ground_truth
 
-    from .distributed import check_ray_args
+    from .distributed import check_ray_args, image_sources, write_refined
     from .engine import Refiner, kept_input, refine_images
-    from .formats import image_file, image_ids, read_estimates, write_coco_results
+    from .formats import image_ids, read_estimates
 
     _check_outputs(args, ("checkpoint", "onnx", "input", "annotations"), ("out",))
     check_ray_args(args)
@@ -334,32 +339,33 @@ def cmd_refine(args) -> int:
     coco_images = None
     if args.annotations:
         coco_images = {im["id"]: im for im in load_ground_truth(args.annotations).doc["images"]}
-    sizes = _image_sizes(args.input, args.format, args.images, coco_images) \
+    sizes = _image_sizes(args.input, args.format, args.images, coco_images, args.allow_outside_images) \
         if args.format in ("movenet", "blazepose") else None
     est = read_estimates(args.input, args.format, sizes, skip_invalid=args.skip_invalid)
+    n = len(est.image_keys)
+    groups: dict = {}
+    for i, key in enumerate(est.image_keys):
+        groups.setdefault(key, []).append(i)
+    skipped_images: list = []  # (key, message) of the images not read, with --skip-invalid
+    sources = image_sources(args, groups, coco_images, skipped_images)
+    jobs = ((key, source, est.keypoints[groups[key]]) for key, source in sources.items())
     if args.ray is None:
         refiner = Refiner.from_checkpoint(args.checkpoint, args.device, args.batch_size, args.flip_test,
                                           args.precision, args.channels_last, output=args.output,
                                           choice_margin=args.choice_margin, backend=args.backend,
                                           onnx=args.onnx, provider=args.provider)
-    n = len(est.image_keys)
-    groups: dict = {}
-    for i, key in enumerate(est.image_keys):
-        groups.setdefault(key, []).append(i)
-    jobs = ((key, image_file(args.images, key, coco_images), est.keypoints[rows]) for key, rows in groups.items())
     xy = np.zeros((n, 17, 2))
     conf = np.zeros((n, 17))
-    skipped_images: list = []
     t0 = time.perf_counter()
     with tqdm(total=n, unit="person", file=sys.stderr, disable=args.quiet or args.ray is not None or None,
               mininterval=0.5) as bar:
         if args.ray is None:
-            refined = refine_images(refiner, jobs, workers=args.workers, progress=bar.update)
+            refined = refine_images(refiner, jobs, workers=args.workers, progress=bar.update,
+                                    skipped=skipped_images if args.skip_invalid else None)
         else:
-            from .distributed import ray_jobs_and_options, refine_images_ray
+            from .distributed import ray_options, refine_images_ray
 
-            jobs, options = ray_jobs_and_options(args, est.keypoints, groups, coco_images, skipped_images)
-            refined = refine_images_ray(args.checkpoint, jobs, **options)
+            refined = refine_images_ray(args.checkpoint, jobs, **ray_options(args, skipped_images))
         with contextlib.closing(refined):
             for key, kxy, kconf in refined:
                 xy[groups[key]], conf[groups[key]] = kxy, kconf
@@ -371,16 +377,10 @@ def cmd_refine(args) -> int:
     present = given[..., 2] > 0
     mean_conf = (conf * present).sum(1) / np.maximum(present.sum(1), 1)
     from_input = kept_input(given, xy)
-    if args.ray is None:
-        results = write_coco_results(est, xy, conf, est.scores * mean_conf, image_ids(est, coco_images),
-                                     from_input)
-        write_json_atomic(args.out, results)
-        where = args.out
-    else:
-        from .distributed import write_ray_results
-
-        n, where = write_ray_results(args, est, xy, conf, est.scores * mean_conf, image_ids(est, coco_images), groups,
-                                     skipped_images, from_input)
+    n, where = write_refined(args, est, xy, conf, est.scores * mean_conf, image_ids(est, coco_images), groups,
+                             skipped_images, from_input)
+    for key, _ in skipped_images:
+        present[groups[key]] = False  # persons left out
     kept = f", {int(from_input[present].sum())} of {int(present.sum())} present keypoints kept from the input"
     print(f"refined {n} persons on {len(groups) - len(skipped_images)} images in {elapsed:.1f} s "
           f"({n / max(elapsed, 1e-9):.1f} persons/s){kept} -> {where}")
@@ -451,7 +451,8 @@ def cmd_viz(args) -> int:
     out = Path(args.out)
     written = 0
     for image_id in sorted(by_image)[: args.max_images or None]:
-        image = decode(coco_image_path(args.images, entries.get(image_id, {"id": image_id})))
+        entry = entries.get(image_id, {"id": image_id})
+        image = decode(coco_image_path(args.images, entry, args.allow_outside_images))
         rows = by_image[image_id]
         before = draw_poses(image, [results[n]["keypoints"] for n in rows], INPUT_COLOUR, args.min_keypoint_score)
         if compare is not None:
@@ -540,7 +541,7 @@ def cmd_export(args) -> int:
         from .onnx_backend import calibration_crops, quantize_int8
 
         image, keypoints = calibration_crops(Refiner(model), args.calibration_images, args.calibration_poses,
-                                             args.calibration_persons)
+                                             args.calibration_persons, allow_outside=args.allow_outside_images)
     proto = export_onnx(model, args.opset, batch)
     what = "fp32"
     if args.int8:
@@ -569,6 +570,13 @@ def _backend_args(parser) -> None:
                         "ONNX Runtime; without it --backend onnxruntime exports --checkpoint in memory")
     parser.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"),
                         help="ONNX Runtime's execution provider (default: cuda on --device cuda, else cpu)")
+
+
+def allow_outside_images_arg(parser) -> None:
+    """``--allow-outside-images``, for every command that reads images by the names an input file gives."""
+    parser.add_argument("--allow-outside-images", action="store_true",
+                        help="read image names that lead out of the image directory (.., absolute paths, "
+                             "symbolic links out); refused by default")
 
 
 def cmd_serve(args) -> int:
@@ -660,6 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--format", default="coco", choices=("coco", "movenet", "blazepose", "posenet", "openpose"),
                    help="the results' format, as for refine (coco)")
     f.add_argument("--images", metavar="DIR", help="the images (for a format other than coco: file names, sizes)")
+    allow_outside_images_arg(f)
     f.set_defaults(func=cmd_synth_fit)
 
     g = sub.add_parser("diagnose", help="diagnose an estimator's keypoint errors (Ronchi & Perona)",
@@ -703,7 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the input keypoint where the refined confidence is below CONF and below the "
                         "input keypoint's score")
     _output_options(r)
-    r.add_argument("--skip-invalid", action="store_true", help="refine the valid entries and skip the rest")
+    r.add_argument("--skip-invalid", action="store_true",
+                   help="leave out malformed entries and the persons of images that cannot be read; refine the rest")
+    allow_outside_images_arg(r)
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     ray = r.add_argument_group("on a Ray cluster (pip install 'posefix[ray]')")
     ray.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
@@ -750,6 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--min-score", type=float, default=0.2, help="skip persons scored below this (0.2)")
     v.add_argument("--min-keypoint-score", type=float, default=0.0, help="skip keypoints scored at or below (0)")
     v.add_argument("--max-images", type=int, default=0, help="at most this many images (0 = all)")
+    allow_outside_images_arg(v)
     v.set_defaults(func=cmd_viz)
 
     rv = sub.add_parser("refine-video", help="refine an estimator's poses on a video file",
@@ -824,6 +836,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--calibration-poses", metavar="RESULTS.json",
                    help="an estimator's COCO results on those images: the persons to crop")
     x.add_argument("--calibration-persons", type=int, default=128, help="at most this many crops (128)")
+    allow_outside_images_arg(x)
     x.add_argument("--triton", metavar="REPO_DIR", help="also write a Triton model repository (REPO_DIR/NAME/...)")
     x.add_argument("--triton-name", default="posefix", help="the model's name in the repository (posefix)")
     x.add_argument("--max-batch-size", type=int, default=64, help="Triton's max_batch_size (64)")

@@ -127,6 +127,21 @@ def _coerce(value, default, key):
     return value
 
 
+def model_config_from_json(text, field: str, source: str) -> ModelConfig:
+    """The ModelConfig a model file's metadata holds as JSON text (``field``, e.g. ``posefix_model_config``),
+    checked as a config's [model] table is; an InputError naming ``field``, the key and ``source``."""
+    try:
+        raw = json.loads(text)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise InputError(field, f"is not valid JSON ({str(e)[:100]})", source) from None
+    if not isinstance(raw, dict):
+        raise InputError(field, f"must be a JSON object of the model's settings, got {type(raw).__name__}", source)
+    try:
+        return _build(ModelConfig, raw, field)
+    except InputError as e:
+        raise InputError(field + e.field.removeprefix("model").removeprefix(field), e.problem, source) from None
+
+
 def from_dict(doc: dict) -> Config:
     doc = {k: v for k, v in doc.items() if k != "_about"}
     unknown = sorted(set(doc) - {"model", "data", "train"})

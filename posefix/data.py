@@ -66,7 +66,8 @@ class PersonCrops(torch.utils.data.Dataset):
                 rot[0] = float(np.clip(rng.normal(0.0, d.rotation_factor), -2 * d.rotation_factor, 2 * d.rotation_factor))
             flip = rng.random() < d.flip_prob
         affine = codec.crop_affine(center, size, (h, w), rotation=rot)  # (1, 2, 3) crop → image
-        image = decode(coco_image_path(self.images_dir, self.images[int(gt.image_ids[i])]))
+        # The configured training set's own file names, read where they point (data.train_images is no --images).
+        image = decode(coco_image_path(self.images_dir, self.images[int(gt.image_ids[i])], allow_outside=True))
         crop = codec.warp_crops(image[None].float().div_(255), torch.zeros(1, dtype=torch.long),
                                 affine.float(), (h, w))[0]  # (3, H, W)
         to_crop = codec.invert_affine(affine)

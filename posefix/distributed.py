@@ -259,30 +259,45 @@ def check_ray_args(args) -> None:
         raise InputError("--shards", f"must be at least 1, got {args.shards}")
 
 
-def ray_jobs_and_options(args, keypoints, groups: dict, coco_images, skipped: list):
-    """The jobs of ``posefix refine --ray`` ({image key: person rows} ``groups``, image files under
-    ``--images``, a directory or a URI) and the keyword arguments of :func:`refine_images_ray`."""
-    from .formats import image_file
+def image_sources(args, groups: dict, coco_images, skipped: list) -> dict:
+    """{image key: its file under ``--images``, or its URI there} for the keys of ``groups``. A name leading out
+    of ``--images`` (without ``--allow-outside-images``) is an InputError naming it, or with ``--skip-invalid``
+    appended to ``skipped`` as (key, message) and left out."""
+    import posixpath
 
-    def source(key):
-        if is_uri(args.images):
-            return args.images.rstrip("/") + "/" + image_file("", key, coco_images).as_posix()
-        return image_file(args.images, key, coco_images)
+    from .formats import OUTSIDE_HINT, image_file
 
+    allow = args.allow_outside_images
+    sources = {}
+    for key in groups:
+        try:
+            if not is_uri(args.images):
+                sources[key] = image_file(args.images, key, coco_images, allow)
+                continue
+            name = image_file("", key, coco_images, allow_outside=True).as_posix()
+            if not allow and (name.startswith("/") or posixpath.normpath(name).split("/")[0] == ".."):
+                raise InputError("image", f"leads outside {args.images} ({OUTSIDE_HINT})", repr(name))
+            sources[key] = args.images.rstrip("/") + "/" + name
+        except InputError as e:
+            if not args.skip_invalid:
+                raise
+            skipped.append((key, str(e)))
+    return sources
+
+
+def ray_options(args, skipped: list) -> dict:
+    """The keyword arguments of :func:`refine_images_ray` for ``posefix refine --ray``."""
     num_gpus = args.num_gpus if args.num_gpus is not None else float(args.device == "cuda")
-    jobs = ((key, source(key), keypoints[rows]) for key, rows in groups.items())
-    return jobs, dict(actors=args.actors, num_gpus=num_gpus, device=args.device, batch_size=args.batch_size,
-                      flip_test=args.flip_test, precision=args.precision, channels_last=args.channels_last,
-                      output=args.output, choice_margin=args.choice_margin, workers=args.workers, address=args.ray or None,
-                      skipped=skipped if args.skip_invalid else None,
-                      show_progress=not args.quiet)
+    return dict(actors=args.actors, num_gpus=num_gpus, device=args.device, batch_size=args.batch_size,
+                flip_test=args.flip_test, precision=args.precision, channels_last=args.channels_last,
+                output=args.output, choice_margin=args.choice_margin, workers=args.workers, address=args.ray or None,
+                skipped=skipped if args.skip_invalid else None, show_progress=not args.quiet)
 
 
-def write_ray_results(args, est, xy, conf, scores, ids, groups: dict, skipped: list,
-                      kept=None) -> tuple[int, str]:
-    """Write the refined persons as COCO results to ``--out`` (or ``--shards`` files beside it, each image's
-    persons in one), the persons of ``skipped`` images left out; every file is written in full before any
-    replaces what was there. Returns (persons written, where)."""
+def write_refined(args, est, xy, conf, scores, ids, groups: dict, skipped: list, kept=None) -> tuple[int, str]:
+    """``posefix refine``'s output, with or without ``--ray``: the refined persons as COCO results in ``--out``
+    (or ``--shards`` files beside it, each image's persons in one), the persons of ``skipped`` images left out;
+    every file is written in full before any replaces what was there. Returns (persons written, where)."""
     from dataclasses import replace
 
     from .formats import write_coco_results

@@ -269,9 +269,9 @@ def load_weights(path: str | Path) -> PoseFixNet:
         raise InputError("checkpoint", f"not a safetensors file: {e}", str(path)) from None
     if "posefix_model_config" not in meta:
         raise InputError("checkpoint", "has no posefix model config in its metadata", str(path))
-    raw = json.loads(meta["posefix_model_config"])
-    raw["input_size"] = tuple(raw["input_size"])
-    model = PoseFixNet(ModelConfig(**raw))
+    from .config import model_config_from_json
+
+    model = PoseFixNet(model_config_from_json(meta["posefix_model_config"], "posefix_model_config", str(path)))
     # Weights written before the input-confidence head existed load with that head at its initial state: the
     # per-joint choice then keeps every input joint (output="raw" refines as such weights always did).
     for name, value in model.state_dict().items():
@@ -286,7 +286,8 @@ def load_weights(path: str | Path) -> PoseFixNet:
     return model
 
 
-def refine_images(refiner: Refiner, jobs, workers: int = 2, lookahead: int = 8, progress=None, parts: bool = False):
+def refine_images(refiner: Refiner, jobs, workers: int = 2, lookahead: int = 8, progress=None, skipped=None,
+                  parts: bool = False):
     """Refine the persons of many images, batching persons across images.
 
     jobs: iterable of (key, image path or decoded (3, H, W) uint8 tensor, poses (P, K, 3) image pixels). Images
@@ -294,8 +295,10 @@ def refine_images(refiner: Refiner, jobs, workers: int = 2, lookahead: int = 8, 
     decoded once. Every model call but the last gets exactly ``refiner.batch_size`` persons: an image's persons
     may be split between two calls. Fixed shapes keep the device busy and let freed memory be reused as it is
     (see :mod:`posefix.runtime`). Yields (key, xy (P, K, 2), confidence (P, K)) in the order of ``jobs``, each
-    as soon as its persons are done. ``progress(n)`` is called with the number of persons of each call.
-    ``parts``: refine with :meth:`Refiner.refine_parts` instead, yielding (key, xy, confidence, input confidence).
+    as soon as its persons are done. ``progress(n)`` is called with the number of persons of each call. An
+    image that cannot be read or decoded raises its InputError or, with ``skipped`` a list, is appended to it
+    as (key, message), its persons not refined and not yielded. ``parts``: refine with
+    :meth:`Refiner.refine_parts` instead, yielding (key, xy, confidence, input confidence).
     """
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
@@ -325,6 +328,10 @@ def refine_images(refiner: Refiner, jobs, workers: int = 2, lookahead: int = 8, 
                 if i == len(queue) and not add_one():
                     break
                 job = queue[i]
+                if skipped is not None and job.taken == 0 and isinstance(job.image.exception(), InputError):
+                    job.taken = len(job.poses)  # its image failed (reported when it leaves the queue)
+                    if progress is not None:
+                        progress(len(job.poses))
                 take = min(len(job.poses) - job.taken, need)
                 if take > 0:
                     parts.append((job, job.taken, job.taken + take))
@@ -348,6 +355,10 @@ def refine_images(refiner: Refiner, jobs, workers: int = 2, lookahead: int = 8, 
                     progress(len(poses))
             while queue and queue[0].taken == len(queue[0].poses):
                 job = queue.popleft()
+                error = job.image.exception() if skipped is not None else None
+                if isinstance(error, InputError):
+                    skipped.append((job.key, str(error)))
+                    continue
                 job.image.result()  # an image without persons is still decoded: a broken file is reported
                 yield (job.key, job.xy, job.conf, job.input_conf) if want_parts else (job.key, job.xy, job.conf)
             if not parts and not queue:

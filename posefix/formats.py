@@ -295,6 +295,8 @@ def _image_size(key, entry: dict, f: str, source: str, image_sizes: dict | None)
     given = None
     if image_sizes is not None and key in image_sizes:
         size = image_sizes[key]
+        if isinstance(size, InputError):  # the image's file was refused (e.g. a name leading out of --images)
+            raise InputError(f"{f}.image", f"{size.source}: {size.problem}", source)
         if not (isinstance(size, (tuple, list, np.ndarray)) and len(size) == 2 and all(
                 isinstance(s, numbers.Real) and _finite(float(s)) and s > 0 for s in size)):
             raise InputError(f"image_sizes[{key!r}]", f"must be (width, height) > 0, got {size!r}")
@@ -342,6 +344,7 @@ def _read_coco(path, source: str, reader: _Reader) -> Estimates:
                 field_ = e.field.replace("results[0]", f"results[{i}]", 1)
                 raise InputError(field_, e.problem, e.source) from None
             _json_clean(rec, f"results[{i}]", source)
+            _numbers(rec["keypoints"], (3 * NUM_KEYPOINTS,), f"results[{i}].keypoints", source, "x, y, score × 17")
             kp = np.asarray(rec["keypoints"], dtype=np.float64).reshape(NUM_KEYPOINTS, 3)
             reader.add(rec["image_id"], kp, kp, float(rec["score"]), rec)
     return reader.result(LAYOUTS["coco17"], 3)
@@ -554,7 +557,8 @@ def read_estimates(path: str | Path, fmt: str, image_sizes: dict | None = None, 
     """Read an estimator's output file (OpenPose: a file or a directory of them) in format ``fmt``.
 
     image_sizes: {image key: (width, height)} in pixels, for the formats with normalised coordinates
-    (MoveNet, BlazePose; an entry's own "width" and "height" serve too); the others ignore it.
+    (MoveNet, BlazePose; an entry's own "width" and "height" serve too); the others ignore it. A key
+    mapped to an InputError (its image refused) makes that error the entry's.
     Malformed input raises :class:`InputError` naming the entry and field (``entries[3].landmarks[12]``,
     ``people[1].pose_keypoints_2d`` with the file as source). With ``skip_invalid`` a malformed entry, file
     or person is left out instead and its message listed in ``Estimates.skipped``; a file that is not a
@@ -706,25 +710,49 @@ def _coco_file_name(coco_images: dict | None, image_id: int) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
-def image_file(images_dir: str | Path, key, coco_images: dict | None = None) -> Path:
+OUTSIDE_HINT = "pass --allow-outside-images to read it"
+
+
+def image_under(images_dir: str | Path, name, allow_outside: bool = False) -> Path:
+    """``images_dir / name``, an image file's path; whether it exists is not checked. Unless ``allow_outside``,
+    a name that leads out of ``images_dir`` (an absolute path, ``..``, a symbolic link out, all resolved) is an
+    InputError naming it."""
+    path = Path(images_dir) / name
+    if allow_outside:
+        return path
+    try:
+        inside = path.resolve().is_relative_to(Path(images_dir).resolve())
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a symbolic link loop
+        raise InputError("image", "not a usable file name", repr(str(name))) from None
+    if not inside:
+        raise InputError("image", f"leads outside the image directory {images_dir} ({OUTSIDE_HINT})",
+                         repr(str(name)))
+    return path
+
+
+def image_file(images_dir: str | Path, key, coco_images: dict | None = None, allow_outside: bool = False) -> Path:
     """The image file of an image key under ``images_dir``; whether it exists is not checked.
 
     An integer key is a COCO image_id: its ``file_name`` in ``coco_images`` ({image_id: COCO image dict or
     file name}) when there, else COCO's ``%012d.jpg``. A string key is a file name when it ends in an image
     suffix (``.jpg``, ``.png``...), else a stem (OpenPose): the first of ``<stem>.jpg``, ``.jpeg``, ``.png``
-    that exists, else ``<stem>.jpg``.
+    that exists, else ``<stem>.jpg``. A name leading out of ``images_dir`` (``..``, an absolute path, a
+    symbolic link out) is an InputError naming it, unless ``allow_outside``
+    (:func:`image_under`).
     """
-    images_dir = Path(images_dir)
+    def under(name):
+        return image_under(images_dir, name, allow_outside)
+
     if isinstance(key, int) and not isinstance(key, bool):
-        return images_dir / (_coco_file_name(coco_images, key) or f"{key:012d}.jpg")
+        return under(_coco_file_name(coco_images, key) or f"{key:012d}.jpg")
     key = str(key)
     if Path(key).suffix.lower() in _KNOWN_SUFFIXES:
-        return images_dir / key
+        return under(key)
     for suffix in _IMAGE_SUFFIXES:
-        candidate = images_dir / (key + suffix)
+        candidate = under(key + suffix)
         if candidate.is_file():
             return candidate
-    return images_dir / (key + _IMAGE_SUFFIXES[0])
+    return under(key + _IMAGE_SUFFIXES[0])
 
 
 def image_ids(est: Estimates, coco_images: dict | None = None) -> np.ndarray:

@@ -2,7 +2,6 @@
 torchvision.io into (3, H, W) uint8 RGB tensors."""
 from __future__ import annotations
 
-import re
 import struct
 import sys
 import warnings
@@ -83,7 +82,7 @@ def encoded_size(data: bytes, field: str = "image.encoded") -> tuple[int, int]:
         if i + 4 > end and end < len(data):
             raise InputError(field, f"a JPEG without a frame header in its first {JPEG_HEADER_SCAN_BYTES >> 20} MiB")
         raise InputError(field, "a JPEG without a readable frame header (truncated or corrupt)")
-    raise InputError(field, f"is not a JPEG or PNG file (it starts with {data[:4].hex(' ')})")
+    raise InputError(field, "not a JPEG or PNG image")
 
 
 def _png_rows(width: int, height: int, depth: int, colour: int, interlace: int) -> list[tuple[int, int]]:
@@ -192,10 +191,14 @@ def check_png(data: bytes, field: str = "image.encoded") -> None:
 
 
 def decode_encoded(data: bytes, field: str = "image.encoded") -> torch.Tensor:
-    """A JPEG or PNG file's bytes → (3, H, W) uint8 RGB (grey, palette, RGBA and 16-bit converted; the
-    EXIF orientation is not applied, as in :func:`posefix.images.decode`). A PNG is checked by
-    :func:`check_png` first."""
-    if data[:8] == PNG_SIGNATURE:
+    """A JPEG, PNG, GIF or WebP file's bytes → (3, H, W) uint8 RGB (grey, palette, RGBA and 16-bit converted;
+    the EXIF orientation is not applied, as in :func:`posefix.images.decode`). A PNG is checked by
+    :func:`check_png` first. Other bytes, and a file that does not decode, are an InputError naming ``field``
+    and the kind of file, never quoting its bytes."""
+    kind = image_kind(data)
+    if kind is None:
+        raise InputError(field, "not a JPEG, PNG, GIF or WebP image")
+    if kind == "PNG":
         check_png(data, field)
     buffer = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
     try:
@@ -203,16 +206,31 @@ def decode_encoded(data: bytes, field: str = "image.encoded") -> torch.Tensor:
             # torchvision >= 0.29 announces that its image codecs will move to TorchCodec.
             warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
             image = decode_image(buffer, mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as e:
-        reason = re.sub(r"^\w+, \S+:\d+, ", "", str(e).splitlines()[0])  # drop torchvision's source location
-        raise InputError(field, f"cannot decode: {reason}") from None
+    except (RuntimeError, ValueError):  # the decoder's own message may quote the file's bytes: not repeated
+        raise InputError(field, f"cannot decode: a corrupt, truncated or unsupported {kind}") from None
     if image.dtype != torch.uint8:  # a 16-bit PNG: keep the high byte, read in place (no wider copy)
         high = 1 if sys.byteorder == "little" else 0
         image = image.contiguous().reshape(-1).view(torch.uint8)[high::2].reshape(image.shape).contiguous()
     return image
 
 
-def coco_image_path(images_dir: str | Path, image: dict) -> Path:
-    """Path of a COCO ``images`` entry: its ``file_name`` under the directory, else COCO's %012d.jpg."""
+def image_kind(data: bytes) -> str | None:
+    """"JPEG", "PNG", "GIF" or "WebP" by the file's signature, else None."""
+    if data[:8] == PNG_SIGNATURE:
+        return "PNG"
+    if data[:2] == b"\xff\xd8":
+        return "JPEG"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return None
+
+
+def coco_image_path(images_dir: str | Path, image: dict, allow_outside: bool = False) -> Path:
+    """Path of a COCO ``images`` entry: its ``file_name`` under the directory, else COCO's %012d.jpg (see
+    :func:`posefix.formats.image_under`)."""
+    from .formats import image_under
+
     name = image.get("file_name") or f"{int(image['id']):012d}.jpg"
-    return Path(images_dir) / name
+    return image_under(images_dir, name, allow_outside)

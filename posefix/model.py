@@ -28,6 +28,7 @@ the rendered maps: 0.21 instead of 1.47 GMAC per person at 384×288), and so is 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,14 @@ RGB_MEAN = (0.485, 0.456, 0.406)
 RGB_STD = (0.229, 0.224, 0.225)
 
 
+MAX_INPUT_SIDE = 2048  # crop side, pixels (the published models use 384×288)
+MAX_HEAD_CHANNELS = 4096  # the deconvolution head's width (default 256)
+
+
+def _int(v, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "resnet50"  # one of BACKBONES
@@ -63,11 +72,21 @@ class ModelConfig:
     def __post_init__(self):
         if self.backbone not in BACKBONES:
             raise InputError("model.backbone", f"must be one of {list(BACKBONES)}, got {self.backbone!r}")
-        h, w = self.input_size
-        if h % 32 or w % 32 or h <= 0 or w <= 0:
-            raise InputError("model.input_size", f"(H, W) must be positive multiples of 32, got {self.input_size}")
-        if self.sigma <= 0:
-            raise InputError("model.sigma", f"must be positive, got {self.sigma}")
+        size = self.input_size
+        if not (isinstance(size, tuple) and len(size) == 2 and all(_int(v, 32, MAX_INPUT_SIDE) and v % 32 == 0
+                                                                   for v in size)):
+            raise InputError("model.input_size", f"(H, W) must be multiples of 32 from 32 to {MAX_INPUT_SIDE}, "
+                             f"got {size!r}")
+        if not (isinstance(self.sigma, (int, float)) and not isinstance(self.sigma, bool)
+                and 0 < self.sigma < math.inf):
+            raise InputError("model.sigma", f"must be a positive number, got {self.sigma!r}")
+        if not _int(self.num_keypoints, 17, 17):
+            raise InputError("model.num_keypoints", f"must be 17 (COCO's joints), got {self.num_keypoints!r}")
+        if not _int(self.head_channels, 1, MAX_HEAD_CHANNELS):
+            raise InputError("model.head_channels", f"must be an integer from 1 to {MAX_HEAD_CHANNELS}, "
+                             f"got {self.head_channels!r}")
+        if not isinstance(self.input_prior, bool):
+            raise InputError("model.input_prior", f"must be true or false, got {self.input_prior!r}")
 
     @property
     def output_size(self) -> tuple[int, int]:

@@ -141,7 +141,7 @@ def read_metadata(proto) -> dict[str, str]:
 # Static int8 quantisation.
 
 def calibration_crops(refiner, images_dir: str | Path, poses_path: str | Path, max_persons: int = 128,
-                      fmt: str = "coco") -> tuple[np.ndarray, np.ndarray]:
+                      fmt: str = "coco", allow_outside: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Real crops for calibration: the persons of an estimator's results ``poses_path`` (any format
     ``posefix refine`` reads) on the images of ``images_dir``, cut as the engine cuts them. Returns image
     (P, 3, H, W) and keypoints (P, K, 3) float32, P <= max_persons, in the file's order."""
@@ -156,7 +156,7 @@ def calibration_crops(refiner, images_dir: str | Path, poses_path: str | Path, m
     order = list(dict.fromkeys(keys))
     images = []
     for key in order:
-        path = image_file(images_dir, key)
+        path = image_file(images_dir, key, allow_outside=allow_outside)
         if not path.is_file():
             raise InputError("--calibration-images", f"no image {path.name} in {images_dir} for image {key!r}")
         images.append(decode(path))
@@ -262,13 +262,15 @@ class OnnxModel:
         if "posefix_model_config" not in meta or "posefix_outputs" not in meta:
             raise InputError(field, "has no posefix metadata (posefix_model_config); export it with posefix export",
                              name)
-        raw = json.loads(meta["posefix_model_config"])
-        raw["input_size"] = tuple(raw["input_size"])
+        from .config import model_config_from_json
+
+        self.cfg = model_config_from_json(meta["posefix_model_config"], "posefix_model_config", name)
         try:
-            self.cfg = ModelConfig(**raw)
-        except TypeError as e:
-            raise InputError(field, f"posefix metadata does not describe a model: {e}", name) from None
-        self.outputs = json.loads(meta["posefix_outputs"])
+            self.outputs = json.loads(meta["posefix_outputs"])
+        except ValueError:
+            self.outputs = None
+        if not (isinstance(self.outputs, list) and self.outputs and all(isinstance(o, str) for o in self.outputs)):
+            raise InputError("posefix_outputs", "must be a JSON list of the model's output names", name)
         self.precision = meta.get("posefix_precision", "fp32")
         self.metadata = meta
         self.fitted_choice = FittedChoice.from_json(meta[CHOICE_KEY], name) if CHOICE_KEY in meta else None

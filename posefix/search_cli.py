@@ -22,7 +22,8 @@ def _coco_images(annotations) -> dict | None:
     return {im["id"]: im for im in load_ground_truth(annotations).doc["images"]}
 
 
-def read_poses(path, fmt: str, images_dir=None, coco_images: dict | None = None, field: str = "--results"):
+def read_poses(path, fmt: str, images_dir=None, coco_images: dict | None = None, field: str = "--results",
+               allow_outside: bool = False):
     """The persons of an estimator's file (any supported format) as what an index stores: (estimates,
     keypoints (P, 17, 3), ids (P,) or None, image ids (P,), boxes (P, 4), files or None)."""
     from .cli import _image_sizes
@@ -31,7 +32,8 @@ def read_poses(path, fmt: str, images_dir=None, coco_images: dict | None = None,
 
     if images_dir is not None and not Path(images_dir).is_dir():
         raise InputError("--images", f"{images_dir} is not a directory")
-    sizes = _image_sizes(path, fmt, images_dir or ".", coco_images) if fmt in ("movenet", "blazepose") else None
+    sizes = _image_sizes(path, fmt, images_dir or ".", coco_images, allow_outside) \
+        if fmt in ("movenet", "blazepose") else None
     try:
         est = read_estimates(path, fmt, sizes)
     except InputError as e:
@@ -52,7 +54,7 @@ def read_poses(path, fmt: str, images_dir=None, coco_images: dict | None = None,
     ids = np.array(ids, np.int64) if ids and None not in ids else None
     files = None
     if images_dir is not None:
-        files = [str(image_file(images_dir, key, coco_images).resolve()) for key in est.image_keys]
+        files = [str(image_file(images_dir, key, coco_images, allow_outside).resolve()) for key in est.image_keys]
     return est, kp, ids, image_ids(est, coco_images), boxes, files
 
 
@@ -62,7 +64,8 @@ def cmd_index_build(args) -> int:
     _check_outputs(args, ("results", "annotations"), ("out",))
     t0 = time.perf_counter()
     _, kp, ids, image_ids, boxes, files = read_poses(args.results, args.format, args.images,
-                                                     _coco_images(args.annotations))
+                                                     _coco_images(args.annotations),
+                                                     allow_outside=args.allow_outside_images)
     index = PoseIndex.build(kp, ids, image_ids, boxes, None, files, rotate=args.rotate, method=args.method)
     index.save(args.out)
     print(f"indexed {len(index)} poses of {args.results} ({index.method} search"
@@ -77,7 +80,8 @@ def cmd_index_add(args) -> int:
     _check_outputs(args, ("results", "annotations"), ("out",) if args.out else ())
     index = PoseIndex.load(args.index)
     _, kp, ids, image_ids, boxes, files = read_poses(args.results, args.format, args.images,
-                                                     _coco_images(args.annotations))
+                                                     _coco_images(args.annotations),
+                                                     allow_outside=args.allow_outside_images)
     before = len(index)
     index.add(kp, ids, image_ids, boxes, None, files)
     index.save(out)
@@ -85,7 +89,8 @@ def cmd_index_add(args) -> int:
     return 0
 
 
-def refine_queries(checkpoint, images_dir, est, kp: np.ndarray, coco_images=None, device: str = "cpu"):
+def refine_queries(checkpoint, images_dir, est, kp: np.ndarray, coco_images=None, device: str = "cpu",
+                   allow_outside: bool = False):
     """The queries refined first, as ``posefix refine`` would: (P, 17, 3) with the refined confidences."""
     from .engine import Refiner, refine_images
     from .formats import image_file
@@ -94,7 +99,7 @@ def refine_queries(checkpoint, images_dir, est, kp: np.ndarray, coco_images=None
     groups: dict = {}
     for i, key in enumerate(est.image_keys):
         groups.setdefault(key, []).append(i)
-    jobs = ((key, image_file(images_dir, key, coco_images), kp[rows]) for key, rows in groups.items())
+    jobs = [(key, image_file(images_dir, key, coco_images, allow_outside), kp[rows]) for key, rows in groups.items()]
     out = kp.copy()
     for key, xy, conf in refine_images(refiner, jobs):
         out[groups[key], :, :2], out[groups[key], :, 2] = xy, conf
@@ -132,11 +137,12 @@ def cmd_search(args) -> int:
     if args.k > len(index):
         raise InputError("-k", f"{args.k} is more than the {len(index)} poses in the index")
     coco_images = _coco_images(args.annotations)
-    est, kp, _, _, _, files = read_poses(args.query, args.format, args.images, coco_images, field="--query")
+    est, kp, _, _, _, files = read_poses(args.query, args.format, args.images, coco_images, field="--query",
+                                         allow_outside=args.allow_outside_images)
     if not len(kp):
         raise InputError("--query", "holds no person", str(args.query))
     if args.checkpoint:
-        kp = refine_queries(args.checkpoint, args.images, est, kp, coco_images, args.device)
+        kp = refine_queries(args.checkpoint, args.images, est, kp, coco_images, args.device, args.allow_outside_images)
     t0 = time.perf_counter()
     try:
         matches = index.search(kp, args.k, mirror_too=args.mirror, exact=True if args.exact else None)
@@ -237,6 +243,8 @@ def write_sheet(path, index: PoseIndex, matches, queries: np.ndarray, query_file
 
 def add_parsers(sub, formats) -> None:
     """The ``index`` and ``search`` subcommands on ``sub`` (the parser's subparsers)."""
+    from .cli import allow_outside_images_arg
+
     ix = sub.add_parser("index", help="build or extend a pose similarity index over refined poses",
                         description="An index of poses for posefix search: translation- and scale-free, "
                                     "confidence-weighted, exact or approximate (faiss).")
@@ -245,6 +253,7 @@ def add_parsers(sub, formats) -> None:
     b.add_argument("--results", required=True, metavar="REFINED.json", help="poses to index (e.g. posefix refine's)")
     b.add_argument("--out", required=True, metavar="POSES.index")
     b.add_argument("--images", metavar="DIR", help="the images, so that posefix search --sheet can show them")
+    allow_outside_images_arg(b)
     b.add_argument("--annotations", metavar="ANNOTATIONS.json", help="COCO annotations: image file names and ids")
     b.add_argument("--format", default="coco", choices=formats)
     b.add_argument("--rotate", action="store_true", help="also ignore the person's rotation (torso upright)")
@@ -257,6 +266,7 @@ def add_parsers(sub, formats) -> None:
     a.add_argument("--results", required=True, metavar="REFINED.json")
     a.add_argument("--out", metavar="NEW.index", help="write the extended index here (default: over --index)")
     a.add_argument("--images", metavar="DIR")
+    allow_outside_images_arg(a)
     a.add_argument("--annotations", metavar="ANNOTATIONS.json")
     a.add_argument("--format", default="coco", choices=formats)
     a.set_defaults(func=cmd_index_add)
@@ -272,6 +282,7 @@ def add_parsers(sub, formats) -> None:
     s.add_argument("--out", metavar="MATCHES.json", help="write the JSON here (default: stdout)")
     s.add_argument("--sheet", metavar="SHEET.png", help="a contact sheet: each query and its matches, cropped")
     s.add_argument("--images", metavar="DIR", help="the query images (for --sheet and --checkpoint)")
+    allow_outside_images_arg(s)
     s.add_argument("--annotations", metavar="ANNOTATIONS.json")
     s.add_argument("--format", default="coco", choices=formats)
     s.add_argument("--checkpoint", metavar="CKPT", help="refine the queries on their images first")

@@ -87,6 +87,58 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, cfg: Con
         torch.save(state, tmp)
 
 
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
+    """Restore a run from ``last.pt`` (see :func:`save_checkpoint`); returns its step. A file that is no such
+    checkpoint, or one of another model, is an InputError naming it and the part that does not fit."""
+    def bad(part: str, problem: str) -> InputError:
+        return InputError(f"--resume: {part}", problem, str(path))
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (torch.load raises many types; its message may quote the file's bytes)
+        raise bad("last.pt", f"not a checkpoint of posefix train ({type(e).__name__})") from None
+    if not isinstance(state, dict):
+        raise bad("last.pt", f"not a checkpoint of posefix train (it holds a {type(state).__name__})")
+    fresh = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    for key in ("model", "optimizer", "scheduler", "step", "torch_rng"):
+        if key not in state:
+            raise bad(key, "missing: not a checkpoint of posefix train")
+    for key in fresh:
+        if not isinstance(state[key], dict):
+            raise bad(key, f"must be a state dict, got {type(state[key]).__name__}")
+    step, rng = state["step"], state["torch_rng"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise bad("step", f"must be a non-negative integer, got {step!r}"[:200])
+    if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.shape == torch.get_rng_state().shape):
+        raise bad("torch_rng", "must be the state of torch's random generator")
+    sched = state["scheduler"]
+    for key, value in fresh["scheduler"].items():
+        if key not in sched or type(sched[key]) is not type(value) or (
+                isinstance(value, list) and len(sched[key]) != len(value)):
+            raise bad(f"scheduler.{key}", "missing or not as this run's scheduler has it")
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    groups = state["optimizer"].get("param_groups")
+    if not (isinstance(groups, list) and len(groups) == len(fresh["optimizer"]["param_groups"]) and all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) and len(g["params"]) == len(f["params"])
+            and all(number(g.get(k)) for k in ("lr", "eps", "weight_decay"))
+            and isinstance(g.get("betas"), (tuple, list)) and len(g["betas"]) == 2 and all(map(number, g["betas"]))
+            for g, f in zip(groups, fresh["optimizer"]["param_groups"]))):
+        raise bad("optimizer.param_groups", "not as this run's optimizer has them")
+    for key, target in (("model", model), ("optimizer", optimizer)):
+        try:
+            target.load_state_dict(state[key])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise bad(key, f"does not fit this run's {key} ({str(e).strip().splitlines()[0][:200]})") from None
+    for param, moments in optimizer.state.items():
+        if not all(isinstance(v, torch.Tensor) and v.shape in ((), param.shape) for v in moments.values()):
+            raise bad("optimizer.state", "holds values that do not fit this run's parameters")
+    scheduler.load_state_dict({k: sched[k] for k in fresh["scheduler"]})
+    torch.set_rng_state(rng)
+    return step
+
+
 def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Train a refiner; returns the final validation summary (empty without a validation set)."""
     _check_data(cfg)
@@ -117,12 +169,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
     if resume:
         if not last.is_file():
             raise InputError("--resume", f"{last} does not exist")
-        state = torch.load(last, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = int(state["step"])
-        torch.set_rng_state(state["torch_rng"])
+        step = load_checkpoint(last, model, optimizer, scheduler)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.toml").write_text(dump_toml(cfg))
@@ -226,4 +273,4 @@ def _progress(start: int, total: int, enabled: bool):
                 dynamic_ncols=True, mininterval=1.0)
 
 
-__all__ = ["save_checkpoint", "train"]
+__all__ = ["load_checkpoint", "save_checkpoint", "train"]

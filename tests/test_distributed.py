@@ -101,6 +101,37 @@ def test_without_ray_it_names_the_extra(tmp_path, checkpoint, monkeypatch, capsy
     assert "--actors: only goes with --ray" in capsys.readouterr().err
 
 
+
+def test_image_names_out_of_images_are_refused_for_a_uri_or_a_directory(tmp_path):
+    """The images of ``posefix refine`` (with or without --ray): a name leading out of --images is refused by name,
+    or with --skip-invalid left out and listed, unless --allow-outside-images."""
+    import argparse
+
+    from posefix.distributed import image_sources
+    from synth.exceptions import InputError
+
+    names = {1: "../x.jpg", 2: "/etc/y.jpg", 3: "a/../b.jpg", 4: "a/../../z.jpg", 5: "c/d.jpg"}
+    coco = {k: {"id": k, "file_name": v} for k, v in names.items()}
+    groups = {k: [k - 1] for k in [*names, 6]}
+    for images in ("s3://bucket/val2017/", str(tmp_path)):
+        def args(**kw):
+            return argparse.Namespace(**{"images": images, "allow_outside_images": False, "skip_invalid": False,
+                                         **kw})
+
+        with pytest.raises(InputError, match="^'../x.jpg': image: leads outside"):
+            image_sources(args(), groups, coco, [])
+        skipped: list = []
+        sources = image_sources(args(skip_invalid=True), groups, coco, skipped)
+        assert [k for k, _ in skipped] == [1, 2, 4] and all("leads outside" in m for _, m in skipped)
+        assert sorted(sources) == [3, 5, 6]
+        everything = image_sources(args(allow_outside_images=True), groups, coco, [])
+        assert sorted(everything) == [1, 2, 3, 4, 5, 6]
+        if images.startswith("s3://"):
+            assert everything[5] == "s3://bucket/val2017/c/d.jpg"
+            assert everything[6] == "s3://bucket/val2017/000000000006.jpg"
+        else:
+            assert everything[5] == tmp_path / "c/d.jpg" and everything[2] == Path("/etc/y.jpg")
+
 @needs_ray
 def test_same_output_as_refine_through_two_actors(tmp_path, checkpoint, cluster, capsys):
     want = tmp_path / "in_process.json"
@@ -181,7 +212,8 @@ def test_stopping_the_driver_leaves_no_output(tmp_path, checkpoint, cluster):
     out.write_text("[]")  # an earlier output, which must stay as it was
     proc = subprocess.Popen([sys.executable, "-m", "posefix", "refine", "--checkpoint", str(checkpoint), "--images",
                              str(images), "--input", str(path), "--out", str(out), "--ray", cluster, "--actors", "1",
-                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--quiet", "--allow-outside-images"],  # its images are links to the sample's
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while not _actor_pids() and proc.poll() is None and time.monotonic() < deadline:

@@ -576,6 +576,60 @@ def test_image_file_for_ids_names_and_stems(tmp_path):
     assert image_file(tmp_path, "img3") == tmp_path / "img3.jpg"
 
 
+
+def test_image_names_leading_out_of_the_directory_are_refused(tmp_path):
+    """Every way a name can point out of the image directory is refused by name, after resolving ``..`` and
+    symbolic links; names that stay inside (``sub/../a.jpg``, a link to a file inside) are not."""
+    from posefix.images import coco_image_path
+
+    images, outside = tmp_path / "images", tmp_path / "outside"
+    (images / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (images / "a.jpg").write_bytes(b"")
+    (outside / "secret.jpg").write_bytes(b"")
+    (images / "out.jpg").symlink_to(outside / "secret.jpg")
+    (images / "outdir").symlink_to(outside, target_is_directory=True)
+    (images / "in.jpg").symlink_to(images / "a.jpg")
+    names = {3: {"file_name": "../outside/secret.jpg"}, 4: {"file_name": str(outside / "secret.jpg")}}
+    refused = [("../outside/secret.jpg", None), (str(outside / "secret.jpg"), None), ("out.jpg", None),
+               ("outdir/secret.jpg", None), ("sub/../../outside/secret.jpg", None), ("../outside/secret", None),
+               (3, names), (4, names)]
+    for key, coco in refused:
+        with pytest.raises(InputError, match="leads outside the image directory .*--allow-outside-images"):
+            image_file(images, key, coco)
+        assert image_file(images, key, coco, allow_outside=True).resolve().parent == outside.resolve()
+    with pytest.raises(InputError, match=r"^'\.\./outside/secret\.jpg': image: leads outside"):
+        image_file(images, "../outside/secret.jpg")
+    with pytest.raises(InputError, match="leads outside"):
+        coco_image_path(images, {"id": 3, "file_name": "../outside/secret.jpg"})
+    assert coco_image_path(images, {"id": 3, "file_name": "../outside/secret.jpg"}, allow_outside=True) \
+        == images / "../outside/secret.jpg"
+    assert image_file(images, "sub/../a.jpg") == images / "sub/../a.jpg"
+    assert image_file(images, "in.jpg") == images / "in.jpg"
+    assert image_file(images, "a") == images / "a.jpg"
+    with pytest.raises(InputError, match="not a usable file name"):
+        image_file(images, "a\x00.jpg")
+
+
+def test_coco_keypoints_beyond_1e9_are_invalid_rows(tmp_path):
+    """A finite but huge keypoint (1e308) is an invalid row, named, and skipped with skip_invalid, as in every
+    other format; ±1e9 itself is read."""
+    rng = np.random.default_rng(7)
+    results = [{"image_id": i, "category_id": 1, "keypoints": rng.uniform(0, 500, 51).tolist(), "score": 0.9}
+               for i in range(20)]
+    bad = sorted(rng.choice(20, size=5, replace=False).tolist())
+    for i, value in zip(bad, (1e308, -1e308, 1e10, 1e9 * (1 + 1e-15), -5e20)):
+        results[i]["keypoints"][int(rng.integers(51))] = value
+    edge = next(i for i in range(20) if i not in bad)
+    results[edge]["keypoints"][:3] = [1e9, -1e9, 0.5]
+    path = _write(tmp_path, results)
+    with pytest.raises(InputError, match=rf"results\[{bad[0]}\]\.keypoints: element \d+ is .*within ±1e9"):
+        read_estimates(path, "coco")
+    est = read_estimates(path, "coco", skip_invalid=True)
+    assert [m.split(": ")[1] for m in est.skipped] == [f"results[{i}].keypoints" for i in bad]
+    assert est.image_keys == [i for i in range(20) if i not in bad]
+    assert est.keypoints[est.image_keys.index(edge), 0].tolist() == [1e9, -1e9, 0.5]
+
 def test_image_ids_from_keys(tmp_path):
     poses = _poses(np.random.default_rng(16), 1)
     doc = [{"image": k, "poses": [_posenet_pose(poses[0], 0.5, range(17))]} for k in ("b.jpg", 7, "a.jpg", "b.jpg")]

@@ -166,3 +166,188 @@ def test_bad_input_is_named_and_leaves_no_output(tmp_path, checkpoint):
     (images / "000000040083.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     r = _cli("refine", "--checkpoint", checkpoint, "--images", images, "--input", RESULTS, "--out", out2, "--quiet")
     assert r.returncode == 2 and "000000040083.jpg" in r.stderr and "cannot decode" in r.stderr and not out2.exists()
+
+
+def _run(capsys, *args) -> tuple[int, str, str]:
+    """``posefix ARGS`` in process: (exit status, stdout, stderr); an exception escaping ``main`` fails the test."""
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("posefix: error: "), err
+    return lines[0]
+
+
+def test_a_huge_keypoint_is_a_named_invalid_row(tmp_path, checkpoint, capsys):
+    results = json.loads(RESULTS.read_text())
+    results[5]["keypoints"][3] = 1e308  # finite, and beyond any image
+    results[9]["keypoints"][0] = -1e300
+    path = tmp_path / "huge.json"
+    path.write_text(json.dumps(results))
+    out = tmp_path / "out.json"
+    base = ("refine", "--checkpoint", checkpoint, "--images", IMAGES, "--input", path, "--out", out, "--quiet")
+    rc, _, err = _run(capsys, *base)
+    assert rc == 2 and "results[5].keypoints: element 3 is 1e+308" in _one_line(err) and not out.exists()
+    rc, printed, _ = _run(capsys, *base, "--skip-invalid")
+    assert rc == 0 and "skipped 2 invalid entries" in printed and "results[5].keypoints" in printed
+    refined = json.loads(out.read_text())
+    assert len(refined) == len(results) - 2
+    # At the bound (±1e9, x and y, whole persons or single joints) the refinement stays finite.
+    rng = np.random.default_rng(3)
+    results = json.loads(RESULTS.read_text())[:12]
+    for r in results:
+        kp = np.array(r["keypoints"]).reshape(17, 3)
+        mask = rng.random((17, 2)) < 0.3
+        kp[:, :2][mask] = rng.choice([-1e9, 1e9], size=int(mask.sum()))
+        r["keypoints"] = kp.reshape(-1).tolist()
+    results[0]["keypoints"][0::3] = [1e9] * 17
+    results[1]["keypoints"][1::3] = [-1e9] * 17
+    path.write_text(json.dumps(results))
+    out.unlink()
+    rc, _, err = _run(capsys, "refine", "--checkpoint", checkpoint, "--images", IMAGES, "--input", path, "--out", out,
+                      "--quiet", "--output", "raw")
+    assert rc == 0, err
+    refined = json.loads(out.read_text())  # strict JSON: NaN or inf would not parse back as numbers
+    assert len(refined) == 12
+    assert np.isfinite([r["keypoints"] for r in refined]).all() and np.isfinite([r["score"] for r in refined]).all()
+
+
+def _outside_setup(tmp_path):
+    """Images with 785 named ``../outside/secret.jpg`` (a real JPEG out of --images), 40083 by the absolute path of
+    a text file out of it, 196141 through a symbolic link out of it, and 197388 in place."""
+    images, outside = tmp_path / "images", tmp_path / "outside"
+    images.mkdir()
+    outside.mkdir()
+    shutil.copy(IMAGES / "000000000785.jpg", outside / "secret.jpg")
+    (outside / "notes.jpg").write_text("root:x:0:0:SECRET-TOKEN:/root:/bin/bash\n")
+    shutil.copy(IMAGES / "000000196141.jpg", outside / "third.jpg")
+    (images / "link.jpg").symlink_to(outside / "third.jpg")
+    shutil.copy(IMAGES / "000000197388.jpg", images / "000000197388.jpg")
+    gt = json.loads(GT.read_text())
+    names = {785: "../outside/secret.jpg", 40083: str(outside / "notes.jpg"), 196141: "link.jpg"}
+    for im in gt["images"]:
+        im["file_name"] = names.get(im["id"], im["file_name"])
+    annotations = tmp_path / "annotations.json"
+    annotations.write_text(json.dumps(gt))
+    return images, annotations, names
+
+
+def test_image_names_out_of_images_are_refused_unless_allowed(tmp_path, checkpoint, capsys):
+    images, annotations, names = _outside_setup(tmp_path)
+    results = json.loads(RESULTS.read_text())
+    out = tmp_path / "out.json"
+    base = ("refine", "--checkpoint", checkpoint, "--images", images, "--input", RESULTS, "--out", out, "--quiet",
+            "--annotations", annotations)
+    rc, _, err = _run(capsys, *base)
+    line = _one_line(err)
+    assert rc == 2 and "'../outside/secret.jpg': image: leads outside the image directory" in line
+    assert "--allow-outside-images" in line and not out.exists()
+    rc, printed, _ = _run(capsys, *base, "--skip-invalid")
+    assert rc == 0 and "skipped 3 images that cannot be read (--skip-invalid), their persons left out: " in printed
+    for name in names.values():
+        assert f"'{name}': image: leads outside" in printed
+    assert {r["image_id"] for r in json.loads(out.read_text())} == {197388}
+    # Allowed, they are read; the text file is no image, and none of its bytes is shown.
+    out.unlink()
+    rc, _, err = _run(capsys, *base, "--allow-outside-images")
+    line = _one_line(err)
+    assert rc == 2 and line.endswith("notes.jpg: image: not a JPEG, PNG, GIF or WebP image") and not out.exists()
+    rc, printed, err = _run(capsys, *base, "--allow-outside-images", "--skip-invalid")
+    assert rc == 0 and "skipped 1 image that cannot be read" in printed and "notes.jpg: image: not a JPEG" in printed
+    assert "SECRET" not in printed + err and "726f6f74" not in (printed + err).replace(" ", "")
+    got = json.loads(out.read_text())
+    assert {r["image_id"] for r in got} == {785, 196141, 197388}
+    assert len(got) == sum(r["image_id"] != 40083 for r in results)
+
+
+def test_every_command_reading_images_refuses_names_out_of_them(tmp_path, checkpoint, capsys):
+    images, annotations, _ = _outside_setup(tmp_path)
+    movenet = json.loads((SAMPLE_DIR / "real_estimators" / "movenet_thunder_native.json").read_text())
+    shutil.copy(IMAGES / "000000000785.jpg", tmp_path / "outside" / "000000000785.jpg")
+    away = "../outside/000000000785.jpg"  # its stem still names image 785 of the annotations
+    for e in movenet:
+        e["image"] = away if e["image"] == "000000000785.jpg" else e["image"]
+    movenet = [e for e in movenet if e["image"] in (away, "000000197388.jpg")]
+    mn = tmp_path / "movenet.json"
+    mn.write_text(json.dumps(movenet))
+    index = tmp_path / "poses.index"
+    assert _run(capsys, "index", "build", "--results", RESULTS, "--out", index)[0] == 0
+    commands = {
+        "viz": ("viz", "--images", images, "--results", RESULTS, "--annotations", annotations, "--out", tmp_path / "v",
+                "--max-images", "1"),  # image 785 only
+        "synth fit": ("synth", "fit", "--gt", GT, "--results", mn, "--format", "movenet", "--images", images,
+                      "--out", tmp_path / "profile.json"),
+        "index build": ("index", "build", "--results", mn, "--format", "movenet", "--images", images,
+                        "--out", tmp_path / "mn.index"),
+        "search": ("search", "--index", index, "--query", mn, "--format", "movenet", "--images", images, "-k", "2",
+                   "--checkpoint", checkpoint, "--out", tmp_path / "matches.json"),
+    }
+    for name, args in commands.items():
+        rc, _, err = _run(capsys, *args)
+        refused = "../outside/secret.jpg" if name == "viz" else away
+        assert rc == 2 and f"'{refused}'" in _one_line(err) and "leads outside" in err, name
+        rc, _, err = _run(capsys, *args, "--allow-outside-images")
+        assert rc == 0, (name, err)
+
+
+def _damaged_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 48, 3), dtype=np.uint8)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    data[data.index(b"IDAT") + 20] ^= 0xFF  # its image data no longer match their CRC
+    return bytes(data)
+
+
+def test_skip_invalid_skips_unreadable_images_and_refines_the_rest_as_without_them(tmp_path, checkpoint, capsys):
+    """8 images (the 4 photographs twice), 4 of them unreadable: missing, a truncated JPEG, a damaged PNG, a text
+    file. Refined with --skip-invalid in batches of 7 (persons split across calls and images), the rest come out as
+    a run on the readable images alone gives them; each unreadable one is reported by name, none of its bytes."""
+    results = json.loads(RESULTS.read_text())
+    ids = sorted({r["image_id"] for r in results})
+    images = tmp_path / "images"
+    images.mkdir()
+    doubled = []
+    for copy in (0, 1):
+        for r in results:
+            doubled.append({**r, "image_id": r["image_id"] + copy * 10 ** 7})
+        for i in ids:
+            shutil.copy(IMAGES / f"{i:012d}.jpg", images / f"{i + copy * 10 ** 7:012d}.jpg")
+    bad = {ids[0]: "file not found", ids[1] + 10 ** 7: "cannot decode", ids[2]: "a corrupt PNG",
+           ids[3] + 10 ** 7: "not a JPEG"}
+    files = {i: images / f"{i:012d}.jpg" for i in bad}
+    files[ids[0]].unlink()
+    files[ids[1] + 10 ** 7].write_bytes(files[ids[1] + 10 ** 7].read_bytes()[:3000])
+    files[ids[2]].write_bytes(_damaged_png())
+    files[ids[3] + 10 ** 7].write_text("SECRET-TOKEN " * 10)
+    inp, good = tmp_path / "input.json", tmp_path / "good.json"
+    inp.write_text(json.dumps(doubled))
+    good.write_text(json.dumps([r for r in doubled if r["image_id"] not in bad]))
+    out, want = tmp_path / "out.json", tmp_path / "want.json"
+    base = ("refine", "--checkpoint", checkpoint, "--images", images, "--out", out, "--quiet", "--batch-size", "7")
+    rc, _, err = _run(capsys, *base, "--input", inp)
+    line = _one_line(err)
+    assert rc == 2 and not out.exists()
+    assert f"{files[ids[0]]}: image: file not found" in line  # the first image of the input
+    rc, printed, err = _run(capsys, *base, "--input", inp, "--skip-invalid")
+    assert rc == 0, err
+    summary = printed.strip().splitlines()
+    assert summary[0].startswith(f"refined {sum(r['image_id'] not in bad for r in doubled)} persons on 4 images")
+    assert summary[1].startswith("skipped 4 images that cannot be read (--skip-invalid), their persons left out: ")
+    for i, problem in bad.items():
+        assert f"{files[i]}: image: {problem}" in summary[1]
+    assert "SECRET" not in printed + err
+    assert _run(capsys, "refine", "--checkpoint", checkpoint, "--images", images, "--out", want, "--quiet",
+                "--batch-size", "7", "--input", good)[0] == 0
+    got, expected = json.loads(out.read_text()), json.loads(want.read_text())
+    assert [r["image_id"] for r in got] == [r["image_id"] for r in expected]
+    np.testing.assert_allclose([r["keypoints"] for r in got], [r["keypoints"] for r in expected], rtol=0, atol=1e-6)
+    np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in expected], rtol=0, atol=1e-9)
+    assert [r["keypoint_source"] for r in got] == [r["keypoint_source"] for r in expected]
