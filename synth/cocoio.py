@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import glob
+import itertools
 import json
 import math
 import os
@@ -15,12 +17,50 @@ import numpy as np
 from .exceptions import InputError
 from .keypoints import NUM_KEYPOINTS
 
+try:  # a faster parser and writer, where installed
+    import orjson
+except ImportError:  # pragma: no cover - depends on the environment
+    orjson = None
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Pause the cyclic garbage collector while millions of small acyclic objects (a parsed file, output
+    lists) are made: else each collection it triggers walks every object alive, again and again."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _loads(data: bytes):
+    """json.loads, through orjson where it parses the text: the same values, except that orjson reads an
+    integer beyond 64 bits as a float; what it refuses (NaN, Infinity, a BOM, text that is not UTF-8) the
+    standard library parses or reports."""
+    with gc_paused():
+        if orjson is not None:
+            try:
+                return orjson.loads(data)
+            except orjson.JSONDecodeError:
+                pass
+        return json.loads(data)
+
+
+def dumps_json(obj) -> bytes:
+    """Compact JSON bytes of ``obj``, whose numbers must be finite (orjson would write NaN as null)."""
+    if orjson is not None:
+        return orjson.dumps(obj)
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
 
 def read_json(path: str | Path, what: str):
     """Parse a JSON file, turning every failure into an InputError naming the file."""
     try:
         with open(path, "rb") as f:
-            return json.load(f)
+            return _loads(f.read())
     except FileNotFoundError:
         raise InputError(what, "file not found", str(path)) from None
     except IsADirectoryError:
@@ -91,15 +131,30 @@ def atomic_path(path: str | Path):
 
 def write_json_atomic(path: str | Path, obj) -> None:
     """Write JSON atomically (see :func:`atomic_path`)."""
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, separators=(",", ":"), allow_nan=False)
+    write_bytes_atomic(path, json.dumps(obj, separators=(",", ":"), allow_nan=False).encode())
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write bytes atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+_NUMBER_TYPES = frozenset((int, float))
+
+
 def _keypoints(value, field: str, source: str, k: int = NUM_KEYPOINTS) -> np.ndarray:
+    if type(value) is list and len(value) == 3 * k and set(map(type, value)) <= _NUMBER_TYPES:
+        try:
+            a = np.array(value, dtype=np.float64)
+        except OverflowError:
+            a = None
+        if a is not None and np.isfinite(a).all():
+            return a.reshape(k, 3)
     if not isinstance(value, list) or len(value) != 3 * k:
         got = f"{len(value)} numbers" if isinstance(value, list) else type(value).__name__
         raise InputError(field, f"must be a list of {3 * k} numbers (x, y, v for {k} keypoints), got {got}", source)
@@ -131,6 +186,58 @@ def load_ground_truth(path: str | Path) -> GroundTruth:
     """Load and validate a COCO person-keypoints annotation file."""
     source = str(path)
     doc = read_json(path, "annotations")
+    with gc_paused():
+        return _ground_truth(doc, source)
+
+
+_MISSING = object()
+
+
+def _numbers(rows, width: int):
+    """(len(rows), width) float64 of lists of ``width`` finite numbers (ints or floats), else None."""
+    if not all(type(r) is list and len(r) == width for r in rows):
+        return None
+    if not set(map(type, itertools.chain.from_iterable(rows))) <= _NUMBER_TYPES:
+        return None
+    try:
+        a = np.array(rows, dtype=np.float64).reshape(len(rows), width)
+    except OverflowError:
+        return None
+    return a if np.isfinite(a).all() else None
+
+
+def _bulk_annotations(anns: list, image_ids: set):
+    """The arrays of :class:`GroundTruth` for annotations that are all well formed, checked all at once; None
+    when any entry fails a check, for the entry-by-entry checks to name the first one."""
+    if not all(type(a) is dict for a in anns):
+        return None
+    ids, img = [a.get("id") for a in anns], [a.get("image_id") for a in anns]
+    if not set(map(type, ids)) | set(map(type, img)) <= {int} or len(set(ids)) != len(ids) or not set(img) <= image_ids:
+        return None
+    crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
+    given = [a.get("keypoints", _MISSING) for a in anns]
+    has = np.array([k is not _MISSING for k in given], dtype=bool)
+    if not np.all(has | crowd):
+        return None
+    kps = np.zeros((len(anns), NUM_KEYPOINTS, 3))
+    if has.any():
+        values = _numbers([k for k in given if k is not _MISSING], 3 * NUM_KEYPOINTS)
+        if values is None or values[:, 2::3].min() < 0:
+            return None
+        kps[has] = values.reshape(-1, NUM_KEYPOINTS, 3)
+    boxes = _numbers([a.get("bbox") for a in anns], 4)
+    if boxes is None or (len(anns) and boxes[:, 2:].min() < 0):
+        return None
+    area = [a.get("area", _MISSING) for a in anns]
+    area = [a["bbox"][2] * a["bbox"][3] if x is _MISSING else x for a, x in zip(anns, area)]
+    areas = _numbers([area], len(area)) if area else np.zeros((1, 0))
+    if areas is None or (len(anns) and areas.min() < 0):
+        return None
+    return (np.array(ids, dtype=np.int64).reshape(-1), np.array(img, dtype=np.int64).reshape(-1), kps,
+            areas.reshape(-1), boxes.reshape(-1, 4), crowd)
+
+
+def _ground_truth(doc, source: str, bulk: bool = True) -> GroundTruth:
     if not isinstance(doc, dict):
         raise InputError("annotations", "must be a COCO annotation object with 'images' and 'annotations'", source)
     for key in ("images", "annotations"):
@@ -142,6 +249,9 @@ def load_ground_truth(path: str | Path) -> GroundTruth:
             raise InputError(f"images[{i}].id", "missing or not an integer", source)
         image_ids.add(im["id"])
     anns = doc["annotations"]
+    arrays = _bulk_annotations(anns, image_ids) if bulk else None
+    if arrays is not None:
+        return GroundTruth(*arrays, frozenset(image_ids), doc)
     n = len(anns)
     ids = np.zeros(n, dtype=np.int64)
     img = np.zeros(n, dtype=np.int64)
