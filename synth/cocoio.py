@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import glob
+import hashlib
 import itertools
 import json
 import math
@@ -138,6 +139,44 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write bytes atomically (see :func:`atomic_path`)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
+
+
+def write_synth_outputs(results_path: str | Path, results: list, labels_path: str | Path | None = None,
+                        labels: list | None = None) -> None:
+    """Write synthesized COCO results and, where ``labels_path`` is given, what was planted in them.
+
+    The labels file, ``{"results_sha256": ..., "labels": [...]}``, records the SHA-256 of the results
+    file's bytes and is written after it: a run stopped between the two writes leaves labels that name
+    other results, which :func:`load_synth_labels` refuses. Numbers must be finite.
+    """
+    data = dumps_json(results)
+    write_bytes_atomic(results_path, data)
+    if labels_path is not None:
+        write_bytes_atomic(labels_path, dumps_json({"results_sha256": hashlib.sha256(data).hexdigest(),
+                                                    "labels": labels}))
+
+
+def load_synth_labels(labels_path: str | Path, results_path: str | Path) -> list[dict]:
+    """The labels ``posefix synth --labels`` wrote, after checking that they belong to ``results_path``
+    (the SHA-256 they record is that file's): a mismatched pair is refused, naming both files."""
+    doc = read_json(labels_path, "labels")
+    if not (isinstance(doc, dict) and isinstance(doc.get("results_sha256"), str) and isinstance(doc.get("labels"), list)):
+        raise InputError("labels", "not a posefix synth labels file (an object with 'results_sha256' and 'labels')",
+                         str(labels_path))
+    digest = hashlib.sha256()
+    try:
+        with open(results_path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise InputError("results", "file not found", str(results_path)) from None
+    except OSError as e:
+        raise InputError("results", f"cannot read: {e.strerror or e}", str(results_path)) from None
+    if digest.hexdigest() != doc["results_sha256"]:
+        raise InputError("results_sha256", f"does not match {results_path}: these labels were written with other "
+                         "results (a run stopped between its two writes, or a later run); run posefix synth again",
+                         str(labels_path))
+    return doc["labels"]
 
 
 def _number(x) -> bool:
