@@ -2,9 +2,14 @@
 
 Both run the same rules on the same real COCO persons (the bundled train + val sample), side by side
 in one process on one core. Then the whole pipeline (`synth.coco.synthesize_coco`: overlaps, synthesis,
-results) on a COCO-train2017-sized set made by repeating the sample's images.
+results) on a COCO-train2017-sized set made by repeating the sample's images; then `posefix synth` itself,
+end to end in a subprocess (reading the annotations, writing results and labels), on a generated file of
+about 40,000 persons, and on crowd images of 93 and 930 persons each, with its peak RSS. ``--baseline-tree``
+runs the same commands from another posefix source tree (e.g. ``git archive`` of an earlier commit) side by
+side; every CLI run is capped in address space (``--memory-limit-gb``) and time (``--timeout``).
 
-    python benchmarks/bench_synth.py [--persons 150000] [--reference-persons 240] [--json out.json]
+    python benchmarks/bench_synth.py [--persons 150000] [--reference-persons 240] [--cli-persons 40000]
+        [--crowd 93 930] [--baseline-tree DIR] [--json out.json]
 """
 from __future__ import annotations
 
@@ -16,6 +21,9 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse
 import json
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -80,12 +88,153 @@ def big_ground_truth(target_persons: int):
     return replace(base[0], image_ids_all=frozenset(arrays["image_ids"].tolist()), doc={}, **arrays), labelled * copies
 
 
+def annotations_doc(target_persons: int) -> tuple[dict, int]:
+    """A COCO annotations document: the sample's train + val images that have a labelled person, repeated
+    (new ids) to ``target_persons`` labelled persons. Returns it and its labelled, non-crowd person count."""
+    docs = []
+    for name in ("person_keypoints_train_sample.json", "person_keypoints_val_sample.json"):
+        d = json.loads((SAMPLE_DIR / name).read_text())
+        labelled = [a for a in d["annotations"] if not a.get("iscrowd") and any(a["keypoints"][2::3])]
+        keep = {a["image_id"] for a in labelled}
+        docs.append(([im for im in d["images"] if im["id"] in keep],
+                     [a for a in d["annotations"] if a["image_id"] in keep], len(labelled)))
+    per_copy = sum(d[2] for d in docs)
+    copies = -(-target_persons // per_copy)
+    images, anns = [], []
+    for c in range(copies):
+        for k, (ims, part, _) in enumerate(docs):
+            offset = (2 * c + k) * 10 ** 7
+            images += [{**im, "id": im["id"] + offset} for im in ims]
+            anns += [{**a, "id": a["id"] + offset, "image_id": a["image_id"] + offset} for a in part]
+    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "person"}]}, per_copy * copies
+
+
+def crowd_doc(per_image: int, images: int, seed: int = 0) -> dict:
+    """Crowd images: ``per_image`` of the sample's labelled persons each, scaled to 120 px boxes and laid on
+    a jittered grid 60 px apart, so that each overlaps its neighbours (box IoU >= 0.1) but not the rest."""
+    rng = np.random.default_rng(seed)
+    src = [a for n in ("person_keypoints_train_sample.json", "person_keypoints_val_sample.json")
+           for a in json.loads((SAMPLE_DIR / n).read_text())["annotations"]
+           if not a.get("iscrowd") and any(a["keypoints"][2::3]) and a["bbox"][3] > 1]
+    cols = int(np.ceil(np.sqrt(per_image)))
+    doc = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "person"}]}
+    for im in range(images):
+        doc["images"].append({"id": im + 1, "file_name": f"crowd_{im:06d}.jpg", "width": cols * 60 + 120,
+                              "height": -(-per_image // cols) * 110 + 120})
+        for k in range(per_image):
+            a = src[int(rng.integers(len(src)))]
+            x, y, w, h = a["bbox"]
+            s = 120.0 / h
+            cx, cy = 60 + 60 * (k % cols) + rng.uniform(-15, 15), 60 + 110 * (k // cols) + rng.uniform(-15, 15)
+            kp = np.array(a["keypoints"], dtype=np.float64).reshape(17, 3)
+            kp[:, 0] = np.where(kp[:, 2] > 0, (kp[:, 0] - x - w / 2) * s + cx, 0)
+            kp[:, 1] = np.where(kp[:, 2] > 0, (kp[:, 1] - y - h / 2) * s + cy, 0)
+            doc["annotations"].append({
+                "id": len(doc["annotations"]) + 1, "image_id": im + 1, "category_id": 1, "iscrowd": 0,
+                "keypoints": np.round(kp, 2).ravel().tolist(), "num_keypoints": int((kp[:, 2] > 0).sum()),
+                "bbox": [cx - w * s / 2, cy - 60.0, w * s, 120.0], "area": float(a["area"] * s * s)})
+    return doc
+
+
+def run_cli(tree: str, gt: Path, workdir: Path, limit_gb: float, timeout: float) -> dict:
+    """``posefix synth --gt GT --out ... --labels ...`` from source tree ``tree`` in a subprocess: wall time,
+    peak RSS, and whether it finished within the address-space and time limits."""
+    out, labels = workdir / "out.json", workdir / "labels.json"
+    cap = int(limit_gb * 2 ** 30)
+    peak = workdir / "peak.txt"
+    peak.unlink(missing_ok=True)
+    # The child caps its own address space, then runs the CLI; at exit it writes its
+    # peak RSS (VmHWM: wait4's figure would include the benchmark's own memory, inherited at the fork).
+    start = (f"import atexit, resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, ({cap}, {cap})); "
+             f"atexit.register(lambda: open({str(peak)!r}, 'w').write(next(line.split()[1] for line "
+             "in open('/proc/self/status') if line.startswith('VmHWM')))); sys.argv = ['posefix'] + sys.argv[1:]; "
+             "runpy.run_module('posefix', run_name='__main__')")
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    log = workdir / "stderr.txt"
+    t0 = time.perf_counter()
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", start, "synth", "--gt", str(gt), "--out", str(out),
+                                 "--labels", str(labels)], env=env, cwd=workdir, stdout=subprocess.DEVNULL,
+                                stderr=err)  # cwd: no source tree on sys.path before ``tree``
+    timed_out = False
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() - t0 > timeout and not timed_out:
+            proc.kill()
+            timed_out = True
+        time.sleep(0.02)
+    seconds = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    ok = proc.returncode == 0
+    persons = len(json.loads(out.read_text())) if ok else 0
+    why = "" if ok else ("timed out" if timed_out else
+                         (log.read_text(errors="replace").strip().splitlines() or ["failed"])[-1][:120])
+    for f in (out, labels):
+        f.unlink(missing_ok=True)
+    peak_kb = int(peak.read_text()) if peak.exists() else usage.ru_maxrss  # killed: wait4's upper bound
+    return {"ok": ok, "seconds": seconds, "persons": persons, "persons_per_s": persons / seconds if ok else None,
+            "peak_rss_mb": peak_kb / 1024, "error": why}
+
+
+def cli_section(args) -> list[dict]:
+    """`posefix synth` end to end on the generated files, for this tree and the baseline tree."""
+    trees = [("this tree", str(Path(__file__).resolve().parent.parent))]
+    if args.baseline_tree:
+        trees.insert(0, ("baseline", str(Path(args.baseline_tree).resolve())))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cases = []
+        if args.cli_persons:
+            doc, n = annotations_doc(args.cli_persons)
+            cases.append((f"{n} persons on {len(doc['images'])} images", doc))
+        for per_image in args.crowd:
+            images = max(1, args.crowd_persons // per_image)
+            cases.append((f"crowd: {per_image} persons/image x {images}", crowd_doc(per_image, images)))
+        print(f"\n`posefix synth` end to end (subprocess; --labels; {args.memory_limit_gb:g} GB address-space cap, "
+              f"{args.timeout:g} s limit)")
+        print(f"{'input':>40} | {'tree':>9} | {'s':>7} | {'persons/s':>9} | {'peak RSS MB':>11}")
+        print("-" * 90)
+        for name, doc in cases:
+            gt = tmp / "gt.json"
+            gt.write_text(json.dumps(doc))
+            for tree_name, tree in trees:
+                r = run_cli(tree, gt, tmp, args.memory_limit_gb, args.timeout)
+                rows.append({"input": name, "tree": tree_name, "path": tree,
+                             "annotations": len(doc["annotations"]), "images": len(doc["images"]), **r})
+                rate = f"{r['persons_per_s']:9,.0f}" if r["ok"] else f"{'-':>9}"
+                note = "" if r["ok"] else f"  ({r['error']})"
+                print(f"{name:>40} | {tree_name:>9} | {r['seconds']:7.2f} | {rate} | {r['peak_rss_mb']:11,.0f}{note}")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--persons", type=int, default=150_000, help="size of the COCO-scale run (150000)")
     ap.add_argument("--reference-persons", type=int, default=240, help="persons per overlap bin for the plain sampler")
+    ap.add_argument("--cli-persons", type=int, default=40_000, help="persons of the end-to-end CLI run (0: none)")
+    ap.add_argument("--crowd", type=int, nargs="*", default=[93, 930], help="persons per image of the crowd runs")
+    ap.add_argument("--crowd-persons", type=int, default=1860, help="persons in all of each crowd run (1860)")
+    ap.add_argument("--baseline-tree", metavar="DIR", help="also run the CLI from this posefix source tree")
+    ap.add_argument("--memory-limit-gb", type=float, default=8.0, help="address-space cap of each CLI run (8)")
+    ap.add_argument("--timeout", type=float, default=120.0, help="time limit of each CLI run, s (120)")
+    ap.add_argument("--no-kernels", action="store_true", help="only the CLI runs")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "synth.json"))
     args = ap.parse_args()
+    report = {"benchmark": "synthesis"}
+    if not args.no_kernels:
+        report.update(kernels(args))
+    report["cli"] = cli_section(args)
+    report["machine"] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                         "python": platform.python_version(), "numpy": np.__version__, "threads": 1}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=2))
+    print(f"numbers written to {args.json}")
+
+
+def kernels(args) -> dict:
 
     groups = sample_persons()
     rows = []
@@ -112,16 +261,8 @@ def main():
     print(f"\nwhole pipeline (overlaps + synthesis + results), {n_persons} persons on "
           f"{len(gt.image_ids_all)} images: {t_all:.1f} s = {n_persons / t_all:,.0f} persons/s")
 
-    report = {
-        "benchmark": "synthesis", "rows": rows,
-        "coco_scale": {"persons": n_persons, "images": len(gt.image_ids_all), "seconds": t_all,
-                       "persons_per_s": n_persons / t_all},
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version(), "numpy": np.__version__, "threads": 1},
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2))
-    print(f"numbers written to {args.json}")
+    return {"rows": rows, "coco_scale": {"persons": n_persons, "images": len(gt.image_ids_all), "seconds": t_all,
+                                         "persons_per_s": n_persons / t_all}}
 
 
 if __name__ == "__main__":

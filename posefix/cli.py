@@ -6,7 +6,9 @@ outputs are written atomically, and never over one of the command's own inputs.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -48,7 +50,7 @@ def _check_outputs(args, inputs: tuple[str, ...], outputs: tuple[str, ...]):
 
 def cmd_synth(args) -> int:
     from synth.coco import synthesize_coco
-    from synth.cocoio import load_ground_truth, write_json_atomic
+    from synth.cocoio import load_ground_truth, write_synth_outputs
     from synth.profile import load_profile
 
     for name in ("gt", "out"):
@@ -61,13 +63,8 @@ def cmd_synth(args) -> int:
     t0 = time.perf_counter()
     results, labels = synthesize_coco(gt, rng, profile)
     elapsed = time.perf_counter() - t0
-    write_json_atomic(args.out, results)
-    if args.labels:
-        write_json_atomic(args.labels, labels)
-    counts = {}
-    for entry in labels:
-        for name in entry["labels"]:
-            counts[name] = counts.get(name, 0) + 1
+    write_synth_outputs(args.out, results, args.labels, labels)  # labels after results, naming them by hash
+    counts = collections.Counter(itertools.chain.from_iterable(entry["labels"] for entry in labels))
     planted = ", ".join(f"{k} {counts[k]}" for k in ("good", "jitter", "inversion", "swap", "miss", "unlabelled")
                         if k in counts)
     print(f"synthesized {len(results)} input poses from {args.gt} in {elapsed:.2f} s "
@@ -655,7 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", metavar="RESULTS.json", help="where to write the COCO results (required)")
     s.add_argument("--seed", type=_seed, default=0, help="random seed; the same seed gives the same output (0)")
     s.add_argument("--profile", metavar="PROFILE.json", help="error profile (default: the published PoseFix one)")
-    s.add_argument("--labels", metavar="LABELS.json", help="also write what was planted at each keypoint")
+    s.add_argument("--labels", metavar="LABELS.json", help="also write what was planted at each keypoint "
+                   "(with the SHA-256 of the results they belong to)")
     s.set_defaults(func=cmd_synth)
     fit_sub = s.add_subparsers(dest="synth_command", metavar="{fit}")
     f = fit_sub.add_parser("fit", help="fit an error profile to an estimator's results",

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import glob
+import hashlib
+import itertools
 import json
 import math
 import os
@@ -15,12 +18,50 @@ import numpy as np
 from .exceptions import InputError
 from .keypoints import NUM_KEYPOINTS
 
+try:  # a faster parser and writer, where installed
+    import orjson
+except ImportError:  # pragma: no cover - depends on the environment
+    orjson = None
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Pause the cyclic garbage collector while millions of small acyclic objects (a parsed file, output
+    lists) are made: else each collection it triggers walks every object alive, again and again."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _loads(data: bytes):
+    """json.loads, through orjson where it parses the text: the same values, except that orjson reads an
+    integer beyond 64 bits as a float; what it refuses (NaN, Infinity, a BOM, text that is not UTF-8) the
+    standard library parses or reports."""
+    with gc_paused():
+        if orjson is not None:
+            try:
+                return orjson.loads(data)
+            except orjson.JSONDecodeError:
+                pass
+        return json.loads(data)
+
+
+def dumps_json(obj) -> bytes:
+    """Compact JSON bytes of ``obj``, whose numbers must be finite (orjson would write NaN as null)."""
+    if orjson is not None:
+        return orjson.dumps(obj)
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
 
 def read_json(path: str | Path, what: str):
     """Parse a JSON file, turning every failure into an InputError naming the file."""
     try:
         with open(path, "rb") as f:
-            return json.load(f)
+            return _loads(f.read())
     except FileNotFoundError:
         raise InputError(what, "file not found", str(path)) from None
     except IsADirectoryError:
@@ -91,15 +132,68 @@ def atomic_path(path: str | Path):
 
 def write_json_atomic(path: str | Path, obj) -> None:
     """Write JSON atomically (see :func:`atomic_path`)."""
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, separators=(",", ":"), allow_nan=False)
+    write_bytes_atomic(path, json.dumps(obj, separators=(",", ":"), allow_nan=False).encode())
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write bytes atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def write_synth_outputs(results_path: str | Path, results: list, labels_path: str | Path | None = None,
+                        labels: list | None = None) -> None:
+    """Write synthesized COCO results and, where ``labels_path`` is given, what was planted in them.
+
+    The labels file, ``{"results_sha256": ..., "labels": [...]}``, records the SHA-256 of the results
+    file's bytes and is written after it: a run stopped between the two writes leaves labels that name
+    other results, which :func:`load_synth_labels` refuses. Numbers must be finite.
+    """
+    data = dumps_json(results)
+    write_bytes_atomic(results_path, data)
+    if labels_path is not None:
+        write_bytes_atomic(labels_path, dumps_json({"results_sha256": hashlib.sha256(data).hexdigest(),
+                                                    "labels": labels}))
+
+
+def load_synth_labels(labels_path: str | Path, results_path: str | Path) -> list[dict]:
+    """The labels ``posefix synth --labels`` wrote, after checking that they belong to ``results_path``
+    (the SHA-256 they record is that file's): a mismatched pair is refused, naming both files."""
+    doc = read_json(labels_path, "labels")
+    if not (isinstance(doc, dict) and isinstance(doc.get("results_sha256"), str) and isinstance(doc.get("labels"), list)):
+        raise InputError("labels", "not a posefix synth labels file (an object with 'results_sha256' and 'labels')",
+                         str(labels_path))
+    digest = hashlib.sha256()
+    try:
+        with open(results_path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise InputError("results", "file not found", str(results_path)) from None
+    except OSError as e:
+        raise InputError("results", f"cannot read: {e.strerror or e}", str(results_path)) from None
+    if digest.hexdigest() != doc["results_sha256"]:
+        raise InputError("results_sha256", f"does not match {results_path}: these labels were written with other "
+                         "results (a run stopped between its two writes, or a later run); run posefix synth again",
+                         str(labels_path))
+    return doc["labels"]
 
 
 def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+_NUMBER_TYPES = frozenset((int, float))
+
+
 def _keypoints(value, field: str, source: str, k: int = NUM_KEYPOINTS) -> np.ndarray:
+    if type(value) is list and len(value) == 3 * k and set(map(type, value)) <= _NUMBER_TYPES:
+        try:
+            a = np.array(value, dtype=np.float64)
+        except OverflowError:
+            a = None
+        if a is not None and np.isfinite(a).all():
+            return a.reshape(k, 3)
     if not isinstance(value, list) or len(value) != 3 * k:
         got = f"{len(value)} numbers" if isinstance(value, list) else type(value).__name__
         raise InputError(field, f"must be a list of {3 * k} numbers (x, y, v for {k} keypoints), got {got}", source)
@@ -131,6 +225,58 @@ def load_ground_truth(path: str | Path) -> GroundTruth:
     """Load and validate a COCO person-keypoints annotation file."""
     source = str(path)
     doc = read_json(path, "annotations")
+    with gc_paused():
+        return _ground_truth(doc, source)
+
+
+_MISSING = object()
+
+
+def _numbers(rows, width: int):
+    """(len(rows), width) float64 of lists of ``width`` finite numbers (ints or floats), else None."""
+    if not all(type(r) is list and len(r) == width for r in rows):
+        return None
+    if not set(map(type, itertools.chain.from_iterable(rows))) <= _NUMBER_TYPES:
+        return None
+    try:
+        a = np.array(rows, dtype=np.float64).reshape(len(rows), width)
+    except OverflowError:
+        return None
+    return a if np.isfinite(a).all() else None
+
+
+def _bulk_annotations(anns: list, image_ids: set):
+    """The arrays of :class:`GroundTruth` for annotations that are all well formed, checked all at once; None
+    when any entry fails a check, for the entry-by-entry checks to name the first one."""
+    if not all(type(a) is dict for a in anns):
+        return None
+    ids, img = [a.get("id") for a in anns], [a.get("image_id") for a in anns]
+    if not set(map(type, ids)) | set(map(type, img)) <= {int} or len(set(ids)) != len(ids) or not set(img) <= image_ids:
+        return None
+    crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
+    given = [a.get("keypoints", _MISSING) for a in anns]
+    has = np.array([k is not _MISSING for k in given], dtype=bool)
+    if not np.all(has | crowd):
+        return None
+    kps = np.zeros((len(anns), NUM_KEYPOINTS, 3))
+    if has.any():
+        values = _numbers([k for k in given if k is not _MISSING], 3 * NUM_KEYPOINTS)
+        if values is None or values[:, 2::3].min() < 0:
+            return None
+        kps[has] = values.reshape(-1, NUM_KEYPOINTS, 3)
+    boxes = _numbers([a.get("bbox") for a in anns], 4)
+    if boxes is None or (len(anns) and boxes[:, 2:].min() < 0):
+        return None
+    area = [a.get("area", _MISSING) for a in anns]
+    area = [a["bbox"][2] * a["bbox"][3] if x is _MISSING else x for a, x in zip(anns, area)]
+    areas = _numbers([area], len(area)) if area else np.zeros((1, 0))
+    if areas is None or (len(anns) and areas.min() < 0):
+        return None
+    return (np.array(ids, dtype=np.int64).reshape(-1), np.array(img, dtype=np.int64).reshape(-1), kps,
+            areas.reshape(-1), boxes.reshape(-1, 4), crowd)
+
+
+def _ground_truth(doc, source: str, bulk: bool = True) -> GroundTruth:
     if not isinstance(doc, dict):
         raise InputError("annotations", "must be a COCO annotation object with 'images' and 'annotations'", source)
     for key in ("images", "annotations"):
@@ -142,6 +288,9 @@ def load_ground_truth(path: str | Path) -> GroundTruth:
             raise InputError(f"images[{i}].id", "missing or not an integer", source)
         image_ids.add(im["id"])
     anns = doc["annotations"]
+    arrays = _bulk_annotations(anns, image_ids) if bulk else None
+    if arrays is not None:
+        return GroundTruth(*arrays, frozenset(image_ids), doc)
     n = len(anns)
     ids = np.zeros(n, dtype=np.int64)
     img = np.zeros(n, dtype=np.int64)

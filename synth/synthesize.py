@@ -1,7 +1,7 @@
 """Synthesis of erroneous input poses from GT poses, by the PoseFix error tables.
 
-Glossary: N persons, K = 17 joints, M overlapping persons per person (padded), A = 2 + 2M candidate
-anchors per joint, R rows = labelled (person, joint) pairs, S candidate radii per row.
+Glossary: N persons, K = 17 joints, M other persons per person (the most in a block of rows, padded),
+A = 2 + 2M candidate anchors per joint, R rows = labelled (person, joint) pairs, S candidate radii per row.
 
 Every labelled joint gets one outcome — good, jitter, inversion, swap or miss — drawn from the
 profile's probabilities, and a point placed where a Ronchi & Perona classifier labels it so:
@@ -22,7 +22,9 @@ anchor, every constraint "KS to anchor a below some bound" excludes one arc of t
 r, so the admissible angles are the circle minus a union of arcs, computed in closed form. S radii
 are drawn uniformly in the outcome's range and one is taken with probability proportional to its
 admissible arc length, then an angle uniformly in the admissible arcs: in the limit this is the
-uniform-in-(radius, angle) distribution that the reference's rejection sampling produces.
+uniform-in-(radius, angle) distribution that the reference's rejection sampling produces. An arc that
+excludes nothing takes no part, and only the anchors within reach of a row's circles are computed, so
+persons out of reach leave the result unchanged and the work follows the persons near each joint.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ UNLABELLED = -1  # outcome code of an unlabelled GT joint that was placed plausi
 TWO_PI = 2.0 * np.pi
 LN2 = np.log(2.0)
 ANGLE_MARGIN = 1e-9  # radians
+BLOCK_ELEMS = 1 << 18  # (row, radius, anchor) entries of the arc computation at a time
 # (low, high) KS bounds of the planted point's KS to its anchor; radii follow as sqrt(-s ln KS).
 KS_RANGE = {GOOD: (1.0, 0.85), JITTER: (0.85, 0.5), INVERSION: (1.0, 0.5), SWAP: (1.0, 0.5), MISS: (0.5, 0.1)}
 
@@ -62,6 +65,54 @@ class SynthResult:
     score: np.ndarray
 
 
+@dataclass(frozen=True)
+class Others:
+    """The other persons of each of N persons, as ragged lists over one pool of persons.
+
+    Person i's others are the pool rows ``members[ptr[i]:ptr[i + 1]]``, in the classifier's tie order;
+    ``keypoints`` (Q, K, 3) and ``area`` (Q,) are the pool's joints and areas; ``overlap`` (nnz,) marks,
+    for each entry of ``members``, whether that person overlaps person i (box IoU >= 0.1): swaps and misses
+    are planted around those only, while every point keeps clear of all. ``SynthResult.anchor_person``
+    indexes person i's list. Memory grows with the entries, not with N × the longest list.
+    """
+
+    keypoints: np.ndarray
+    area: np.ndarray
+    ptr: np.ndarray
+    members: np.ndarray
+    overlap: np.ndarray
+
+    @classmethod
+    def dense(cls, others, others_area, overlap=None) -> Others:
+        """From (N, M, K, 3) joints, (N, M) areas and optional (N, M) overlap flags (default all True)."""
+        n, m = others.shape[:2]
+        overlap = np.ones((n, m), dtype=bool) if overlap is None else np.asarray(overlap, dtype=bool).reshape(n, m)
+        return cls(others.reshape(n * m, NUM_KEYPOINTS, 3), others_area.reshape(n * m),
+                   np.arange(n + 1, dtype=np.int64) * m, np.arange(n * m, dtype=np.int64), overlap.reshape(-1))
+
+    def checked(self, n: int) -> Others:
+        """A copy with validated arrays for N persons, and the KS areas of the pool's persons that label
+        no joint set to 1 (they are never a candidate)."""
+        kp = _as_array(self.keypoints, (NUM_KEYPOINTS, 3), "others.keypoints").reshape(-1, NUM_KEYPOINTS, 3)
+        q = kp.shape[0]
+        area = _as_array(self.area, (), "others.area").reshape(-1)
+        ptr = np.asarray(self.ptr, dtype=np.int64).reshape(-1)
+        members = np.asarray(self.members, dtype=np.int64).reshape(-1)
+        overlap = np.asarray(self.overlap, dtype=bool).reshape(-1)
+        if area.size != q:
+            raise InputError("others.area", f"must have one area per pool person ({q}), got {area.size}")
+        if ptr.size != n + 1 or ptr[0] != 0 or ptr[-1] != members.size or np.any(np.diff(ptr) < 0):
+            raise InputError("others.ptr", f"must be {n + 1} non-decreasing offsets from 0 to len(members)")
+        if members.size and (members.min() < 0 or members.max() >= q):
+            raise InputError("others.members", f"must be rows of the pool (0..{q - 1})")
+        if overlap.size != members.size:
+            raise InputError("others.overlap", f"must have one flag per member ({members.size}), got {overlap.size}")
+        area = np.where(kp[..., 2].max(-1, initial=0) > 0, np.maximum(area, 1e-6), 1.0)
+        if not q:  # one pool row that no list names, so that gathers never index an empty pool
+            kp, area = np.zeros((1, NUM_KEYPOINTS, 3)), np.ones(1)
+        return Others(kp, area, ptr, members, overlap)
+
+
 def _as_array(x, shape_tail, name, dtype=np.float64):
     a = np.asarray(x, dtype=dtype)
     if a.shape[a.ndim - len(shape_tail):] != tuple(shape_tail) or not np.all(np.isfinite(a)):
@@ -72,14 +123,15 @@ def _as_array(x, shape_tail, name, dtype=np.float64):
 
 def synthesize(gt, area, rng: np.random.Generator, others=None, others_area=None, ov=None, nv=None,
                profile: Profile | None = None, estimates=None, others_overlap=None, num_radii: int = 8,
-               chunk_rows: int = 32768) -> SynthResult:
+               chunk_rows: int = 32768, block_elems: int = BLOCK_ELEMS) -> SynthResult:
     """Draw one erroneous input pose per GT person.
 
     gt: (N, K, 3) GT joints (x, y, v), v > 0 labelled; every person needs a labelled joint.
     area: (N,) the persons' areas (the KS scale).
     rng: the seeded generator every random draw goes through.
     others: (N, M, K, 3) GT joints of the persons overlapping each person (box IoU >= 0.1), padded
-        with v = 0; others_area: (N, M) their areas.
+        with v = 0; others_area: (N, M) their areas. Or an :class:`Others`, the same as ragged lists
+        (then others_area and others_overlap are not given).
     others_overlap: optional (N, M) bool. By default every row of ``others`` overlaps; rows marked
         False are other persons of the image that do not: points keep clear of their joints (so that
         a classifier looking at the whole image agrees) but no swap or miss is planted around them.
@@ -88,6 +140,9 @@ def synthesize(gt, area, rng: np.random.Generator, others=None, others_area=None
     nv: (N,) labelled joints in view (default: count of v > 0 in ``gt``).
     estimates: optional (N, K, 3) another estimator's joints; where present (v > 0) they place the
         unlabelled GT joints instead of the template.
+    chunk_rows: labelled joints drawn for at a time (the random stream depends on it); block_elems: the
+        size of the blocks the work of a chunk is done in, so that memory stays bounded (the result does
+        not depend on it).
     """
     profile = profile or published_profile()
     gt = _as_array(gt, (NUM_KEYPOINTS, 3), "gt")
@@ -98,22 +153,30 @@ def synthesize(gt, area, rng: np.random.Generator, others=None, others_area=None
     vis = gt[..., 2] > 0
     if n and not vis.any(axis=1).all():
         raise InputError("gt", f"person {int(np.argmin(vis.any(axis=1)))} has no labelled joint")
-    if others is None:
-        others = np.zeros((n, 0, NUM_KEYPOINTS, 3))
-        others_area = np.ones((n, 0))
-    others = _as_array(others, (NUM_KEYPOINTS, 3), "others").reshape(n, -1, NUM_KEYPOINTS, 3)
-    others_area = _as_array(others_area, (), "others_area").reshape(n, others.shape[1])
-    others_area = np.where(others[..., 2].max(-1, initial=0) > 0, np.maximum(others_area, 1e-6), 1.0)
-    overlap = (np.ones(others.shape[:2], dtype=bool) if others_overlap is None
-               else np.asarray(others_overlap, dtype=bool).reshape(others.shape[:2]))
-    ov = ((others[..., 2] > 0).any(-1) & overlap).sum(-1) if ov is None else np.asarray(ov).reshape(n)
+    if isinstance(others, Others):
+        if others_area is not None or others_overlap is not None:
+            raise InputError("others", "an Others carries its areas and overlap flags: give neither separately")
+        oth = others.checked(n)
+    else:
+        if others is None:
+            others = np.zeros((n, 0, NUM_KEYPOINTS, 3))
+            others_area = np.ones((n, 0))
+        others = _as_array(others, (NUM_KEYPOINTS, 3), "others").reshape(n, -1, NUM_KEYPOINTS, 3)
+        others_area = _as_array(others_area, (), "others_area").reshape(n, others.shape[1])
+        oth = Others.dense(others, others_area, others_overlap).checked(n)
+    owner = np.repeat(np.arange(n), np.diff(oth.ptr))  # (nnz,) whose list each entry is in
+    member_vis = oth.keypoints[oth.members, :, 2] > 0  # (nnz, K)
+    counted = member_vis.any(-1) & oth.overlap
+    ov = np.bincount(owner[counted], minlength=n) if ov is None else np.asarray(ov).reshape(n)
     nv = vis.sum(-1) if nv is None else np.asarray(nv).reshape(n)
 
     # Outcome probabilities with the infeasible ones removed.  (N, K, 5)
     p = profile.probabilities(nv, ov)
-    other_vis = (others[..., 2] > 0) & overlap[..., None]  # (N, M, K) joints a swap may land on
+    other_vis = member_vis & oth.overlap[:, None]  # (nnz, K) joints a swap may land on
     inv_ok = vis[:, PARTNER] & (PARTNER != np.arange(NUM_KEYPOINTS))
-    swap_ok = (other_vis | other_vis[:, :, PARTNER]).any(1)
+    swap_ok = np.zeros((n, NUM_KEYPOINTS), dtype=bool)
+    entry, joint = np.nonzero(other_vis | other_vis[:, PARTNER])
+    swap_ok[owner[entry], joint] = True
     p[..., INVERSION] *= inv_ok
     p[..., SWAP] *= swap_ok
 
@@ -125,7 +188,7 @@ def synthesize(gt, area, rng: np.random.Generator, others=None, others_area=None
     rows_n, rows_j = np.nonzero(vis)
     for lo in range(0, rows_n.size, chunk_rows):
         rn, rj = rows_n[lo:lo + chunk_rows], rows_j[lo:lo + chunk_rows]
-        xy, o, ap, aj = _plant(gt, area, others, others_area, overlap, p, rn, rj, profile, rng, num_radii)
+        xy, o, ap, aj = _plant(gt, area, oth, p, rn, rj, profile, rng, num_radii, block_elems)
         out_xy[rn, rj], outcome[rn, rj], anchor_person[rn, rj], anchor_joint[rn, rj] = xy, o, ap, aj
 
     placed = ~vis
@@ -144,55 +207,93 @@ def synthesize(gt, area, rng: np.random.Generator, others=None, others_area=None
     return SynthResult(keypoints, outcome, anchor_person, anchor_joint, score)
 
 
-def _candidates(gt, area, others, others_area, rn, rj):
+def _row_blocks(width, budget):
+    """Consecutive row slices whose rows × widest row stays within ``budget`` (at least one row each)."""
+    lo, n = 0, width.size
+    while lo < n:
+        widest = np.maximum.accumulate(width[lo:lo + budget])
+        hi = lo + max(1, int(np.searchsorted(widest * np.arange(1, widest.size + 1), budget, side="right")))
+        yield lo, hi
+        lo = hi
+
+
+def _candidates(gt, area, oth, rn, rj, geometry=True):
     """The classifier's candidate anchors for each row, in its tie order.
 
-    Order: own joint, the overlapping persons' same joint (M), own partner, their partners (M).
-    Returns xy (R, A, 2), valid (R, A), scale (R, A) of KS = exp(-d² / scale).
+    Order: own joint, the M others' same joint, own partner, their partners, where M is the most others
+    of these rows (padded with invalid ones). Returns M, valid (R, A), may_centre (R, A) (own joints and
+    overlapping persons), and with ``geometry`` xy (R, A, 2) and scale (R, A) of KS = exp(-d² / scale).
     """
-    m = others.shape[1]
+    start = oth.ptr[rn]
+    count = oth.ptr[rn + 1] - start
+    m = int(count.max(initial=0))
+    has = np.arange(m) < count[:, None]  # (R, M)
+    entry = np.where(has, start[:, None] + np.arange(m), 0)
+    who = oth.members[entry] if oth.members.size else np.zeros((rn.size, m), dtype=np.int64)
     pj = PARTNER[rj]
-    own = gt[rn, rj]  # (R, 3)
-    own_p = gt[rn, pj]
-    oth = others[rn, :, rj]  # (R, M, 3)
-    oth_p = others[rn, :, pj]
-    cand = np.concatenate([own[:, None], oth, own_p[:, None], oth_p], axis=1)  # (R, A, 3)
-    areas = np.concatenate([area[rn, None], others_area[rn], area[rn, None], others_area[rn]], axis=1)
-    valid = cand[..., 2] > 0
-    nose = rj == PARTNER[rj]  # the nose is its own partner: no separate partner candidates
-    valid[nose, m + 1:] = False
+    vis_j = has & (oth.keypoints[who, rj[:, None], 2] > 0)
+    vis_p = has & (oth.keypoints[who, pj[:, None], 2] > 0)
+    nose = (rj == pj)[:, None]  # the nose is its own partner: no separate partner candidates
+    valid = np.concatenate([gt[rn, rj, 2:] > 0, vis_j, (gt[rn, pj, 2:] > 0) & ~nose, vis_p & ~nose], axis=1)
+    ovl = has & (oth.overlap[entry] if oth.overlap.size else has)
+    own = np.ones((rn.size, 1), dtype=bool)
+    may_centre = np.concatenate([own, ovl, own, ovl], axis=1)
+    if not geometry:
+        return m, valid, may_centre
+    oth_area = np.where(has, oth.area[who], 1.0)
+    cxy = np.concatenate([gt[rn, rj, None, :2], oth.keypoints[who, rj[:, None], :2],
+                          gt[rn, pj, None, :2], oth.keypoints[who, pj[:, None], :2]], axis=1)  # (R, A, 2)
+    areas = np.concatenate([area[rn, None], oth_area, area[rn, None], oth_area], axis=1)
     scale = 2.0 * areas * (2.0 * SIGMAS[rj])[:, None] ** 2
-    return cand[..., :2], valid, scale
+    return m, valid, may_centre, cxy, scale
+
+
+def _index(part, slot, m):
+    """Candidate index, in the layout of :func:`_candidates` for M others, of (part, slot): part 0 the
+    row's joint, 1 its partner; slot -1 the person itself, else the index in its list of others."""
+    return part * (m + 1) + slot + 1
+
+
+def _weights(m, valid, may_centre, o, profile):
+    """Centre weights (R, A) for outcome o (R,): which candidate a point of that outcome may be planted
+    around, and in proportion to what."""
+    a_count = valid.shape[1]
+    idx = np.arange(a_count)
+    w = np.zeros(valid.shape)
+    w[:, 0] = (o == GOOD) | (o == JITTER)
+    inv = o == INVERSION
+    w[inv, m + 1] = valid[inv, m + 1]
+    swap = o == SWAP
+    w[swap] = valid[swap] * may_centre[swap] * ((idx != 0) & (idx != m + 1))
+    miss = o == MISS
+    w[miss] = valid[miss] * may_centre[miss] * np.where(idx == 0, profile.miss_own_anchor_weight, 1.0)
+    return w
 
 
 def _choose(weights, rng):
     """Index drawn in proportion to non-negative weights along the last axis. (R, C) → (R,)."""
+    return _chosen(weights, rng.random(weights.shape[0]))
+
+
+def _chosen(weights, u):
+    """The index that uniform draw u (R,) selects in proportion to weights (R, C)."""
     cum = np.cumsum(weights, axis=-1)
-    u = rng.random(weights.shape[0]) * cum[:, -1]
+    u = u * cum[:, -1]
     return np.minimum((cum <= u[:, None]).sum(-1), weights.shape[-1] - 1)
 
 
-def _plant(gt, area, others, others_area, overlap, p, rn, rj, profile, rng, num_radii):
+def _plant(gt, area, oth, p, rn, rj, profile, rng, num_radii, block_elems=BLOCK_ELEMS):
     """Draw an outcome and place a point for each row (labelled joint). Returns xy (R, 2), outcome,
-    anchor person and anchor joint (R,)."""
+    anchor person and anchor joint (R,). Candidates are built for blocks of rows at a time."""
     r_count = rn.size
-    m = others.shape[1]
-    cxy, valid, scale = _candidates(gt, area, others, others_area, rn, rj)
-    a_count = cxy.shape[1]
-    idx = np.arange(a_count)
-    # Centre weights per outcome: which candidate a point of that outcome may be planted around.
-    w = np.zeros((5, r_count, a_count))
-    w[[GOOD, JITTER], :, 0] = 1.0
-    w[INVERSION, :, m + 1] = valid[:, m + 1]
-    ovl = overlap[rn]  # (R, M)
-    may_centre = np.concatenate([np.ones((r_count, 1), bool), ovl, np.ones((r_count, 1), bool), ovl], axis=1)
-    w[SWAP] = valid * may_centre * ((idx != 0) & (idx != m + 1))
-    w[MISS] = valid * may_centre * np.where(idx == 0, profile.miss_own_anchor_weight, 1.0)
+    width = 2 + 2 * (oth.ptr[rn + 1] - oth.ptr[rn])  # candidates per row
     prob = p[rn, rj].copy()  # (R, 5)
-
     xy = gt[rn, rj, :2].copy()
     outcome = np.full(r_count, GOOD, dtype=np.int8)
-    centre = np.zeros(r_count, dtype=np.int64)
+    part = np.zeros(r_count, dtype=np.int64)
+    slot = np.full(r_count, -1, dtype=np.int64)
+    removed = np.zeros((3, 0), dtype=np.int64)  # (row, outcome, part·(M+1) + slot + 1) with no admissible point
+    key_base = int(width.max(initial=2)) // 2  # above any slot + 1
     pending = np.arange(r_count)
     while pending.size:
         pr = prob[pending]
@@ -203,66 +304,161 @@ def _plant(gt, area, others, others_area, overlap, p, rn, rj, profile, rng, num_
             if not pending.size:
                 break
         o = _choose(pr, rng)
-        c = _choose(w[o, pending], rng)
-        ok, pts = _place(cxy[pending], valid[pending], scale[pending], o, c, rng, num_radii)
+        u = rng.random(pending.size)
+        c_part = np.empty(pending.size, dtype=np.int64)
+        c_slot = np.empty(pending.size, dtype=np.int64)
+        for lo, hi in _row_blocks(width[pending], block_elems):
+            rows = pending[lo:hi]
+            m, valid, may_centre = _candidates(gt, area, oth, rn[rows], rj[rows], geometry=False)
+            w = _weights(m, valid, may_centre, o[lo:hi], profile)
+            _drop_removed(w, removed, rows, o[lo:hi], m, key_base)
+            c = _chosen(w, u[lo:hi])
+            c_part[lo:hi], c_slot[lo:hi] = c // (m + 1), c % (m + 1) - 1
+        ok, pts = _place(gt, area, oth, rn[pending], rj[pending], width[pending], o, c_part, c_slot, rng, num_radii,
+                         block_elems)
         done = pending[ok]
-        xy[done], outcome[done], centre[done] = pts[ok], o[ok], c[ok]
+        xy[done], outcome[done], part[done], slot[done] = pts[ok], o[ok], c_part[ok], c_slot[ok]
         bad = pending[~ok]
+        if not bad.size:
+            break
         # That (outcome, anchor) has no admissible point: remove it, and the outcome once no anchor is left.
-        w[o[~ok], bad, c[~ok]] = 0.0
-        empty = w[o[~ok], bad].sum(-1) <= 0
-        prob[bad[empty], o[~ok][empty]] = 0.0
+        o_bad = o[~ok]
+        removed = np.concatenate([removed, [bad, o_bad, c_part[~ok] * key_base + c_slot[~ok] + 1]], axis=1)
+        left = np.zeros(bad.size, dtype=bool)
+        for lo, hi in _row_blocks(width[bad], block_elems):
+            m, valid, may_centre = _candidates(gt, area, oth, rn[bad[lo:hi]], rj[bad[lo:hi]], geometry=False)
+            w = _weights(m, valid, may_centre, o_bad[lo:hi], profile)
+            _drop_removed(w, removed, bad[lo:hi], o_bad[lo:hi], m, key_base)
+            left[lo:hi] = w.sum(-1) > 0
+        prob[bad[~left], o_bad[~left]] = 0.0
         pending = bad
-    anchor_person = np.where(centre == 0, -1, np.where(centre <= m, centre - 1, centre - m - 2))
-    anchor_person[centre == m + 1] = -1
-    anchor_joint = np.where(centre <= m, rj, PARTNER[rj])
-    return xy, outcome, anchor_person, anchor_joint
+    anchor_joint = np.where(part == 0, rj, PARTNER[rj])
+    return xy, outcome, slot, anchor_joint
 
 
-def _place(cxy, valid, scale, o, c, rng, num_radii):
-    """Place one point per row around candidate ``c`` for outcome ``o``.
+def _drop_removed(w, removed, rows, o, m, key_base):
+    """Zero, in weights w (B, A) of ``rows`` (ascending) for outcomes o, the (outcome, anchor) pairs removed."""
+    if not removed.shape[1]:
+        return
+    at = np.minimum(np.searchsorted(rows, removed[0]), rows.size - 1)
+    hit = (rows[at] == removed[0]) & (o[at] == removed[1])
+    key = removed[2, hit]
+    w[at[hit], _index(key // key_base, key % key_base - 1, m)] = 0.0
 
-    cxy (R, A, 2), valid (R, A), scale (R, A), o (R,), c (R,). Returns ok (R,) and points (R, 2).
+
+def _place(gt, area, oth, rn, rj, width, o, part, slot, rng, num_radii, block_elems=BLOCK_ELEMS):
+    """Place one point per row around its centre, candidate (part, slot), for outcome ``o``.
+
+    Returns ok (R,) and points (R, 2). Only the anchors whose excluded arc can be non-empty at one of
+    the row's radii take part (the others exclude nothing), so the work per row follows the anchors near
+    it; candidates and arcs are computed in blocks of about ``block_elems`` entries.
     """
-    r_count, a_count = valid.shape
+    r_count = rn.size
     rows = np.arange(r_count)
-    s_c = scale[rows, c]  # (R,)
+    # The centre: the person's own joint or partner, or an other's.
+    entry = np.where(slot >= 0, oth.ptr[rn] + slot, 0)
+    who = oth.members[entry] if oth.members.size else np.zeros(r_count, dtype=np.int64)
+    joint = np.where(part == 0, rj, PARTNER[rj])
+    own = slot < 0
+    centre = np.where(own[:, None], gt[rn, joint, :2], oth.keypoints[who, joint, :2])  # (R, 2)
+    s_c = 2.0 * np.where(own, area[rn], oth.area[who]) * (2.0 * SIGMAS[rj]) ** 2  # (R,)
     ks_hi = np.array([KS_RANGE[k][0] for k in range(5)])[o]
     ks_lo = np.array([KS_RANGE[k][1] for k in range(5)])[o]
     r_min = np.sqrt(-s_c * np.log(ks_hi))
     r_max = np.sqrt(-s_c * np.log(ks_lo))
     radii = r_min[:, None] + (r_max - r_min)[:, None] * rng.random((r_count, num_radii))  # (R, S)
-
-    centre = cxy[rows, c]  # (R, 2)
-    d = cxy - centre[:, None]  # (R, A, 2)
-    active = valid.copy()
-    active[rows, c] = False
-    miss = (o == MISS)[:, None, None]
-    # Constraint per anchor a: |p - a|² > T.  Miss: KS_a < 0.5; otherwise KS_a < KS_centre.
-    t = np.where(miss, (scale * LN2)[:, None, :],
-                 radii[..., None] ** 2 * (scale / s_c[:, None])[:, None, :])  # (R, S, A)
-    wins = (np.arange(a_count)[None] > c[:, None])  # the centre wins ties against later candidates
-    start, length = _free_arcs(d[..., 0][:, None], d[..., 1][:, None], radii[..., None], t,
-                               active[:, None], wins[:, None])
-    free = length.sum(-1)  # (R, S)
+    r_lo, r_hi = radii.min(-1)[:, None], radii.max(-1)[:, None]
+    whole = TWO_PI - 2.0 * ANGLE_MARGIN  # the one gap of a circle with no arc, as _free_arcs gives it
+    free = np.full((r_count, num_radii), whole)
+    live_blocks = []
+    for lo, hi in _row_blocks(width, max(1, block_elems // num_radii)):
+        b = slice(lo, hi)
+        m, valid, _, cxy, scale = _candidates(gt, area, oth, rn[b], rj[b])
+        c = _index(part[b], slot[b], m)
+        d = cxy - centre[b, None]  # (B, A, 2)
+        dx, dy = d[..., 0], d[..., 1]
+        active = valid.copy()
+        active[np.arange(hi - lo), c] = False
+        miss = (o[b] == MISS)[:, None]
+        ratio = scale / s_c[b, None]  # (B, A)
+        miss_t = scale * LN2
+        near = _in_reach(np.hypot(dx, dy), miss, ratio, miss_t, r_lo[b], r_hi[b], active)
+        # Rows with such anchors (the others have the whole circle: one gap, [0, 2π] less the margins),
+        # each with those anchors first, in candidate order (ties go by it), the rest dropped.
+        live = np.flatnonzero(near.any(-1))
+        if not live.size:
+            continue
+        w_live = int(near[live].sum(-1).max())
+        keep = np.argsort(~near[live], axis=-1, kind="stable")[:, :w_live]  # (L, W) candidate indices
+        arcs = _Arcs(lo + live, np.take_along_axis(dx[live], keep, -1), np.take_along_axis(dy[live], keep, -1),
+                     np.where(miss[live], np.take_along_axis(miss_t[live], keep, -1),
+                              np.take_along_axis(ratio[live], keep, -1)),
+                     miss[live, :, None], np.take_along_axis(near[live], keep, -1), keep > c[live, None])
+        live_blocks.append(arcs)
+        step = max(1, block_elems // (num_radii * (w_live + 1)))
+        for a in range(0, live.size, step):
+            sel = arcs.rows[a:a + step]
+            free[sel] = np.cumsum(arcs.gaps(a, a + step, radii[sel])[1], axis=-1)[..., -1]
     ok = free.max(-1) > 0
     pick = _choose(np.where(ok[:, None], free, 1.0), rng)
-    start, length = start[rows, pick], length[rows, pick]  # (R, G)
-    cum = np.cumsum(length, axis=-1)
-    u = rng.random(r_count) * cum[:, -1]
-    g = np.minimum((cum <= u[:, None]).sum(-1), length.shape[-1] - 1)
-    theta = start[rows, g] + (u - (cum[rows, g] - length[rows, g]))
     r = radii[rows, pick]
+    u = rng.random(r_count)
+    theta = ANGLE_MARGIN + u * whole
+    for arcs in live_blocks:
+        step = max(1, block_elems // (arcs.dx.shape[1] + 1))
+        for a in range(0, arcs.rows.size, step):
+            sel = arcs.rows[a:a + step]
+            start, length = arcs.gaps(a, a + step, r[sel, None])
+            start, length = start[:, 0], length[:, 0]  # (B, W + 1)
+            cum = np.cumsum(length, axis=-1)
+            ub = u[sel] * cum[:, -1]
+            g = np.minimum((cum <= ub[:, None]).sum(-1), length.shape[-1] - 1)
+            i = np.arange(g.size)
+            theta[sel] = start[i, g] + (ub - (cum[i, g] - length[i, g]))
     pts = centre + r[:, None] * np.stack([np.cos(theta), np.sin(theta)], axis=-1)
     return ok, pts
+
+
+def _in_reach(dist, miss, ratio, miss_t, r_lo, r_hi, active):
+    """(B, A) which active anchors can exclude a non-empty arc of a row's circle at some radius in
+    [r_lo, r_hi] (B, 1). An anchor at distance D does at radius r iff |D - r| < sqrt(t): t = r² · ratio
+    (KS to it below the centre's), or s · ln 2 for a miss (KS to it below 0.5). The bounds carry a slack
+    far above rounding error, so that no live arc is ever dropped."""
+    reach_hi = np.where(miss, r_hi + np.sqrt(miss_t), r_hi * (1.0 + np.sqrt(ratio)))
+    reach_lo = np.where(miss, r_lo - np.sqrt(miss_t), r_lo * (1.0 - np.sqrt(ratio)))
+    slack = 1e-6 * (np.abs(reach_hi) + np.abs(reach_lo)) + 1e-9
+    return active & (dist < reach_hi + slack) & (dist > reach_lo - slack)
+
+
+@dataclass(frozen=True)
+class _Arcs:
+    """The anchors near the circles of some rows, compacted: rows (L,), and per row dx, dy (L, W) from the
+    centre, t (L, W) (the squared-distance bound, or its ratio to r² when not a miss), miss (L, 1, 1),
+    active (L, W) and wins (L, W) (the centre wins a tie against that anchor)."""
+
+    rows: np.ndarray
+    dx: np.ndarray
+    dy: np.ndarray
+    t: np.ndarray
+    miss: np.ndarray
+    active: np.ndarray
+    wins: np.ndarray
+
+    def gaps(self, lo, hi, r):
+        """Gap starts and lengths (B, S, W + 1) of rows lo:hi at radii r (B, S)."""
+        t = np.where(self.miss[lo:hi], self.t[lo:hi, None], r[..., None] ** 2 * self.t[lo:hi, None])
+        return _free_arcs(self.dx[lo:hi, None], self.dy[lo:hi, None], r[..., None], t, self.active[lo:hi, None],
+                          self.wins[lo:hi, None])
 
 
 def _free_arcs(dx, dy, r, t, active, wins):
     """Admissible angles on circles around the origin, as gaps between excluded arcs.
 
     For each anchor at (dx, dy) the point at radius r and angle θ must satisfy |p - a|² > t, which
-    fails on one arc centred on the anchor's direction. All inputs broadcast to (R, S, A).
-    Returns gap starts and lengths (R, S, 2A + 1) in radians; their lengths sum to the free angle.
+    fails on one arc centred on the anchor's direction (an empty one for an inactive anchor or one out
+    of reach: such arcs take no part). All inputs broadcast to (R, S, A). Returns gap starts and lengths
+    (R, S, A + 1) in radians, each gap kept clear of the arcs' ends by ``ANGLE_MARGIN``; their lengths
+    sum to the free angle.
     """
     dist = np.hypot(dx, dy)
     phi = np.arctan2(dy, dx)
@@ -273,16 +469,15 @@ def _free_arcs(dx, dy, r, t, active, wins):
     kappa = np.where(den > 0, kappa, np.where((num > 0) | ((num == 0) & wins), np.inf, -np.inf))
     half = np.where(active, np.arccos(np.clip(kappa, -1.0, 1.0)), 0.0)  # half-width of the excluded arc
     half = np.broadcast_to(half, np.broadcast_shapes(half.shape, phi.shape))
-    s = np.mod(phi - half, TWO_PI)
+    live = half > 0
+    s = np.where(live, np.mod(phi - half, TWO_PI), 0.0)  # an empty arc becomes [0, 0], which splits no gap
     e = s + 2.0 * half
-    starts = np.concatenate([s, np.zeros_like(s)], axis=-1)  # an arc past 2π wraps to [0, e - 2π]
-    ends = np.concatenate([np.minimum(e, TWO_PI), np.maximum(e - TWO_PI, 0.0)], axis=-1)
-    order = np.argsort(starts, axis=-1)
-    starts = np.take_along_axis(starts, order, -1)
-    ends = np.maximum.accumulate(np.take_along_axis(ends, order, -1), axis=-1)
-    prev = np.concatenate([np.zeros_like(ends[..., :1]), ends[..., :-1]], axis=-1)
-    gap_start = np.concatenate([prev, ends[..., -1:]], axis=-1)
-    gap_len = np.concatenate([starts, np.full_like(ends[..., :1], TWO_PI)], axis=-1) - gap_start
+    wrap = np.maximum(e - TWO_PI, 0.0).max(-1, keepdims=True)  # arcs past 2π cover [0, wrap]
+    order = np.argsort(s, axis=-1)
+    s = np.take_along_axis(s, order, -1)
+    ends = np.maximum(np.maximum.accumulate(np.take_along_axis(np.minimum(e, TWO_PI), order, -1), axis=-1), wrap)
+    gap_start = np.concatenate([wrap, ends], axis=-1)
+    gap_len = np.concatenate([s, np.full_like(wrap, TWO_PI)], axis=-1) - gap_start
     # Keep clear of the arcs' ends by a margin far above rounding error, so that no point lands on
     # a boundary and slivers left by rounding count as no gap.
     return gap_start + ANGLE_MARGIN, np.maximum(gap_len - 2.0 * ANGLE_MARGIN, 0.0)

@@ -43,6 +43,17 @@ def test_bench_refine(tmp_path):
     assert rows[0]["gmac_per_person"] == rows[1]["gmac_per_person"] > 0
 
 
+def test_bench_synth_cli(tmp_path):
+    report, stdout = _run("bench_synth.py", "--no-kernels", "--cli-persons", "300", "--crowd", "40",
+                          "--crowd-persons", "80", "--baseline-tree", str(BENCHMARKS.parent), tmp_path=tmp_path)
+    rows = report["cli"]
+    assert [r["tree"] for r in rows] == ["baseline", "this tree"] * 2 and all(r["ok"] for r in rows)
+    assert rows[0]["persons"] >= 300 and rows[2]["persons"] == 80 and rows[2]["images"] == 2
+    for r in rows:
+        assert r["persons_per_s"] == pytest.approx(r["persons"] / r["seconds"]) and r["peak_rss_mb"] > 10
+    assert "crowd: 40 persons/image x 2" in stdout
+
+
 def test_bench_offline(tmp_path):
     report, _ = _run("bench_offline.py", "--instances", "300", "--backbone", "resnet18", "--input-size", "64",
                      "64", "--batch-size", "16", "--seconds", "0", tmp_path=tmp_path)

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from posefix.cli import main
-from synth.cocoio import load_ground_truth, load_results
+from synth.cocoio import load_ground_truth, load_results, load_synth_labels
 from synth.diagnose import diagnose
 from synth.profile import load_profile
 
@@ -29,7 +29,7 @@ def test_diagnose_of_synthesized_inputs_finds_what_was_planted(tmp_path):
     synth_out, labels, report = tmp_path / "s.json", tmp_path / "l.json", tmp_path / "r.json"
     assert main(["synth", "--gt", str(VAL_GT), "--out", str(synth_out), "--labels", str(labels), "--seed", "4"]) == 0
     assert main(["diagnose", "--gt", str(VAL_GT), "--results", str(synth_out), "--out", str(report)]) == 0
-    planted = json.loads(labels.read_text())
+    planted = load_synth_labels(labels, synth_out)
     found = json.loads(report.read_text())["detections"]
     agree = total = 0
     for p, d in zip(planted, found):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from posefix.cli import main
-from synth.cocoio import load_ground_truth
+from synth.cocoio import load_ground_truth, load_synth_labels
 from synth.diagnose import classify
 from synth.keypoints import SIGMAS
 
@@ -28,7 +28,7 @@ def test_version_and_help():
 def test_synth_on_the_bundled_sample(tmp_path, capsys):
     out, labels = tmp_path / "synth.json", tmp_path / "labels.json"
     assert main(["synth", "--gt", str(VAL_GT), "--out", str(out), "--seed", "3", "--labels", str(labels)]) == 0
-    results, planted = json.loads(out.read_text()), json.loads(labels.read_text())
+    results, planted = json.loads(out.read_text()), load_synth_labels(labels, out)
     gt = load_ground_truth(VAL_GT)
     persons = [i for i in range(gt.ids.size) if not gt.crowd[i] and (gt.keypoints[i, :, 2] > 0).any()]
     assert len(results) == len(planted) == len(persons)
@@ -72,7 +72,7 @@ def test_custom_profile(tmp_path):
     labels = tmp_path / "labels.json"
     assert main(["synth", "--gt", str(VAL_GT), "--out", str(tmp_path / "o.json"), "--profile", str(prof),
                  "--labels", str(labels)]) == 0
-    names = {n for entry in json.loads(labels.read_text()) for n in entry["labels"]}
+    names = {n for entry in load_synth_labels(labels, tmp_path / "o.json") for n in entry["labels"]}
     assert names == {"miss", "unlabelled"}
 
 
@@ -110,3 +110,44 @@ def test_bad_arguments(tmp_path):
     assert r.returncode == 2 and "--seed" in r.stderr
     r = run("synth", "--gt", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o.json"))
     assert r.returncode == 2 and "file not found" in r.stderr and not (tmp_path / "o.json").exists()
+
+
+def test_a_stale_labels_file_is_refused_naming_both_files(tmp_path, monkeypatch):
+    """The labels name their results by hash: labels left from another run, or from a run stopped between
+    its two writes, are refused with one line naming both files."""
+    from synth import cocoio
+    from synth.exceptions import InputError
+
+    out, labels = tmp_path / "synth.json", tmp_path / "labels.json"
+    assert main(["synth", "--gt", str(VAL_GT), "--out", str(out), "--labels", str(labels), "--seed", "1"]) == 0
+    first = load_synth_labels(labels, out)
+    assert len(first) == len(json.loads(out.read_text()))
+    # A later run without --labels leaves the old labels beside new results.
+    assert main(["synth", "--gt", str(VAL_GT), "--out", str(out), "--seed", "2"]) == 0
+    with pytest.raises(InputError) as e:
+        load_synth_labels(labels, out)
+    msg = str(e.value)
+    assert "\n" not in msg and str(labels) in msg and str(out) in msg and "results_sha256" in msg
+    # A run stopped after writing the results, before the labels: new results, old labels.
+    assert main(["synth", "--gt", str(VAL_GT), "--out", str(out), "--labels", str(labels), "--seed", "3"]) == 0
+    pair = (out.read_bytes(), labels.read_bytes())
+    real, calls = cocoio.write_bytes_atomic, []
+
+    def killed_before_labels(path, data):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(path, data)
+
+    monkeypatch.setattr(cocoio, "write_bytes_atomic", killed_before_labels)
+    assert main(["synth", "--gt", str(VAL_GT), "--out", str(out), "--labels", str(labels), "--seed", "4"]) == 130
+    monkeypatch.undo()
+    assert out.read_bytes() != pair[0] and labels.read_bytes() == pair[1]
+    with pytest.raises(InputError, match="results_sha256"):
+        load_synth_labels(labels, out)
+    # The matching pair loads; labels that are not a labels file are named.
+    out.write_bytes(pair[0])
+    assert load_synth_labels(labels, out) == json.loads(pair[1])["labels"]
+    labels.write_text("[]")
+    with pytest.raises(InputError, match="not a posefix synth labels file"):
+        load_synth_labels(labels, out)
