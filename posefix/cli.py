@@ -607,11 +607,12 @@ def cmd_fit_choice(args) -> int:
         raise InputError("--images", f"{args.images} is not a directory")
     gt = load_ground_truth(args.annotations)
     coco_images = {im["id"]: im for im in gt.doc["images"]}
-    sizes = _image_sizes(args.input, args.format, args.images, coco_images) \
+    sizes = _image_sizes(args.input, args.format, args.images, coco_images, args.allow_outside_images) \
         if args.format in ("movenet", "blazepose") else None
     est = read_estimates(args.input, args.format, sizes, skip_invalid=args.skip_invalid)
     refiner = Refiner.from_checkpoint(args.checkpoint, args.device, args.batch_size, output="raw")
-    files = {key: image_file(args.images, key, coco_images) for key in dict.fromkeys(est.image_keys)}
+    files = {key: image_file(args.images, key, coco_images, args.allow_outside_images)
+             for key in dict.fromkeys(est.image_keys)}
     xy, conf, input_conf = raw_refinement(refiner, est, files, args.workers)
     ids = image_ids(est, coco_images)
     given = est.keypoints
@@ -738,6 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--device", default="cpu")
     fc.add_argument("--workers", type=int, default=2, help="image decoding threads (2)")
     fc.add_argument("--skip-invalid", action="store_true", help="fit on the valid entries and skip the rest")
+    allow_outside_images_arg(fc)
     fc.set_defaults(func=cmd_fit_choice)
 
     e = sub.add_parser("eval", help="keypoint AP/AR and error breakdown of results files, side by side",
