@@ -59,8 +59,9 @@ class FittedChoice:
     """A fitted rule: P(refined joint closer to the truth) = sigmoid(standardised features · w + intercept +
     bias[joint])."""
 
-    def __init__(self, mean, std, weights, intercept, joint_bias, info: dict | None = None):
+    def __init__(self, mean, std, weights, intercept, joint_bias, info: dict | None = None, margin: float = 0.0):
         self.intercept = float(intercept)
+        self.margin = float(margin)  # the correction is taken where 2p - 1 > margin (see posefix.engine.choose)
         self.mean = np.asarray(mean, dtype=np.float64)
         self.std = np.asarray(std, dtype=np.float64)
         self.weights = np.asarray(weights, dtype=np.float64)
@@ -72,8 +73,8 @@ class FittedChoice:
             raise InputError(METADATA_KEY, f"expects {n} feature means, stds and weights and {NUM_KEYPOINTS} joint "
                              "biases")
         if not all(np.isfinite(a).all() for a in (self.mean, self.std, self.weights, self.joint_bias, self.intercept)) \
-                or (self.std <= 0).any():
-            raise InputError(METADATA_KEY, "holds a non-finite number or a non-positive std")
+                or (self.std <= 0).any() or not -1.0 <= self.margin <= 1.0:
+            raise InputError(METADATA_KEY, "holds a non-finite number, a non-positive std or a margin outside [-1, 1]")
 
     def logit(self, poses, xy, conf, input_conf) -> np.ndarray:
         """(P, K) the log-odds that each refined joint is closer to the truth than the input joint."""
@@ -83,7 +84,8 @@ class FittedChoice:
     def to_json(self) -> str:
         return json.dumps({"version": VERSION, "features": list(NUMERIC), "mean": self.mean.tolist(),
                            "std": self.std.tolist(), "weights": self.weights.tolist(),
-                           "intercept": self.intercept, "joint_bias": self.joint_bias.tolist(), "info": self.info})
+                           "intercept": self.intercept, "joint_bias": self.joint_bias.tolist(), "margin": self.margin,
+                           "info": self.info})
 
     @classmethod
     def from_json(cls, text: str, source: str = "checkpoint") -> FittedChoice:
@@ -97,7 +99,8 @@ class FittedChoice:
             raise InputError(METADATA_KEY, f"is version {doc.get('version')!r} with features {doc.get('features')!r}; "
                              f"this posefix reads version {VERSION} with {list(NUMERIC)}", source)
         try:
-            return cls(doc["mean"], doc["std"], doc["weights"], doc["intercept"], doc["joint_bias"], doc.get("info"))
+            return cls(doc["mean"], doc["std"], doc["weights"], doc["intercept"], doc["joint_bias"], doc.get("info"),
+                       doc["margin"])
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(METADATA_KEY, f"is incomplete or malformed: {e!r}", source) from None
 
@@ -179,3 +182,14 @@ def matched_truth(gt, results: list[dict]):
         if g is not None and not gt.crowd[g]:
             truth[n], area[n] = gt.keypoints[g], gt.areas[g]
     return truth, area
+
+
+MARGINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8)
+
+
+def select_margin(ap_of, margins=MARGINS) -> tuple[float, dict]:
+    """The margin of a fitted rule: of ``margins``, the one whose AP ``ap_of(margin)`` on the fitting images is
+    highest, the largest (the most joints kept from the input) among equals. Returns it and every AP by margin."""
+    aps = {float(m): float(ap_of(m)) for m in margins}
+    best = max(aps.values())
+    return max(m for m, a in aps.items() if a >= best - 1e-12), aps

@@ -372,9 +372,9 @@ def cmd_refine(args) -> int:
         keep = (conf < args.keep_input_below) & (conf < given[..., 2])
         xy[keep], conf[keep] = given[keep][:, :2], given[keep][:, 2]
     present = given[..., 2] > 0
-    mean_conf = (conf * present).sum(1) / np.maximum(present.sum(1), 1)
     from_input = kept_input(given, xy)
-    n, where = write_refined(args, est, xy, conf, est.scores * mean_conf, image_ids(est, coco_images), groups,
+    n, where = write_refined(args, est, xy, conf, instance_scores(est.scores, conf, present, args.output),
+                             image_ids(est, coco_images), groups,
                              skipped_images, from_input)
     for key, _ in skipped_images:
         present[groups[key]] = False  # persons left out
@@ -506,7 +506,7 @@ def cmd_refine_video(args) -> int:
         writer.close()
     elapsed = time.perf_counter() - t0
     present = given[..., 2] > 0
-    scores = poses.est.scores * (conf * present).sum(1) / np.maximum(present.sum(1), 1)
+    scores = instance_scores(poses.est.scores, conf, present, args.output)
     write_json_atomic(args.out, write_coco_results(poses.est, xy, conf, scores, poses.frame, kept_input(given, xy)))
     print(f"refined {len(poses.frame)} persons on {decoded} frames in {elapsed:.1f} s "
           f"({decoded / max(elapsed, 1e-9):.1f} frames/s) -> {args.out}"
@@ -586,9 +586,19 @@ def _output_options(parser) -> None:
     parser.add_argument("--output", default="choice", choices=("choice", "raw"),
                         help="choice (default): per joint, the input or the refined joint, whichever the model "
                              "finds more likely right; raw: every joint as refined")
-    parser.add_argument("--choice-margin", type=float, default=0.0, metavar="P",
+    parser.add_argument("--choice-margin", type=float, default=None, metavar="P",
                         help="with --output choice, take the refined joint only where its confidence exceeds the "
-                             "input joint's by more than P (0)")
+                             "input joint's by more than P (0; with a checkpoint from fit-choice: where 2p - 1 > P "
+                             "for its probability p that the correction is closer, P its own fitted margin)")
+
+
+def instance_scores(scores, conf, present, output: str):
+    """Each refined person's instance score: with the per-joint choice the input's own (an input whose every
+    joint is kept comes back exactly as given, and COCO's ranking of the persons is the estimator's); raw, the
+    input's × the mean refined confidence of its present joints."""
+    if output == "choice":
+        return np.asarray(scores, dtype=np.float64)
+    return scores * (conf * present).sum(1) / np.maximum(present.sum(1), 1)
 
 
 def cmd_fit_choice(args) -> int:
@@ -598,7 +608,7 @@ def cmd_fit_choice(args) -> int:
     from synth.cocoio import atomic_path, load_ground_truth
     from synth.diagnose import keypoint_ap
 
-    from .choice import METADATA_KEY, fit_choice, matched_truth, raw_refinement
+    from .choice import METADATA_KEY, fit_choice, matched_truth, raw_refinement, select_margin
     from .engine import Refiner, choose
     from .formats import image_file, image_ids, read_estimates, write_coco_results
 
@@ -621,13 +631,15 @@ def cmd_fit_choice(args) -> int:
     rule.info.update(format=args.format, input=Path(args.input).name, persons=int((truth[..., 2] > 0).any(-1).sum()))
     present = given[..., 2] > 0
 
-    def ap(pxy, pconf):
-        mean_conf = (pconf * present).sum(1) / np.maximum(present.sum(1), 1)
-        return keypoint_ap(gt, write_coco_results(est, pxy, pconf, est.scores * mean_conf, ids))
+    def ap(pxy, pconf, output):
+        return keypoint_ap(gt, write_coco_results(est, pxy, pconf, instance_scores(est.scores, pconf, present, output),
+                                                  ids))
 
-    chosen = choose(given, xy, conf, input_conf, 0.0, rule)
+    rule.margin, by_margin = select_margin(lambda m: ap(*choose(given, xy, conf, input_conf, m, rule), "choice"))
     rule.info.update(ap_input=keypoint_ap(gt, write_coco_results(est, given[..., :2], given[..., 2], est.scores, ids)),
-                     ap_raw=ap(xy, conf), ap_fitted=ap(*chosen))
+                     ap_raw=ap(xy, conf, "raw"), ap_fitted=by_margin[rule.margin], ap_by_margin=by_margin,
+                     taken=float((np.tanh(rule.logit(given, xy, conf, input_conf) / 2) > rule.margin)[
+                         truth[..., 2] > 0].mean()))
     with safe_open(str(args.checkpoint), framework="pt") as f:
         meta = dict(f.metadata() or {})
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
@@ -638,7 +650,8 @@ def cmd_fit_choice(args) -> int:
     print(f"fitted the choice on {i['joints']} labelled joints of {i['persons']} persons: the correction is closer "
           f"to the truth on {100 * i['refined_closer']:.0f} % of them and taken on {100 * i['taken']:.0f} %; on "
           f"these persons (not held out) AP {i['ap_input']:.3f} input, {i['ap_raw']:.3f} raw, {i['ap_fitted']:.3f} "
-          f"with the fitted choice -> {args.out}")
+          f"with the fitted choice at its margin {rule.margin:g} (the best of {', '.join(map(str, i['ap_by_margin']))}) "
+          f"-> {args.out}")
     return 0
 
 

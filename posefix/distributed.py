@@ -108,7 +108,7 @@ class _RefineBlock:
 
 def refine_images_ray(checkpoint, jobs, *, actors: int | None = None, num_gpus: float = 0.0, device: str = "cpu",
                       batch_size: int = 64, flip_test: bool = False, precision: str = "fp32",
-                      channels_last: bool = False, output: str = "choice", choice_margin: float = 0.0,
+                      channels_last: bool = False, output: str = "choice", choice_margin: float | None = None,
                       workers: int = 2, images_per_block: int = 16,
                       address: str | None = None, skipped: list | None = None, progress=None,
                       show_progress: bool = True):

@@ -31,19 +31,19 @@ class Refiner:
     ``output``: "choice" (the default) keeps, for every joint, whichever of the input joint and the refined
     joint the model finds more likely right (KS >= 0.5 to the truth): the refined one only where its
     confidence exceeds the input-confidence head's estimate for the input joint by more than
-    ``choice_margin``. A kept input joint is the input's exact coordinates, with the input-confidence as its
+    ``choice_margin`` (None: 0, or a fitted rule's own margin). A kept input joint is the input's exact coordinates, with the input-confidence as its
     confidence (0 for an absent input joint); an input joint with non-finite coordinates is never kept. An untrained model returns the
     input exactly. "raw": every joint refined, as the model puts it out.
     """
 
     def __init__(self, model: PoseFixNet, device: str | torch.device = "cpu", batch_size: int = 64,
                  flip_test: bool = False, precision: str = "fp32", channels_last: bool = False,
-                 output: str = "choice", choice_margin: float = 0.0):
+                 output: str = "choice", choice_margin: float | None = None):
         if precision not in PRECISIONS:
             raise InputError("precision", f"must be one of {list(PRECISIONS)}, got {precision!r}")
         if output not in OUTPUTS:
             raise InputError("output", f"must be one of {list(OUTPUTS)}, got {output!r}")
-        if not np.isfinite(choice_margin):
+        if choice_margin is not None and not np.isfinite(choice_margin):
             raise InputError("choice_margin", f"must be a finite number, got {choice_margin!r}")
         self.device = torch.device(device)
         # The backend that executes the model: "torch", or another called like a PoseFixNet that returns its
@@ -66,14 +66,17 @@ class Refiner:
         self.precision = precision  # "bf16": the model under bfloat16 autocast (coordinates stay float32/64)
         self.channels_last = channels_last and self.backend == "torch"
         self.output = output
-        self.choice_margin = float(choice_margin)
         # A choice fitted to one estimator (posefix fit-choice), carried by the checkpoint; None: the heads' own.
         self.fitted_choice = getattr(model, "fitted_choice", None)
+        # None: the fitted rule's own margin (chosen on its labelled images), 0 for the heads' comparison.
+        if choice_margin is None:
+            choice_margin = self.fitted_choice.margin if self.fitted_choice is not None else 0.0
+        self.choice_margin = float(choice_margin)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None, device: str = "cpu", batch_size: int = 64,
                         flip_test: bool = False, precision: str = "fp32", channels_last: bool = False,
-                        output: str = "choice", choice_margin: float = 0.0, backend: str | None = None,
+                        output: str = "choice", choice_margin: float | None = None, backend: str | None = None,
                         onnx: str | Path | None = None, provider: str | None = None) -> Refiner:
         """``backend`` "onnxruntime" (the default where an ``onnx`` file is given, else "torch"): ONNX Runtime runs
         the model, from the file ``onnx`` or, without one, the checkpoint ``path`` exported in memory, on the

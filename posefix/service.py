@@ -686,7 +686,7 @@ def serve_main(args: argparse.Namespace) -> int:
                                       precision=getattr(args, "precision", "fp32"),
                                       channels_last=bool(getattr(args, "channels_last", False)),
                                       output=getattr(args, "output", "choice"),
-                                      choice_margin=getattr(args, "choice_margin", 0.0),
+                                      choice_margin=getattr(args, "choice_margin", None),
                                       backend=getattr(args, "backend", None), onnx=getattr(args, "onnx", None),
                                       provider=getattr(args, "provider", None))
     h, w = refiner.cfg.input_size

@@ -111,10 +111,12 @@ def test_the_rule_round_trips_and_bad_metadata_is_refused():
     again = FittedChoice.from_json(rule.to_json())
     poses, xy, conf, input_conf, _, _ = _world(rng, n=5)
     np.testing.assert_array_equal(again.logit(poses, xy, conf, input_conf), rule.logit(poses, xy, conf, input_conf))
+    assert again.margin == rule.margin
     doc = json.loads(rule.to_json())
     bad = [("not json", "is not JSON"), ("[1, 2]", "JSON object"), (json.dumps({**doc, "version": 9}), "version"),
            (json.dumps({**doc, "weights": [1.0]}), "feature means"), (json.dumps({**doc, "std": [0.0] * 5}), "std"),
-           (json.dumps({k: v for k, v in doc.items() if k != "mean"}), "incomplete")]
+           (json.dumps({k: v for k, v in doc.items() if k != "mean"}), "incomplete"),
+           (json.dumps({**doc, "margin": 3.0}), "margin")]
     for text, message in bad:
         with pytest.raises(InputError, match=message):
             FittedChoice.from_json(text)
@@ -139,11 +141,17 @@ def test_fit_choice_writes_a_checkpoint_whose_choice_is_the_rule(checkpoint, fit
     image = [decode(SAMPLE_DIR / "images" / "000000000785.jpg")]
     index = np.zeros(len(poses_785), dtype=np.int64)
     xy, conf, input_conf = with_rule.refine_parts(image, index, poses_785)
-    want = choose(poses_785, xy, conf, input_conf, 0.0, model.fitted_choice)
+    want = choose(poses_785, xy, conf, input_conf, model.fitted_choice.margin, model.fitted_choice)
     got = with_rule.refine(image, index, poses_785)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
     assert model.fitted_choice.info["format"] == "movenet"
+    # its margin is the one of the best AP on the fitting images, the largest among equals
+    aps = model.fitted_choice.info["ap_by_margin"]
+    best = max(aps.values())
+    assert model.fitted_choice.margin == max(float(m) for m, a in aps.items() if a >= best - 1e-12)
+    assert with_rule.choice_margin == model.fitted_choice.margin
+    assert Refiner.from_checkpoint(fitted, choice_margin=0.0).choice_margin == 0.0
 
 
 def test_refine_with_a_fitted_checkpoint_reports_its_sources(fitted, tmp_path):
