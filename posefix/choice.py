@@ -184,12 +184,15 @@ def matched_truth(gt, results: list[dict]):
     return truth, area
 
 
-MARGINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8)
+MARGINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0)  # 1: never the correction (2p - 1 > 1 never holds)
+AP_TOLERANCE = 0.005
 
 
-def select_margin(ap_of, margins=MARGINS) -> tuple[float, dict]:
-    """The margin of a fitted rule: of ``margins``, the one whose AP ``ap_of(margin)`` on the fitting images is
-    highest, the largest (the most joints kept from the input) among equals. Returns it and every AP by margin."""
+def select_margin(ap_of, margins=MARGINS, tolerance: float = AP_TOLERANCE) -> tuple[float, dict]:
+    """The margin of a fitted rule: of ``margins``, the largest (the most joints kept from the input) whose AP
+    ``ap_of(margin)`` on the fitting images is within ``tolerance`` (half an AP point) of the best. A correction
+    must so earn its place by more than that on the fitting images, or the rule keeps every input joint
+    (margin 1). Returns the margin and every AP by margin."""
     aps = {float(m): float(ap_of(m)) for m in margins}
     best = max(aps.values())
-    return max(m for m, a in aps.items() if a >= best - 1e-12), aps
+    return max(m for m, a in aps.items() if a >= best - tolerance), aps
