@@ -123,11 +123,14 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--steps", "3"]) == 0
     printed = capsys.readouterr().out
     assert "person_keypoints_train10.json" in printed  # trained on the train images, not on the val persons
-    for name in ("synthesized inputs", "real top-down estimator", "MoveNet Thunder (--format movenet)",
-                 "BlazePose full (--format blazepose)"):
-        assert sum(line.startswith(name) for line in printed.splitlines()) == 3  # input, raw, choice
+    for name, rows in (("synthesized inputs", 4), ("real top-down estimator", 3),
+                       ("MoveNet Thunder (--format movenet)", 4), ("BlazePose full (--format blazepose)", 4)):
+        # input, raw, choice, and fitted where the train images have the same kind of input
+        assert sum(line.startswith(name) for line in printed.splitlines()) == rows
+    assert printed.count("fitted the choice on") == 3
     for name in ("synth_results.json", "refined_synth_results_raw.json", "refined_synth_results_choice.json",
-                 "refined_movenet_thunder_native_choice.json", "refined_topdown_keypoints_val4_choice.json"):
+                 "refined_movenet_thunder_native_choice.json", "refined_topdown_keypoints_val4_choice.json",
+                 "refined_movenet_thunder_native_fitted.json", "refined_blazepose_full_native_fitted.json"):
         assert isinstance(json.loads((out / name).read_text()), list)
     refined = json.loads((out / "refined_topdown_keypoints_val4_choice.json").read_text())
     original = json.loads((SAMPLE_DIR / "topdown_keypoints_val4.json").read_text())
