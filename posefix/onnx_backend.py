@@ -140,6 +140,8 @@ def read_metadata(proto) -> dict[str, str]:
 
 # Static int8 quantisation.
 
+TRUNK_OPS = ("Conv", "ConvTranspose", "Add", "Relu", "MaxPool")
+
 def calibration_crops(refiner, images_dir: str | Path, poses_path: str | Path, max_persons: int = 128,
                       fmt: str = "coco", allow_outside: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Real crops for calibration: the persons of an estimator's results ``poses_path`` (any format
@@ -168,11 +170,13 @@ def calibration_crops(refiner, images_dir: str | Path, poses_path: str | Path, m
 
 def quantize_int8(fp32, image: np.ndarray, keypoints: np.ndarray, batch: int = 8):
     """A statically quantised int8 copy of an fp32 posefix ModelProto (ONNX Runtime's quantisation tools,
-    QDQ format, per-channel int8 weights, int8 activations calibrated by min-max on the given crops).
+    QDQ format, per-channel int8 weights, uint8 activations calibrated by min-max on the given crops: the
+    U8S8 form that ONNX Runtime's x86 kernels and QDQ fusions are built for).
 
-    Only the convolutional trunk is quantised — the ResNet's and the head's convolutions and transposed
-    convolutions; the Gaussian factors, the two 1×1 output convolutions, soft-argmax and the confidence
-    readout stay float, so the coordinates are decoded at full precision.
+    Only the trunk is quantised — the ResNet's and the head's convolutions and transposed convolutions, the
+    residual additions, ReLUs and pooling between them; the stem's Gaussian-factor convolution, the 1×1
+    output convolutions, soft-argmax and the confidence readout stay float, so the coordinates are decoded
+    at full precision.
     """
     import logging
     import tempfile
@@ -181,14 +185,19 @@ def quantize_int8(fp32, image: np.ndarray, keypoints: np.ndarray, batch: int = 8
     quant = require("onnxruntime.quantization", "--int8")
     k = json.loads(read_metadata(fp32)["posefix_model_config"])["num_keypoints"]
     weights = {t.name: tuple(t.dims) for t in fp32.graph.initializer}
-    convs, exclude = [], []
-    for node in fp32.graph.node:
-        if node.op_type in ("Conv", "ConvTranspose"):
-            shape = weights.get(node.input[1])
-            if shape is None or (node.op_type == "Conv" and shape[0] == k):
-                exclude.append(node.name)  # the stem's computed weight slice, the heatmap and confidence heads
-            else:
-                convs.append(node.name)
+    producer = {out: node for node in fp32.graph.node for out in node.output}
+    heads = [n for n in fp32.graph.node if n.op_type == "Conv" and weights.get(n.input[1], (0,))[0] == k]
+    trunk, todo = set(), [n.input[0] for n in heads]  # every node the output convolutions' features come from
+    while todo:
+        node = producer.get(todo.pop())
+        if node is not None and node.name not in trunk:
+            trunk.add(node.name)
+            todo.extend(node.input)
+    # The trunk's convolutions (not the stem's, whose weights are computed from the Gaussian factors), its
+    # residual additions, ReLUs and pooling: whole blocks stay int8 between convolutions.
+    convs = [n.name for n in fp32.graph.node if n.name in trunk and n.op_type in TRUNK_OPS
+             and not (n.op_type in ("Conv", "ConvTranspose") and n.input[1] not in weights)]
+    exclude = [n.name for n in fp32.graph.node if n.name not in set(convs)]
 
     class Reader(quant.CalibrationDataReader):
         def __init__(self):
@@ -206,7 +215,7 @@ def quantize_int8(fp32, image: np.ndarray, keypoints: np.ndarray, batch: int = 8
             src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
             src.write_bytes(fp32.SerializeToString())
             quant.quantize_static(str(src), str(dst), Reader(), quant_format=quant.QuantFormat.QDQ,
-                                  activation_type=quant.QuantType.QInt8, weight_type=quant.QuantType.QInt8,
+                                  activation_type=quant.QuantType.QUInt8, weight_type=quant.QuantType.QInt8,
                                   per_channel=True, nodes_to_quantize=convs, nodes_to_exclude=exclude,
                                   calibrate_method=quant.CalibrationMethod.MinMax)
             proto = onnx.load(str(dst))
