@@ -110,7 +110,9 @@ def fit_choice(poses, xy, conf, input_conf, gt, gt_area, l2: float = 1.0) -> Fit
     refinement of them (as :func:`features`), gt (P, K, 3) the matched ground truth (v > 0 labelled; persons
     without a match have v = 0 throughout), gt_area (P,) its area. ``l2``: the ridge penalty on the weights
     and the joints' own biases, in units of the KS at stake in one joint; the intercept is not penalised, so
-    where the corrections are never closer the rule keeps every input joint, however the features vary."""
+    where the corrections are never closer the rule keeps every input joint, however the features vary. The
+    rule's ``info`` holds what was measured on these joints at margin 0 (``taken``, ``ks_gain_fitted``; the
+    oracle's ``ks_gain_oracle``); its margin is set by the caller (see :func:`select_margin`)."""
     poses = np.asarray(poses, dtype=np.float64)
     gt = np.asarray(gt, dtype=np.float64)
     labelled = gt[..., 2] > 0
