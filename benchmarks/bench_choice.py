@@ -36,8 +36,8 @@ ESTIMATORS = (("MoveNet Thunder", "movenet_thunder_native.json", "movenet"),
 
 
 def score(gt, path) -> dict:
-    from synth.cocoio import load_results
-    from synth.diagnose import diagnose, keypoint_ap
+    from posefix.synth.cocoio import load_results
+    from posefix.synth.diagnose import diagnose, keypoint_ap
 
     res = load_results(path, gt)
     shares = diagnose(gt, res, source=str(path), with_ap=False)["summary"]["keypoints"]["shares"]
@@ -57,7 +57,7 @@ def refine(checkpoint, images, src, fmt, out, output, annotations) -> None:
 
 def evaluate(checkpoint, inputs, args, work: Path, fit_inputs=None) -> dict:
     from posefix.cli import main as posefix
-    from synth.cocoio import load_ground_truth
+    from posefix.synth.cocoio import load_ground_truth
 
     gt = load_ground_truth(args.val_annotations)
     rows = {}
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     # The estimators' own COCO results beside the native files give their input AP.
     coco_inputs = {name: Path(args.estimators) / file.replace("_native", "_coco") for name, file, _ in ESTIMATORS}
 
-    from synth.cocoio import load_ground_truth
+    from posefix.synth.cocoio import load_ground_truth
 
     gt = load_ground_truth(args.val_annotations)
     base = {name: score(gt, coco_inputs[name]) if fmt != "coco" else score(gt, src) for name, src, fmt in inputs}

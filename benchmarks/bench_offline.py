@@ -103,8 +103,9 @@ def generate(directory: str, instances: int, seed: int) -> dict:
     from dataclasses import replace
 
     from posefix import SAMPLE_DIR
-    from synth.coco import synthesize_coco
-    from synth.cocoio import load_ground_truth, write_json_atomic
+    from posefix.synth.coco import synthesize_coco
+    from posefix.synth.cocoio import load_ground_truth
+    from posefix.fileio import write_json_atomic
 
     directory = Path(directory)
     rng = np.random.default_rng(seed)
@@ -182,7 +183,7 @@ def refine_offline(work: Path, checkpoint: Path, args, seconds: float | None) ->
 
     from posefix.engine import Refiner, refine_images
     from posefix.formats import image_file, image_ids, read_estimates, write_coco_results
-    from synth.cocoio import write_json_atomic
+    from posefix.fileio import write_json_atomic
 
     from posefix.runtime import keep_freed_memory
 

@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from posefix import SAMPLE_DIR
-from synth.coco import MIN_AREA, overlaps, synthesize_coco
-from synth.cocoio import load_ground_truth
-from synth.reference import synthesize_reference
-from synth.synthesize import synthesize
+from posefix.synth.coco import MIN_AREA, overlaps, synthesize_coco
+from posefix.synth.cocoio import load_ground_truth
+from posefix.synth.reference import synthesize_reference
+from posefix.synth.synthesize import synthesize
 
 
 def sample_persons():

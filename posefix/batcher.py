@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from synth.exceptions import PosefixError
+from .errors import PosefixError
 
 # refine(images, image_index (P,), poses (P, K, 3)) -> (xy (P, K, 2), confidence (P, K)), as Refiner.refine.
 RefineFn = Callable[[list[torch.Tensor], np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]

@@ -19,8 +19,8 @@ import json
 import numpy as np
 from scipy.optimize import minimize
 
-from synth.exceptions import InputError
-from synth.keypoints import NUM_KEYPOINTS, ks
+from .errors import InputError
+from .synth.keypoints import NUM_KEYPOINTS, ks
 
 METADATA_KEY = "posefix_choice"
 VERSION = 1
@@ -175,7 +175,7 @@ def raw_refinement(refiner, est, files: dict, workers: int = 2):
 def matched_truth(gt, results: list[dict]):
     """The GT person COCO's matching (as :func:`synth.diagnose.diagnose`) pairs with each result: keypoints
     (P, K, 3), v = 0 throughout where a result has no labelled match, and areas (P,)."""
-    from synth.diagnose import diagnose
+    from .synth.diagnose import diagnose
 
     index_of = {int(a): i for i, a in enumerate(gt.ids)}
     truth, area = np.zeros((len(results), NUM_KEYPOINTS, 3)), np.ones(len(results))

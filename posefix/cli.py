@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from synth.exceptions import InputError, PosefixError
+from .errors import InputError, PosefixError
 
 from . import SAMPLE_DIR, __version__
 
@@ -49,9 +49,9 @@ def _check_outputs(args, inputs: tuple[str, ...], outputs: tuple[str, ...]):
 
 
 def cmd_synth(args) -> int:
-    from synth.coco import synthesize_coco
-    from synth.cocoio import load_ground_truth, write_synth_outputs
-    from synth.profile import load_profile
+    from .synth.coco import synthesize_coco
+    from .synth.cocoio import load_ground_truth, write_synth_outputs
+    from .synth.profile import load_profile
 
     for name in ("gt", "out"):
         if getattr(args, name) is None:
@@ -74,10 +74,11 @@ def cmd_synth(args) -> int:
 
 
 def cmd_synth_fit(args) -> int:
-    from synth.cocoio import load_ground_truth, load_results, write_json_atomic
-    from synth.diagnose import diagnose
-    from synth.fit import fit_profile
-    from synth.profile import load_profile
+    from .synth.cocoio import load_ground_truth, load_results
+    from .fileio import write_json_atomic
+    from .synth.diagnose import diagnose
+    from .synth.fit import fit_profile
+    from .synth.profile import load_profile
 
     _check_outputs(args, ("gt", "results", "profile"), ("out",))
     gt = load_ground_truth(args.gt)
@@ -102,8 +103,9 @@ def cmd_synth_fit(args) -> int:
 
 
 def cmd_diagnose(args) -> int:
-    from synth.cocoio import load_ground_truth, load_results, write_json_atomic
-    from synth.diagnose import diagnose
+    from .synth.cocoio import load_ground_truth, load_results
+    from .fileio import write_json_atomic
+    from .synth.diagnose import diagnose
 
     _check_outputs(args, ("gt", "results"), ("out",))
     gt = load_ground_truth(args.gt)
@@ -112,7 +114,7 @@ def cmd_diagnose(args) -> int:
     write_json_atomic(args.out, report)
     print(format_report(report))
     if args.plots:
-        from synth.plots import write_plots
+        from .synth.plots import write_plots
 
         for path in write_plots(report, args.plots):
             print(f"chart: {path}")
@@ -160,8 +162,9 @@ def cmd_demo(args) -> int:
     """Train the CPU preset briefly on the bundled train images (or take a checkpoint), then refine held-out
     inputs on the bundled val images — synthesized ones and real estimators' outputs, each through its own
     --format — raw and with the per-joint choice, and print AP and the error breakdown of each."""
-    from synth.cocoio import load_ground_truth, load_results, write_json_atomic
-    from synth.diagnose import diagnose, keypoint_ap
+    from .synth.cocoio import load_ground_truth, load_results
+    from .fileio import write_json_atomic
+    from .synth.diagnose import diagnose, keypoint_ap
 
     from .config import load_config
 
@@ -273,7 +276,7 @@ def _image_sizes(path, fmt, images_dir, coco_images, allow_outside=False) -> dic
     annotations where they have it, else from the image file's header (the InputError of a refused name)."""
     from PIL import Image
 
-    from synth.cocoio import read_json
+    from .fileio import read_json
 
     from .formats import image_file
 
@@ -304,7 +307,7 @@ def _image_sizes(path, fmt, images_dir, coco_images, allow_outside=False) -> dic
 def as_coco_results(path, fmt: str, images_dir, gt, allow_outside=False) -> list[dict]:
     """An estimator's output in its own format, read as ``posefix refine`` reads it, as validated COCO results
     on ``gt``'s images (the keypoints and instance scores as given)."""
-    from synth.cocoio import validate_results
+    from .synth.cocoio import validate_results
 
     from .formats import image_ids, read_estimates, write_coco_results
 
@@ -319,7 +322,7 @@ def as_coco_results(path, fmt: str, images_dir, gt, allow_outside=False) -> list
 def cmd_refine(args) -> int:
     from tqdm import tqdm
 
-    from synth.cocoio import load_ground_truth
+    from .synth.cocoio import load_ground_truth
 
     from .distributed import check_ray_args, image_sources, write_refined
     from .engine import Refiner, kept_input, refine_images
@@ -391,8 +394,9 @@ def cmd_refine(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from synth.cocoio import load_ground_truth, load_results, write_json_atomic
-    from synth.diagnose import diagnose, keypoint_stats
+    from .synth.cocoio import load_ground_truth, load_results
+    from .fileio import write_json_atomic
+    from .synth.diagnose import diagnose, keypoint_stats
 
     if args.json:
         _check_outputs(args, ("gt",), ("json",))
@@ -426,7 +430,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_viz(args) -> int:
-    from synth.cocoio import read_json, validate_results
+    from .synth.cocoio import validate_results
+    from .fileio import read_json
 
     from .images import coco_image_path, decode
     from .viz import INPUT_COLOUR, REFINED_COLOUR, draw_poses, side_by_side, write_png
@@ -438,7 +443,7 @@ def cmd_viz(args) -> int:
                          "give the refined file of the same input")
     entries = {}
     if args.annotations:
-        from synth.cocoio import load_ground_truth
+        from .synth.cocoio import load_ground_truth
 
         entries = {im["id"]: im for im in load_ground_truth(args.annotations).doc["images"]}
     by_image: dict[int, list[int]] = {}
@@ -464,7 +469,7 @@ def cmd_viz(args) -> int:
 def cmd_refine_video(args) -> int:
     from tqdm import tqdm
 
-    from synth.cocoio import write_json_atomic
+    from .fileio import write_json_atomic
 
     from .engine import Refiner, kept_input
     from .formats import write_coco_results
@@ -475,7 +480,7 @@ def cmd_refine_video(args) -> int:
     info = probe(args.video)
     sizes = None
     if args.format in ("movenet", "blazepose"):
-        from synth.cocoio import read_json
+        from .fileio import read_json
 
         doc = read_json(args.input, "input")
         keys = {e.get("image") for e in doc if isinstance(e, dict)} if isinstance(doc, list) else set()
@@ -605,8 +610,10 @@ def cmd_fit_choice(args) -> int:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from synth.cocoio import atomic_path, load_ground_truth
-    from synth.diagnose import keypoint_ap
+    from .synth.cocoio import load_ground_truth
+
+    from .fileio import atomic_path
+    from .synth.diagnose import keypoint_ap
 
     from .choice import METADATA_KEY, fit_choice, matched_truth, raw_refinement, select_margin
     from .engine import Refiner, choose

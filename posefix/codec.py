@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from synth.keypoints import FLIP_PAIRS
+from .synth.keypoints import FLIP_PAIRS
 
 # The reference's test-time crop enlarges the min/max box of the input keypoints by this factor.
 KEYPOINT_BOX_ENLARGE = 1.2

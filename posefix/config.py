@@ -12,7 +12,7 @@ from pathlib import Path
 
 import tomllib
 
-from synth.exceptions import InputError
+from .errors import InputError
 
 from .model import ModelConfig
 

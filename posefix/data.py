@@ -9,12 +9,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from synth.coco import MIN_AREA, overlaps
-from synth.cocoio import load_ground_truth
-from synth.keypoints import PARTNER
-from synth.occlusion import occlude_rectangles, shorten_legs
-from synth.profile import Profile
-from synth.synthesize import synthesize
+from .synth.coco import MIN_AREA, overlaps
+from .synth.cocoio import load_ground_truth
+from .synth.keypoints import PARTNER
+from .synth.occlusion import occlude_rectangles, shorten_legs
+from .synth.profile import Profile
+from .synth.synthesize import synthesize
 
 from . import codec
 from .config import DataConfig

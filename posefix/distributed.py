@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from synth.exceptions import InputError, PosefixError
+from .errors import InputError, PosefixError
 
 EXTRA = "refining on Ray needs the ray extra: pip install 'posefix[ray]'"
 
@@ -330,11 +330,11 @@ def shard_paths(out, shards: int | None) -> list[Path]:
 
 
 def write_json_files(paths: list[Path], docs: list) -> None:
-    """Write each doc as JSON to its path, atomically as :func:`synth.cocoio.write_json_atomic` does; all
+    """Write each doc as JSON to its path, atomically as :func:`posefix.fileio.write_json_atomic` does; all
     are written to temporary files before the first is renamed onto its path."""
     from contextlib import ExitStack
 
-    from synth.cocoio import atomic_path
+    from .fileio import atomic_path
 
     with ExitStack() as stack:
         for path, doc in zip(paths, docs):

@@ -6,6 +6,7 @@ refinement is the same number wherever it is asked for.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from contextlib import nullcontext
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from synth.exceptions import InputError
+from .errors import InputError
 
 from . import codec
 from .choice import METADATA_KEY, FittedChoice
@@ -245,12 +246,9 @@ def export_weights(model: PoseFixNet, path: str | Path, metadata: dict) -> None:
     """Write the model's weights as safetensors with its ModelConfig (and ``metadata``) in the header."""
     from safetensors.torch import save_file
 
-    from synth.cocoio import atomic_path
+    from .fileio import atomic_path
 
-    cfg = model.cfg
-    meta = {"posefix_model_config": json.dumps({"backbone": cfg.backbone, "input_size": list(cfg.input_size),
-                                                 "sigma": cfg.sigma, "num_keypoints": cfg.num_keypoints,
-                                                 "head_channels": cfg.head_channels, "input_prior": cfg.input_prior})}
+    meta = {"posefix_model_config": json.dumps(dataclasses.asdict(model.cfg))}  # input_size: a list in JSON
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from synth.coco import synthesize_coco
-from synth.cocoio import GroundTruth
-from synth.diagnose import keypoint_ap
-from synth.keypoints import SIGMAS
-from synth.profile import Profile
+from .synth.coco import synthesize_coco
+from .synth.cocoio import GroundTruth
+from .synth.diagnose import keypoint_ap
+from .synth.keypoints import SIGMAS
+from .synth.profile import Profile
 
 from .engine import Refiner
 from .images import coco_image_path, decode

@@ -69,9 +69,11 @@ from pathlib import Path
 
 import numpy as np
 
-from synth.cocoio import read_json, validate_results
-from synth.exceptions import InputError
-from synth.keypoints import NAMES, NUM_KEYPOINTS
+from .synth.cocoio import validate_results
+
+from .fileio import read_json
+from .errors import InputError
+from .synth.keypoints import NAMES, NUM_KEYPOINTS
 
 FORMATS = ("coco", "movenet", "blazepose", "posenet", "openpose")
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
-from synth.exceptions import InputError
+from .errors import InputError
 
 
 def decode(path: str | Path) -> torch.Tensor:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from synth.exceptions import InputError
+from .errors import InputError
 
 from . import __version__
 from .choice import METADATA_KEY as CHOICE_KEY
@@ -64,7 +64,7 @@ class _Graph(torch.nn.Module):
 
 
 def metadata(cfg: ModelConfig, outputs: list[str], precision: str, **extra) -> dict[str, str]:
-    from synth.keypoints import NAMES
+    from .synth.keypoints import NAMES
 
     meta = {"posefix_model_config": json.dumps(dataclasses.asdict(cfg)), "posefix_version": __version__,
             "posefix_outputs": json.dumps(outputs), "posefix_precision": precision,
@@ -128,7 +128,7 @@ def _set_metadata(proto, meta: dict[str, str]) -> None:
 
 def save_model(proto, path: str | Path) -> None:
     """Write a ModelProto atomically (a reader sees the old file or the whole new one)."""
-    from synth.cocoio import atomic_path
+    from .fileio import atomic_path
 
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(proto.SerializeToString())

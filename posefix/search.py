@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from synth.cocoio import atomic_path
-from synth.exceptions import InputError
-from synth.keypoints import NUM_KEYPOINTS, PARTNER
+from .fileio import atomic_path
+from .errors import InputError
+from .synth.keypoints import NUM_KEYPOINTS, PARTNER
 
 FORMAT_NAME = "posefix-pose-index"
 VERSION = 1

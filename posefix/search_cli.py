@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from synth.exceptions import InputError
+from .errors import InputError
 
 from .search import PoseIndex
 
@@ -17,7 +17,7 @@ from .search import PoseIndex
 def _coco_images(annotations) -> dict | None:
     if not annotations:
         return None
-    from synth.cocoio import load_ground_truth
+    from .synth.cocoio import load_ground_truth
 
     return {im["id"]: im for im in load_ground_truth(annotations).doc["images"]}
 
@@ -124,7 +124,7 @@ def matches_json(index: PoseIndex, matches, queries: np.ndarray, keys) -> list[d
 
 
 def cmd_search(args) -> int:
-    from synth.cocoio import write_json_atomic
+    from .fileio import write_json_atomic
 
     from .cli import _check_outputs
 

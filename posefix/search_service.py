@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from synth.exceptions import InputError, PosefixError
+from .errors import InputError, PosefixError
 
 from ._proto import pb2
 from .formats import to_coco17

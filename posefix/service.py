@@ -35,7 +35,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from synth.exceptions import InputError
+from .errors import InputError
 
 from . import __version__
 from ._proto import FORMAT_LAYOUT, SERVICE_NAME, pb2, pb2_grpc

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from synth.exceptions import InputError
+from .errors import InputError
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from synth.cocoio import atomic_path, load_ground_truth, write_json_atomic
-from synth.exceptions import InputError
-from synth.profile import load_profile
+from .synth.cocoio import load_ground_truth
+
+from .fileio import atomic_path, write_json_atomic
+from .errors import InputError
+from .synth.profile import load_profile
 
 from . import __version__
 from .config import Config, dump_toml, to_dict

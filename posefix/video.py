@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from synth.cocoio import atomic_path
-from synth.exceptions import InputError
+from .fileio import atomic_path
+from .errors import InputError
 
 from .engine import Refiner, refine_images
 from .formats import Estimates, read_estimates

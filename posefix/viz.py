@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from synth.cocoio import atomic_path
-from synth.keypoints import SKELETON
+from .fileio import atomic_path
+from .synth.keypoints import SKELETON
 
 INPUT_COLOUR = (255, 140, 0)  # orange
 REFINED_COLOUR = (0, 200, 255)  # cyan

@@ -9,7 +9,7 @@ from posefix import SAMPLE_DIR
 from posefix.engine import Refiner, export_weights
 from posefix.images import decode
 from posefix.model import ModelConfig, PoseFixNet
-from synth.keypoints import NUM_KEYPOINTS
+from posefix.synth.keypoints import NUM_KEYPOINTS
 
 VAL_GT = SAMPLE_DIR / "person_keypoints_val_sample.json"
 TRAIN_GT = SAMPLE_DIR / "person_keypoints_train_sample.json"

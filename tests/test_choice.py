@@ -14,7 +14,7 @@ from posefix.formats import LAYOUTS
 from posefix.images import decode
 from posefix.model import INPUT_CONFIDENCE_INIT, ModelConfig, PoseFixNet
 from posefix.service import build_response
-from synth.cocoio import load_ground_truth, load_results
+from posefix.synth.cocoio import load_ground_truth, load_results
 
 CFG = ModelConfig(backbone="resnet18", input_size=(128, 96), sigma=3.5, head_channels=32)
 GT = SAMPLE_DIR / "person_keypoints_val_sample.json"
@@ -217,6 +217,6 @@ def test_the_fitted_profile_path_runs_end_to_end(tmp_path, capsys):
                  "--out", str(out), "--quiet"]) == 0
     refined = load_results(out, load_ground_truth(GT))
     assert len(refined) == len(json.loads((REAL / "movenet_thunder_native.json").read_text()))
-    from synth.profile import load_profile
+    from posefix.synth.profile import load_profile
 
     assert fitted != load_profile(None).to_dict()  # fitted to this estimator, not the published tables

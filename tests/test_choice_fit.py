@@ -10,9 +10,9 @@ from posefix.choice import NUMERIC, FittedChoice, features, fit_choice, person_s
 from posefix.cli import main
 from posefix.engine import Refiner, choose, load_weights
 from posefix.images import decode
-from synth.cocoio import load_ground_truth, load_results
-from synth.exceptions import InputError
-from synth.keypoints import NUM_KEYPOINTS, ks
+from posefix.synth.cocoio import load_ground_truth, load_results
+from posefix.errors import InputError
+from posefix.synth.keypoints import NUM_KEYPOINTS, ks
 
 REAL = SAMPLE_DIR / "real_estimators"
 TRAIN_GT = SAMPLE_DIR / "person_keypoints_train10.json"

@@ -4,9 +4,9 @@ import subprocess
 import sys
 
 from posefix.cli import main
-from synth.cocoio import load_ground_truth, load_results, load_synth_labels
-from synth.diagnose import diagnose
-from synth.profile import load_profile
+from posefix.synth.cocoio import load_ground_truth, load_results, load_synth_labels
+from posefix.synth.diagnose import diagnose
+from posefix.synth.profile import load_profile
 
 from .conftest import VAL_GT, VAL_RESULTS
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from posefix.cli import main
-from synth.cocoio import load_ground_truth, load_synth_labels
-from synth.diagnose import classify
-from synth.keypoints import SIGMAS
+from posefix.synth.cocoio import load_ground_truth, load_synth_labels
+from posefix.synth.diagnose import classify
+from posefix.synth.keypoints import SIGMAS
 
 from .conftest import VAL_GT
 
@@ -59,7 +59,7 @@ def test_same_seed_same_file(tmp_path):
 
 
 def test_custom_profile(tmp_path):
-    from synth.profile import published_profile
+    from posefix.synth.profile import published_profile
 
     doc = published_profile().to_dict()
     for err in ("jitter", "inversion", "swap"):
@@ -115,8 +115,8 @@ def test_bad_arguments(tmp_path):
 def test_a_stale_labels_file_is_refused_naming_both_files(tmp_path, monkeypatch):
     """The labels name their results by hash: labels left from another run, or from a run stopped between
     its two writes, are refused with one line naming both files."""
-    from synth import cocoio
-    from synth.exceptions import InputError
+    from posefix.synth import cocoio
+    from posefix.errors import InputError
 
     out, labels = tmp_path / "synth.json", tmp_path / "labels.json"
     assert main(["synth", "--gt", str(VAL_GT), "--out", str(out), "--labels", str(labels), "--seed", "1"]) == 0

@@ -17,7 +17,7 @@ from posefix.codec import (
     soft_argmax,
     warp_crops,
 )
-from synth.keypoints import FLIP_PAIRS, NUM_KEYPOINTS, PARTNER
+from posefix.synth.keypoints import FLIP_PAIRS, NUM_KEYPOINTS, PARTNER
 
 F64 = torch.float64
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

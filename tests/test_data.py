@@ -9,7 +9,7 @@ from torchvision.io import write_png
 from posefix.config import DataConfig
 from posefix.data import PersonCrops, StepBatches
 from posefix.model import ModelConfig
-from synth.keypoints import PARTNER
+from posefix.synth.keypoints import PARTNER
 
 from .conftest import FIGURE
 

@@ -11,11 +11,11 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from synth import InputError
-from synth.coco import synthesize_coco
-from synth.cocoio import load_ground_truth, load_results, validate_results
-from synth.diagnose import NO_LABEL, classify, diagnose, label_names
-from synth.plots import write_plots
+from posefix.synth import InputError
+from posefix.synth.coco import synthesize_coco
+from posefix.synth.cocoio import load_ground_truth, load_results, validate_results
+from posefix.synth.diagnose import NO_LABEL, classify, diagnose, label_names
+from posefix.synth.plots import write_plots
 
 from .conftest import TRAIN_GT, VAL_GT, VAL_RESULTS, make_crowd
 

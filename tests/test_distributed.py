@@ -108,7 +108,7 @@ def test_image_names_out_of_images_are_refused_for_a_uri_or_a_directory(tmp_path
     import argparse
 
     from posefix.distributed import image_sources
-    from synth.exceptions import InputError
+    from posefix.errors import InputError
 
     names = {1: "../x.jpg", 2: "/etc/y.jpg", 3: "a/../b.jpg", 4: "a/../../z.jpg", 5: "c/d.jpg"}
     coco = {k: {"id": k, "file_name": v} for k, v in names.items()}

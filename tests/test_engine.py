@@ -12,9 +12,9 @@ from posefix.cli import main
 from posefix.engine import Refiner, refine_images, refine_results
 from posefix.images import coco_image_path, decode
 from posefix.model import ModelConfig, PoseFixNet
-from synth.cocoio import load_ground_truth, load_results
-from synth.exceptions import InputError
-from synth.keypoints import PARTNER
+from posefix.synth.cocoio import load_ground_truth, load_results
+from posefix.errors import InputError
+from posefix.synth.keypoints import PARTNER
 
 CFG = ModelConfig(backbone="resnet18", input_size=(128, 96), sigma=3.5, head_channels=32, input_prior=False)
 GT = SAMPLE_DIR / "person_keypoints_val_sample.json"
@@ -121,7 +121,7 @@ def test_eval_and_viz_commands(refiner, tmp_path, capsys):
     table = tmp_path / "table.json"
     assert main(["eval", "--gt", str(GT), str(RESULTS), str(refined), "--json", str(table)]) == 0
     rows = json.loads(table.read_text())["rows"]
-    from synth.diagnose import keypoint_ap
+    from posefix.synth.diagnose import keypoint_ap
 
     assert rows[0]["AP"] == pytest.approx(keypoint_ap(gt, results))
     assert rows[1]["AP"] == pytest.approx(keypoint_ap(gt, json.loads(refined.read_text())))
@@ -150,7 +150,7 @@ def test_a_damaged_png_is_refused_not_crashing_the_process(tmp_path):
     idat = data.index(b"IDAT")
     damaged = tmp_path / "damaged.png"
     damaged.write_bytes(data[:idat + 4] + bytes(b ^ 0x5A for b in data[idat + 4:idat + 200]) + data[idat + 200:])
-    code = ("import sys; from posefix.images import decode; from synth.exceptions import InputError\n"
+    code = ("import sys; from posefix.images import decode; from posefix.errors import InputError\n"
             f"decode({str(good)!r})\n"
             f"try:\n    decode({str(damaged)!r})\nexcept InputError as e:\n    print(e); sys.exit(3)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)

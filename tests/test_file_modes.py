@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from synth.cocoio import atomic_path, write_json_atomic
+from posefix.fileio import atomic_path, write_json_atomic
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])

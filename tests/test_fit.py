@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from synth import InputError, parse_profile, published_profile
-from synth.coco import synthesize_coco
-from synth.cocoio import load_ground_truth
-from synth.diagnose import diagnose
-from synth.fit import Observations, estimate, fit_profile
-from synth.profile import ERRORS, OUTCOMES
+from posefix.synth import InputError, parse_profile, published_profile
+from posefix.synth.coco import synthesize_coco
+from posefix.synth.cocoio import load_ground_truth
+from posefix.synth.diagnose import diagnose
+from posefix.synth.fit import Observations, estimate, fit_profile
+from posefix.synth.profile import ERRORS, OUTCOMES
 
 from .conftest import TRAIN_GT, VAL_GT, VAL_RESULTS
 

@@ -20,7 +20,7 @@ from posefix.formats import (
     to_coco17,
     write_coco_results,
 )
-from synth.exceptions import InputError
+from posefix.errors import InputError
 
 from .conftest import FIGURE
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from synth.occlusion import ANKLES, HIPS, KNEES, occlude_rectangles, shorten_legs
+from posefix.synth.occlusion import ANKLES, HIPS, KNEES, occlude_rectangles, shorten_legs
 
 from .conftest import make_crowd
 

@@ -20,9 +20,9 @@ from posefix.model import ModelConfig, PoseFixNet  # noqa: E402
 from posefix.onnx_backend import (OnnxModel, calibration_crops, export_onnx, quantize_int8,  # noqa: E402
                                   triton_config)
 from posefix.service import serve_main  # noqa: E402
-from synth.exceptions import InputError  # noqa: E402
-from synth.cocoio import load_ground_truth, load_results  # noqa: E402
-from synth.diagnose import keypoint_ap  # noqa: E402
+from posefix.errors import InputError  # noqa: E402
+from posefix.synth.cocoio import load_ground_truth, load_results  # noqa: E402
+from posefix.synth.diagnose import keypoint_ap  # noqa: E402
 
 from .conftest import IMAGE_785, VAL_GT, VAL_RESULTS  # noqa: E402
 
@@ -157,7 +157,7 @@ def test_refiner_gives_the_same_refinement_with_either_backend(files, torch_refi
 
 
 def test_int8_within_its_bound_and_ap_of_fp32(files, torch_refiner, real_crops):
-    from synth.coco import synthesize_coco
+    from posefix.synth.coco import synthesize_coco
 
     fp32 = onnx.load(str(files[1]))
     int8 = quantize_int8(fp32, *real_crops)

@@ -17,8 +17,8 @@ from posefix.search import (MISSING_DISTANCE, VERSION, PoseIndex, distances_to, 
                             pose_distance)
 from posefix.search_cli import CELL, LABEL
 from posefix.service import create_server
-from synth.exceptions import InputError
-from synth.keypoints import NAMES, SIGMAS
+from posefix.errors import InputError
+from posefix.synth.keypoints import NAMES, SIGMAS
 
 from .conftest import FIGURE, IMAGE_785, RESULTS, VAL_GT
 

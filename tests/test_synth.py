@@ -5,12 +5,12 @@ import sys
 import numpy as np
 import pytest
 
-from synth import InputError, parse_profile, published_profile, synthesize
-from synth.diagnose import classify
-from synth.keypoints import NUM_KEYPOINTS, PARTNER, SIGMAS
-from synth.profile import GOOD, INVERSION, JITTER, MISS, SWAP
-from synth.reference import synthesize_reference
-from synth.synthesize import UNLABELLED, place_unlabelled
+from posefix.synth import InputError, parse_profile, published_profile, synthesize
+from posefix.synth.diagnose import classify
+from posefix.synth.keypoints import NUM_KEYPOINTS, PARTNER, SIGMAS
+from posefix.synth.profile import GOOD, INVERSION, JITTER, MISS, SWAP
+from posefix.synth.reference import synthesize_reference
+from posefix.synth.synthesize import UNLABELLED, place_unlabelled
 
 from .conftest import FIGURE, make_crowd
 
@@ -248,7 +248,8 @@ def test_profile_is_data_and_user_profiles_are_validated():
 
 
 def test_synth_imports_no_torch():
-    code = ("import sys, synth, synth.diagnose, synth.occlusion, synth.coco, synth.reference; "
+    code = ("import sys, posefix.synth, posefix.synth.diagnose, posefix.synth.occlusion, posefix.synth.coco, "
+            "posefix.synth.reference, posefix.synth.cocoio, posefix.synth.fit; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 

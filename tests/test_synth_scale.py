@@ -9,16 +9,17 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from synth import synthesize
-from synth.coco import MIN_AREA, OVERLAP_IOU, image_persons, synthesize_coco
-from synth.cocoio import GroundTruth, _ground_truth, read_json
-from synth.diagnose import classify
-from synth.exceptions import InputError
-from synth.keypoints import NUM_KEYPOINTS, box_iou
-from synth.profile import parse_profile, published_profile
-from synth.synthesize import ANGLE_MARGIN, TWO_PI, Others, _free_arcs
+from posefix.synth import synthesize
+from posefix.synth.coco import MIN_AREA, OVERLAP_IOU, image_persons, synthesize_coco
+from posefix.synth.cocoio import GroundTruth, _ground_truth
+from posefix.fileio import read_json
+from posefix.synth.diagnose import classify
+from posefix.errors import InputError
+from posefix.synth.keypoints import NUM_KEYPOINTS, box_iou
+from posefix.synth.profile import parse_profile, published_profile
+from posefix.synth.synthesize import ANGLE_MARGIN, TWO_PI, Others, _free_arcs
 
-synthesize_module = sys.modules["synth.synthesize"]  # the module (synth.synthesize is also the function)
+synthesize_module = sys.modules["posefix.synth.synthesize"]  # the module (posefix.synth.synthesize is also the function)
 
 from .conftest import FIGURE, VAL_GT, make_crowd
 

@@ -101,7 +101,7 @@ def test_refiner_learns_to_fix_synthesized_errors(tmp_path):
 
     from posefix.engine import Refiner
     from posefix.evaluate import refine_synthesized
-    from synth.cocoio import load_ground_truth
+    from posefix.synth.cocoio import load_ground_truth
 
     gt_path = _handful(tmp_path)
     cfg = load_config(preset="cpu-small", overrides=[f"data.train_annotations={gt_path}", f"data.train_images={IMAGES}",

@@ -16,7 +16,7 @@ import io
 import numpy as np
 
 from .cocoio import GroundTruth, validate_results
-from .exceptions import InputError
+from ..errors import InputError
 from .keypoints import NAMES, NUM_KEYPOINTS, PARTNER, SIGMAS
 from .profile import GOOD, INVERSION, JITTER, MISS, OUTCOMES, SWAP
 

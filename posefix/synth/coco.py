@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cocoio import GroundTruth, gc_paused
+from .cocoio import GroundTruth
+
+from ..fileio import gc_paused
 from .keypoints import NUM_KEYPOINTS, SIGMAS, box_iou
 from .profile import OUTCOMES, Profile
 from .synthesize import UNLABELLED, Others, synthesize

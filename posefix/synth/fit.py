@@ -21,7 +21,7 @@ import numpy as np
 
 from .coco import overlaps
 from .cocoio import GroundTruth
-from .exceptions import InputError
+from ..errors import InputError
 from .keypoints import NUM_KEYPOINTS, PARTNER
 from .profile import ERRORS, OUTCOMES, Profile, crowded, published_profile
 

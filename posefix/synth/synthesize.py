@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .exceptions import InputError
+from ..errors import InputError
 from .keypoints import HEIGHT_PER_SQRT_AREA, NUM_KEYPOINTS, PARTNER, SIGMAS, TEMPLATE
 from .profile import GOOD, INVERSION, JITTER, MISS, OUTCOMES, SWAP, Profile, published_profile
 

@@ -11,7 +11,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .cocoio import atomic_path
+from ..fileio import atomic_path
 from .profile import ERRORS
 
 COLORS = {"jitter": "#8C4646", "inversion": "#D96459", "swap": "#F2AE72", "miss": "#E8C547",

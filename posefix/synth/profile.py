@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .exceptions import InputError
+from ..errors import InputError
 from .keypoints import NUM_KEYPOINTS
 
 OUTCOMES: tuple[str, ...] = ("good", "jitter", "inversion", "swap", "miss")
@@ -114,7 +114,7 @@ class Profile:
 def load_profile(path: str | Path | None = None) -> Profile:
     """Load a profile JSON file; ``None`` loads the published PoseFix profile."""
     if path is None:
-        text = resources.files("synth.profiles").joinpath("published.json").read_text()
+        text = resources.files("posefix.synth.profiles").joinpath("published.json").read_text()
         source = "published profile"
     else:
         source = str(path)
