@@ -21,6 +21,11 @@ with gradients. Two changes:
   right. Its weights start at zero and its bias at ``INPUT_CONFIDENCE_INIT``, so an untrained model
   trusts every input joint more than its own correction and returns the input exactly.
 
+A second head (``head = "offset"``), after G-RMI (Papandreou et al., CVPR 2017): the same logits are a
+per-pixel disk classifier (is this output pixel within ``offset_radius`` of the joint?), a 1×1 convolution
+gives each pixel a 2-D offset to the joint, and a joint is decoded as its heatmap's peak plus the offset
+there. Its offsets start at zero, so an untrained offset head returns the input joint's output pixel.
+
 Given the input pose as keypoints, the K heatmaps are never rendered at full resolution: the stem
 convolution is linear in them and each is a separable Gaussian, so their part of the stem's output
 is computed at the stem's stride from 1-D factors (about a seventh of the arithmetic of convolving
@@ -37,12 +42,13 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from synth.exceptions import InputError
+from .errors import InputError
 
 from . import codec
 from .codec import soft_argmax
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+HEADS = ("soft_argmax", "offset")
 STRIDE = 4
 PRIOR_EPS = 1e-6
 # Initial logit of the input-confidence head (sigmoid 0.98): above any refined confidence an untrained head gives.
@@ -68,6 +74,8 @@ class ModelConfig:
     num_keypoints: int = 17
     head_channels: int = 256  # width of the deconvolution head
     input_prior: bool = True  # add log(pooled input heatmap) to the logits
+    head: str = "soft_argmax"  # one of HEADS: soft-argmax of the heatmap, or G-RMI's disk heatmap + offsets
+    offset_radius: float = 2.0  # the "offset" head's disk radius, in output pixels (4 input pixels each)
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:
@@ -87,6 +95,12 @@ class ModelConfig:
                              f"got {self.head_channels!r}")
         if not isinstance(self.input_prior, bool):
             raise InputError("model.input_prior", f"must be true or false, got {self.input_prior!r}")
+        if self.head not in HEADS:
+            raise InputError("model.head", f"must be one of {list(HEADS)}, got {self.head!r}")
+        if not (isinstance(self.offset_radius, (int, float)) and not isinstance(self.offset_radius, bool)
+                and 1 <= self.offset_radius <= 64):
+            raise InputError("model.offset_radius", f"must be a number from 1 to 64 (output pixels), "
+                             f"got {self.offset_radius!r}")
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -116,6 +130,10 @@ class PoseFixNet(nn.Module):
         self.final = nn.Conv2d(c, k, kernel_size=1)
         nn.init.zeros_(self.final.weight)
         nn.init.zeros_(self.final.bias)
+        if cfg.head == "offset":  # (x, y) offsets from each output pixel to the joint, in output pixels
+            self.offset = nn.Conv2d(c, 2 * k, kernel_size=1)
+            nn.init.zeros_(self.offset.weight)
+            nn.init.zeros_(self.offset.bias)
         self.confidence = nn.Conv2d(c, k, kernel_size=1)
         nn.init.normal_(self.confidence.weight, std=1e-3)
         nn.init.zeros_(self.confidence.bias)
@@ -164,6 +182,11 @@ class PoseFixNet(nn.Module):
         if cfg.input_prior:
             logits = logits.float() + torch.log(pooled + PRIOR_EPS)
         coords, prob = soft_argmax(logits)
+        extra = {}
+        if cfg.head == "offset":
+            offsets = self.offset(f).float().unflatten(1, (cfg.num_keypoints, 2))  # (N, K, 2, h, w)
+            coords = peak_plus_offset(logits, offsets)
+            extra["offsets"] = offsets
         conf_map = self.confidence(f).float()  # (N, K, h, w)
         confidence_logit = (conf_map * prob.detach()).sum(dim=(2, 3))
         # The input joint's features: under its pooled heatmap, normalised to sum 1 (0 for an absent joint:
@@ -173,7 +196,19 @@ class PoseFixNet(nn.Module):
         head = self.input_confidence
         input_confidence_logit = (F.conv2d(f.float(), head.weight.float()) * where).sum(dim=(2, 3)) + head.bias.float()
         return {"logits": logits, "prob": prob, "coords": coords * STRIDE + (STRIDE - 1) / 2,
-                "confidence_logit": confidence_logit, "input_confidence_logit": input_confidence_logit}
+                "confidence_logit": confidence_logit, "input_confidence_logit": input_confidence_logit, **extra}
+
+
+def peak_plus_offset(logits: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """G-RMI's decoding: each heatmap's peak pixel (first of equals) plus the offset predicted there.
+
+    logits (N, K, h, w); offsets (N, K, 2, h, w) = (dx, dy) in output pixels. Returns (N, K, 2) (x, y) in
+    output pixels, differentiable with respect to the offsets (the peak's position is not)."""
+    n, k, h, w = logits.shape
+    index = logits.flatten(2).argmax(-1)  # (N, K)
+    peak = torch.stack([index % w, torch.div(index, w, rounding_mode="floor")], -1).to(offsets.dtype)
+    at_peak = offsets.flatten(3).gather(3, index[:, :, None, None].expand(n, k, 2, 1)).squeeze(-1)  # (N, K, 2)
+    return peak + at_peak
 
 
 def fold_batchnorm(model: PoseFixNet) -> PoseFixNet:

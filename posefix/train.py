@@ -217,7 +217,7 @@ def _loop(cfg, model, ddp, optimizer, scheduler, loader, device, bf16, channels_
         loss, parts = refiner_loss(result, batch["target"].to(device, non_blocking=True),
                                    batch["target_valid"].to(device, non_blocking=True),
                                    batch["area"].to(device, non_blocking=True), t.confidence_weight,
-                                   inp, t.input_confidence_weight)
+                                   inp, t.input_confidence_weight, cfg.model.offset_radius)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -12,7 +12,7 @@ from posefix.config import PRESETS, dump_toml, from_dict, load_config, to_dict
 from posefix.engine import Refiner, export_weights, load_weights
 from posefix.losses import refiner_loss
 from posefix.model import ModelConfig, PoseFixNet, fold_batchnorm, load_pretrained
-from synth.exceptions import InputError
+from posefix.errors import InputError
 
 SMALL = ModelConfig(backbone="resnet18", input_size=(96, 64), sigma=2.5, head_channels=32)
 
@@ -302,3 +302,83 @@ def test_folded_batchnorm_is_the_same_function(backbone):
                     assert (got[key] - want[key]).abs().max().item() <= tol * max(scale, 1.0), (dtype, key)
     again = fold_batchnorm(folded)  # folding a folded model changes nothing
     assert all(torch.equal(v, folded.state_dict()[k]) for k, v in again.state_dict().items())
+
+
+OFFSET = ModelConfig(**{**SMALL.__dict__, "head": "offset", "offset_radius": 2.0})
+
+
+def test_peak_plus_offset_equals_a_plain_loop():
+    from posefix.model import peak_plus_offset
+    g = torch.Generator().manual_seed(3)
+    logits, offsets = torch.randn(3, 5, 7, 6, generator=g), torch.randn(3, 5, 2, 7, 6, generator=g)
+    got = peak_plus_offset(logits, offsets)
+    for n in range(3):
+        for k in range(5):
+            best, at = -float("inf"), None
+            for y in range(7):
+                for x in range(6):
+                    if logits[n, k, y, x] > best:
+                        best, at = logits[n, k, y, x], (x, y)
+            x, y = at
+            want = torch.tensor([x + offsets[n, k, 0, y, x], y + offsets[n, k, 1, y, x]])
+            torch.testing.assert_close(got[n, k], want)
+
+
+def test_untrained_offset_head_returns_the_input_joints_output_pixel():
+    torch.manual_seed(0)
+    model = PoseFixNet(OFFSET).eval()
+    image, kp, _ = _inputs(8, OFFSET, seed=1)
+    with torch.no_grad():
+        out = model(image, keypoints=kp)
+    assert out["offsets"].shape == (8, 17, 2, 24, 16) and not out["offsets"].any()
+    valid = kp[..., 2] > 0
+    centre = (kp[..., :2] - 1.5) / 4  # the input joint on the output grid
+    grid = (out["coords"] - 1.5) / 4
+    assert torch.equal(grid, grid.round())  # a pixel centre: the offsets are zero
+    assert ((grid - centre).abs()[valid] <= 1.0).all()  # the input's pixel or a neighbour (the prior's peak)
+    assert ((grid - centre).abs()[valid] <= 0.5 + 1e-4).float().mean() > 0.9
+
+
+def test_offset_head_loss_is_zero_only_for_the_exact_offsets_and_trains():
+    from posefix.losses import offset_head_loss
+    g = torch.Generator().manual_seed(4)
+    target = torch.rand(2, 17, 2, generator=g) * torch.tensor([15.0, 23.0])
+    valid = torch.rand(2, 17, generator=g) > 0.3
+    ys, xs = torch.meshgrid(torch.arange(24.0), torch.arange(16.0), indexing="ij")
+    exact = torch.stack([target[..., 0, None, None] - xs, target[..., 1, None, None] - ys], 2)  # (2, 17, 2, 24, 16)
+    logits = torch.randn(2, 17, 24, 16, generator=g)
+    heat, off = offset_head_loss(logits, exact, target, valid, 2.0)
+    assert float(off) < 1e-6 and float(heat) > 0
+    _, off_moved = offset_head_loss(logits, exact + 0.5, target, valid, 2.0)
+    assert float(off_moved) == pytest.approx(2 * 0.5 / 2.0, rel=1e-5)  # |dx| + |dy| in radii
+    inside = ((xs - target[..., 0, None, None]) ** 2 + (ys - target[..., 1, None, None]) ** 2 <= 4) & valid[..., None, None]
+    disk_logits = torch.where(inside, 20.0, -20.0)  # the disk exactly: the BCE all but vanishes
+    assert float(offset_head_loss(disk_logits, exact, target, valid, 2.0)[0]) < 1e-6
+    torch.manual_seed(0)
+    model = PoseFixNet(OFFSET)
+    image, kp, _ = _inputs(4, OFFSET, seed=2)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    losses = []
+    for _ in range(15):
+        out = model(image, keypoints=kp)
+        loss, parts = refiner_loss(out, kp[..., :2] + 3.0, kp[..., 2] > 0, torch.full((4,), 900.0), inputs=kp,
+                                   radius=OFFSET.offset_radius)
+        assert "offset" in parts
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.85 * losses[0]
+
+
+def test_head_config_is_checked_and_travels_with_the_weights(tmp_path):
+    with pytest.raises(InputError, match="model.head"):
+        ModelConfig(head="hough")
+    with pytest.raises(InputError, match="model.offset_radius"):
+        ModelConfig(head="offset", offset_radius=0)
+    model = PoseFixNet(OFFSET)
+    torch.nn.init.normal_(model.offset.weight, std=0.1)
+    export_weights(model, tmp_path / "m.safetensors", {})
+    back = load_weights(tmp_path / "m.safetensors")
+    assert back.cfg == OFFSET
+    torch.testing.assert_close(back.offset.weight, model.offset.weight)

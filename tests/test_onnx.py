@@ -128,6 +128,31 @@ def test_fp32_equals_torch_for_every_backbone(backbone):
             assert_equal_outputs(folded(image, keypoints=kp), session(image, keypoints=kp))
 
 
+def test_offset_head_exports_and_equals_torch():
+    """The G-RMI head's peak + offset decoding inside the graph: the same joints, offsets and confidences."""
+    torch.manual_seed(2)
+    model = PoseFixNet(ModelConfig(backbone="resnet18", input_size=(128, 96), sigma=3.5, head_channels=32,
+                                   head="offset"))
+    with torch.no_grad():
+        torch.nn.init.normal_(model.final.weight, std=0.2)
+        torch.nn.init.normal_(model.offset.weight, std=0.2)
+    session = OnnxModel(export_onnx(model).SerializeToString())
+    folded = Refiner(model).model
+    image, kp = random_inputs(model.cfg, 7, seed=3)
+    with torch.no_grad():
+        expected = folded(image, keypoints=kp)
+    got = session(image, keypoints=kp)
+    assert "offsets" in got
+    # A peak is the first of equal maxima in both; where two logits are within float rounding of each other
+    # the two runtimes may pick different pixels, so the comparison is over joints with a clear peak.
+    top2 = expected["logits"].flatten(2).topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 1e-3 * top2[..., 0].abs().clamp(min=1)
+    assert clear.float().mean() > 0.75
+    np.testing.assert_allclose(got["coords"][clear].numpy(), expected["coords"][clear].numpy(), atol=PX, rtol=0)
+    np.testing.assert_allclose(torch.sigmoid(got["confidence_logit"]).numpy(),
+                               torch.sigmoid(expected["confidence_logit"]).numpy(), atol=CONF, rtol=0)
+
+
 @pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available(),
                     reason="needs onnxruntime's CUDA execution provider and a CUDA device")
 def test_cuda_provider_equals_torch(files, torch_refiner):
