@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from synth.keypoints import SIGMAS
+from .synth.keypoints import SIGMAS
 
 from . import codec
 from .model import STRIDE

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from synth.exceptions import InputError
+from .errors import InputError
 
 from . import codec
 from .codec import soft_argmax

@@ -12,7 +12,7 @@ from posefix.config import PRESETS, dump_toml, from_dict, load_config, to_dict
 from posefix.engine import Refiner, export_weights, load_weights
 from posefix.losses import refiner_loss
 from posefix.model import ModelConfig, PoseFixNet, fold_batchnorm, load_pretrained
-from synth.exceptions import InputError
+from posefix.errors import InputError
 
 SMALL = ModelConfig(backbone="resnet18", input_size=(96, 64), sigma=2.5, head_channels=32)
 
