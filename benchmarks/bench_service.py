@@ -4,7 +4,7 @@
         [--clients 1 4 16 64] [--seconds 10] [--warmup 2] [--max-requests 100000]
         [--client-processes 1] [--torch-threads N] [--json PATH]
 
-A server (``posefix.service.create_server``) runs on 127.0.0.1 (port 0) in this process with a
+A server (``posefix.serve.create_server``) runs on 127.0.0.1 (port 0) in this process with a
 random-weight ``PoseFixNet`` wrapped in a ``Refiner`` (no checkpoint, no downloads). A load generator
 of its own, in ``--client-processes`` separate processes (spawned, so its Python does not share the
 server's GIL), runs C concurrent clients, each with its own channel (its own connection), each sending
@@ -365,7 +365,7 @@ async def serve_levels(refiner, load: LoadGenerator, clients: list[int], *, max_
                        warmup: float, seconds: float, max_requests: int, max_queue_delay_ms: float = 5.0,
                        progress=None) -> list[dict]:
     """One server with the given batching, every client count in turn; a row per count."""
-    from posefix.service import create_server
+    from posefix.serve import create_server
 
     server = create_server(refiner, "127.0.0.1", 0, max_batch_size=max_batch_size,
                            max_queue_delay_ms=max_queue_delay_ms, max_queue_size=max(1024, 4 * max(clients)))
@@ -389,7 +389,7 @@ async def goodput_levels(refiner, load: LoadGenerator, factors: list[float], *, 
     deadlines), then open-loop load at each factor × C, calls with deadlines drawn from ``deadlines``,
     against a server with deadline-aware admission and one first in first out (deadlines checked when a
     batch starts only), side by side at each factor."""
-    from posefix.service import create_server
+    from posefix.serve import create_server
 
     rows, capacity = [], None
     for admission in (True, False):

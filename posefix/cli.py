@@ -582,9 +582,11 @@ def allow_outside_images_arg(parser) -> None:
 
 
 def cmd_serve(args) -> int:
-    from .service import serve_main
+    from dataclasses import fields
 
-    return serve_main(args)
+    from .serve import ServeOptions, serve_main
+
+    return serve_main(ServeOptions(**{f.name: getattr(args, f.name) for f in fields(ServeOptions)}))
 
 
 def _output_options(parser) -> None:

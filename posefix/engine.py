@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InputError
-
 from . import codec
 from .choice import METADATA_KEY, FittedChoice
+from .errors import InputError
 from .model import ModelConfig, PoseFixNet, fold_batchnorm
+from .protocols import RefinerLike
 
 PRECISIONS = ("fp32", "bf16")
 BACKENDS = ("torch", "onnxruntime")
@@ -167,6 +167,11 @@ class Refiner:
             return t.pin_memory()
         return t
 
+    def describe(self) -> str:
+        """What executes the model, as GetModelInfo names it: "torch", or the ONNX Runtime model's description
+        ("onnxruntime (CPUExecutionProvider, int8)")."""
+        return "torch" if self.backend == "torch" else self.model.describe()
+
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         return self.stage(t).to(self.device, non_blocking=True)
 
@@ -287,7 +292,7 @@ def load_weights(path: str | Path) -> PoseFixNet:
     return model
 
 
-def refine_images(refiner: Refiner, jobs, workers: int = 2, lookahead: int = 8, progress=None, skipped=None,
+def refine_images(refiner: RefinerLike, jobs, workers: int = 2, lookahead: int = 8, progress=None, skipped=None,
                   parts: bool = False):
     """Refine the persons of many images, batching persons across images.
 
@@ -305,7 +310,7 @@ def refine_images(refiner: Refiner, jobs, workers: int = 2, lookahead: int = 8, 
     from concurrent.futures import ThreadPoolExecutor
 
     jobs, want_parts = iter(jobs), parts
-    stage = getattr(refiner, "stage", _identity)
+    stage = refiner.stage
     with ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="posefix-decode") as pool:
         queue: deque[_Job] = deque()  # in the order of jobs, not yet yielded
 
@@ -376,10 +381,6 @@ class _Job:
         self.xy = poses[..., :2].copy()
         self.conf = np.zeros(poses.shape[:2])
         self.input_conf = np.zeros(poses.shape[:2])
-
-
-def _identity(x):
-    return x
 
 
 def _staged(stage, source):

@@ -1,5 +1,5 @@
 """Images: finding the files, checking PNG and JPEG bytes before decoding, and decoding them with
-torchvision.io into (3, H, W) uint8 RGB tensors."""
+torchvision.io (a request's raw pixels by :func:`raw_to_tensor`) into (3, H, W) uint8 RGB tensors."""
 from __future__ import annotations
 
 import struct
@@ -7,12 +7,16 @@ import sys
 import warnings
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from ._proto import pb2
 
 
 def decode(path: str | Path) -> torch.Tensor:
@@ -212,6 +216,14 @@ def decode_encoded(data: bytes, field: str = "image.encoded") -> torch.Tensor:
         high = 1 if sys.byteorder == "little" else 0
         image = image.contiguous().reshape(-1).view(torch.uint8)[high::2].reshape(image.shape).contiguous()
     return image
+
+
+def raw_to_tensor(raw: pb2.RawImage) -> torch.Tensor:
+    """A RawImage message (validated: height × width × channels bytes, 1, 3 or 4 channels) → (3, H, W) uint8
+    RGB (grey repeated, alpha dropped)."""
+    hwc = np.frombuffer(raw.pixels, dtype=np.uint8).reshape(raw.height, raw.width, raw.channels)
+    rgb = np.repeat(hwc, 3, axis=2) if raw.channels == 1 else hwc[..., :3]
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
 
 
 def image_kind(data: bytes) -> str | None:

@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InputError
-
 from . import __version__
 from .choice import METADATA_KEY as CHOICE_KEY
 from .choice import FittedChoice
+from .errors import InputError
 from .model import ModelConfig, PoseFixNet, fold_batchnorm
+from .protocols import RefinerLike
 
 INPUTS = ("image", "keypoints")
 PROVIDERS = {  # --provider → ONNX Runtime execution providers, in order of preference
@@ -142,7 +142,7 @@ def read_metadata(proto) -> dict[str, str]:
 
 TRUNK_OPS = ("Conv", "ConvTranspose", "Add", "Relu", "MaxPool")
 
-def calibration_crops(refiner, images_dir: str | Path, poses_path: str | Path, max_persons: int = 128,
+def calibration_crops(refiner: RefinerLike, images_dir: str | Path, poses_path: str | Path, max_persons: int = 128,
                       fmt: str = "coco", allow_outside: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Real crops for calibration: the persons of an estimator's results ``poses_path`` (any format
     ``posefix refine`` reads) on the images of ``images_dir``, cut as the engine cuts them. Returns image
@@ -151,7 +151,7 @@ def calibration_crops(refiner, images_dir: str | Path, poses_path: str | Path, m
     from .images import decode
 
     est = read_estimates(poses_path, fmt)
-    keep = np.flatnonzero(((est.keypoints[..., 2] > 0).sum(-1) > 0))[:max_persons]
+    keep = np.flatnonzero((est.keypoints[..., 2] > 0).sum(-1) > 0)[:max_persons]
     if len(keep) == 0:
         raise InputError("--calibration-poses", f"{poses_path} has no person with a present keypoint")
     keys = [est.image_keys[i] for i in keep]
@@ -335,7 +335,7 @@ def triton_config(proto, name: str = "posefix", max_batch_size: int = 64, max_qu
         lines += [f"{section} ["] + [",\n".join(tensor(v) for v in values)] + ["]"]
     preferred = [b for b in (8, 16, 32, 64, 128, 256) if b <= max_batch_size] or [max_batch_size]
     lines += ["dynamic_batching {", f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]",
-              f"  max_queue_delay_microseconds: {int(round(max_queue_delay_ms * 1000))}", "}",
+              f"  max_queue_delay_microseconds: {round(max_queue_delay_ms * 1000)}", "}",
               "instance_group [", f"  {{ count: {instances} kind: KIND_{kind.upper()} }}", "]"]
     meta = read_metadata(proto)
     lines += ["parameters [", ",\n".join(f'  {{ key: "{k}" value: {{ string_value: {json.dumps(meta[k])} }} }}'

@@ -1,14 +1,21 @@
+import asyncio
 import json
+import threading
+import urllib.request
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from posefix import SAMPLE_DIR
+from posefix._proto import pb2_grpc
 from posefix.engine import Refiner, export_weights
 from posefix.images import decode
 from posefix.model import ModelConfig, PoseFixNet
+from posefix.serve import create_server
 from posefix.synth.keypoints import NUM_KEYPOINTS
 
 VAL_GT = SAMPLE_DIR / "person_keypoints_val_sample.json"
@@ -16,6 +23,7 @@ TRAIN_GT = SAMPLE_DIR / "person_keypoints_train_sample.json"
 VAL_RESULTS = SAMPLE_DIR / "topdown_keypoints_val4.json"
 IMAGE_785 = SAMPLE_DIR / "images" / "000000000785.jpg"
 RESULTS = VAL_RESULTS
+TIMEOUT = 10  # seconds, for every call of the service tests
 
 # A plain standing figure, unit height, used to build synthetic persons (independent of synth.TEMPLATE).
 FIGURE = np.array([
@@ -84,3 +92,89 @@ def offline_785(refiner, poses_785):
 def as_array(response) -> np.ndarray:
     return np.array([[(k.x, k.y, k.confidence) for k in p.keypoints] for p in response.persons]).reshape(
         len(response.persons), -1, 3)
+
+
+# Shared by the service tests: servers in an event loop of their own, stand-in refiners, stubs and metrics.
+
+class LoopThread:
+    """An asyncio event loop in a daemon thread: the servers run there, the tests call them from here."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout=TIMEOUT):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def submit(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(TIMEOUT)
+        self.loop.close()
+
+
+class StandIn:
+    """A refiner (a posefix.protocols.RefinerLike) that is ``inner`` but for what a subclass defines, its
+    ``refine`` above all."""
+
+    def __init__(self, inner: Refiner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.fixture(scope="module")
+def loop():
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+@pytest.fixture(scope="module")
+def start(loop):
+    """start(refiner, **create_server options) → a started server, stopped after the module."""
+    handles = []
+
+    async def create_and_start(refiner, options):
+        handle = create_server(refiner, "127.0.0.1", 0, **options)
+        await handle.start()
+        return handle
+
+    def _start(refiner, **options):
+        options = {"max_batch_size": 64, "max_queue_delay_ms": 5.0, "max_queue_size": 1024, **options}
+        handle = loop.run(create_and_start(refiner, options))
+        handles.append(handle)
+        return handle
+
+    yield _start
+    for handle in handles:
+        loop.run(handle.stop(grace_s=1.0))
+
+
+@pytest.fixture(scope="module")
+def server(start, refiner):
+    return start(refiner, metrics_port=0)
+
+
+def stub_for(handle):
+    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
+    return pb2_grpc.PoseRefinerStub(channel), channel
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    stub, channel = stub_for(server)
+    yield stub
+    channel.close()
+
+
+def metric_samples(handle) -> dict:
+    """{(sample name, frozenset(labels)): value} scraped from the server's /metrics over HTTP."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{handle.metrics_port}/metrics", timeout=TIMEOUT) as r:
+        text = r.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}

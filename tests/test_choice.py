@@ -13,7 +13,7 @@ from posefix.engine import Refiner, choose, export_weights, kept_input, load_wei
 from posefix.formats import LAYOUTS
 from posefix.images import decode
 from posefix.model import INPUT_CONFIDENCE_INIT, ModelConfig, PoseFixNet
-from posefix.service import build_response
+from posefix.serve.responses import build_response
 from posefix.synth.cocoio import load_ground_truth, load_results
 
 CFG = ModelConfig(backbone="resnet18", input_size=(128, 96), sigma=3.5, head_channels=32)

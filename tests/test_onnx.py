@@ -3,7 +3,6 @@
 The exported graph is compared with the torch refiner it came from (coordinates within 0.05 px, confidences
 within 1e-3) on random and real crops; the int8 model with the fp32 one (a stated bound, and keypoint AP on the
 bundled sample's synthesized inputs and a real estimator's results within 0.5 AP points)."""
-import argparse
 import json
 
 import numpy as np
@@ -13,18 +12,18 @@ import torch
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from posefix.cli import main  # noqa: E402
-from posefix.engine import Refiner, export_weights, refine_results  # noqa: E402
-from posefix.images import coco_image_path, decode  # noqa: E402
-from posefix.model import ModelConfig, PoseFixNet  # noqa: E402
-from posefix.onnx_backend import (OnnxModel, calibration_crops, export_onnx, quantize_int8,  # noqa: E402
-                                  triton_config)
-from posefix.service import serve_main  # noqa: E402
-from posefix.errors import InputError  # noqa: E402
-from posefix.synth.cocoio import load_ground_truth, load_results  # noqa: E402
-from posefix.synth.diagnose import keypoint_ap  # noqa: E402
+from posefix.cli import main
+from posefix.engine import Refiner, export_weights, refine_results
+from posefix.errors import InputError
+from posefix.images import coco_image_path, decode
+from posefix.model import ModelConfig, PoseFixNet
+from posefix.onnx_backend import OnnxModel, calibration_crops, export_onnx, quantize_int8, triton_config
+from posefix.protocols import RefinerLike
+from posefix.serve import ServeOptions, create_server, serve_main
+from posefix.synth.cocoio import load_ground_truth, load_results
+from posefix.synth.diagnose import keypoint_ap
 
-from .conftest import IMAGE_785, VAL_GT, VAL_RESULTS  # noqa: E402
+from .conftest import IMAGE_785, VAL_GT, VAL_RESULTS, LoopThread
 
 IMAGES = VAL_GT.parent / "images"
 PX, CONF = 0.05, 1e-3  # fp32: ONNX Runtime against torch
@@ -243,12 +242,10 @@ def test_refine_cli_with_onnxruntime_equals_torch(files, tmp_path):
 
 def test_serve_names_the_backend_and_refines_the_same(files, torch_refiner, poses_785):
     from posefix.client import PoseRefinerClient
-    from posefix.service import create_server
-
-    from .test_service import LoopThread
 
     loop = LoopThread()
     ours = Refiner.from_checkpoint(None, onnx=files[1])
+    assert isinstance(ours, RefinerLike)
 
     async def start():
         handle = create_server(ours, "127.0.0.1", 0, max_batch_size=8, max_queue_delay_ms=1, max_queue_size=512)
@@ -300,10 +297,9 @@ def test_bad_onnx_files_and_providers_are_one_line_errors(files, tmp_path, capsy
                                     "--out", str(out)])
         assert code == 2 and err.count("\n") == 0 and message in err and err.startswith("posefix: error:"), (extra, err)
         assert not out.exists()
-    args = argparse.Namespace(checkpoint=None, onnx=str(foreign), device="cpu", max_batch_size=8, backend=None,
-                              provider=None)
+    options = ServeOptions(checkpoint=None, onnx=str(foreign), device="cpu", max_batch_size=8)
     with pytest.raises(InputError, match="--onnx: has no posefix metadata"):
-        serve_main(args)
+        serve_main(options)
 
 
 def test_export_bad_input_writes_nothing(files, tmp_path, capsys):

@@ -2,6 +2,7 @@
 poses, exact and approximate search, the index file (versioned, atomic, never unpickled), the index and search
 commands with their contact sheet, and SearchPoses over gRPC (as a pose, or refined first on an image)."""
 import asyncio
+import itertools
 import json
 import math
 import sys
@@ -12,12 +13,11 @@ import pytest
 
 from posefix._proto import pb2, pb2_grpc
 from posefix.cli import main
-from posefix.images import decode
-from posefix.search import (MISSING_DISTANCE, VERSION, PoseIndex, distances_to, embed, mirror,
-                            pose_distance)
-from posefix.search_cli import CELL, LABEL
-from posefix.service import create_server
 from posefix.errors import InputError
+from posefix.images import decode
+from posefix.search import MISSING_DISTANCE, VERSION, PoseIndex, distances_to, embed, mirror, pose_distance
+from posefix.search_cli import CELL, LABEL
+from posefix.serve import create_server
 from posefix.synth.keypoints import NAMES, SIGMAS
 
 from .conftest import FIGURE, IMAGE_785, RESULTS, VAL_GT
@@ -259,7 +259,7 @@ def test_index_build_add_and_search_with_a_contact_sheet(tmp_path, capsys):
     matches = answer["queries"][0]["matches"]
     assert matches[0]["id"] == 3 and matches[0]["distance"] < 1e-5 and matches[0]["image_id"] == results[3]["image_id"]
     assert [m["rank"] for m in matches] == [1, 2, 3, 4, 5]
-    assert all(a["distance"] <= b["distance"] for a, b in zip(matches, matches[1:]))
+    assert all(a["distance"] <= b["distance"] for a, b in itertools.pairwise(matches))
     picture = decode(sheet)
     (h, w), label, gap = CELL, LABEL, 6
     assert picture.shape[1:] == (h + label + 2 * gap, 6 * (w + gap) + gap)  # one row: the query and 5 matches

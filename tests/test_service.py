@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,48 +17,28 @@ import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
-from posefix._proto import SERVICE_NAME, pb2, pb2_grpc
+from posefix._proto import SERVICE_NAME, pb2
 from posefix.batcher import BatcherStopped, DeadlineExpired, DynamicBatcher
 from posefix.client import PoseRefinerClient, image_message, request_message
 from posefix.engine import Refiner
 from posefix.formats import LAYOUTS
 from posefix.images import decode
-from posefix.service import Limits, OneEuroFilter, OneEuroParams, create_server
+from posefix.protocols import RefinerLike
+from posefix.serve import Limits, create_server
+from posefix.tracking import OneEuroFilter, OneEuroParams
 
-from .conftest import IMAGE_785, RESULTS, as_array
+from .conftest import IMAGE_785, RESULTS, TIMEOUT, StandIn, as_array, metric_samples, stub_for
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMEOUT = 10  # seconds, for every call
 TOL = 1e-4  # pixels and confidence
 
 
-class LoopThread:
-    """An asyncio event loop in a daemon thread: the servers run there, the tests call them from here."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout=TIMEOUT):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def submit(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(TIMEOUT)
-        self.loop.close()
-
-
-class GatedRefiner:
+class GatedRefiner(StandIn):
     """A refiner whose calls wait for ``gate`` (when closed) and are counted: calls, persons computed."""
 
     def __init__(self, inner: Refiner):
-        self.inner, self.cfg = inner, inner.cfg
+        super().__init__(inner)
         self.calls = self.persons = 0
         self.started = threading.Event()
         self.gate = threading.Event()
@@ -71,59 +50,6 @@ class GatedRefiner:
         self.started.set()
         assert self.gate.wait(TIMEOUT)
         return self.inner.refine(images, image_index, poses)
-
-
-@pytest.fixture(scope="module")
-def loop():
-    lt = LoopThread()
-    yield lt
-    lt.close()
-
-
-@pytest.fixture(scope="module")
-def start(loop):
-    """start(refiner, **create_server options) → a started server, stopped after the module."""
-    handles = []
-
-    async def create_and_start(refiner, options):
-        handle = create_server(refiner, "127.0.0.1", 0, **options)
-        await handle.start()
-        return handle
-
-    def _start(refiner, **options):
-        options = {"max_batch_size": 64, "max_queue_delay_ms": 5.0, "max_queue_size": 1024, **options}
-        handle = loop.run(create_and_start(refiner, options))
-        handles.append(handle)
-        return handle
-
-    yield _start
-    for handle in handles:
-        loop.run(handle.stop(grace_s=1.0))
-
-
-@pytest.fixture(scope="module")
-def server(start, refiner):
-    return start(refiner, metrics_port=0)
-
-
-def stub_for(handle):
-    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
-    return pb2_grpc.PoseRefinerStub(channel), channel
-
-
-@pytest.fixture(scope="module")
-def stub(server):
-    stub, channel = stub_for(server)
-    yield stub
-    channel.close()
-
-
-def metric_samples(handle) -> dict:
-    """{(sample name, frozenset(labels)): value} scraped from the server's /metrics over HTTP."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{handle.metrics_port}/metrics", timeout=TIMEOUT) as r:
-        text = r.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def wait_until(predicate, timeout=TIMEOUT):
@@ -200,10 +126,16 @@ def test_health_reflection_and_model_info(server, stub):
     channel.close()
     info = stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=TIMEOUT)
     assert (info.input_height, info.input_width, info.model_variant) == (128, 96, "resnet18")
-    assert info.keypoint_format == pb2.KEYPOINT_FORMAT_COCO_17 and not info.flip_test
+    assert info.keypoint_format == pb2.KEYPOINT_FORMAT_COCO_17 and not info.flip_test and info.backend == "torch"
     assert info.limits.max_persons_per_image == Limits().max_persons_per_image
     assert info.limits.max_batch_size == 64 and info.limits.max_queue_size == 1024
     assert {f.format: len(f.keypoint_names) for f in info.formats} == {1: 17, 2: 33, 3: 25, 4: 18}
+
+
+def test_the_refiner_and_its_stand_ins_are_refiner_like(refiner):
+    """What the server calls on a refiner is the Protocol's: a Refiner has all of it, so do the stand-ins."""
+    assert isinstance(refiner, RefinerLike) and isinstance(GatedRefiner(refiner), RefinerLike)
+    assert not isinstance(object(), RefinerLike)
 
 
 # Batching, overload, deadlines, shutdown.
@@ -608,34 +540,3 @@ def test_serve_main_runs_until_sigterm_and_stops_gracefully(checkpoint):
             proc.wait(TIMEOUT)
     assert proc.returncode == 0, err
     assert "stopping" in out and out.rstrip().endswith("posefix serve: stopped")
-
-
-def test_pinned_images_stay_within_their_budget():
-    """Decoded images staged for a GPU (pinned) count against the server's budget until they are freed;
-    past it an image is left as it is. A stand-in copies where pin_memory would (no GPU needed)."""
-    import gc
-
-    from posefix.service import PinnedBudget
-
-    budget = PinnedBudget(3000)
-    pin = torch.Tensor.clone
-    first = budget.stage(pin, torch.zeros(1000, dtype=torch.uint8))
-    second = budget.stage(pin, torch.zeros(500, dtype=torch.int16))  # 1000 bytes
-    assert budget.used == 2000
-    over = torch.zeros(1001, dtype=torch.uint8)
-    assert budget.stage(pin, over) is over and budget.used == 2000  # would pass the budget: not staged
-    del first
-    gc.collect()
-    assert budget.used == 1000
-    kept = torch.zeros(10, dtype=torch.uint8)
-    assert budget.stage(lambda t: t, kept) is kept and budget.used == 1000  # nothing pinned (a CPU refiner)
-
-    def broken(t):
-        raise RuntimeError("no pinned memory")
-
-    with pytest.raises(RuntimeError):
-        budget.stage(broken, torch.zeros(5, dtype=torch.uint8))
-    assert budget.used == 1000
-    del second
-    gc.collect()
-    assert budget.used == 0

@@ -18,8 +18,7 @@ from posefix._proto import SERVICE_NAME, pb2
 from posefix.batcher import DeadlineExpired, DynamicBatcher, QueueFull, QueueTimeout
 from posefix.client import request_message
 
-from .conftest import IMAGE_785
-from .test_service import TIMEOUT, loop, metric_samples, start, stub, stub_for, server  # noqa: F401 (fixtures)
+from .conftest import IMAGE_785, TIMEOUT, metric_samples
 
 INT64_MAX = 2 ** 63 - 1
 FILL_MIB = 8
@@ -138,7 +137,7 @@ def _frame(poses):
     (pb2.StreamOptions(frame_rate_hz=1e-320, smoothing=pb2.OneEuroFilter()), "options.frame_rate_hz"),
     (pb2.StreamOptions(frame_rate_hz=math.nan), "options.frame_rate_hz"),
 ], ids=["d_cutoff_subnormal", "min_cutoff_huge", "beta_huge", "frame_rate_huge", "frame_rate_subnormal", "frame_rate_nan"])
-def test_stream_options_out_of_range_are_invalid_argument(stub, poses_785, options, field):  # noqa: F811
+def test_stream_options_out_of_range_are_invalid_argument(stub, poses_785, options, field):
     pose = poses_785[:1]
     frames = [(_frame(pose), 0), (_frame(pose + 3), 0), (_frame(pose + 1), 5_000_000)]
     with pytest.raises(grpc.RpcError) as err:
@@ -147,7 +146,7 @@ def test_stream_options_out_of_range_are_invalid_argument(stub, poses_785, optio
     assert dict(err.value.trailing_metadata())["posefix-field"] == field
 
 
-def test_timestamps_near_int64_max_step_by_one_microsecond(stub, poses_785):  # noqa: F811
+def test_timestamps_near_int64_max_step_by_one_microsecond(stub, poses_785):
     pose = poses_785[:1]
     frames = [(_frame(pose + i), INT64_MAX - 3 + i) for i in range(4)]
     answers = _stream(stub, frames, pb2.StreamOptions(smoothing=pb2.OneEuroFilter(), follow_tracks=True))
@@ -186,7 +185,7 @@ def streams(draw):
 @example(case=(pb2.StreamOptions(frame_rate_hz=1e-320, smoothing=pb2.OneEuroFilter()), 3, 1, 0, 0, [0, 0, 0]))
 @example(case=(pb2.StreamOptions(frame_rate_hz=1e20, smoothing=pb2.OneEuroFilter()), 3, 1, 0, 10 ** 12,
                [1, 0, 0]))
-def test_no_response_carries_a_non_finite_number(stub, case):  # noqa: F811
+def test_no_response_carries_a_non_finite_number(stub, case):
     options, n, persons, seed, start, steps = case
     rng = np.random.default_rng(seed)
     width, height = 640, 425

@@ -4,7 +4,6 @@ refiner on the CPU: thousands of malformed requests, overload, and SIGTERM under
 What each test shows is stated in docs/reliability.md. Every call has a deadline, every test is bounded
 in time and in the number of calls, and each outcome is counted.
 """
-import asyncio
 import collections
 import gc
 import io
@@ -33,10 +32,10 @@ from posefix._proto import pb2, pb2_grpc
 from posefix.client import request_message
 from posefix.engine import Refiner
 from posefix.formats import LAYOUTS
-from posefix.images import decode
-from posefix.service import Limits, check_png, create_server, decode_encoded
+from posefix.images import check_png, decode, decode_encoded
+from posefix.serve import Limits, create_server
 
-from .conftest import IMAGE_785, as_array
+from .conftest import IMAGE_785, LoopThread, StandIn, as_array
 
 IMAGES = sorted((SAMPLE_DIR / "images").glob("*.jpg"))
 TIMEOUT = 10  # seconds: the deadline of every call
@@ -482,7 +481,7 @@ def _adam7_png(pixels: np.ndarray, depth: int, colour: int) -> bytes:
 
 
 def test_every_kind_of_valid_png_passes_the_check_and_decodes():
-    """The check that keeps corrupt PNGs from libpng (posefix.service.check_png) refuses no valid file:
+    """The check that keeps corrupt PNGs from libpng (posefix.images.check_png) refuses no valid file:
     every colour type and bit depth, palette, interlaced, odd sizes; 16-bit files keep the high byte."""
     rng = np.random.default_rng(3)
     files = []
@@ -508,30 +507,10 @@ def test_every_kind_of_valid_png_passes_the_check_and_decodes():
 
 # Refused calls leave nothing behind.
 
-class LoopThread:
-    """An asyncio event loop in a daemon thread, for an in-process server."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout=TIMEOUT):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(TIMEOUT)
-        self.loop.close()
-
-
-class FailingRefiner:
+class FailingRefiner(StandIn):
     """Returns each pose as it came (confidence 1), but a batch holding a person whose first keypoint has
     x = FAIL_X fails as a broken model would."""
     FAIL_X = 123.25
-
-    def __init__(self, cfg):
-        self.cfg = cfg
 
     def refine(self, images, image_index, poses):
         if (poses[:, 0, 0] == self.FAIL_X).any():
@@ -552,7 +531,7 @@ def test_a_refused_call_leaves_no_reference_cycle(refiner, poses_785):
     loop = LoopThread()
 
     async def create_and_start():
-        handle = create_server(FailingRefiner(refiner.cfg), "127.0.0.1", 0, max_queue_delay_ms=0)
+        handle = create_server(FailingRefiner(refiner), "127.0.0.1", 0, max_queue_delay_ms=0)
         await handle.start()
         return handle
 
@@ -567,7 +546,7 @@ def test_a_refused_call_leaves_no_reference_cycle(refiner, poses_785):
     requests = {"OK": request_message(jpeg, poses_785[:2]), "INVALID_ARGUMENT": invalid,
                 "INTERNAL": request_message(jpeg, failing)}
     left = {}
-    service_log = logging.getLogger("posefix.service")
+    service_log = logging.getLogger("posefix.serve.servicer")
     service_log.disabled = True  # its INTERNAL records hold the traceback, and pytest keeps every record
     try:
         for name, request in requests.items():
@@ -591,11 +570,11 @@ def test_a_refused_call_leaves_no_reference_cycle(refiner, poses_785):
 
 # Overload: many more concurrent clients than the queue holds.
 
-class TimedRefiner:
+class TimedRefiner(StandIn):
     """The refiner, recording each batch it computes: (persons, seconds)."""
 
     def __init__(self, inner: Refiner):
-        self.inner, self.cfg = inner, inner.cfg
+        super().__init__(inner)
         self.batches: list[tuple[int, float]] = []
 
     def refine(self, images, image_index, poses):

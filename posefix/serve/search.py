@@ -1,4 +1,4 @@
-"""SearchPoses, the gRPC service's pose similarity search (proto/posefix/v1/posefix.proto) over the
+"""SearchPoses, the service's pose similarity search (proto/posefix/v1/posefix.proto) over the
 :class:`~posefix.search.PoseIndex` the server was started with: the query as sent, or refined first on its
 image through the same batcher and refiner as RefinePose."""
 from __future__ import annotations
@@ -9,14 +9,10 @@ import math
 
 import numpy as np
 
-from .errors import InputError, PosefixError
-
-from ._proto import pb2
-from .formats import to_coco17
-
-
-class NoIndex(PosefixError):
-    """SearchPoses on a server started without a pose index (FAILED_PRECONDITION)."""
+from .._proto import pb2
+from ..errors import InputError
+from ..formats import to_coco17
+from .validation import NoIndex, layout_of, persons_array
 
 
 def _as_query(error: InputError) -> InputError:
@@ -26,10 +22,9 @@ def _as_query(error: InputError) -> InputError:
 
 
 async def search_poses(servicer, request: pb2.SearchPosesRequest, context) -> pb2.SearchPosesResponse:
-    """Validate the request, refine the query when it comes with an image, search the index (in the servicer's
-    worker threads) and answer the matches, nearest first."""
-    from .service import layout_of, persons_array
-
+    """Validate the request, refine the query when it comes with an image (``servicer``: the
+    :class:`~posefix.serve.servicer.PoseRefinerServicer`), search the index in the servicer's worker threads
+    and answer the matches, nearest first."""
     index = servicer.index
     if index is None:
         raise NoIndex("no pose index is loaded: start the server with posefix serve --index POSES.index")
@@ -42,10 +37,10 @@ async def search_poses(servicer, request: pb2.SearchPosesRequest, context) -> pb
         raise InputError("k", f"{request.k} is more than the {len(index)} poses in the index")
     try:
         if request.HasField("image"):
-            job = await servicer._prepare(pb2.RefinePoseRequest(image=request.image, format=request.format,
-                                                                persons=[request.query]),
+            job = await servicer.prepare(pb2.RefinePoseRequest(image=request.image, format=request.format,
+                                                               persons=[request.query]),
                                          context.time_remaining())
-            xy, conf = await servicer._refine(job.image, job.coco, context)
+            xy, conf = await servicer.refine(job.image, job.coco, context)
             coco = np.concatenate([xy, conf[..., None]], axis=-1)
         else:  # no image, no bounds: only the count of keypoints and their finiteness are checked
             native = persons_array([request.query], request.format, (math.inf, math.inf), servicer.limits)

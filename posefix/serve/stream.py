@@ -1,0 +1,67 @@
+"""What a RefinePoseStream carries from frame to frame (:class:`VideoState`): its options, validated, its
+clock and its tracks (:class:`posefix.tracking.Tracks`, shared with ``posefix refine-video``).
+
+Glossary: P persons of a frame, K = 17 COCO joints; times in seconds; track id 0 = untracked.
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+
+from .._proto import pb2
+from ..errors import InputError
+from ..tracking import OneEuroParams, Tracks
+
+FRAME_RATE_HZ = (1e-3, 1e6)  # StreamOptions.frame_rate_hz's range
+
+
+class VideoState:
+    """What a RefinePoseStream carries from frame to frame: its clock and, per track id, the state of
+    :class:`posefix.tracking.Tracks` (previous refined pose for follow_tracks, One-Euro smoothing)."""
+
+    def __init__(self, options: pb2.StreamOptions | None):
+        options = options or pb2.StreamOptions()
+        self.frame_rate = options.frame_rate_hz if options.HasField("frame_rate_hz") else 30.0
+        lo, hi = FRAME_RATE_HZ
+        if not lo <= self.frame_rate <= hi:  # NaN included
+            raise InputError("options.frame_rate_hz", f"must be in [{lo:g}, {hi:g}] Hz, got {self.frame_rate}")
+        smoothing = None
+        if options.HasField("smoothing"):
+            s, d = options.smoothing, OneEuroParams()
+            try:
+                smoothing = OneEuroParams(*(getattr(s, n) if s.HasField(n) else getattr(d, n)
+                                            for n in ("min_cutoff_hz", "beta", "d_cutoff_hz")))
+            except InputError as e:
+                raise InputError(f"options.{e.field}", e.problem) from None
+        self.tracks = Tracks(options.follow_tracks, smoothing)
+        self.follow, self.smoothing = self.tracks.follow, self.tracks.smoothing
+        self.period = Fraction(1 / self.frame_rate)
+        self.t: Fraction | None = None  # the previous frame's time, seconds, exact
+
+    def clock(self, timestamp_us: int) -> Fraction:
+        """The frame's time in seconds, exact (a Fraction, so that 1 µs steps stay steps at any timestamp):
+        its timestamp, or one frame period after the previous frame."""
+        if timestamp_us == 0:
+            t = Fraction(0) if self.t is None else self.t + self.period
+        else:
+            t = Fraction(timestamp_us, 1_000_000)
+            if self.t is not None and t <= self.t:
+                raise InputError("timestamp_us", f"{timestamp_us} does not increase on the previous frame's "
+                                 f"{round(self.t * 1_000_000)}")
+        self.t = t
+        return t
+
+    @staticmethod
+    def track_ids(persons) -> list[int]:
+        return Tracks.check_ids([p.track_id for p in persons])
+
+    def fill(self, tracks: list[int], coco: np.ndarray) -> np.ndarray:
+        """follow_tracks: coco (P, 17, 3) with each tracked person's absent joints taken from its track's
+        refined pose of the previous frame (score: the refined confidence)."""
+        return self.tracks.prepare(tracks, coco)[0]
+
+    def update(self, tracks: list[int], coco: np.ndarray, xy: np.ndarray, conf: np.ndarray, t: float) -> np.ndarray:
+        """After refinement: smooth each tracked person's refined xy (P, 17, 2), remember the frame's
+        tracks, forget the others; the (smoothed) xy."""
+        return self.tracks.update(tracks, coco, xy, conf, t)
