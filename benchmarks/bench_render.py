@@ -23,13 +23,14 @@ maps would pay it, and the factors as posefix pays it. Memory bound: a dense 17Ã
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from common import machine, timed, write
+
 from posefix import codec
 from posefix.model import ModelConfig, PoseFixNet
 from posefix.runtime import keep_freed_memory
@@ -56,6 +57,15 @@ def loop_way(kp: torch.Tensor, size, sigma):
             if kp[n, j, 2] > 0:
                 out[n, j] = torch.exp(-((xs - kp[n, j, 0]) ** 2 + (ys - kp[n, j, 1]) ** 2) / (2 * sigma ** 2))
     return out
+
+
+def rendered_stem(kp, size, sigma, weight):
+    """The stem's heatmap part by convolving the rendered maps (the plain path)."""
+    return F.conv2d(codec.render_heatmaps(kp, size, sigma), weight, stride=2, padding=3)
+
+
+def per_person_ms(t: float, n: int) -> float:
+    return 1e3 * t / n
 
 
 def main():
@@ -92,18 +102,18 @@ def main():
                                     (rng.random((n, 17, 1)) > 0.1).astype(np.float64)], axis=-1)
             kp = torch.from_numpy(kp_np).float().to(device)
             big = n >= 64
-            t_port = timed(lambda: port_way(kp_np, size, sigma, device), 1 if big else 3, sync)
-            t_loop = timed(lambda: loop_way(kp, size, sigma), 1 if big else 3, sync)
-            t_dense = timed(lambda: codec.render_heatmaps(kp, size, sigma), 3, sync)
+            t_port = timed(partial(port_way, kp_np, size, sigma, device), 1 if big else 3, sync)
+            t_loop = timed(partial(loop_way, kp, size, sigma), 1 if big else 3, sync)
+            t_dense = timed(partial(codec.render_heatmaps, kp, size, sigma), 3, sync)
             buffer = torch.empty(n, 17, *size, device=device)
-            t_reused = timed(lambda: codec.render_heatmaps(kp, size, sigma, out=buffer), 3, sync)
-            t_factors = timed(lambda: codec.gaussian_axes(kp, size, sigma), 5, sync)
+            t_reused = timed(partial(codec.render_heatmaps, kp, size, sigma, out=buffer), 3, sync)
+            t_factors = timed(partial(codec.gaussian_axes, kp, size, sigma), 5, sync)
             reference = port_way(kp_np, size, sigma, "cpu").numpy()
             np.testing.assert_allclose(codec.render_heatmaps(kp, size, sigma).cpu().numpy(), reference, atol=1e-5)
             np.testing.assert_allclose(buffer.cpu().numpy(), reference, atol=1e-5)
             del reference
-            plain_stem = lambda: F.conv2d(codec.render_heatmaps(kp, size, sigma), weight, stride=2, padding=3)  # noqa: E731
-            fused_stem = lambda: codec.heatmap_conv2d(kp, size, sigma, weight, stride=2, padding=3)  # noqa: E731
+            plain_stem = partial(rendered_stem, kp, size, sigma, weight)
+            fused_stem = partial(codec.heatmap_conv2d, kp, size, sigma, weight, stride=2, padding=3)
             t_plain_stem = timed(plain_stem, 1 if big else 3, sync)
             t_fused_stem = timed(fused_stem, 1 if big else 3, sync)
             stem_diff = (plain_stem() - fused_stem()).abs().max().item()
@@ -111,8 +121,8 @@ def main():
             if model is not None and n in model_batches:
                 image = torch.rand(n, 3, *size, device=device)
                 with torch.no_grad():
-                    t_model = timed(lambda: model(image, keypoints=kp), 1, sync)
-            per = lambda t: 1e3 * t / n  # noqa: E731
+                    t_model = timed(partial(model, image, keypoints=kp), 1, sync)
+            per = partial(per_person_ms, n=n)
             dense_share = t_dense / (t_dense + t_model) if t_model else None
             factors_share = t_factors / (t_factors + t_model) if t_model else None
             rows.append({"size": list(size), "batch": n, "port_ms": per(t_port), "loop_ms": per(t_loop),

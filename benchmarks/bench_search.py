@@ -22,11 +22,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine, write  # noqa: E402
-from posefix import SAMPLE_DIR  # noqa: E402
-from posefix.search import PoseIndex  # noqa: E402
-from posefix.synth.cocoio import load_ground_truth  # noqa: E402
-from posefix.synth.synthesize import synthesize  # noqa: E402
+from benchmarks.common import machine, write
+from posefix import SAMPLE_DIR
+from posefix.search import PoseIndex
+from posefix.synth.cocoio import load_ground_truth
+from posefix.synth.synthesize import synthesize
 
 SAMPLES = (SAMPLE_DIR / "person_keypoints_val_sample.json", SAMPLE_DIR / "person_keypoints_train_sample.json")
 

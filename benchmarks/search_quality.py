@@ -29,12 +29,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine, write  # noqa: E402
-from posefix import SAMPLE_DIR  # noqa: E402
-from posefix.search import PoseIndex, mirror  # noqa: E402
-from posefix.synth.coco import synthesize_coco  # noqa: E402
-from posefix.synth.cocoio import load_ground_truth  # noqa: E402
-from posefix.synth.profile import ERRORS, published_profile  # noqa: E402
+from benchmarks.common import machine, write
+from posefix import SAMPLE_DIR
+from posefix.search import PoseIndex, mirror
+from posefix.synth.coco import synthesize_coco
+from posefix.synth.cocoio import load_ground_truth
+from posefix.synth.profile import ERRORS, published_profile
 
 SAMPLES = {"val": SAMPLE_DIR / "person_keypoints_val_sample.json",
            "train": SAMPLE_DIR / "person_keypoints_train_sample.json"}

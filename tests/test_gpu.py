@@ -82,8 +82,8 @@ def test_a_batch_is_queued_without_a_device_sync(model, case):
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            crops, kp_crop, affine, ok = refiner.prepare(staged, index, poses, poses)
-            coords, conf = refiner.infer(crops, kp_crop)
+            crops, kp_crop, _affine, ok = refiner.prepare(staged, index, poses, poses)
+            coords, _conf = refiner.infer(crops, kp_crop)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert coords.is_cuda and coords.shape == (7, 17, 2) and ok.all()
