@@ -118,7 +118,7 @@ def image_sizes(path: str | Path, fmt: str, images_dir: str | Path | None = None
     by_id = coco_images or {}
     for entry in doc if isinstance(doc, list) else []:
         key = entry.get("image") if isinstance(entry, dict) else None
-        if key is None or key in sizes or not isinstance(key, (int, str)):
+        if not isinstance(key, (int, str)) or key in sizes:
             continue
         if size is not None:
             sizes[key] = size
