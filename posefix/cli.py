@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, PosefixError
-
 from . import SAMPLE_DIR, __version__
+from .errors import InputError, PosefixError
+from .formats import FORMATS
 
 
 def _seed(text: str) -> int:
@@ -82,7 +82,7 @@ def cmd_synth_fit(args) -> int:
 
     _check_outputs(args, ("gt", "results", "profile"), ("out",))
     gt = load_ground_truth(args.gt)
-    if args.format == "coco":
+    if FORMATS[args.format].coco_results:
         results = load_results(args.results, gt)
     else:
         if args.images is None or not Path(args.images).is_dir():
@@ -201,7 +201,7 @@ def cmd_demo(args) -> int:
     for name, file, fmt, fit_file in DEMO_INPUTS:
         path = synth_path if file is None else SAMPLE_DIR / file
         stem = Path(path).stem
-        if fmt == "coco":
+        if FORMATS[fmt].coco_results:
             given = load_results(path, gt)
         else:  # the estimator's poses as read, as COCO results: the input the refiner gets
             given = as_coco_results(path, fmt, images_dir, gt)
@@ -271,50 +271,14 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _image_sizes(path, fmt, images_dir, coco_images, allow_outside=False) -> dict:
-    """(width, height) of each image a normalised-coordinate file (MoveNet, BlazePose) names, from the
-    annotations where they have it, else from the image file's header (the InputError of a refused name)."""
-    from PIL import Image
-
-    from .fileio import read_json
-
-    from .formats import image_file
-
-    doc = read_json(path, "input")
-    entries = doc if isinstance(doc, list) else []
-    sizes = {}
-    by_id = coco_images or {}
-    for entry in entries:
-        key = entry.get("image") if isinstance(entry, dict) else None
-        if key is None or key in sizes or not isinstance(key, (int, str)):
-            continue
-        if isinstance(key, int) and key in by_id and {"width", "height"} <= set(by_id[key]):
-            sizes[key] = (by_id[key]["width"], by_id[key]["height"])
-            continue
-        try:
-            file = image_file(images_dir, key, coco_images, allow_outside)
-        except InputError as e:
-            sizes[key] = e
-            continue
-        try:
-            with Image.open(file) as im:
-                sizes[key] = im.size
-        except (OSError, ValueError):
-            pass  # reported by name when the file is needed
-    return sizes
-
-
 def as_coco_results(path, fmt: str, images_dir, gt, allow_outside=False) -> list[dict]:
     """An estimator's output in its own format, read as ``posefix refine`` reads it, as validated COCO results
     on ``gt``'s images (the keypoints and instance scores as given)."""
+    from .formats import image_ids, image_sizes, read_estimates, write_coco_results
     from .synth.cocoio import validate_results
 
-    from .formats import image_ids, read_estimates, write_coco_results
-
     coco_images = {im["id"]: im for im in gt.doc["images"]}
-    sizes = _image_sizes(path, fmt, images_dir, coco_images, allow_outside) \
-        if fmt in ("movenet", "blazepose") else None
-    est = read_estimates(path, fmt, sizes)
+    est = read_estimates(path, fmt, image_sizes(path, fmt, images_dir, coco_images, allow_outside))
     return validate_results(write_coco_results(est, est.keypoints[..., :2], est.keypoints[..., 2], est.scores,
                                                image_ids(est, coco_images)), str(path), gt)
 
@@ -322,11 +286,10 @@ def as_coco_results(path, fmt: str, images_dir, gt, allow_outside=False) -> list
 def cmd_refine(args) -> int:
     from tqdm import tqdm
 
-    from .synth.cocoio import load_ground_truth
-
     from .distributed import check_ray_args, image_sources, write_refined
     from .engine import Refiner, kept_input, refine_images
-    from .formats import image_ids, read_estimates
+    from .formats import image_ids, image_sizes, read_estimates
+    from .synth.cocoio import load_ground_truth
 
     _check_outputs(args, ("checkpoint", "onnx", "input", "annotations"), ("out",))
     check_ray_args(args)
@@ -339,8 +302,7 @@ def cmd_refine(args) -> int:
     coco_images = None
     if args.annotations:
         coco_images = {im["id"]: im for im in load_ground_truth(args.annotations).doc["images"]}
-    sizes = _image_sizes(args.input, args.format, args.images, coco_images, args.allow_outside_images) \
-        if args.format in ("movenet", "blazepose") else None
+    sizes = image_sizes(args.input, args.format, args.images, coco_images, args.allow_outside_images)
     est = read_estimates(args.input, args.format, sizes, skip_invalid=args.skip_invalid)
     n = len(est.image_keys)
     groups: dict = {}
@@ -469,23 +431,15 @@ def cmd_viz(args) -> int:
 def cmd_refine_video(args) -> int:
     from tqdm import tqdm
 
-    from .fileio import write_json_atomic
-
     from .engine import Refiner, kept_input
-    from .formats import write_coco_results
+    from .fileio import write_json_atomic
+    from .formats import image_sizes, write_coco_results
     from .tracking import OneEuroParams
     from .video import VideoWriter, draw_frame, load_poses, probe, refine_video
 
     _check_outputs(args, ("checkpoint", "onnx", "video", "input"), ("out", "render"))
     info = probe(args.video)
-    sizes = None
-    if args.format in ("movenet", "blazepose"):
-        from .fileio import read_json
-
-        doc = read_json(args.input, "input")
-        keys = {e.get("image") for e in doc if isinstance(e, dict)} if isinstance(doc, list) else set()
-        sizes = {k: (info.width, info.height) for k in keys if k is not None}
-    poses = load_poses(args.input, args.format, sizes)
+    poses = load_poses(args.input, args.format, image_sizes(args.input, args.format, size=(info.width, info.height)))
     smoothing = OneEuroParams(args.min_cutoff, args.beta, args.d_cutoff) if args.smooth else None
     refiner = Refiner.from_checkpoint(args.checkpoint, args.device, args.batch_size, args.flip_test,
                                       args.precision, args.channels_last, output=args.output,
@@ -612,22 +566,19 @@ def cmd_fit_choice(args) -> int:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from .synth.cocoio import load_ground_truth
-
-    from .fileio import atomic_path
-    from .synth.diagnose import keypoint_ap
-
     from .choice import METADATA_KEY, fit_choice, matched_truth, raw_refinement, select_margin
     from .engine import Refiner, choose
-    from .formats import image_file, image_ids, read_estimates, write_coco_results
+    from .fileio import atomic_path
+    from .formats import image_file, image_ids, image_sizes, read_estimates, write_coco_results
+    from .synth.cocoio import load_ground_truth
+    from .synth.diagnose import keypoint_ap
 
     _check_outputs(args, ("checkpoint", "input", "annotations"), ("out",))
     if not Path(args.images).is_dir():
         raise InputError("--images", f"{args.images} is not a directory")
     gt = load_ground_truth(args.annotations)
     coco_images = {im["id"]: im for im in gt.doc["images"]}
-    sizes = _image_sizes(args.input, args.format, args.images, coco_images, args.allow_outside_images) \
-        if args.format in ("movenet", "blazepose") else None
+    sizes = image_sizes(args.input, args.format, args.images, coco_images, args.allow_outside_images)
     est = read_estimates(args.input, args.format, sizes, skip_invalid=args.skip_invalid)
     refiner = Refiner.from_checkpoint(args.checkpoint, args.device, args.batch_size, output="raw")
     files = {key: image_file(args.images, key, coco_images, args.allow_outside_images)
@@ -686,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--results", required=True, metavar="RESULTS.json", help="the estimator's COCO results")
     f.add_argument("--out", required=True, metavar="PROFILE.json")
     f.add_argument("--profile", metavar="TEMPLATE.json", help="groups and bins to fit (default: the published)")
-    f.add_argument("--format", default="coco", choices=("coco", "movenet", "blazepose", "posenet", "openpose"),
+    f.add_argument("--format", default="coco", choices=tuple(FORMATS),
                    help="the results' format, as for refine (coco)")
     f.add_argument("--images", metavar="DIR", help="the images (for a format other than coco: file names, sizes)")
     allow_outside_images_arg(f)
@@ -721,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "of *_keypoints.json for openpose)")
     r.add_argument("--out", required=True, metavar="REFINED.json")
     r.add_argument("--annotations", metavar="ANNOTATIONS.json", help="COCO annotations: image file names and ids")
-    r.add_argument("--format", default="coco", choices=("coco", "movenet", "blazepose", "posenet", "openpose"))
+    r.add_argument("--format", default="coco", choices=tuple(FORMATS))
     r.add_argument("--flip-test", action="store_true", help="average with the refinement of the mirrored crop")
     r.add_argument("--batch-size", type=int, default=64, help="persons per model call (64)")
     r.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -756,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--input", required=True, metavar="RESULTS.json", help="the estimator's output on these images")
     fc.add_argument("--annotations", required=True, metavar="ANNOTATIONS.json", help="their COCO ground truth")
     fc.add_argument("--out", required=True, metavar="FITTED.safetensors", help="the checkpoint with the fitted choice")
-    fc.add_argument("--format", default="coco", choices=("coco", "movenet", "blazepose", "posenet", "openpose"))
+    fc.add_argument("--format", default="coco", choices=tuple(FORMATS))
     fc.add_argument("--batch-size", type=int, default=64, help="persons per model call (64)")
     fc.add_argument("--device", default="cpu")
     fc.add_argument("--workers", type=int, default=2, help="image decoding threads (2)")
@@ -794,7 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("--input", required=True, metavar="POSES.json")
     rv.add_argument("--out", required=True, metavar="REFINED.json")
     rv.add_argument("--render", metavar="OUT.mp4", help="also write the video with input and refined skeletons")
-    rv.add_argument("--format", default="coco", choices=("coco", "movenet", "blazepose", "posenet", "openpose"))
+    rv.add_argument("--format", default="coco", choices=tuple(FORMATS))
     rv.add_argument("--follow", action="store_true",
                     help="a tracked person's crop follows its previous refined pose (needs track_id)")
     rv.add_argument("--smooth", action="store_true", help="One-Euro filter over each track's refined keypoints")
@@ -843,7 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .search_cli import add_parsers as add_search_parsers
 
-    add_search_parsers(sub, ("coco", "movenet", "blazepose", "posenet", "openpose"))
+    add_search_parsers(sub, tuple(FORMATS))
 
     x = sub.add_parser("export", help="export a refiner to ONNX (fp32 or int8) or a Triton model repository",
                        description="Export the whole refiner as one ONNX graph (crops and input keypoints in; "

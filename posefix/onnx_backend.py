@@ -147,10 +147,10 @@ def calibration_crops(refiner: RefinerLike, images_dir: str | Path, poses_path: 
     """Real crops for calibration: the persons of an estimator's results ``poses_path`` (any format
     ``posefix refine`` reads) on the images of ``images_dir``, cut as the engine cuts them. Returns image
     (P, 3, H, W) and keypoints (P, K, 3) float32, P <= max_persons, in the file's order."""
-    from .formats import image_file, read_estimates
+    from .formats import image_file, image_sizes, read_estimates
     from .images import decode
 
-    est = read_estimates(poses_path, fmt)
+    est = read_estimates(poses_path, fmt, image_sizes(poses_path, fmt, images_dir, allow_outside=allow_outside))
     keep = np.flatnonzero((est.keypoints[..., 2] > 0).sum(-1) > 0)[:max_persons]
     if len(keep) == 0:
         raise InputError("--calibration-poses", f"{poses_path} has no person with a present keypoint")

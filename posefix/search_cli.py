@@ -26,14 +26,12 @@ def read_poses(path, fmt: str, images_dir=None, coco_images: dict | None = None,
                allow_outside: bool = False):
     """The persons of an estimator's file (any supported format) as what an index stores: (estimates,
     keypoints (P, 17, 3), ids (P,) or None, image ids (P,), boxes (P, 4), files or None)."""
-    from .cli import _image_sizes
-    from .formats import image_file, image_ids, read_estimates
+    from .formats import FORMATS, image_file, image_ids, image_sizes, read_estimates
     from .search import _keypoint_boxes, present
 
     if images_dir is not None and not Path(images_dir).is_dir():
         raise InputError("--images", f"{images_dir} is not a directory")
-    sizes = _image_sizes(path, fmt, images_dir or ".", coco_images, allow_outside) \
-        if fmt in ("movenet", "blazepose") else None
+    sizes = image_sizes(path, fmt, images_dir or ".", coco_images, allow_outside)
     try:
         est = read_estimates(path, fmt, sizes)
     except InputError as e:
@@ -44,7 +42,7 @@ def read_poses(path, fmt: str, images_dir=None, coco_images: dict | None = None,
     boxes = _keypoint_boxes(kp, present(kp))
     ids = []
     for i, rec in enumerate(est.records):
-        if est.format != "coco":
+        if not FORMATS[est.format].coco_results:
             break
         box, pid = rec.get("bbox"), rec.get("id")
         if isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v)

@@ -10,17 +10,18 @@ import sys
 import numpy as np
 import pytest
 
+from posefix.errors import InputError
 from posefix.formats import (
     FORMATS,
     LAYOUTS,
     from_coco17,
     image_file,
     image_ids,
+    image_sizes,
     read_estimates,
     to_coco17,
     write_coco_results,
 )
-from posefix.errors import InputError
 
 from .conftest import FIGURE
 
@@ -534,6 +535,100 @@ def test_any_malformation_is_an_input_error(tmp_path, fmt):
             out = write_coco_results(est, est.keypoints[..., :2], est.keypoints[..., 2], est.scores, np.arange(p))
             json.dumps(out, allow_nan=False)
 
+
+
+# The registry.
+
+def _persons(fmt, doc, stem):
+    """Each person of a native document as (image key, its keypoints as given, the other fields of the person
+    and its entry), in file order."""
+    def rest(d, *drop):
+        return {k: v for k, v in d.items() if k not in drop}
+
+    if fmt == "openpose":
+        return [(stem, p["pose_keypoints_2d"], {**rest(doc, "people"), **rest(p, "pose_keypoints_2d")})
+                for p in doc["people"]]
+    if fmt == "coco":
+        return [(e["image_id"], e["keypoints"], rest(e, "image_id", "keypoints")) for e in doc]
+    if fmt == "movenet":
+        return [(e["image"], e["keypoints"], rest(e, "image", "keypoints")) if "keypoints" in e else
+                (e["image"], row, rest(e, "image", "people")) for e in doc for row in e.get("people", [None])]
+    if fmt == "blazepose":
+        return [(e["image"], e["landmarks"], rest(e, "image", "landmarks")) for e in doc]
+    return [(e["image"], pose["keypoints"], {**rest(e, "image", "poses"), **rest(pose, "keypoints")})
+            for e in doc for pose in e["poses"]]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12)
+    return a == b and type(a) is type(b)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_round_trips_its_native_document(tmp_path, fmt):
+    """Read, then written back with the joints as read: every person comes back as the document gave it."""
+    docs = _valid_docs(np.random.default_rng(16))
+    assert set(docs) == set(FORMATS)
+    doc = docs[fmt]
+    est = read_estimates(_write(tmp_path, doc, "p_keypoints.json"), fmt, image_sizes=SIZES)
+    assert est.format == fmt and est.needs_image_size == (fmt in ("movenet", "blazepose"))
+    p = len(est.records)
+    out = write_coco_results(est, est.keypoints[..., :2], est.keypoints[..., 2], est.scores, image_ids(est))
+    json.dumps(out, allow_nan=False)
+    if fmt == "coco":
+        assert all(r.pop("category_id") == 1 for r in out)
+        back = [(r["image_id"], r["keypoints"], {k: v for k, v in r.items() if k not in ("image_id", "keypoints")})
+                for r in out]
+    else:
+        assert all(r["source_format"] == fmt and r["category_id"] == 1 for r in out)
+        key = "file" if fmt == "openpose" else "image"
+        back = [(r[key], r["source_keypoints"], r.get("source_fields", {})) for r in out]
+    given = _persons(fmt, doc, "p")
+    assert len(back) == len(given) == p > 1
+    for i, (b, g) in enumerate(zip(back, given)):
+        assert _same(b, g), (i, b, g)
+
+
+def test_image_sizes_for_normalised_formats_only(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (31, 17)).save(tmp_path / "a.png")
+    doc = [{"image": "a.png"}, {"image": 7}, {"image": "a.png"}, {"image": "../b.png"}, {"image": [1]}, 3]
+    path = _write(tmp_path, doc)
+    for fmt in FORMATS:
+        sizes = image_sizes(path, fmt, tmp_path, {7: {"id": 7, "width": 640, "height": 480}})
+        if fmt not in ("movenet", "blazepose"):
+            assert sizes is None
+            continue
+        assert sizes.keys() == {"a.png", 7, "../b.png"}
+        assert tuple(sizes["a.png"]) == (31, 17) and tuple(sizes[7]) == (640, 480)
+        assert isinstance(sizes["../b.png"], InputError)
+        assert image_sizes(path, fmt, size=(8, 6)) == {"a.png": (8, 6), 7: (8, 6), "../b.png": (8, 6)}
+        unread = image_sizes(path, fmt, tmp_path / "none", {7: {"id": 7, "width": 640, "height": 480}})
+        assert "a.png" not in unread and tuple(unread[7]) == (640, 480)  # left out, reported when needed
+
+def test_cli_format_choices_are_the_registry():
+    import argparse
+
+    from posefix.cli import build_parser
+
+    def walk(parser, path=()):
+        for action in parser._actions:
+            if "--format" in action.option_strings:
+                yield " ".join(path), action.choices
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, (*path, name))
+
+    found = dict(walk(build_parser()))
+    assert {"synth fit", "refine", "fit-choice", "refine-video", "index build", "index add", "search"} <= set(found)
+    for command, choices in found.items():
+        assert list(choices) == list(FORMATS), command
 
 def test_unknown_format_and_bad_image_sizes(tmp_path):
     path = _write(tmp_path, [])
