@@ -11,25 +11,8 @@ import math
 import numpy as np
 
 from ..errors import InputError
-from ..fileio import read_json
-from .common import (
-    Estimates,
-    Format,
-    Layout,
-    _entries,
-    _entry,
-    _finite,
-    _image_key,
-    _image_size,
-    _joints,
-    _json_clean,
-    _kind,
-    _mean_present,
-    _numbers,
-    _Reader,
-    _score,
-    to_coco17,
-)
+from . import common
+from .common import Estimates, Format, Layout, _Reader, to_coco17
 
 NAMES = (
     "nose", "left_eye_inner", "left_eye", "left_eye_outer", "right_eye_inner", "right_eye", "right_eye_outer",
@@ -50,32 +33,29 @@ def _landmark(lm, f: str, source: str) -> list[float]:
             if v is None and name == "presence":
                 values.append(math.nan)
                 continue
-            if not _finite(v):
+            if not common._finite(v):
                 raise InputError(f"{f}.{name}", f"missing or not a finite number, got {v!r}", source)
             values.append(float(v))
     else:
-        values = _numbers(lm, (5, 4), f, source, "x, y, z, visibility[, presence]")
+        values = common._numbers(lm, (5, 4), f, source, "x, y, z, visibility[, presence]")
         values += [math.nan] * (5 - len(values))
-    _score(values[3], f, source, upper=1.0)
+    common._score(values[3], f, source, upper=1.0)
     return values
 
 
 def read(path, reader: _Reader, image_sizes: dict | None = None) -> Estimates:
-    source = str(path)
-    for i, entry in enumerate(_entries(read_json(path, "entries"), source, "blazepose")):
-        f = f"entries[{i}]"
-        with reader.unit():
-            entry = _entry(entry, f, source)
-            key = _image_key(entry, f, source)
-            lms = entry.get("landmarks")
-            if not isinstance(lms, list) or len(lms) != len(LAYOUT.names):
-                got = f"{len(lms)} landmarks" if isinstance(lms, list) else _kind(lms)
-                raise InputError(f"{f}.landmarks", f"must be a list of 33 landmarks, got {got}", source)
-            w, h = _image_size(key, entry, f, source, image_sizes)
-            native = np.array([_landmark(lm, f"{f}.landmarks[{k}]", source) for k, lm in enumerate(lms)])
-            _json_clean(entry, f, source)
-            pixels = np.stack([native[:, 0] * w, native[:, 1] * h, native[:, 3]], axis=1)
-            reader.add(key, native, pixels, _mean_present(to_coco17(pixels, LAYOUT)[:, 2]), entry, (w, h))
+    def one(f: str, entry: dict, key, source: str) -> None:
+        lms = entry.get("landmarks")
+        if not isinstance(lms, list) or len(lms) != len(LAYOUT.names):
+            got = f"{len(lms)} landmarks" if isinstance(lms, list) else common._kind(lms)
+            raise InputError(f"{f}.landmarks", f"must be a list of 33 landmarks, got {got}", source)
+        w, h = common._image_size(key, entry, f, source, image_sizes)
+        native = np.array([_landmark(lm, f"{f}.landmarks[{k}]", source) for k, lm in enumerate(lms)])
+        common._json_clean(entry, f, source)
+        pixels = np.stack([native[:, 0] * w, native[:, 1] * h, native[:, 3]], axis=1)
+        reader.add(key, native, pixels, common._mean_present(to_coco17(pixels, LAYOUT)[:, 2]), entry, (w, h))
+
+    reader.read_entries(path, one)
     return reader.result(LAYOUT, 5)
 
 
@@ -83,7 +63,7 @@ def write(est: Estimates, i: int, refined) -> list:
     """Person i's 33 landmarks as given with the refined joints' x, y (normalised) and visibility written in;
     z and presence kept."""
     out = copy.deepcopy(est.records[i]["landmarks"])
-    for _, k, x, y, s in _joints(est, i, refined):
+    for _, k, x, y, s in common._joints(est, i, refined):
         lm = out[k]
         if isinstance(lm, dict):
             lm["x"], lm["y"], lm["visibility"] = x, y, s

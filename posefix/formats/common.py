@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..fileio import read_json
 from ..synth.keypoints import NAMES, NUM_KEYPOINTS
 
 
@@ -176,6 +177,17 @@ class _Reader:
             if not self.skip or getattr(e, "fatal", False):
                 raise
             self.skipped.append(str(e))
+
+    def read_entries(self, path, one) -> None:
+        """Read a file of per-image entries (a JSON list of objects, each naming its ``image``): call
+        ``one(f, entry, key, source)`` for each, with f the entry's field name (``entries[i]``), each entry
+        one unit."""
+        source = str(path)
+        for i, entry in enumerate(_entries(read_json(path, "entries"), source, self.fmt.name)):
+            f = f"entries[{i}]"
+            with self.unit():
+                entry = _entry(entry, f, source)
+                one(f, entry, _image_key(entry, f, source), source)
 
     def add(self, key, native, pixels, score, record, size=(math.nan, math.nan)):
         self.keys.append(key)

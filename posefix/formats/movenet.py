@@ -12,24 +12,9 @@ import copy
 import numpy as np
 
 from ..errors import InputError
-from ..fileio import read_json
 from ..synth.keypoints import NUM_KEYPOINTS
-from .common import (
-    COCO17,
-    Estimates,
-    Format,
-    _entries,
-    _entry,
-    _image_key,
-    _image_size,
-    _joints,
-    _json_clean,
-    _kind,
-    _mean_present,
-    _numbers,
-    _Reader,
-    _score,
-)
+from . import common
+from .common import COCO17, Estimates, Format, _Reader
 
 LAYOUT = COCO17
 
@@ -46,43 +31,40 @@ def _unwrap(value, depth: int):
 
 
 def read(path, reader: _Reader, image_sizes: dict | None = None) -> Estimates:
-    source = str(path)
-    for i, entry in enumerate(_entries(read_json(path, "entries"), source, "movenet")):
-        f = f"entries[{i}]"
-        with reader.unit():
-            entry = _entry(entry, f, source)
-            key = _image_key(entry, f, source)
-            if ("keypoints" in entry) == ("people" in entry):
-                raise InputError(f, "needs exactly one of \"keypoints\" (SinglePose: [[y, x, score] * 17]) and "
-                                 "\"people\" (MultiPose: rows of 56 numbers)", source)
-            w, h = _image_size(key, entry, f, source, image_sizes)
-            if "keypoints" in entry:
-                rows = _unwrap(entry["keypoints"], 2)
-                if not isinstance(rows, list) or len(rows) != NUM_KEYPOINTS:
-                    got = f"{len(rows)} rows" if isinstance(rows, list) else _kind(rows)
-                    raise InputError(f"{f}.keypoints", f"must be 17 rows of [y, x, score], got {got}", source)
-                native = np.array([_numbers(r, (3,), f"{f}.keypoints[{k}]", source, "y, x, score")
-                                   for k, r in enumerate(rows)])
+    def one(f: str, entry: dict, key, source: str) -> None:
+        if ("keypoints" in entry) == ("people" in entry):
+            raise InputError(f, "needs exactly one of \"keypoints\" (SinglePose: [[y, x, score] * 17]) and "
+                             "\"people\" (MultiPose: rows of 56 numbers)", source)
+        w, h = common._image_size(key, entry, f, source, image_sizes)
+        if "keypoints" in entry:
+            rows = _unwrap(entry["keypoints"], 2)
+            if not isinstance(rows, list) or len(rows) != NUM_KEYPOINTS:
+                got = f"{len(rows)} rows" if isinstance(rows, list) else common._kind(rows)
+                raise InputError(f"{f}.keypoints", f"must be 17 rows of [y, x, score], got {got}", source)
+            native = np.array([common._numbers(r, (3,), f"{f}.keypoints[{k}]", source, "y, x, score")
+                               for k, r in enumerate(rows)])
+            for k in range(NUM_KEYPOINTS):
+                common._score(native[k, 2], f"{f}.keypoints[{k}]", source, upper=1.0)
+            common._json_clean(entry, f, source, skip=("keypoints",))
+            pixels = np.stack([native[:, 1] * w, native[:, 0] * h, native[:, 2]], axis=1)
+            reader.add(key, native, pixels, common._mean_present(native[:, 2]), entry, (w, h))
+            return
+        common._json_clean(entry, f, source, skip=("people",))
+        people = _unwrap(entry["people"], 1)
+        if not isinstance(people, list):
+            raise InputError(f"{f}.people", f"must be a list of rows of 56 numbers, got {common._kind(people)}", source)
+        for j, row in enumerate(people):
+            with reader.unit():
+                fj = f"{f}.people[{j}]"
+                row = common._numbers(row, (56,), fj, source, "17 * (y, x, score), then ymin, xmin, ymax, xmax, score")
+                native = np.asarray(row[:51]).reshape(NUM_KEYPOINTS, 3)
                 for k in range(NUM_KEYPOINTS):
-                    _score(native[k, 2], f"{f}.keypoints[{k}]", source, upper=1.0)
-                _json_clean(entry, f, source, skip=("keypoints",))
+                    common._score(native[k, 2], fj, source, upper=1.0)
+                common._score(row[55], fj, source, upper=1.0)
                 pixels = np.stack([native[:, 1] * w, native[:, 0] * h, native[:, 2]], axis=1)
-                reader.add(key, native, pixels, _mean_present(native[:, 2]), entry, (w, h))
-                continue
-            _json_clean(entry, f, source, skip=("people",))
-            people = _unwrap(entry["people"], 1)
-            if not isinstance(people, list):
-                raise InputError(f"{f}.people", f"must be a list of rows of 56 numbers, got {_kind(people)}", source)
-            for j, row in enumerate(people):
-                with reader.unit():
-                    fj = f"{f}.people[{j}]"
-                    row = _numbers(row, (56,), fj, source, "17 * (y, x, score), then ymin, xmin, ymax, xmax, score")
-                    native = np.asarray(row[:51]).reshape(NUM_KEYPOINTS, 3)
-                    for k in range(NUM_KEYPOINTS):
-                        _score(native[k, 2], fj, source, upper=1.0)
-                    _score(row[55], fj, source, upper=1.0)
-                    pixels = np.stack([native[:, 1] * w, native[:, 0] * h, native[:, 2]], axis=1)
-                    reader.add(key, native, pixels, row[55], {**entry, "people": [people[j]]}, (w, h))
+                reader.add(key, native, pixels, row[55], {**entry, "people": [people[j]]}, (w, h))
+
+    reader.read_entries(path, one)
     return reader.result(LAYOUT, 3)
 
 
@@ -98,7 +80,7 @@ def write(est: Estimates, i: int, refined) -> list:
     refined joints written in, normalised."""
     out = copy.deepcopy(_person(est.records[i])[0])
     single = "keypoints" in est.records[i]
-    for _, k, x, y, s in _joints(est, i, refined):
+    for _, k, x, y, s in common._joints(est, i, refined):
         if single:
             row = _unwrap(out, 2)[k]
             row[0], row[1], row[2] = y, x, s

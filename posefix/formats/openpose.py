@@ -13,20 +13,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..fileio import read_json
-from .common import (
-    Estimates,
-    Format,
-    Layout,
-    _entry,
-    _joints,
-    _json_clean,
-    _kind,
-    _mean_present,
-    _numbers,
-    _Reader,
-    _score,
-    to_coco17,
-)
+from . import common
+from .common import Estimates, Format, Layout, _Reader, to_coco17
 
 BODY25_NAMES = (
     "Nose", "Neck", "RShoulder", "RElbow", "RWrist", "LShoulder", "LElbow", "LWrist", "MidHip", "RHip",
@@ -76,24 +64,24 @@ def read(path, reader: _Reader, image_sizes: dict | None = None) -> Estimates:
         with reader.unit() if many else contextlib.nullcontext():
             doc = read_json(file, "openpose")
             if not isinstance(doc, dict) or not isinstance(doc.get("people"), list):
-                got = _kind(doc.get("people")) if isinstance(doc, dict) else _kind(doc)
+                got = common._kind(doc.get("people")) if isinstance(doc, dict) else common._kind(doc)
                 raise InputError("people", f"an OpenPose file is an object with a list \"people\", got {got}", source)
             for k, v in doc.items():
                 if k != "people":
-                    _json_clean(v, k, source)
+                    common._json_clean(v, k, source)
             frame = {k: v for k, v in doc.items() if k != "people"}
             for j, person in enumerate(doc["people"]):
                 fj = f"people[{j}]"
                 with reader.unit():
-                    person = _entry(person, fj, source)
+                    person = common._entry(person, fj, source)
                     kf = _keypoints_field(person)
-                    flat = _numbers(person.get(kf), (75, 54), f"{fj}.{kf}", source,
+                    flat = common._numbers(person.get(kf), (75, 54), f"{fj}.{kf}", source,
                                     "x, y, c for 25 BODY_25 or 18 COCO-18 keypoints")
                     n = len(flat) // 3
                     native = np.asarray(flat).reshape(n, 3)
                     for k in range(n):
-                        _score(native[k, 2], f"{fj}.{kf}", source)
-                    _json_clean(person, fj, source)
+                        common._score(native[k, 2], f"{fj}.{kf}", source)
+                    common._json_clean(person, fj, source)
                     if layout is None:
                         layout, first = by_count[n], f"{source}: {fj}"
                     elif n != len(layout.names):
@@ -102,7 +90,7 @@ def read(path, reader: _Reader, image_sizes: dict | None = None) -> Estimates:
                                        source)
                         e.fatal = True  # a mix of layouts is no malformed entry: refused even when skipping
                         raise e
-                    reader.add(openpose_key(file), native, native, _mean_present(to_coco17(native, layout)[:, 2]),
+                    reader.add(openpose_key(file), native, native, common._mean_present(to_coco17(native, layout)[:, 2]),
                                {**frame, "people": [person]})
     return reader.result(layout or LAYOUT, 3)
 
@@ -111,7 +99,7 @@ def write(est: Estimates, i: int, refined) -> list:
     """Person i's flat [x, y, c] keypoints as given with the refined joints written in."""
     person = est.records[i]["people"][0]
     out = copy.deepcopy(person[_keypoints_field(person)])
-    for _, k, x, y, s in _joints(est, i, refined):
+    for _, k, x, y, s in common._joints(est, i, refined):
         out[3 * k], out[3 * k + 1], out[3 * k + 2] = x, y, s
     return out
 

@@ -10,23 +10,9 @@ import copy
 import numpy as np
 
 from ..errors import InputError
-from ..fileio import read_json
 from ..synth.keypoints import NAMES, NUM_KEYPOINTS
-from .common import (
-    COCO17,
-    Estimates,
-    Format,
-    _entries,
-    _entry,
-    _finite,
-    _image_key,
-    _joints,
-    _json_clean,
-    _kind,
-    _mean_present,
-    _Reader,
-    _score,
-)
+from . import common
+from .common import COCO17, Estimates, Format, _Reader
 
 LAYOUT = COCO17
 # PoseNet's part names (camelCase), in COCO order.
@@ -41,7 +27,7 @@ _PART_INDEX = {**{p: j for j, p in enumerate(PARTS)}, **{n: j for j, n in enumer
 def _keypoint(kp, f: str, source: str) -> tuple[int, float, float, float]:
     """One PoseNet keypoint → (COCO joint, x, y, score)."""
     if not isinstance(kp, dict):
-        raise InputError(f, f"must be an object, got {_kind(kp)}", source)
+        raise InputError(f, f"must be an object, got {common._kind(kp)}", source)
     name_field = "part" if "part" in kp else "name"
     part = kp.get(name_field)
     if not isinstance(part, str) or part not in _PART_INDEX:
@@ -50,55 +36,52 @@ def _keypoint(kp, f: str, source: str) -> tuple[int, float, float, float]:
     if "position" in kp:
         pos, where = kp["position"], f"{f}.position"
         if not isinstance(pos, dict):
-            raise InputError(where, f"must be an object {{\"x\", \"y\"}}, got {_kind(pos)}", source)
+            raise InputError(where, f"must be an object {{\"x\", \"y\"}}, got {common._kind(pos)}", source)
     else:
         pos, where = kp, f
     xy = []
     for name in ("x", "y"):
-        if not _finite(pos.get(name)):
+        if not common._finite(pos.get(name)):
             raise InputError(f"{where}.{name}", f"missing or not a finite number, got {pos.get(name)!r}", source)
         xy.append(float(pos[name]))
     s = kp.get("score")
-    if not _finite(s):
+    if not common._finite(s):
         raise InputError(f"{f}.score", f"missing or not a finite number, got {s!r}", source)
-    return _PART_INDEX[part], xy[0], xy[1], _score(float(s), f"{f}.score", source, upper=1.0)
+    return _PART_INDEX[part], xy[0], xy[1], common._score(float(s), f"{f}.score", source, upper=1.0)
 
 
 def read(path, reader: _Reader, image_sizes: dict | None = None) -> Estimates:
-    source = str(path)
-    for i, entry in enumerate(_entries(read_json(path, "entries"), source, "posenet")):
-        f = f"entries[{i}]"
-        with reader.unit():
-            entry = _entry(entry, f, source)
-            key = _image_key(entry, f, source)
-            poses = entry.get("poses")
-            if not isinstance(poses, list):
-                raise InputError(f"{f}.poses", f"missing or not a list of poses, got {_kind(poses)}", source)
-            _json_clean(entry, f, source, skip=("poses",))
-            for j, pose in enumerate(poses):
-                fj = f"{f}.poses[{j}]"
-                with reader.unit():
-                    pose = _entry(pose, fj, source)
-                    kps = pose.get("keypoints")
-                    if not isinstance(kps, list):
-                        raise InputError(f"{fj}.keypoints", f"missing or not a list, got {_kind(kps)}", source)
-                    native = np.zeros((NUM_KEYPOINTS, 3))
-                    seen = {}
-                    for k, kp in enumerate(kps):
-                        joint, x, y, s = _keypoint(kp, f"{fj}.keypoints[{k}]", source)
-                        if joint in seen:
-                            raise InputError(f"{fj}.keypoints[{k}]", f"{PARTS[joint]} is also "
-                                             f"keypoints[{seen[joint]}]", source)
-                        seen[joint] = k
-                        native[joint] = x, y, s
-                    _json_clean(pose, fj, source)
-                    if "score" in pose:
-                        if not _finite(pose["score"]):
-                            raise InputError(f"{fj}.score", f"not a finite number, got {pose['score']!r}", source)
-                        score = _score(float(pose["score"]), f"{fj}.score", source, upper=1.0)
-                    else:
-                        score = _mean_present(native[:, 2])
-                    reader.add(key, native, native, score, {**entry, "poses": [pose]})
+    def one(f: str, entry: dict, key, source: str) -> None:
+        poses = entry.get("poses")
+        if not isinstance(poses, list):
+            raise InputError(f"{f}.poses", f"missing or not a list of poses, got {common._kind(poses)}", source)
+        common._json_clean(entry, f, source, skip=("poses",))
+        for j, pose in enumerate(poses):
+            fj = f"{f}.poses[{j}]"
+            with reader.unit():
+                pose = common._entry(pose, fj, source)
+                kps = pose.get("keypoints")
+                if not isinstance(kps, list):
+                    raise InputError(f"{fj}.keypoints", f"missing or not a list, got {common._kind(kps)}", source)
+                native = np.zeros((NUM_KEYPOINTS, 3))
+                seen = {}
+                for k, kp in enumerate(kps):
+                    joint, x, y, s = _keypoint(kp, f"{fj}.keypoints[{k}]", source)
+                    if joint in seen:
+                        raise InputError(f"{fj}.keypoints[{k}]", f"{PARTS[joint]} is also "
+                                         f"keypoints[{seen[joint]}]", source)
+                    seen[joint] = k
+                    native[joint] = x, y, s
+                common._json_clean(pose, fj, source)
+                if "score" in pose:
+                    if not common._finite(pose["score"]):
+                        raise InputError(f"{fj}.score", f"not a finite number, got {pose['score']!r}", source)
+                    score = common._score(float(pose["score"]), f"{fj}.score", source, upper=1.0)
+                else:
+                    score = common._mean_present(native[:, 2])
+                reader.add(key, native, native, score, {**entry, "poses": [pose]})
+
+    reader.read_entries(path, one)
     return reader.result(LAYOUT, 3)
 
 
@@ -118,7 +101,7 @@ def write(est: Estimates, i: int, refined) -> list:
     """Person i's keypoints as given with the refined joints written in by part; a part the pose lacked is
     appended in the pose's own form."""
     out = copy.deepcopy(est.records[i]["poses"][0]["keypoints"])
-    for j, _, x, y, s in _joints(est, i, refined):
+    for j, _, x, y, s in common._joints(est, i, refined):
         _put(out, j, x, y, s)
     return out
 
