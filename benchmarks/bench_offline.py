@@ -15,8 +15,9 @@ swaps and misses). It is generated, seeded, in a separate process into a tempora
 
 The measured path is the one `posefix refine` runs, in process, with a random-weight ``PoseFixNet``
 exported by ``posefix.engine.export_weights``: ``posefix.formats.read_estimates`` reads and validates the
-JSON, ``Refiner.from_checkpoint`` loads the weights, ``posefix.engine.refine_images`` decodes each image
-once in background threads and batches persons across images, ``write_coco_results`` and
+JSON, ``Refiner.from_checkpoint`` loads the weights, ``posefix.refine.refine_estimates`` refines through
+``posefix.engine.refine_images``, which decodes each image once in background threads and batches persons
+across images, and applies the per-joint choice and the instance scores; ``write_coco_results`` and
 ``write_json_atomic`` write the output. The weights do not change the work done. On a device that cannot
 refine every person in ``--seconds`` (120 s by default on a CPU; no limit on a GPU) the images are refined
 in file order until the time is up (an image is not started that would end after it at the rate so far),
@@ -103,9 +104,9 @@ def generate(directory: str, instances: int, seed: int) -> dict:
     from dataclasses import replace
 
     from posefix import SAMPLE_DIR
+    from posefix.fileio import write_json_atomic
     from posefix.synth.coco import synthesize_coco
     from posefix.synth.cocoio import load_ground_truth
-    from posefix.fileio import write_json_atomic
 
     directory = Path(directory)
     rng = np.random.default_rng(seed)
@@ -182,9 +183,9 @@ def refine_offline(work: Path, checkpoint: Path, args, seconds: float | None) ->
     from tqdm import tqdm
 
     from posefix.engine import Refiner, refine_images
-    from posefix.formats import image_file, image_ids, read_estimates, write_coco_results
     from posefix.fileio import write_json_atomic
-
+    from posefix.formats import image_file, image_ids, read_estimates, write_coco_results
+    from posefix.refine import by_image, refine_estimates
     from posefix.runtime import keep_freed_memory
 
     out = {"keep_freed_memory": keep_freed_memory(),  # as the posefix command does for refine
@@ -212,52 +213,47 @@ def refine_offline(work: Path, checkpoint: Path, args, seconds: float | None) ->
     refiner.refine = refine_timed
 
     n = len(est.image_keys)
-    groups: dict = {}
-    for i, key in enumerate(est.image_keys):
-        groups.setdefault(key, []).append(i)
-    given = est.keypoints
-    xy, conf = given[..., :2].copy(), given[..., 2].copy()  # what a person not refined keeps
+    groups = by_image(est.image_keys)
+    sources = {key: image_file(work / "images", key, allow_outside=True) for key in groups}  # links to the sample
     t_start = time.perf_counter()
     deadline = t_start + seconds if seconds else float("inf")
     handed = [0]  # persons given to refine_images
     batches = [(t_start, 0)]  # (when, persons refined by then) after each model batch
 
-    def jobs():
+    def in_time(jobs):
         # refine_images reads images ahead of the model, so an image is handed over only while the
         # persons already handed over and its own can be refined before the deadline at the rate of the
         # batches after the first (which also pays for first-touch allocations).
-        for key, rows in groups.items():
+        for key, source, poses in jobs:
             now = time.perf_counter()
             if now >= deadline:
                 return
             if len(batches) > 2:
                 (t1, p1), (t, p) = batches[1], batches[-1]
-                if t + (handed[0] - p + len(rows)) * (t - t1) / (p - p1) > deadline:
+                if t + (handed[0] - p + len(poses)) * (t - t1) / (p - p1) > deadline:
                     return
-            handed[0] += len(rows)
-            yield key, image_file(work / "images", key, allow_outside=True), given[rows]  # links to the sample
+            handed[0] += len(poses)
+            yield key, source, poses
 
     def progress(k):
         batches.append((time.perf_counter(), batches[-1][1] + k))
         bar.update(k)
 
-    persons = images = 0
+    def run(jobs):  # refine_images as posefix refine runs it, on the images that fit in the time
+        return refine_images(refiner, in_time(jobs), workers=args.workers, progress=progress)
+
     cpu = os.times()
     with tqdm(total=n, unit="person", file=sys.stderr, mininterval=0.5, disable=None) as bar:
-        for key, kxy, kconf in refine_images(refiner, jobs(), workers=args.workers, progress=progress):
-            xy[groups[key]], conf[groups[key]] = kxy, kconf
-            persons += len(groups[key])
-            images += 1
+        refined = refine_estimates(refiner, est, sources, run=run)  # persons not refined keep their input
     out["refine_s"] = time.perf_counter() - t_start
     out["refine_user_s"], out["refine_sys_s"] = os.times().user - cpu.user, os.times().system - cpu.system
     out["refine_calls_s"] = model_s[0]
-    out["persons_refined"], out["images_refined"] = persons, images
+    out["persons_refined"] = int(refined.refined.sum())
+    out["images_refined"] = sum(bool(refined.refined[rows[0]]) for rows in groups.values())
     out["batches"] = [[t - t_start, p] for t, p in batches[1:]]
 
     t0 = time.perf_counter()
-    present = given[..., 2] > 0
-    mean_conf = (conf * present).sum(1) / np.maximum(present.sum(1), 1)
-    results = write_coco_results(est, xy, conf, est.scores * mean_conf, image_ids(est))
+    results = write_coco_results(est, refined.xy, refined.conf, refined.scores, image_ids(est), refined.kept)
     out["build_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     write_json_atomic(work / "refined.json", results)

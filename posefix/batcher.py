@@ -31,8 +31,9 @@ import torch
 
 from .errors import PosefixError
 
-# refine(images, image_index (P,), poses (P, K, 3)) -> (xy (P, K, 2), confidence (P, K)), as Refiner.refine.
-RefineFn = Callable[[list[torch.Tensor], np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+# refine(images, image_index (P,), poses (P, K, 3)[, crop_poses (P, K, 3)]) -> (xy (P, K, 2), confidence (P, K)),
+# as Refiner.refine; crop_poses is passed only for a batch in which a call has crop poses (the others' own poses).
+RefineFn = Callable[..., tuple[np.ndarray, np.ndarray]]
 
 
 class QueueFull(PosefixError):
@@ -81,6 +82,7 @@ class BatcherStats:
 class _Call:
     image: torch.Tensor  # (3, H, W) uint8
     poses: np.ndarray  # (P, K, 3)
+    crop_poses: np.ndarray | None  # (P, K, 3) the poses to crop around; None: poses
     deadline: float | None  # loop time
     enqueued: float  # loop time
     future: asyncio.Future = field(repr=False)
@@ -120,7 +122,8 @@ class DynamicBatcher:
     """Groups concurrent calls into batches of up to ``max_batch_size`` persons.
 
     ``refine``: the model, called in one worker thread with the batch's images, image index (P,) and
-    poses (P, K, 3). ``max_queue_delay_ms``: how long the oldest call waits for others to join its
+    poses (P, K, 3) and, where a call of the batch has them, the poses to crop around (P, K, 3)
+    (:data:`RefineFn`). ``max_queue_delay_ms``: how long the oldest call waits for others to join its
     batch. ``max_queue_size``: persons that may wait (not counting the batch being computed); a call
     with more persons than this is always refused. A call with more than ``max_batch_size`` persons
     runs as a batch of its own. ``max_queue_wait_s``: the longest a call may wait before its batch
@@ -236,15 +239,20 @@ class DynamicBatcher:
             raise self._refuse(QueueFull(f"overloaded: the call would finish in an estimated {end:.3f} s, after "
                                          f"its deadline ({max(timeout, 0):.3f} s from now)"), "refused_for_deadline")
 
-    async def refine(self, image: torch.Tensor, poses: np.ndarray,
-                     timeout: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    async def refine(self, image: torch.Tensor, poses: np.ndarray, timeout: float | None = None,
+                     crop_poses: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Refine the persons of one image: image (3, H, W) uint8, poses (P, K, 3) image pixels.
 
         Returns xy (P, K, 2) in image pixels and confidence (P, K), as ``Refiner.refine``. ``timeout``:
         seconds from now after which the call is no longer worth computing (None: no deadline).
-        Raises :class:`QueueFull`, :class:`DeadlineExpired` or :class:`BatcherStopped`.
+        ``crop_poses`` (P, K, 3): crop around these instead (a track's previous refined pose; None: the
+        poses). Raises :class:`QueueFull`, :class:`DeadlineExpired` or :class:`BatcherStopped`.
         """
         poses = np.asarray(poses, dtype=np.float64)
+        if crop_poses is not None:
+            crop_poses = np.asarray(crop_poses, dtype=np.float64)
+            if crop_poses.shape != poses.shape:
+                raise ValueError(f"crop_poses {crop_poses.shape} do not match poses {poses.shape}")
         if len(poses) == 0:
             return np.zeros(poses.shape[:2] + (2,)), np.zeros(poses.shape[:2])
         if self._worker is None:
@@ -255,7 +263,7 @@ class DynamicBatcher:
         self.admit(len(poses), timeout)
         loop = asyncio.get_running_loop()
         now = loop.time()
-        call = _Call(image, poses, None if timeout is None else now + timeout, now, loop.create_future())
+        call = _Call(image, poses, crop_poses, None if timeout is None else now + timeout, now, loop.create_future())
         self._pending.append(call)
         self._queued += call.persons
         self._arrived.set()
@@ -335,9 +343,11 @@ class DynamicBatcher:
             images = [call.image for call in batch]
             index = np.concatenate([np.full(call.persons, n, dtype=np.int64) for n, call in enumerate(batch)])
             poses = np.concatenate([call.poses for call in batch])  # (P, K, 3)
+            crops = () if all(call.crop_poses is None for call in batch) else (
+                np.concatenate([call.poses if call.crop_poses is None else call.crop_poses for call in batch]),)
             t0 = time.perf_counter()
             try:
-                xy, conf = await loop.run_in_executor(self._executor, self._refine, images, index, poses)
+                xy, conf = await loop.run_in_executor(self._executor, self._refine, images, index, poses, *crops)
             except Exception as e:  # noqa: BLE001 — the model failed: every call of the batch gets the error
                 self._running = None
                 for call in batch:

@@ -157,19 +157,12 @@ def fit_choice(poses, xy, conf, input_conf, gt, gt_area, l2: float = 1.0) -> Fit
 
 def raw_refinement(refiner, est, files: dict, workers: int = 2):
     """Refine every person of ``est`` (:class:`posefix.formats.Estimates`) raw with ``refiner`` (a
-    :class:`posefix.engine.Refiner`), ``files`` mapping each image key to its file. Returns xy (P, K, 2),
-    confidence (P, K) and input confidence (P, K) in ``est`` order."""
-    from .engine import refine_images
+    :class:`posefix.engine.Refiner`) through :func:`posefix.refine.refine_estimates`, ``files`` mapping each image
+    key to its file. Returns xy (P, K, 2), confidence (P, K) and input confidence (P, K) in ``est`` order."""
+    from .refine import refine_estimates
 
-    n = len(est.image_keys)
-    groups: dict = {}
-    for i, key in enumerate(est.image_keys):
-        groups.setdefault(key, []).append(i)
-    xy, conf, input_conf = np.zeros((n, NUM_KEYPOINTS, 2)), np.zeros((n, NUM_KEYPOINTS)), np.zeros((n, NUM_KEYPOINTS))
-    jobs = ((key, files[key], est.keypoints[rows]) for key, rows in groups.items())
-    for key, kxy, kconf, kin in refine_images(refiner, jobs, workers=workers, parts=True):
-        xy[groups[key]], conf[groups[key]], input_conf[groups[key]] = kxy, kconf, kin
-    return xy, conf, input_conf
+    out = refine_estimates(refiner, est, files, output="raw", workers=workers)
+    return out.xy, out.conf, out.input_conf
 
 
 def matched_truth(gt, results: list[dict]):

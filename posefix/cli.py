@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import itertools
 import sys
 import time
@@ -287,8 +286,9 @@ def cmd_refine(args) -> int:
     from tqdm import tqdm
 
     from .distributed import check_ray_args, image_sources, write_refined
-    from .engine import Refiner, kept_input, refine_images
+    from .engine import Refiner
     from .formats import image_ids, image_sizes, read_estimates
+    from .refine import by_image, refine_estimates
     from .synth.cocoio import load_ground_truth
 
     _check_outputs(args, ("checkpoint", "onnx", "input", "annotations"), ("out",))
@@ -305,45 +305,31 @@ def cmd_refine(args) -> int:
     sizes = image_sizes(args.input, args.format, args.images, coco_images, args.allow_outside_images)
     est = read_estimates(args.input, args.format, sizes, skip_invalid=args.skip_invalid)
     n = len(est.image_keys)
-    groups: dict = {}
-    for i, key in enumerate(est.image_keys):
-        groups.setdefault(key, []).append(i)
+    groups = by_image(est.image_keys)
     skipped_images: list = []  # (key, message) of the images not read, with --skip-invalid
     sources = image_sources(args, groups, coco_images, skipped_images)
-    jobs = ((key, source, est.keypoints[groups[key]]) for key, source in sources.items())
+    refiner = run = None
     if args.ray is None:
         refiner = Refiner.from_checkpoint(args.checkpoint, args.device, args.batch_size, args.flip_test,
                                           args.precision, args.channels_last, output=args.output,
                                           choice_margin=args.choice_margin, backend=args.backend,
                                           onnx=args.onnx, provider=args.provider)
-    xy = np.zeros((n, 17, 2))
-    conf = np.zeros((n, 17))
+    else:
+        from .distributed import ray_options, refine_images_ray
+
+        def run(jobs):
+            return refine_images_ray(args.checkpoint, jobs, **ray_options(args, skipped_images))
     t0 = time.perf_counter()
     with tqdm(total=n, unit="person", file=sys.stderr, disable=args.quiet or args.ray is not None or None,
               mininterval=0.5) as bar:
-        if args.ray is None:
-            refined = refine_images(refiner, jobs, workers=args.workers, progress=bar.update,
-                                    skipped=skipped_images if args.skip_invalid else None)
-        else:
-            from .distributed import ray_options, refine_images_ray
-
-            refined = refine_images_ray(args.checkpoint, jobs, **ray_options(args, skipped_images))
-        with contextlib.closing(refined):
-            for key, kxy, kconf in refined:
-                xy[groups[key]], conf[groups[key]] = kxy, kconf
+        out = refine_estimates(refiner, est, sources, output=args.output, keep_input_below=args.keep_input_below,
+                               workers=args.workers, progress=bar.update,
+                               skipped=skipped_images if args.skip_invalid else None, run=run)
     elapsed = time.perf_counter() - t0
-    given = est.keypoints
-    if args.keep_input_below is not None:
-        keep = (conf < args.keep_input_below) & (conf < given[..., 2])
-        xy[keep], conf[keep] = given[keep][:, :2], given[keep][:, 2]
-    present = given[..., 2] > 0
-    from_input = kept_input(given, xy)
-    n, where = write_refined(args, est, xy, conf, instance_scores(est.scores, conf, present, args.output),
-                             image_ids(est, coco_images), groups,
-                             skipped_images, from_input)
-    for key, _ in skipped_images:
-        present[groups[key]] = False  # persons left out
-    kept = f", {int(from_input[present].sum())} of {int(present.sum())} present keypoints kept from the input"
+    n, where = write_refined(args, est, out.xy, out.conf, out.scores, image_ids(est, coco_images), groups,
+                             skipped_images, out.kept)
+    present = (est.keypoints[..., 2] > 0) & out.refined[:, None]  # of the persons written
+    kept = f", {int(out.kept[present].sum())} of {int(present.sum())} present keypoints kept from the input"
     print(f"refined {n} persons on {len(groups) - len(skipped_images)} images in {elapsed:.1f} s "
           f"({n / max(elapsed, 1e-9):.1f} persons/s){kept} -> {where}")
     if est.skipped:
@@ -431,9 +417,10 @@ def cmd_viz(args) -> int:
 def cmd_refine_video(args) -> int:
     from tqdm import tqdm
 
-    from .engine import Refiner, kept_input
+    from .engine import Refiner
     from .fileio import write_json_atomic
     from .formats import image_sizes, write_coco_results
+    from .refine import finish
     from .tracking import OneEuroParams
     from .video import VideoWriter, draw_frame, load_poses, probe, refine_video
 
@@ -464,9 +451,8 @@ def cmd_refine_video(args) -> int:
     if writer:
         writer.close()
     elapsed = time.perf_counter() - t0
-    present = given[..., 2] > 0
-    scores = instance_scores(poses.est.scores, conf, present, args.output)
-    write_json_atomic(args.out, write_coco_results(poses.est, xy, conf, scores, poses.frame, kept_input(given, xy)))
+    xy, conf, kept, scores = finish(given, poses.est.scores, xy, conf, args.output)
+    write_json_atomic(args.out, write_coco_results(poses.est, xy, conf, scores, poses.frame, kept))
     print(f"refined {len(poses.frame)} persons on {decoded} frames in {elapsed:.1f} s "
           f"({decoded / max(elapsed, 1e-9):.1f} frames/s) -> {args.out}"
           + (f"; video with input (orange) and refined (cyan) poses -> {args.render}" if args.render else ""))
@@ -553,15 +539,6 @@ def _output_options(parser) -> None:
                              "for its probability p that the correction is closer, P its own fitted margin)")
 
 
-def instance_scores(scores, conf, present, output: str):
-    """Each refined person's instance score: with the per-joint choice the input's own (an input whose every
-    joint is kept comes back exactly as given, and COCO's ranking of the persons is the estimator's); raw, the
-    input's × the mean refined confidence of its present joints."""
-    if output == "choice":
-        return np.asarray(scores, dtype=np.float64)
-    return scores * (conf * present).sum(1) / np.maximum(present.sum(1), 1)
-
-
 def cmd_fit_choice(args) -> int:
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -570,6 +547,7 @@ def cmd_fit_choice(args) -> int:
     from .engine import Refiner, choose
     from .fileio import atomic_path
     from .formats import image_file, image_ids, image_sizes, read_estimates, write_coco_results
+    from .refine import instance_scores
     from .synth.cocoio import load_ground_truth
     from .synth.diagnose import keypoint_ap
 

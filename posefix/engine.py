@@ -391,23 +391,21 @@ def _staged(stage, source):
 
 
 def refine_results(refiner: Refiner, results: list[dict], image_paths: dict) -> list[dict]:
-    """Refine COCO keypoint results (validated). ``image_paths`` maps image_id → file. Each refined
-    keypoint's third value is the refiner's confidence; ``keypoint_source`` says for each whether it is the
-    ``"input"`` joint or the ``"refined"`` one; the instance score and every other field are kept."""
+    """Refine COCO keypoint results (validated) as ``posefix refine`` does (:func:`posefix.refine.refine_estimates`).
+    ``image_paths`` maps image_id → file. Each refined keypoint's third value is the refiner's confidence;
+    ``keypoint_source`` says for each whether it is the ``"input"`` joint or the ``"refined"`` one; the instance
+    score is :func:`posefix.refine.instance_scores`' (with the choice the input's); every other field is kept."""
+    from .formats import LAYOUTS, Estimates, write_coco_results
+    from .refine import by_image, refine_estimates
+
     if not results:
         return []
-    order: dict[int, list[int]] = {}
-    for n, r in enumerate(results):
-        order.setdefault(r["image_id"], []).append(n)
-    missing = [i for i in order if i not in image_paths]
+    keys = [r["image_id"] for r in results]
+    missing = [i for i in by_image(keys) if i not in image_paths]
     if missing:
         raise InputError("image", f"no image file for image_id {missing[0]}")
     poses = np.array([r["keypoints"] for r in results], dtype=np.float64).reshape(len(results), -1, 3)
-    jobs = ((img, image_paths[img], poses[rows]) for img, rows in order.items())
-    out = list(results)
-    for img, xy, conf in refine_images(refiner, jobs):
-        for n, row in enumerate(order[img]):
-            kp = np.concatenate([xy[n], conf[n][:, None]], axis=1).reshape(-1).tolist()
-            source = ["input" if k else "refined" for k in kept_input(poses[row], xy[n]).tolist()]
-            out[row] = dict(results[row], keypoints=kp, keypoint_source=source)
-    return out
+    est = Estimates("coco", LAYOUTS["coco17"], keys, poses, np.array([r["score"] for r in results], dtype=np.float64),
+                    poses, list(results), False)
+    out = refine_estimates(refiner, est, {i: image_paths[i] for i in by_image(keys)})
+    return write_coco_results(est, out.xy, out.conf, out.scores, keys, out.kept)

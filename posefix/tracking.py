@@ -1,6 +1,8 @@
 """What a video carries from frame to frame: per track, the previous refined pose (so that a person's
 crop follows it) and a One-Euro filter over the refined keypoints. Shared by ``posefix refine-video``
-and the service's ``RefinePoseStream``, so both follow and smooth the same way.
+and the service's ``RefinePoseStream``, so both follow and smooth the same way: each frame's persons are
+refined as :meth:`Tracks.prepare` gives them, cropped around its crop poses (``Refiner.refine``'s and the
+batcher's ``crop_poses``), and the refinement goes through :meth:`Tracks.update`.
 
 Glossary: P persons of a frame, K = 17 COCO joints; poses (P, K, 3) = x, y in image pixels and a score;
 times in seconds; track id 0 = untracked.
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -29,7 +32,8 @@ class OneEuroParams:
 
     # The range of each parameter: within them the filter's weights stay finite and in (0, 1] for any
     # time step from 1 µs to days, so the filtered values stay finite.
-    RANGES = {"min_cutoff_hz": (1e-6, 1e6), "beta": (0.0, 1e6), "d_cutoff_hz": (1e-6, 1e6)}
+    RANGES: ClassVar[dict[str, tuple[float, float]]] = {"min_cutoff_hz": (1e-6, 1e6), "beta": (0.0, 1e6),
+                                                        "d_cutoff_hz": (1e-6, 1e6)}
 
     def __post_init__(self):
         for name, (lo, hi) in self.RANGES.items():
@@ -87,9 +91,10 @@ class Tracks:
         return list(tracks)
 
     def prepare(self, tracks: list[int], poses: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Before refinement: the poses to refine (P, K, 3) and the poses to crop around (None: the
-        poses themselves). With ``follow``, a tracked person's absent joints come from its previous
-        refined pose (score: the refined confidence) and its crop from that pose."""
+        """Before refinement: the poses to refine (P, K, 3) and the poses to crop around (P, K, 3; None:
+        the poses themselves). With ``follow``, a tracked person's absent joints come from its previous
+        refined pose (score: the refined confidence) and its crop from that pose; the other persons crop
+        around their own poses."""
         if not self.follow or not any(t in self.previous for t in tracks):
             return poses, None
         poses = poses.copy()

@@ -1,7 +1,6 @@
 """The gRPC service against real servers on 127.0.0.1 (port 0) over real channels: the numbers match the
 offline engine, calls batch together, overload and deadlines and shutdown behave, malformed requests
 name their field, and the Python and Node.js clients work. A small random-weight refiner on the CPU."""
-import asyncio
 import json
 import shutil
 import signal
@@ -15,11 +14,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from posefix._proto import SERVICE_NAME, pb2
-from posefix.batcher import BatcherStopped, DeadlineExpired, DynamicBatcher
 from posefix.client import PoseRefinerClient, image_message, request_message
 from posefix.engine import Refiner
 from posefix.formats import LAYOUTS
@@ -242,55 +239,6 @@ def test_graceful_stop_lets_calls_in_flight_finish(loop, refiner, poses_785):
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_the_batcher_skips_expired_and_cancelled_calls_and_fails_queued_ones_on_stop():
-    calls, gate = [], threading.Event()
-
-    def refine(images, image_index, poses):
-        calls.append(len(poses))
-        assert gate.wait(TIMEOUT)
-        return poses[..., :2] + 1, np.ones(poses.shape[:2])
-
-    async def scenario():
-        batcher = DynamicBatcher(refine, max_batch_size=4, max_queue_delay_ms=0, max_queue_size=64)
-        await batcher.start()
-        image = torch.zeros((3, 8, 8), dtype=torch.uint8)
-
-        def pose(n):
-            return np.ones((n, 17, 3))
-
-        busy = asyncio.ensure_future(batcher.refine(image, pose(1)))
-        while not calls:
-            await asyncio.sleep(0.001)
-        expiring = asyncio.ensure_future(batcher.refine(image, pose(1), timeout=0.01))
-        cancelled = asyncio.ensure_future(batcher.refine(image, pose(2)))
-        large = asyncio.ensure_future(batcher.refine(image, pose(9)))  # more than a batch: a batch of its own
-        await asyncio.sleep(0.05)
-        cancelled.cancel()
-        gate.set()
-        xy, conf = await busy
-        assert xy.shape == (1, 17, 2) and conf.shape == (1, 17)
-        with pytest.raises(DeadlineExpired):
-            await expiring
-        assert (await large)[0].shape == (9, 17, 2)
-        gate.clear()
-        computing = asyncio.ensure_future(batcher.refine(image, pose(3)))
-        queued = asyncio.ensure_future(batcher.refine(image, pose(3)))
-        while len(calls) < 3:
-            await asyncio.sleep(0.001)
-        stopping = asyncio.ensure_future(batcher.stop())
-        await asyncio.sleep(0.01)
-        gate.set()
-        await stopping
-        for call in (computing, queued):
-            with pytest.raises(BatcherStopped):
-                await call
-        return batcher.stats
-
-    stats = asyncio.run(asyncio.wait_for(scenario(), TIMEOUT))
-    assert calls == [1, 9, 3]  # neither the expired nor the cancelled call was computed, nor the one queued at stop
-    assert (stats.expired, stats.cancelled) == (1, 1)
-
-
 # Malformed requests.
 
 def _valid(poses_785) -> pb2.RefinePoseRequest:
@@ -426,16 +374,20 @@ def test_a_stream_follows_tracks_and_smooths_them(stub, refiner, poses_785):
                 for p, s in zip(frames, stamps)]
     requests[0].options.CopyFrom(options)
     responses = list(stub.RefinePoseStream(iter(requests), timeout=TIMEOUT))
-    # The same by hand: the engine, the previous refined pose for absent joints, a One-Euro filter per track.
+    # The same by hand: the engine, the previous refined pose for absent joints and to crop around, a One-Euro
+    # filter per track.
     filters = {7: OneEuroFilter(params), 8: OneEuroFilter(params)}
     previous = {}
     for t, (poses, response) in enumerate(zip(frames, responses)):
         inputs = poses.copy()
+        crops = poses.copy()
         for i, track in enumerate((7, 8)):
             if track in previous:
                 absent = inputs[i, :, 2] <= 0
                 inputs[i, absent, :2], inputs[i, absent, 2] = previous[track][0][absent], previous[track][1][absent]
-        xy, conf = refiner.refine([decode(IMAGE_785)], np.zeros(3, dtype=np.int64), inputs)
+                crops[i, :, :2], crops[i, :, 2] = previous[track][0], np.maximum(previous[track][1], 1e-3)
+        xy, conf = refiner.refine([decode(IMAGE_785)], np.zeros(3, dtype=np.int64), inputs,
+                                  crop_poses=crops if previous else None)
         for i, track in enumerate((7, 8)):
             xy[i] = filters[track](xy[i], stamps[t] / 1e6)
             previous[track] = (xy[i].copy(), conf[i].copy())

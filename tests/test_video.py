@@ -1,4 +1,5 @@
-"""``posefix refine-video``: the same refinement as frames-as-images, smoothing, rendering, bad videos."""
+"""``posefix refine-video``: the same refinement as frames-as-images and as a gRPC stream, smoothing, rendering,
+bad videos."""
 import json
 import subprocess
 import sys
@@ -9,10 +10,10 @@ import torch
 
 from posefix import SAMPLE_DIR
 from posefix.cli import main
+from posefix.client import PoseRefinerClient
 from posefix.engine import Refiner, export_weights
 from posefix.images import decode
 from posefix.model import ModelConfig, PoseFixNet
-from posefix.tracking import OneEuroParams, Tracks
 from posefix.video import frames, make_sample_video, probe
 
 FRAMES = 16
@@ -81,42 +82,58 @@ def test_follow_and_smooth_run_and_change_the_result(clip):
     assert a.shape == b.shape and np.abs(a - b).max() > 0.1
 
 
-def test_smoothing_removes_jitter_without_lagging_motion():
-    """A joint moving sinusoidally (amplitude 40 px, period 2 s) at 30 fps with 3 px jitter: the
-    One-Euro filter with its default parameters halves the frame-to-frame jitter and lags the motion by
-    at most 2 frames."""
-    rng = np.random.default_rng(0)
-    fps, n = 30.0, 300
-    t = np.arange(n) / fps
-    truth = 40 * np.sin(2 * np.pi * t / 2.0)
-    noisy = truth + rng.normal(0, 3.0, n)
-    tracks = Tracks(smoothing=OneEuroParams())
-    out = np.zeros(n)
-    for i in range(n):
-        pose = np.zeros((1, 17, 3))
-        pose[0, :, :2] = noisy[i]
-        pose[0, :, 2] = 1.0
-        out[i] = tracks.update([7], pose, pose[..., :2], np.ones((1, 17)), t[i])[0, 0, 0]
-    jitter = lambda x: np.std(np.diff(x) - np.diff(truth))
-    assert jitter(out) < 0.5 * jitter(noisy)
-    lags = range(8)
-    err = [np.mean((out[30 + lag:] - truth[30:n - lag]) ** 2) for lag in lags]
-    assert int(np.argmin(err)) <= 2
+# (follow, One-Euro parameters or None) of each case: the stream's options, and refine-video's flags
+STREAMED = {"each frame alone": (False, None), "follow": (True, None),
+            "smooth": (False, {"min_cutoff_hz": 0.5, "beta": 0.01, "d_cutoff_hz": 1.0}),
+            "follow and smooth": (True, {"min_cutoff_hz": 0.5, "beta": 0.01, "d_cutoff_hz": 2.0})}
 
 
-def test_follow_fills_absent_joints_and_crops_from_the_previous_pose():
-    tracks = Tracks(follow=True)
-    first = np.zeros((1, 17, 3))
-    first[0, :, :2], first[0, :, 2] = 100.0, 0.9
-    refined = first[..., :2] + 5.0
-    tracks.update([3], first, refined, np.full((1, 17), 0.8), 0.0)
-    second = first.copy()
-    second[0, 4:8, 2] = 0  # the estimator lost four joints
-    inp, crop = tracks.prepare([3], second)
-    np.testing.assert_allclose(inp[0, 4:8, :2], refined[0, 4:8])
-    np.testing.assert_allclose(inp[0, 4:8, 2], 0.8)
-    np.testing.assert_allclose(crop[0, :, :2], refined[0])
-    assert tracks.prepare([9], second)[1] is None  # an unknown track crops around its own input
+@pytest.mark.parametrize("case", list(STREAMED))
+def test_a_grpc_stream_refines_as_refine_video(clip, checkpoint, refiner, start, tmp_path, case):
+    """The frames of the video with their poses and track ids, sent over RefinePoseStream with the same options,
+    come back as ``posefix refine-video`` refines them: the same crops around each track's previous refined pose,
+    the same filled-in joints, the same smoothing. Person 2 loses four joints in frames 3 and 4. A frame without
+    poses is not sent: refine-video leaves the tracks as they are over it, as a stream does over a frame it is
+    not sent."""
+    d, poses = clip
+    poses = [dict(p, keypoints=list(p["keypoints"])) for p in poses]
+    for p in poses:
+        if p["image_id"] in (3, 4) and p["track_id"] == 2:
+            for j in range(5, 9):
+                p["keypoints"][3 * j + 2] = 0.0
+    given = tmp_path / "poses.json"
+    given.write_text(json.dumps(poses))
+    follow, smoothing = STREAMED[case]
+    options = ["--follow"] * follow
+    if smoothing is not None:
+        options += ["--smooth", "--min-cutoff", str(smoothing["min_cutoff_hz"]), "--beta", str(smoothing["beta"]),
+                    "--d-cutoff", str(smoothing["d_cutoff_hz"])]
+
+    def video(*extra):
+        out = tmp_path / f"refined{len(extra)}.json"
+        assert main(["refine-video", "--checkpoint", str(checkpoint), "--video", str(d / "clip.mp4"), "--input",
+                     str(given), "--out", str(out), "--quiet", *extra]) == 0
+        return np.array([r["keypoints"] for r in json.loads(out.read_text())]).reshape(-1, 17, 3)
+
+    want = video(*options)
+    sent, rows = [], []
+    for index, t, image in frames(d / "clip.mp4"):
+        mine = [n for n, p in enumerate(poses) if p["image_id"] == index]
+        if mine:
+            persons = np.array([poses[n]["keypoints"] for n in mine]).reshape(-1, 17, 3)
+            sent.append((image.permute(1, 2, 0).numpy(), persons, [poses[n]["track_id"] for n in mine], round(t * 1e6)))
+            rows.append(mine)
+    handle = start(refiner)
+    with PoseRefinerClient(f"127.0.0.1:{handle.port}") as client:
+        streamed = list(client.refine_stream(sent, follow_tracks=follow, smoothing=smoothing, timeout=120))
+    assert len(streamed) == len(sent) == FRAMES - 1
+    got = np.zeros_like(want)
+    for mine, refined in zip(rows, streamed):
+        got[mine] = refined
+    np.testing.assert_allclose(got[..., :2], want[..., :2], atol=1e-3)
+    np.testing.assert_allclose(got[..., 2], want[..., 2], atol=1e-4)
+    if options:  # the options change the refinement: equal numbers mean the stream followed and smoothed too
+        assert np.abs(want[..., :2] - video()[..., :2]).max() > 0.1
 
 
 def _cli(*args):

@@ -81,9 +81,10 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
                 image = self.pinned.stage(self.stage, image)
         return _Request(image, layout, native, to_coco17(native, layout))
 
-    async def refine(self, image, coco: np.ndarray, context) -> tuple[np.ndarray, np.ndarray]:
-        """The persons coco (P, 17, 3) of ``image`` refined by the batcher within the call's deadline."""
-        return await self.batcher.refine(image, coco, timeout=context.time_remaining())
+    async def refine(self, image, coco: np.ndarray, context, crop_poses: np.ndarray | None = None):
+        """The persons coco (P, 17, 3) of ``image`` refined by the batcher within the call's deadline, cropped
+        around ``crop_poses`` (P, 17, 3) where given: xy (P, 17, 2), confidence (P, 17)."""
+        return await self.batcher.refine(image, coco, timeout=context.time_remaining(), crop_poses=crop_poses)
 
     async def _parse(self, message_type, data):
         """:func:`~posefix.serve.validation.parse`, in a decoder thread for messages of over 64 KiB."""
@@ -163,10 +164,10 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
                         raise InputError(f"frame.{e.field}", e.problem) from None
                 except InputError as e:
                     raise InputError(e.field, e.problem, f"stream message {index}") from None
-                coco = video.fill(tracks, job.coco)
-                xy, conf = await self.refine(job.image, coco, context)
+                coco, crop = video.tracks.prepare(tracks, job.coco)
+                xy, conf = await self.refine(job.image, coco, context, crop)
                 kept = kept_input(job.coco, xy)  # before smoothing, which moves kept joints too
-                xy = video.update(tracks, coco, xy, conf, t)
+                xy = video.tracks.update(tracks, coco, xy, conf, t)
                 result = build_response(message.frame, job.layout, job.native, xy, conf, kept)
                 self.metrics.frames.inc()
                 self.metrics.latency.labels(method).observe(time.perf_counter() - t0)

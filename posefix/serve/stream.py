@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-import numpy as np
-
 from .._proto import pb2
 from ..errors import InputError
 from ..tracking import OneEuroParams, Tracks
@@ -17,8 +15,9 @@ FRAME_RATE_HZ = (1e-3, 1e6)  # StreamOptions.frame_rate_hz's range
 
 
 class VideoState:
-    """What a RefinePoseStream carries from frame to frame: its clock and, per track id, the state of
-    :class:`posefix.tracking.Tracks` (previous refined pose for follow_tracks, One-Euro smoothing)."""
+    """What a RefinePoseStream carries from frame to frame: its clock and ``tracks``, the
+    :class:`posefix.tracking.Tracks` of ``posefix refine-video`` (previous refined pose for follow_tracks: the
+    poses to refine and to crop around; One-Euro smoothing)."""
 
     def __init__(self, options: pb2.StreamOptions | None):
         options = options or pb2.StreamOptions()
@@ -55,13 +54,3 @@ class VideoState:
     @staticmethod
     def track_ids(persons) -> list[int]:
         return Tracks.check_ids([p.track_id for p in persons])
-
-    def fill(self, tracks: list[int], coco: np.ndarray) -> np.ndarray:
-        """follow_tracks: coco (P, 17, 3) with each tracked person's absent joints taken from its track's
-        refined pose of the previous frame (score: the refined confidence)."""
-        return self.tracks.prepare(tracks, coco)[0]
-
-    def update(self, tracks: list[int], coco: np.ndarray, xy: np.ndarray, conf: np.ndarray, t: float) -> np.ndarray:
-        """After refinement: smooth each tracked person's refined xy (P, 17, 2), remember the frame's
-        tracks, forget the others; the (smoothed) xy."""
-        return self.tracks.update(tracks, coco, xy, conf, t)
