@@ -178,3 +178,16 @@ def metric_samples(handle) -> dict:
         text = r.read().decode()
     return {(s.name, frozenset(s.labels.items())): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def profile_doc_with_misses(p_miss: float) -> dict:
+    """The published profile as a dict with no jitter, inversion or swap and misses at ``p_miss`` everywhere."""
+    from posefix.synth.profile import published_profile
+
+    doc = published_profile().to_dict()
+    for err in ("jitter", "inversion", "swap"):
+        for g in doc["outcomes"][err]["groups"]:
+            g["p"] = [0.0] * len(g["p"])
+    for g in doc["outcomes"]["miss"]["groups"]:
+        g["p"] = [p_miss] * len(g["p"])
+    return doc

@@ -11,7 +11,7 @@ from posefix.synth.cocoio import load_ground_truth, load_synth_labels
 from posefix.synth.diagnose import classify
 from posefix.synth.keypoints import SIGMAS
 
-from .conftest import VAL_GT
+from .conftest import VAL_GT, profile_doc_with_misses
 
 
 def run(*args):
@@ -59,14 +59,7 @@ def test_same_seed_same_file(tmp_path):
 
 
 def test_custom_profile(tmp_path):
-    from posefix.synth.profile import published_profile
-
-    doc = published_profile().to_dict()
-    for err in ("jitter", "inversion", "swap"):
-        for g in doc["outcomes"][err]["groups"]:
-            g["p"] = [0.0] * len(g["p"])
-    for g in doc["outcomes"]["miss"]["groups"]:
-        g["p"] = [1.0] * len(g["p"])
+    doc = profile_doc_with_misses(1.0)
     prof = tmp_path / "all_miss.json"
     prof.write_text(json.dumps(doc))
     labels = tmp_path / "labels.json"
@@ -115,8 +108,8 @@ def test_bad_arguments(tmp_path):
 def test_a_stale_labels_file_is_refused_naming_both_files(tmp_path, monkeypatch):
     """The labels name their results by hash: labels left from another run, or from a run stopped between
     its two writes, are refused with one line naming both files."""
-    from posefix.synth import cocoio
     from posefix.errors import InputError
+    from posefix.synth import cocoio
 
     out, labels = tmp_path / "synth.json", tmp_path / "labels.json"
     assert main(["synth", "--gt", str(VAL_GT), "--out", str(out), "--labels", str(labels), "--seed", "1"]) == 0

@@ -9,31 +9,29 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from posefix.errors import InputError
+from posefix.fileio import read_json
 from posefix.synth import synthesize
 from posefix.synth.coco import MIN_AREA, OVERLAP_IOU, image_persons, synthesize_coco
 from posefix.synth.cocoio import GroundTruth, _ground_truth
-from posefix.fileio import read_json
 from posefix.synth.diagnose import classify
-from posefix.errors import InputError
 from posefix.synth.keypoints import NUM_KEYPOINTS, box_iou
-from posefix.synth.profile import parse_profile, published_profile
+from posefix.synth.profile import parse_profile
 from posefix.synth.synthesize import ANGLE_MARGIN, TWO_PI, Others, _free_arcs
 
 synthesize_module = sys.modules["posefix.synth.synthesize"]  # the module (posefix.synth.synthesize is also the function)
 
-from .conftest import FIGURE, VAL_GT, make_crowd
+from .conftest import FIGURE, VAL_GT, make_crowd, profile_doc_with_misses
 
 
 def previous_free_arcs(dx, dy, r, t, active, wins):
     """The previous implementation, kept as it was: 2A arcs (each one's wrapped part apart), sorted."""
-    dist = np.hypot(dx, dy)
-    phi = np.arctan2(dy, dx)
-    num = r * r + dist * dist - t
+    dist, phi = np.hypot(dx, dy), np.arctan2(dy, dx)
+    num = r ** 2 + dist ** 2 - t
     den = 2.0 * r * dist
-    with np.errstate(divide="ignore", invalid="ignore"):
-        kappa = num / den
-    kappa = np.where(den > 0, kappa, np.where((num > 0) | ((num == 0) & wins), np.inf, -np.inf))
-    half = np.where(active, np.arccos(np.clip(kappa, -1.0, 1.0)), 0.0)
+    outside = np.where((num > 0) | ((num == 0) & wins), np.inf, -np.inf)  # a point at the centre
+    kappa = np.divide(num, den, out=outside.astype(np.float64), where=den > 0)
+    half = np.arccos(np.clip(kappa, -1.0, 1.0)) * active
     half = np.broadcast_to(half, np.broadcast_shapes(half.shape, phi.shape))
     s = np.mod(phi - half, TWO_PI)
     e = s + 2.0 * half
@@ -195,13 +193,7 @@ def plain_synthesize_coco(gt, rng, profile=None):
 
 def mostly_misses():
     """A profile planting misses at 60 %: points far from their joints, near other persons'."""
-    doc = published_profile().to_dict()
-    for err in ("jitter", "inversion", "swap"):
-        for g in doc["outcomes"][err]["groups"]:
-            g["p"] = [0.0] * len(g["p"])
-    for g in doc["outcomes"]["miss"]["groups"]:
-        g["p"] = [0.6] * len(g["p"])
-    return parse_profile(doc)
+    return parse_profile(profile_doc_with_misses(0.6))
 
 
 @pytest.mark.parametrize("prune_above,spread,misses", [(4, 300.0, False), (4, 80.0, True), (32, 80.0, False)])
