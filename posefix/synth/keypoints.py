@@ -29,6 +29,13 @@ PARTNER.flags.writeable = False
 SIGMAS = np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62,
                    1.07, 1.07, .87, .87, .89, .89]) / 10.0
 SIGMAS.flags.writeable = False
+# KS of a joint at distance d from the truth, of a person of area A: exp(-d² / (A·KS_SCALE[j])), i.e. COCO's
+# exp(-d² / (2·A·(2σ_j)²)). Every KS in posefix (numpy here, torch in codec.ks) takes its scale from here.
+KS_SCALE = 2.0 * (2.0 * SIGMAS) ** 2
+KS_SCALE.flags.writeable = False
+# A joint within KS >= KS_HIT of the truth is right (not a miss): what the confidence heads estimate, the
+# per-joint choice goes by and the diagnosis calls a miss below.
+KS_HIT = 0.5
 
 # Skeleton edges as 0-based index pairs (COCO's person category lists the same edges 1-based).
 SKELETON: tuple[tuple[int, int], ...] = (
@@ -50,12 +57,12 @@ HEIGHT_PER_SQRT_AREA = 1.77
 
 
 def ks_scale(area, sigmas=SIGMAS):
-    """The squared-distance scale s of KS = exp(-d² / s): s = 2·A·(2σ)².
+    """The squared-distance scale s of KS = exp(-d² / s): s = 2·A·(2σ)² (A·KS_SCALE for COCO's σ).
 
     area: (...,) → (..., K).
     """
     area = np.asarray(area, dtype=np.float64)
-    return 2.0 * area[..., None] * (2.0 * np.asarray(sigmas)) ** 2
+    return area[..., None] * (KS_SCALE if sigmas is SIGMAS else 2.0 * (2.0 * np.asarray(sigmas)) ** 2)
 
 
 def ks_radius(t, area, sigmas=SIGMAS):
