@@ -327,6 +327,7 @@ def cmd_refine(args) -> int:
     from .distributed import check_ray_args, image_sources, write_refined
     from .engine import Refiner, kept_input, refine_images
     from .formats import image_ids, read_estimates
+    from .synth.keypoints import NUM_KEYPOINTS
 
     _check_outputs(args, ("checkpoint", "onnx", "input", "annotations"), ("out",))
     check_ray_args(args)
@@ -354,8 +355,8 @@ def cmd_refine(args) -> int:
                                           args.precision, args.channels_last, output=args.output,
                                           choice_margin=args.choice_margin, backend=args.backend,
                                           onnx=args.onnx, provider=args.provider)
-    xy = np.zeros((n, 17, 2))
-    conf = np.zeros((n, 17))
+    xy = np.zeros((n, NUM_KEYPOINTS, 2))
+    conf = np.zeros((n, NUM_KEYPOINTS))
     t0 = time.perf_counter()
     with tqdm(total=n, unit="person", file=sys.stderr, disable=args.quiet or args.ray is not None or None,
               mininterval=0.5) as bar:

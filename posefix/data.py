@@ -9,17 +9,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .synth.coco import MIN_AREA, overlaps
-from .synth.cocoio import load_ground_truth
-from .synth.keypoints import PARTNER
-from .synth.occlusion import occlude_rectangles, shorten_legs
-from .synth.profile import Profile
-from .synth.synthesize import synthesize
-
 from . import codec
 from .config import DataConfig
 from .images import coco_image_path, decode
 from .model import ModelConfig
+from .synth.coco import MIN_AREA, overlaps
+from .synth.cocoio import load_ground_truth
+from .synth.keypoints import PARTNER
+from .synth.occlusion import ANKLES, KNEES, occlude_rectangles, shorten_legs
+from .synth.profile import Profile
+from .synth.synthesize import synthesize
 
 
 class PersonCrops(torch.utils.data.Dataset):
@@ -95,7 +94,7 @@ class PersonCrops(torch.utils.data.Dataset):
         if rng.random() < self.data.leg_shortening_prob:
             occ = shorten_legs(img, gt_pose, rng)
             img = occ.image
-            legs = np.arange(13, 17)
+            legs = np.array(KNEES + ANKLES)
             inp_c[legs, :2] = inp_c[legs, :2] + (occ.keypoints[legs, :2] - tgt_c[legs])
         if rng.random() < self.data.occluder_prob:
             img = occlude_rectangles(img, gt_pose, rng).image

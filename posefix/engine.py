@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InputError
-
 from . import codec
 from .choice import METADATA_KEY, FittedChoice
+from .errors import InputError
 from .model import ModelConfig, PoseFixNet, fold_batchnorm
+from .synth.keypoints import NUM_KEYPOINTS
 
 PRECISIONS = ("fp32", "bf16")
 BACKENDS = ("torch", "onnxruntime")
@@ -315,7 +315,7 @@ def refine_images(refiner: Refiner, jobs, workers: int = 2, lookahead: int = 8, 
                 return False
             key, source, poses = job
             image = pool.submit(_staged, stage, source)
-            queue.append(_Job(key, image, np.asarray(poses, dtype=np.float64).reshape(-1, 17, 3)))
+            queue.append(_Job(key, image, np.asarray(poses, dtype=np.float64).reshape(-1, NUM_KEYPOINTS, 3)))
             return True
 
         def fill():

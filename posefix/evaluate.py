@@ -9,7 +9,7 @@ from .images import coco_image_path, decode
 from .synth.coco import synthesize_coco
 from .synth.cocoio import GroundTruth
 from .synth.diagnose import keypoint_ap
-from .synth.keypoints import KS_HIT, ks
+from .synth.keypoints import KS_HIT, NUM_KEYPOINTS, ks
 from .synth.profile import Profile
 
 
@@ -28,7 +28,7 @@ def refine_synthesized(refiner: Refiner, gt: GroundTruth, images_dir, seed: int 
     entries = {im["id"]: im for im in gt.doc["images"]}
     images = [decode(coco_image_path(images_dir, entries[i], allow_outside=True)) for i in image_ids]  # as training
     where = {img: n for n, img in enumerate(image_ids)}
-    poses = np.array([r["keypoints"] for r in results], dtype=np.float64).reshape(len(results), 17, 3)
+    poses = np.array([r["keypoints"] for r in results], dtype=np.float64).reshape(len(results), NUM_KEYPOINTS, 3)
     xy, conf = refiner.refine(images, [where[r["image_id"]] for r in results], poses)
     refined = [dict(r, keypoints=np.concatenate([xy[n], conf[n][:, None]], axis=1).reshape(-1).tolist())
                for n, r in enumerate(results)]
