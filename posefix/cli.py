@@ -575,6 +575,13 @@ def _backend_args(parser) -> None:
                         help="ONNX Runtime's execution provider (default: cuda on --device cuda, else cpu)")
 
 
+def device_arg(parser, default: str = "cpu") -> None:
+    """``--device``, for every command that runs the model (read by posefix.devices.resolve_device)."""
+    from .devices import DEVICE_HELP
+
+    parser.add_argument("--device", default=default, help=f"{DEVICE_HELP} ({default})")
+
+
 def allow_outside_images_arg(parser) -> None:
     """``--allow-outside-images``, for every command that reads images by the names an input file gives."""
     parser.add_argument("--allow-outside-images", action="store_true",
@@ -723,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--format", default="coco", choices=("coco", "movenet", "blazepose", "posenet", "openpose"))
     r.add_argument("--flip-test", action="store_true", help="average with the refinement of the mirrored crop")
     r.add_argument("--batch-size", type=int, default=64, help="persons per model call (64)")
-    r.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    device_arg(r)
     r.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="the model's arithmetic (fp32; bf16: bfloat16 autocast, for GPUs)")
     r.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster with bf16 on GPUs)")
@@ -757,7 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--out", required=True, metavar="FITTED.safetensors", help="the checkpoint with the fitted choice")
     fc.add_argument("--format", default="coco", choices=("coco", "movenet", "blazepose", "posenet", "openpose"))
     fc.add_argument("--batch-size", type=int, default=64, help="persons per model call (64)")
-    fc.add_argument("--device", default="cpu")
+    device_arg(fc)
     fc.add_argument("--workers", type=int, default=2, help="image decoding threads (2)")
     fc.add_argument("--skip-invalid", action="store_true", help="fit on the valid entries and skip the rest")
     allow_outside_images_arg(fc)
@@ -802,7 +809,7 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("--d-cutoff", type=float, default=1.0, help="One-Euro cutoff of the speed estimate in Hz (1.0)")
     rv.add_argument("--flip-test", action="store_true")
     rv.add_argument("--batch-size", type=int, default=64)
-    rv.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    device_arg(rv)
     rv.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="the model's arithmetic (fp32; bf16: bfloat16 autocast, for GPUs)")
     rv.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster with bf16 on GPUs)")
@@ -818,7 +825,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the refiner's weights (posefix train; or --onnx)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1; 0.0.0.0 for other machines)")
     sv.add_argument("--port", type=int, default=50051, help="gRPC port (50051; 0: any free port)")
-    sv.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda if available)")
+    device_arg(sv, "auto")
     sv.add_argument("--max-batch-size", type=int, default=64, metavar="PERSONS", help="persons per model call (64)")
     sv.add_argument("--max-queue-delay-ms", type=float, default=5.0, metavar="MS",
                     help="how long the oldest waiting call waits for others to batch with (5)")

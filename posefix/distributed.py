@@ -129,7 +129,8 @@ def refine_images_ray(checkpoint, jobs, *, actors: int | None = None, num_gpus: 
     ``progress(n)`` is called with the number of persons of each image done; ``show_progress``: Ray Data's
     progress bars.
     """
-    from .engine import check_device, load_weights
+    from .devices import resolve_device
+    from .engine import load_weights
 
     ray = _ray()
     if actors is not None and actors < 1:
@@ -142,7 +143,7 @@ def refine_images_ray(checkpoint, jobs, *, actors: int | None = None, num_gpus: 
     if images_per_block < 1:
         raise InputError("images_per_block", f"must be at least 1, got {images_per_block}")
     if num_gpus == 0:
-        check_device(device)
+        resolve_device(device)
     checkpoint = str(Path(checkpoint).absolute())
     load_weights(checkpoint)  # a bad checkpoint is reported here, before any actor starts
     keys, images, poses = _rows(jobs)
@@ -288,7 +289,7 @@ def image_sources(args, groups: dict, coco_images, skipped: list) -> dict:
 
 def ray_options(args, skipped: list) -> dict:
     """The keyword arguments of :func:`refine_images_ray` for ``posefix refine --ray``."""
-    num_gpus = args.num_gpus if args.num_gpus is not None else float(args.device == "cuda")
+    num_gpus = args.num_gpus if args.num_gpus is not None else float(args.device.startswith("cuda"))
     return {"actors": args.actors, "num_gpus": num_gpus, "device": args.device, "batch_size": args.batch_size,
             "flip_test": args.flip_test, "precision": args.precision, "channels_last": args.channels_last,
             "output": args.output, "choice_margin": args.choice_margin, "workers": args.workers,

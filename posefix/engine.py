@@ -16,6 +16,7 @@ import torch
 
 from . import codec
 from .choice import METADATA_KEY, FittedChoice
+from .devices import resolve_device
 from .errors import InputError
 from .model import ModelConfig, PoseFixNet, fold_batchnorm
 from .synth.keypoints import NUM_KEYPOINTS
@@ -46,7 +47,7 @@ class Refiner:
             raise InputError("output", f"must be one of {list(OUTPUTS)}, got {output!r}")
         if choice_margin is not None and not np.isfinite(choice_margin):
             raise InputError("choice_margin", f"must be a finite number, got {choice_margin!r}")
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         # The backend that executes the model: "torch", or another called like a PoseFixNet that returns its
         # dict (posefix.onnx_backend.OnnxModel: "onnxruntime"), so batching and decoding are the same code.
         self.backend = "torch" if isinstance(model, PoseFixNet) else model.backend
@@ -82,7 +83,7 @@ class Refiner:
         """``backend`` "onnxruntime" (the default where an ``onnx`` file is given, else "torch"): ONNX Runtime runs
         the model, from the file ``onnx`` or, without one, the checkpoint ``path`` exported in memory, on the
         execution ``provider`` (see :mod:`posefix.onnx_backend`)."""
-        device = check_device(device)
+        device = resolve_device(device)
         backend = backend or ("onnxruntime" if onnx is not None else "torch")
         if backend not in BACKENDS:
             raise InputError("--backend", f"must be one of {list(BACKENDS)}, got {backend!r}")
@@ -225,21 +226,6 @@ def choose(poses: np.ndarray, xy: np.ndarray, conf: np.ndarray, input_conf: np.n
 def kept_input(poses, xy) -> np.ndarray:
     """(P, K) bool: where the output joint xy (P, K, 2) is the input joint of poses (P, K, 3) exactly."""
     return (np.asarray(xy, dtype=np.float64) == np.asarray(poses, dtype=np.float64)[..., :2]).all(-1)
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """The device named by ``--device``, or an InputError saying why it cannot be used here."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InputError("--device", str(e).splitlines()[0]) from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError("--device", f"{device} was asked for but no CUDA device is available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError("--device", f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    return device
 
 
 def export_weights(model: PoseFixNet, path: str | Path, metadata: dict) -> None:

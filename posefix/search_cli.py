@@ -243,7 +243,7 @@ def write_sheet(path, index: PoseIndex, matches, queries: np.ndarray, query_file
 
 def add_parsers(sub, formats) -> None:
     """The ``index`` and ``search`` subcommands on ``sub`` (the parser's subparsers)."""
-    from .cli import allow_outside_images_arg
+    from .cli import allow_outside_images_arg, device_arg
 
     ix = sub.add_parser("index", help="build or extend a pose similarity index over refined poses",
                         description="An index of poses for posefix search: translation- and scale-free, "
@@ -286,5 +286,5 @@ def add_parsers(sub, formats) -> None:
     s.add_argument("--annotations", metavar="ANNOTATIONS.json")
     s.add_argument("--format", default="coco", choices=formats)
     s.add_argument("--checkpoint", metavar="CKPT", help="refine the queries on their images first")
-    s.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    device_arg(s)
     s.set_defaults(func=cmd_search)

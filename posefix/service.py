@@ -668,14 +668,13 @@ def serve_main(args: argparse.Namespace) -> int:
     that), index (None: no pose index; else a file of posefix index build, for SearchPoses). Bad values raise
     InputError naming the option.
     """
+    from .devices import resolve_device
     from .engine import Refiner
     from .search import PoseIndex
 
     grace_s, drain_s = getattr(args, "grace_s", 10.0), getattr(args, "drain_s", 0.0)
     flip_test = bool(getattr(args, "flip_test", False))
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device)
     if args.max_batch_size < 1:
         raise InputError("--max-batch-size", f"must be >= 1, got {args.max_batch_size}")
     for name, value in (("--grace-s", grace_s), ("--drain-s", drain_s)):
