@@ -147,8 +147,7 @@ class Refiner:
         kp = self._present(poses)
         around = kp if crop_poses is poses else self._present(crop_poses)
         ok = (kp[..., 2] > 0).any(-1).numpy() & (around[..., 2] > 0).any(-1).numpy()
-        center, size = codec.center_scale(codec.box_from_keypoints(around), aspect=w / h)
-        affine = codec.crop_affine(center, size, (h, w))  # (P, 2, 3) crop → image
+        affine = codec.person_crop_affine(around, (h, w))  # (P, 2, 3) crop → image, as training crops
         kp_crop = torch.cat([codec.apply_affine(kp, codec.invert_affine(affine)), kp[..., 2:]], dim=-1)
         if kp.shape[0] == 0:
             empty = torch.zeros((0, 3, h, w), device=self.device)
