@@ -6,7 +6,11 @@ Areas are COCO's object areas in pixels² (the ``area`` field that COCO's OKS us
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from ..errors import InputError
 
 NAMES: tuple[str, ...] = (
     "nose", "left_eye", "right_eye", "left_ear", "right_ear",
@@ -24,6 +28,9 @@ PARTNER = np.arange(NUM_KEYPOINTS)
 for _a, _b in FLIP_PAIRS:
     PARTNER[_a], PARTNER[_b] = _b, _a
 PARTNER.flags.writeable = False
+
+# No coordinate, score or image size is this large; bounding them keeps every product and mean finite.
+KEYPOINT_BOUND = 1e9
 
 # COCO's per-keypoint OKS sigmas.
 SIGMAS = np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62,
@@ -102,3 +109,89 @@ def box_iou(a, b):
     inter = iw * ih
     union = (a[:, 2] * a[:, 3])[:, None] + (b[:, 2] * b[:, 3])[None] - inter
     return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- validation
+# What a valid keypoint is, checked in one place: a finite number for each of x, y and its flag or score
+# (within ±bound where one is given), as many as the layout has keypoints, and, where the image is known,
+# a present keypoint no further out of the image than its own size.
+
+_NUMBER_TYPES = frozenset((int, float))
+_COLUMNS = ("x", "y", "score")
+
+
+def _within(bound: float) -> str:
+    """" (within ±1e9)" for a bound of 1e9, nothing for none."""
+    return f" (within ±{bound:g})".replace("e+0", "e").replace("e+", "e") if bound < math.inf else ""
+
+
+def is_number(x, bound: float = math.inf) -> bool:
+    """Whether ``x`` is a JSON number (an int or a float, not a bool) that is finite as a float64 and within
+    ±``bound``."""
+    if type(x) is bool or not isinstance(x, (int, float)):
+        return False
+    try:
+        value = float(x)
+    except OverflowError:  # an integer beyond float64
+        return False
+    return math.isfinite(value) and abs(value) <= bound
+
+
+def keypoint_list(value, field: str, source: str | None = None, k: int = NUM_KEYPOINTS, what: str = "x, y, v",
+                  bound: float = math.inf) -> np.ndarray:
+    """A flat list of 3·k numbers (``what`` per keypoint, as COCO files write them) as (k, 3) float64.
+
+    Else an InputError naming ``field``: the list's length, or its first entry that is not a finite number
+    (within ±``bound``).
+    """
+    if type(value) is list and len(value) == 3 * k and set(map(type, value)) <= _NUMBER_TYPES:
+        try:
+            a = np.array(value, dtype=np.float64)
+        except OverflowError:
+            a = None
+        if a is not None and np.isfinite(a).all() and not (np.abs(a) > bound).any():
+            return a.reshape(k, 3)
+    if not isinstance(value, list) or len(value) != 3 * k:
+        got = f"{len(value)} numbers" if isinstance(value, list) else type(value).__name__
+        raise InputError(field, f"must be a list of {3 * k} numbers ({what} for {k} keypoints), got {got}", source)
+    bad = [i for i, x in enumerate(value) if not is_number(x, bound)]
+    if bad:
+        raise InputError(field, f"entry {bad[0]} is {value[bad[0]]!r}, not a finite number{_within(bound)}", source)
+    return np.asarray(value, dtype=np.float64).reshape(k, 3)
+
+
+def check_poses(poses, field: str, k: int | None = NUM_KEYPOINTS, finite: bool = True,
+                image_size: tuple[float, float] | None = None, bound: float = math.inf) -> np.ndarray:
+    """Poses (P, k, 3) = (x, y, score) in image pixels as float64 (the array itself where it is one), checked.
+
+    k: the keypoints of the layout (None: any). ``finite``: every value finite and within ±``bound`` (else
+    non-finite x, y only mark an absent joint, as :func:`present` has it). image_size (H, W): every present
+    keypoint (score > 0) lies within the image extended by its own width and height on each side. An
+    InputError names ``field`` for the shape, else the first offender: ``field[i].keypoints[j].x`` (.y,
+    .score) for a value, ``field[i].keypoints[j]`` for a keypoint out of the image.
+    """
+    a = np.asarray(poses, dtype=np.float64)
+    if a.ndim != 3 or a.shape[2] != 3 or (k is not None and a.shape[1] != k):
+        raise InputError(field, f"must be poses of shape (N, {'K' if k is None else k}, 3) (x, y, score), "
+                                f"got shape {a.shape}")
+    if finite:
+        bad = np.argwhere(~np.isfinite(a) | (np.abs(a) > bound))
+        if len(bad):
+            i, j, c = bad[0]
+            raise InputError(f"{field}[{i}].keypoints[{j}].{_COLUMNS[c]}",
+                             f"must be finite{_within(bound)}, got {a[i, j, c]}")
+    if image_size is not None:
+        height, width = image_size
+        outside = (a[..., 2] > 0) & ((a[..., 0] < -width) | (a[..., 0] > 2 * width)
+                                     | (a[..., 1] < -height) | (a[..., 1] > 2 * height))
+        if outside.any():
+            i, j = np.argwhere(outside)[0]
+            raise InputError(f"{field}[{i}].keypoints[{j}]", f"({a[i, j, 0]:g}, {a[i, j, 1]:g}) is more than the "
+                             f"image's own size outside the {width}×{height} image (x, y in pixels?)")
+    return a
+
+
+def present(poses) -> np.ndarray:
+    """(..., K, 3) → (..., K) bool: the joints present, score (or v) > 0 and x, y finite."""
+    poses = np.asarray(poses)
+    return (poses[..., 2] > 0) & np.isfinite(poses[..., :2]).all(-1)
