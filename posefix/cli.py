@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, PosefixError
-
 from . import SAMPLE_DIR, __version__
+from .errors import InputError, PosefixError
 
 
 def _seed(text: str) -> int:
@@ -74,8 +73,8 @@ def cmd_synth(args) -> int:
 
 
 def cmd_synth_fit(args) -> int:
-    from .synth.cocoio import load_ground_truth, load_results
     from .fileio import write_json_atomic
+    from .synth.cocoio import load_ground_truth, load_results
     from .synth.diagnose import diagnose
     from .synth.fit import fit_profile
     from .synth.profile import load_profile
@@ -103,8 +102,8 @@ def cmd_synth_fit(args) -> int:
 
 
 def cmd_diagnose(args) -> int:
-    from .synth.cocoio import load_ground_truth, load_results
     from .fileio import write_json_atomic
+    from .synth.cocoio import load_ground_truth, load_results
     from .synth.diagnose import diagnose
 
     _check_outputs(args, ("gt", "results"), ("out",))
@@ -126,8 +125,8 @@ def format_report(report: dict) -> str:
     """A diagnosis summary as a few plain-text tables."""
     s = report["summary"]
     d = s["detections"]
-    lines = [f"{report['source']}: {d['total']} detections on {s['images']} images, {d['matched']} matched "
-             f"to GT at OKS >= 0.1 ({d['unmatched']} unmatched)"]
+    lines = [(f"{report['source']}: {d['total']} detections on {s['images']} images, {d['matched']} matched "
+              f"to GT at OKS >= 0.1 ({d['unmatched']} unmatched)")]
     k = s["keypoints"]
     lines.append(f"keypoints of matched detections: {k['labelled']} labelled")
     lines.append("  " + "  ".join(f"{name} {k['counts'][name]} ({100 * (k['shares'][name] or 0):.1f} %)"
@@ -162,11 +161,10 @@ def cmd_demo(args) -> int:
     """Train the CPU preset briefly on the bundled train images (or take a checkpoint), then refine held-out
     inputs on the bundled val images — synthesized ones and real estimators' outputs, each through its own
     --format — raw and with the per-joint choice, and print AP and the error breakdown of each."""
-    from .synth.cocoio import load_ground_truth, load_results
-    from .fileio import write_json_atomic
-    from .synth.diagnose import diagnose, keypoint_ap
-
     from .config import load_config
+    from .fileio import write_json_atomic
+    from .synth.cocoio import load_ground_truth, load_results
+    from .synth.diagnose import diagnose, keypoint_ap
 
     out = Path(args.out)
     gt_path = SAMPLE_DIR / "person_keypoints_val_sample.json"
@@ -277,7 +275,6 @@ def _image_sizes(path, fmt, images_dir, coco_images, allow_outside=False) -> dic
     from PIL import Image
 
     from .fileio import read_json
-
     from .formats import image_file
 
     doc = read_json(path, "input")
@@ -307,9 +304,8 @@ def _image_sizes(path, fmt, images_dir, coco_images, allow_outside=False) -> dic
 def as_coco_results(path, fmt: str, images_dir, gt, allow_outside=False) -> list[dict]:
     """An estimator's output in its own format, read as ``posefix refine`` reads it, as validated COCO results
     on ``gt``'s images (the keypoints and instance scores as given)."""
-    from .synth.cocoio import validate_results
-
     from .formats import image_ids, read_estimates, write_coco_results
+    from .synth.cocoio import validate_results
 
     coco_images = {im["id"]: im for im in gt.doc["images"]}
     sizes = _image_sizes(path, fmt, images_dir, coco_images, allow_outside) \
@@ -322,11 +318,10 @@ def as_coco_results(path, fmt: str, images_dir, gt, allow_outside=False) -> list
 def cmd_refine(args) -> int:
     from tqdm import tqdm
 
-    from .synth.cocoio import load_ground_truth
-
     from .distributed import check_ray_args, image_sources, write_refined
     from .engine import Refiner, kept_input, refine_images
     from .formats import image_ids, read_estimates
+    from .synth.cocoio import load_ground_truth
     from .synth.keypoints import NUM_KEYPOINTS
 
     _check_outputs(args, ("checkpoint", "onnx", "input", "annotations"), ("out",))
@@ -395,8 +390,8 @@ def cmd_refine(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .synth.cocoio import load_ground_truth, load_results
     from .fileio import write_json_atomic
+    from .synth.cocoio import load_ground_truth, load_results
     from .synth.diagnose import diagnose, keypoint_stats
 
     if args.json:
@@ -431,10 +426,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_viz(args) -> int:
-    from .synth.cocoio import validate_results
     from .fileio import read_json
-
     from .images import coco_image_path, decode
+    from .synth.cocoio import validate_results
     from .viz import INPUT_COLOUR, REFINED_COLOUR, draw_poses, side_by_side, write_png
 
     results = validate_results(read_json(args.results, "results"), str(args.results))
@@ -470,9 +464,8 @@ def cmd_viz(args) -> int:
 def cmd_refine_video(args) -> int:
     from tqdm import tqdm
 
-    from .fileio import write_json_atomic
-
     from .engine import Refiner, kept_input
+    from .fileio import write_json_atomic
     from .formats import write_coco_results
     from .tracking import OneEuroParams
     from .video import VideoWriter, draw_frame, load_poses, probe, refine_video
@@ -618,14 +611,12 @@ def cmd_fit_choice(args) -> int:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from .synth.cocoio import load_ground_truth
-
-    from .fileio import atomic_path
-    from .synth.diagnose import keypoint_ap
-
     from .choice import METADATA_KEY, fit_choice, matched_truth, raw_refinement, select_margin
     from .engine import Refiner, choose
+    from .fileio import atomic_path
     from .formats import image_file, image_ids, read_estimates, write_coco_results
+    from .synth.cocoio import load_ground_truth
+    from .synth.diagnose import keypoint_ap
 
     _check_outputs(args, ("checkpoint", "input", "annotations"), ("out",))
     if not Path(args.images).is_dir():

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-
 from .search import PoseIndex
 
 
@@ -124,9 +123,8 @@ def matches_json(index: PoseIndex, matches, queries: np.ndarray, keys) -> list[d
 
 
 def cmd_search(args) -> int:
-    from .fileio import write_json_atomic
-
     from .cli import _check_outputs
+    from .fileio import write_json_atomic
 
     _check_outputs(args, ("index", "query", "checkpoint"), ("out", "sheet"))
     if args.k < 1:
