@@ -568,6 +568,37 @@ def _backend_args(parser) -> None:
                         help="ONNX Runtime's execution provider (default: cuda on --device cuda, else cpu)")
 
 
+# Options several commands share, each declared once: ``name_arg(parser, **overrides)`` adds it to a command's
+# parser (keyword arguments replace the shared ones, e.g. required=True or a command's own help).
+FORMAT_NAMES = ("coco", "movenet", "blazepose", "posenet", "openpose")  # --format's choices
+
+
+def _option(*names: str, **spec):
+    """The shared option ``names`` (``spec``: its add_argument keywords) as a function that adds it to a parser."""
+    def add(parser, **overrides) -> None:
+        parser.add_argument(*names, **{**spec, **overrides})
+    return add
+
+
+checkpoint_arg = _option("--checkpoint", metavar="CKPT", help="model.safetensors from posefix train (or --onnx)")
+images_arg = _option("--images", metavar="DIR")
+annotations_arg = _option("--annotations", metavar="ANNOTATIONS.json", help="COCO annotations: image file names and ids")
+format_arg = _option("--format", default="coco", choices=FORMAT_NAMES)
+flip_test_arg = _option("--flip-test", action="store_true", help="average with the refinement of the mirrored crop")
+batch_size_arg = _option("--batch-size", type=int, default=64, help="persons per model call (64)")
+workers_arg = _option("--workers", type=int, default=2, help="image decoding threads (2)")
+skip_invalid_arg = _option("--skip-invalid", action="store_true", help="leave out malformed entries and the persons "
+                           "of images that cannot be read; refine the rest")
+quiet_arg = _option("--quiet", action="store_true", help="no progress bar")
+
+
+def precision_args(parser) -> None:
+    """``--precision`` and ``--channels-last``, for every command that runs the torch model."""
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="the model's arithmetic (fp32; bf16: bfloat16 autocast, for GPUs)")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster with bf16 on GPUs)")
+
+
 def device_arg(parser, default: str = "cpu") -> None:
     """``--device``, for every command that runs the model (read by posefix.devices.resolve_device)."""
     from .devices import DEVICE_HELP
@@ -683,9 +714,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--results", required=True, metavar="RESULTS.json", help="the estimator's COCO results")
     f.add_argument("--out", required=True, metavar="PROFILE.json")
     f.add_argument("--profile", metavar="TEMPLATE.json", help="groups and bins to fit (default: the published)")
-    f.add_argument("--format", default="coco", choices=("coco", "movenet", "blazepose", "posenet", "openpose"),
-                   help="the results' format, as for refine (coco)")
-    f.add_argument("--images", metavar="DIR", help="the images (for a format other than coco: file names, sizes)")
+    format_arg(f, help="the results' format, as for refine (coco)")
+    images_arg(f, help="the images (for a format other than coco: file names, sizes)")
     allow_outside_images_arg(f)
     f.set_defaults(func=cmd_synth_fit)
 
@@ -712,28 +742,25 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("refine", help="refine an estimator's results on a set of images",
                        description="Refine an estimator's poses (COCO results or another estimator's format) and "
                                    "write COCO results with each keypoint's refined confidence.")
-    r.add_argument("--checkpoint", metavar="CKPT", help="model.safetensors from posefix train (or --onnx)")
-    r.add_argument("--images", required=True, metavar="DIR")
+    checkpoint_arg(r)
+    images_arg(r, required=True)
     r.add_argument("--input", required=True, metavar="RESULTS.json", help="the estimator's output (a directory "
                    "of *_keypoints.json for openpose)")
     r.add_argument("--out", required=True, metavar="REFINED.json")
-    r.add_argument("--annotations", metavar="ANNOTATIONS.json", help="COCO annotations: image file names and ids")
-    r.add_argument("--format", default="coco", choices=("coco", "movenet", "blazepose", "posenet", "openpose"))
-    r.add_argument("--flip-test", action="store_true", help="average with the refinement of the mirrored crop")
-    r.add_argument("--batch-size", type=int, default=64, help="persons per model call (64)")
+    annotations_arg(r)
+    format_arg(r)
+    flip_test_arg(r)
+    batch_size_arg(r)
     device_arg(r)
-    r.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                   help="the model's arithmetic (fp32; bf16: bfloat16 autocast, for GPUs)")
-    r.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster with bf16 on GPUs)")
-    r.add_argument("--workers", type=int, default=2, help="image decoding threads (2)")
+    precision_args(r)
+    workers_arg(r)
     r.add_argument("--keep-input-below", type=float, metavar="CONF",
                    help="keep the input keypoint where the refined confidence is below CONF and below the "
                         "input keypoint's score")
     _output_options(r)
-    r.add_argument("--skip-invalid", action="store_true",
-                   help="leave out malformed entries and the persons of images that cannot be read; refine the rest")
+    skip_invalid_arg(r)
     allow_outside_images_arg(r)
-    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    quiet_arg(r)
     ray = r.add_argument_group("on a Ray cluster (pip install 'posefix[ray]')")
     ray.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                      help="refine as a Ray Data pipeline: on a new local Ray, or on the cluster at ADDRESS")
@@ -748,16 +775,16 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Learn, from an estimator's results on labelled images, when the refiner's "
                                     "correction of a joint is closer to the truth than the estimator's joint, and "
                                     "write a copy of the checkpoint whose per-joint choice follows that rule.")
-    fc.add_argument("--checkpoint", required=True, metavar="CKPT", help="model.safetensors from posefix train")
-    fc.add_argument("--images", required=True, metavar="DIR")
+    checkpoint_arg(fc, required=True, help="model.safetensors from posefix train")
+    images_arg(fc, required=True)
     fc.add_argument("--input", required=True, metavar="RESULTS.json", help="the estimator's output on these images")
-    fc.add_argument("--annotations", required=True, metavar="ANNOTATIONS.json", help="their COCO ground truth")
+    annotations_arg(fc, required=True, help="their COCO ground truth")
     fc.add_argument("--out", required=True, metavar="FITTED.safetensors", help="the checkpoint with the fitted choice")
-    fc.add_argument("--format", default="coco", choices=("coco", "movenet", "blazepose", "posenet", "openpose"))
-    fc.add_argument("--batch-size", type=int, default=64, help="persons per model call (64)")
+    format_arg(fc)
+    batch_size_arg(fc)
     device_arg(fc)
-    fc.add_argument("--workers", type=int, default=2, help="image decoding threads (2)")
-    fc.add_argument("--skip-invalid", action="store_true", help="fit on the valid entries and skip the rest")
+    workers_arg(fc)
+    skip_invalid_arg(fc, help="fit on the valid entries and skip the rest")
     allow_outside_images_arg(fc)
     fc.set_defaults(func=cmd_fit_choice)
 
@@ -772,10 +799,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     v = sub.add_parser("viz", help="draw skeletons, before and after side by side, as PNGs")
-    v.add_argument("--images", required=True, metavar="DIR")
+    images_arg(v, required=True)
     v.add_argument("--results", required=True, metavar="RESULTS.json")
     v.add_argument("--compare", metavar="REFINED.json", help="refined results of the same input, drawn on the right")
-    v.add_argument("--annotations", metavar="ANNOTATIONS.json", help="to find image files by their file_name")
+    annotations_arg(v, help="to find image files by their file_name")
     v.add_argument("--out", required=True, metavar="DIR")
     v.add_argument("--min-score", type=float, default=0.2, help="skip persons scored below this (0.2)")
     v.add_argument("--min-keypoint-score", type=float, default=0.0, help="skip keypoints scored at or below (0)")
@@ -786,34 +813,31 @@ def build_parser() -> argparse.ArgumentParser:
     rv = sub.add_parser("refine-video", help="refine an estimator's poses on a video file",
                         description="Refine per-frame poses of a video (COCO results with image_id = frame index, "
                                     "or any supported format keyed by frame) and optionally render the result.")
-    rv.add_argument("--checkpoint", metavar="CKPT", help="model.safetensors from posefix train (or --onnx)")
+    checkpoint_arg(rv)
     rv.add_argument("--video", required=True, metavar="IN.mp4")
     rv.add_argument("--input", required=True, metavar="POSES.json")
     rv.add_argument("--out", required=True, metavar="REFINED.json")
     rv.add_argument("--render", metavar="OUT.mp4", help="also write the video with input and refined skeletons")
-    rv.add_argument("--format", default="coco", choices=("coco", "movenet", "blazepose", "posenet", "openpose"))
+    format_arg(rv)
     rv.add_argument("--follow", action="store_true",
                     help="a tracked person's crop follows its previous refined pose (needs track_id)")
     rv.add_argument("--smooth", action="store_true", help="One-Euro filter over each track's refined keypoints")
     rv.add_argument("--min-cutoff", type=float, default=1.0, help="One-Euro minimum cutoff in Hz (1.0; lower: smoother)")
     rv.add_argument("--beta", type=float, default=0.007, help="One-Euro speed coefficient in 1/px (0.007; higher: less lag)")
     rv.add_argument("--d-cutoff", type=float, default=1.0, help="One-Euro cutoff of the speed estimate in Hz (1.0)")
-    rv.add_argument("--flip-test", action="store_true")
-    rv.add_argument("--batch-size", type=int, default=64)
+    flip_test_arg(rv)
+    batch_size_arg(rv)
     device_arg(rv)
-    rv.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                   help="the model's arithmetic (fp32; bf16: bfloat16 autocast, for GPUs)")
-    rv.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster with bf16 on GPUs)")
+    precision_args(rv)
     _output_options(rv)
-    rv.add_argument("--quiet", action="store_true", help="no progress bar")
+    quiet_arg(rv)
     _backend_args(rv)
     rv.set_defaults(func=cmd_refine_video)
 
     sv = sub.add_parser("serve", help="serve refinements over gRPC (posefix.v1.PoseRefiner)",
                         description="Serve the refiner over gRPC until SIGTERM/SIGINT; concurrent calls are batched "
                                     "together on the device. Health, reflection and Prometheus metrics included.")
-    sv.add_argument("--checkpoint", metavar="MODEL.safetensors",
-                    help="the refiner's weights (posefix train; or --onnx)")
+    checkpoint_arg(sv, metavar="MODEL.safetensors", help="the refiner's weights (posefix train; or --onnx)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1; 0.0.0.0 for other machines)")
     sv.add_argument("--port", type=int, default=50051, help="gRPC port (50051; 0: any free port)")
     device_arg(sv, "auto")
@@ -825,10 +849,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue-wait-s", type=float, default=None, metavar="S",
                     help="longest a call may wait for its batch; estimated longer: RESOURCE_EXHAUSTED (no bound)")
     sv.add_argument("--metrics-port", type=int, default=None, metavar="PORT", help="Prometheus /metrics port (off)")
-    sv.add_argument("--flip-test", action="store_true", help="also refine each crop's mirror and average")
-    sv.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                   help="the model's arithmetic (fp32; bf16: bfloat16 autocast, for GPUs)")
-    sv.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster with bf16 on GPUs)")
+    flip_test_arg(sv, help="also refine each crop's mirror and average")
+    precision_args(sv)
     _output_options(sv)
     sv.add_argument("--grace-s", type=float, default=10.0, metavar="S",
                     help="on SIGTERM, time for calls in flight (10)")
@@ -840,13 +862,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .search_cli import add_parsers as add_search_parsers
 
-    add_search_parsers(sub, ("coco", "movenet", "blazepose", "posenet", "openpose"))
+    add_search_parsers(sub, FORMAT_NAMES)
 
     x = sub.add_parser("export", help="export a refiner to ONNX (fp32 or int8) or a Triton model repository",
                        description="Export the whole refiner as one ONNX graph (crops and input keypoints in; "
                                    "coordinates, confidences and the model's other outputs out), optionally "
                                    "quantised to int8, and/or as a Triton Inference Server model repository.")
-    x.add_argument("--checkpoint", required=True, metavar="CKPT", help="model.safetensors from posefix train")
+    checkpoint_arg(x, required=True, help="model.safetensors from posefix train")
     x.add_argument("--onnx", metavar="OUT.onnx", help="where to write the ONNX model")
     x.add_argument("--opset", type=int, default=18, help="ONNX opset (18)")
     x.add_argument("--batch", default="dynamic", metavar="dynamic|N", help="batch axis: dynamic (default) or fixed N")
@@ -871,7 +893,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="posefix-demo", metavar="DIR", help="output directory (posefix-demo)")
     d.add_argument("--seed", type=_seed, default=0)
     d.add_argument("--steps", type=_seed, default=150, help="training steps of the CPU preset (150)")
-    d.add_argument("--checkpoint", metavar="CKPT", help="refine with these weights instead of training")
+    checkpoint_arg(d, help="refine with these weights instead of training")
     d.set_defaults(func=cmd_demo)
     return p
 

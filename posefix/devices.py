@@ -1,9 +1,12 @@
 """The device a command runs on: one reading of ``--device`` (and of ``train.device``) for every command."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 # The help of every command's --device.
 DEVICE_HELP = "cpu, cuda, cuda:N or auto: cuda if available"
@@ -16,6 +19,8 @@ def resolve_device(name: str | torch.device, option: str = "--device") -> torch.
     Raises an InputError naming ``option`` where the device cannot be used here: not a device name, CUDA
     asked for on a machine without a CUDA device, or an index beyond its devices.
     """
+    import torch  # here: the command line's parser reads DEVICE_HELP without loading torch
+
     if isinstance(name, str) and name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
