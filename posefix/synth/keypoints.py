@@ -1,4 +1,4 @@
-"""COCO-17 keypoint conventions shared by the whole project, and vectorised KS / OKS.
+"""COCO-17 keypoint conventions shared by the whole project, vectorised KS / OKS, and what a valid keypoint is.
 
 Glossary: N persons, K = 17 keypoints. Keypoints are (x, y) in pixels with x to the right and y down;
 a pose is (K, 3) = (x, y, v) where v > 0 marks a labelled (GT) or present (prediction) joint.
