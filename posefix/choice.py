@@ -20,7 +20,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from .errors import InputError
-from .synth.keypoints import NUM_KEYPOINTS, ks
+from .synth.keypoints import NUM_KEYPOINTS, ks, present
 
 METADATA_KEY = "posefix_choice"
 VERSION = 1
@@ -36,7 +36,7 @@ def _logit(p):
 def person_scale(poses: np.ndarray) -> np.ndarray:
     """(P,) the square root of the area of each input pose's box (present, finite joints); 1 without two."""
     poses = np.asarray(poses, dtype=np.float64)
-    ok = (poses[..., 2] > 0) & np.isfinite(poses[..., :2]).all(-1)
+    ok = present(poses)
     low = np.where(ok[..., None], poses[..., :2], np.inf).min(-2)
     high = np.where(ok[..., None], poses[..., :2], -np.inf).max(-2)
     with np.errstate(invalid="ignore"):
@@ -49,10 +49,10 @@ def features(poses, xy, conf, input_conf) -> np.ndarray:
     xy (P, K, 2) and conf (P, K) the refined joints, input_conf (P, K) the head's estimate for the input joint."""
     poses = np.asarray(poses, dtype=np.float64)
     given = np.nan_to_num(poses[..., :2], nan=0.0, posinf=0.0, neginf=0.0)
-    present = ((poses[..., 2] > 0) & np.isfinite(poses[..., :2]).all(-1)).astype(np.float64)
     score = np.clip(np.nan_to_num(poses[..., 2], nan=0.0), 0.0, 1.0)
     move = np.linalg.norm(np.asarray(xy, dtype=np.float64) - given, axis=-1) / person_scale(poses)[:, None]
-    return np.stack([_logit(conf), _logit(input_conf), score, present, np.log(np.minimum(move, 10.0) + 1e-2)], -1)
+    return np.stack([_logit(conf), _logit(input_conf), score, present(poses).astype(np.float64),
+                     np.log(np.minimum(move, 10.0) + 1e-2)], -1)
 
 
 class FittedChoice:

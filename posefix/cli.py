@@ -73,8 +73,8 @@ def cmd_synth(args) -> int:
 
 
 def cmd_synth_fit(args) -> int:
-    from .synth.cocoio import load_ground_truth, load_results
     from .fileio import write_json_atomic
+    from .synth.cocoio import load_ground_truth, load_results
     from .synth.diagnose import diagnose
     from .synth.fit import fit_profile
     from .synth.profile import load_profile
@@ -102,8 +102,8 @@ def cmd_synth_fit(args) -> int:
 
 
 def cmd_diagnose(args) -> int:
-    from .synth.cocoio import load_ground_truth, load_results
     from .fileio import write_json_atomic
+    from .synth.cocoio import load_ground_truth, load_results
     from .synth.diagnose import diagnose
 
     _check_outputs(args, ("gt", "results"), ("out",))
@@ -125,8 +125,8 @@ def format_report(report: dict) -> str:
     """A diagnosis summary as a few plain-text tables."""
     s = report["summary"]
     d = s["detections"]
-    lines = [f"{report['source']}: {d['total']} detections on {s['images']} images, {d['matched']} matched "
-             f"to GT at OKS >= 0.1 ({d['unmatched']} unmatched)"]
+    lines = [(f"{report['source']}: {d['total']} detections on {s['images']} images, {d['matched']} matched "
+              f"to GT at OKS >= 0.1 ({d['unmatched']} unmatched)")]
     k = s["keypoints"]
     lines.append(f"keypoints of matched detections: {k['labelled']} labelled")
     lines.append("  " + "  ".join(f"{name} {k['counts'][name]} ({100 * (k['shares'][name] or 0):.1f} %)"
@@ -161,11 +161,10 @@ def cmd_demo(args) -> int:
     """Train the CPU preset briefly on the bundled train images (or take a checkpoint), then refine held-out
     inputs on the bundled val images — synthesized ones and real estimators' outputs, each through its own
     --format — raw and with the per-joint choice, and print AP and the error breakdown of each."""
-    from .synth.cocoio import load_ground_truth, load_results
-    from .fileio import write_json_atomic
-    from .synth.diagnose import diagnose, keypoint_ap
-
     from .config import load_config
+    from .fileio import write_json_atomic
+    from .synth.cocoio import load_ground_truth, load_results
+    from .synth.diagnose import diagnose, keypoint_ap
 
     out = Path(args.out)
     gt_path = SAMPLE_DIR / "person_keypoints_val_sample.json"
@@ -342,8 +341,8 @@ def cmd_refine(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .synth.cocoio import load_ground_truth, load_results
     from .fileio import write_json_atomic
+    from .synth.cocoio import load_ground_truth, load_results
     from .synth.diagnose import diagnose, keypoint_stats
 
     if args.json:
@@ -378,10 +377,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_viz(args) -> int:
-    from .synth.cocoio import validate_results
     from .fileio import read_json
-
     from .images import coco_image_path, decode
+    from .synth.cocoio import validate_results
     from .viz import INPUT_COLOUR, REFINED_COLOUR, draw_poses, side_by_side, write_png
 
     results = validate_results(read_json(args.results, "results"), str(args.results))
@@ -514,6 +512,44 @@ def _backend_args(parser) -> None:
                         help="ONNX Runtime's execution provider (default: cuda on --device cuda, else cpu)")
 
 
+# Options several commands share, each declared once: ``name_arg(parser, **overrides)`` adds it to a command's
+# parser (keyword arguments replace the shared ones, e.g. required=True or a command's own help).
+FORMAT_NAMES = tuple(FORMATS)  # --format's choices: the registered formats
+
+
+def _option(*names: str, **spec):
+    """The shared option ``names`` (``spec``: its add_argument keywords) as a function that adds it to a parser."""
+    def add(parser, **overrides) -> None:
+        parser.add_argument(*names, **{**spec, **overrides})
+    return add
+
+
+checkpoint_arg = _option("--checkpoint", metavar="CKPT", help="model.safetensors from posefix train (or --onnx)")
+images_arg = _option("--images", metavar="DIR")
+annotations_arg = _option("--annotations", metavar="ANNOTATIONS.json", help="COCO annotations: image file names and ids")
+format_arg = _option("--format", default="coco", choices=FORMAT_NAMES)
+flip_test_arg = _option("--flip-test", action="store_true", help="average with the refinement of the mirrored crop")
+batch_size_arg = _option("--batch-size", type=int, default=64, help="persons per model call (64)")
+workers_arg = _option("--workers", type=int, default=2, help="image decoding threads (2)")
+skip_invalid_arg = _option("--skip-invalid", action="store_true", help="leave out malformed entries and the persons "
+                           "of images that cannot be read; refine the rest")
+quiet_arg = _option("--quiet", action="store_true", help="no progress bar")
+
+
+def precision_args(parser) -> None:
+    """``--precision`` and ``--channels-last``, for every command that runs the torch model."""
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="the model's arithmetic (fp32; bf16: bfloat16 autocast, for GPUs)")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster with bf16 on GPUs)")
+
+
+def device_arg(parser, default: str = "cpu") -> None:
+    """``--device``, for every command that runs the model (read by posefix.devices.resolve_device)."""
+    from .devices import DEVICE_HELP
+
+    parser.add_argument("--device", default=default, help=f"{DEVICE_HELP} ({default})")
+
+
 def allow_outside_images_arg(parser) -> None:
     """``--allow-outside-images``, for every command that reads images by the names an input file gives."""
     parser.add_argument("--allow-outside-images", action="store_true",
@@ -615,9 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--results", required=True, metavar="RESULTS.json", help="the estimator's COCO results")
     f.add_argument("--out", required=True, metavar="PROFILE.json")
     f.add_argument("--profile", metavar="TEMPLATE.json", help="groups and bins to fit (default: the published)")
-    f.add_argument("--format", default="coco", choices=tuple(FORMATS),
-                   help="the results' format, as for refine (coco)")
-    f.add_argument("--images", metavar="DIR", help="the images (for a format other than coco: file names, sizes)")
+    format_arg(f, help="the results' format, as for refine (coco)")
+    images_arg(f, help="the images (for a format other than coco: file names, sizes)")
     allow_outside_images_arg(f)
     f.set_defaults(func=cmd_synth_fit)
 
@@ -644,28 +679,25 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("refine", help="refine an estimator's results on a set of images",
                        description="Refine an estimator's poses (COCO results or another estimator's format) and "
                                    "write COCO results with each keypoint's refined confidence.")
-    r.add_argument("--checkpoint", metavar="CKPT", help="model.safetensors from posefix train (or --onnx)")
-    r.add_argument("--images", required=True, metavar="DIR")
+    checkpoint_arg(r)
+    images_arg(r, required=True)
     r.add_argument("--input", required=True, metavar="RESULTS.json", help="the estimator's output (a directory "
                    "of *_keypoints.json for openpose)")
     r.add_argument("--out", required=True, metavar="REFINED.json")
-    r.add_argument("--annotations", metavar="ANNOTATIONS.json", help="COCO annotations: image file names and ids")
-    r.add_argument("--format", default="coco", choices=tuple(FORMATS))
-    r.add_argument("--flip-test", action="store_true", help="average with the refinement of the mirrored crop")
-    r.add_argument("--batch-size", type=int, default=64, help="persons per model call (64)")
-    r.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    r.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                   help="the model's arithmetic (fp32; bf16: bfloat16 autocast, for GPUs)")
-    r.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster with bf16 on GPUs)")
-    r.add_argument("--workers", type=int, default=2, help="image decoding threads (2)")
+    annotations_arg(r)
+    format_arg(r)
+    flip_test_arg(r)
+    batch_size_arg(r)
+    device_arg(r)
+    precision_args(r)
+    workers_arg(r)
     r.add_argument("--keep-input-below", type=float, metavar="CONF",
                    help="keep the input keypoint where the refined confidence is below CONF and below the "
                         "input keypoint's score")
     _output_options(r)
-    r.add_argument("--skip-invalid", action="store_true",
-                   help="leave out malformed entries and the persons of images that cannot be read; refine the rest")
+    skip_invalid_arg(r)
     allow_outside_images_arg(r)
-    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    quiet_arg(r)
     ray = r.add_argument_group("on a Ray cluster (pip install 'posefix[ray]')")
     ray.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                      help="refine as a Ray Data pipeline: on a new local Ray, or on the cluster at ADDRESS")
@@ -680,16 +712,16 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Learn, from an estimator's results on labelled images, when the refiner's "
                                     "correction of a joint is closer to the truth than the estimator's joint, and "
                                     "write a copy of the checkpoint whose per-joint choice follows that rule.")
-    fc.add_argument("--checkpoint", required=True, metavar="CKPT", help="model.safetensors from posefix train")
-    fc.add_argument("--images", required=True, metavar="DIR")
+    checkpoint_arg(fc, required=True, help="model.safetensors from posefix train")
+    images_arg(fc, required=True)
     fc.add_argument("--input", required=True, metavar="RESULTS.json", help="the estimator's output on these images")
-    fc.add_argument("--annotations", required=True, metavar="ANNOTATIONS.json", help="their COCO ground truth")
+    annotations_arg(fc, required=True, help="their COCO ground truth")
     fc.add_argument("--out", required=True, metavar="FITTED.safetensors", help="the checkpoint with the fitted choice")
-    fc.add_argument("--format", default="coco", choices=tuple(FORMATS))
-    fc.add_argument("--batch-size", type=int, default=64, help="persons per model call (64)")
-    fc.add_argument("--device", default="cpu")
-    fc.add_argument("--workers", type=int, default=2, help="image decoding threads (2)")
-    fc.add_argument("--skip-invalid", action="store_true", help="fit on the valid entries and skip the rest")
+    format_arg(fc)
+    batch_size_arg(fc)
+    device_arg(fc)
+    workers_arg(fc)
+    skip_invalid_arg(fc, help="fit on the valid entries and skip the rest")
     allow_outside_images_arg(fc)
     fc.set_defaults(func=cmd_fit_choice)
 
@@ -704,10 +736,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     v = sub.add_parser("viz", help="draw skeletons, before and after side by side, as PNGs")
-    v.add_argument("--images", required=True, metavar="DIR")
+    images_arg(v, required=True)
     v.add_argument("--results", required=True, metavar="RESULTS.json")
     v.add_argument("--compare", metavar="REFINED.json", help="refined results of the same input, drawn on the right")
-    v.add_argument("--annotations", metavar="ANNOTATIONS.json", help="to find image files by their file_name")
+    annotations_arg(v, help="to find image files by their file_name")
     v.add_argument("--out", required=True, metavar="DIR")
     v.add_argument("--min-score", type=float, default=0.2, help="skip persons scored below this (0.2)")
     v.add_argument("--min-keypoint-score", type=float, default=0.0, help="skip keypoints scored at or below (0)")
@@ -718,37 +750,34 @@ def build_parser() -> argparse.ArgumentParser:
     rv = sub.add_parser("refine-video", help="refine an estimator's poses on a video file",
                         description="Refine per-frame poses of a video (COCO results with image_id = frame index, "
                                     "or any supported format keyed by frame) and optionally render the result.")
-    rv.add_argument("--checkpoint", metavar="CKPT", help="model.safetensors from posefix train (or --onnx)")
+    checkpoint_arg(rv)
     rv.add_argument("--video", required=True, metavar="IN.mp4")
     rv.add_argument("--input", required=True, metavar="POSES.json")
     rv.add_argument("--out", required=True, metavar="REFINED.json")
     rv.add_argument("--render", metavar="OUT.mp4", help="also write the video with input and refined skeletons")
-    rv.add_argument("--format", default="coco", choices=tuple(FORMATS))
+    format_arg(rv)
     rv.add_argument("--follow", action="store_true",
                     help="a tracked person's crop follows its previous refined pose (needs track_id)")
     rv.add_argument("--smooth", action="store_true", help="One-Euro filter over each track's refined keypoints")
     rv.add_argument("--min-cutoff", type=float, default=1.0, help="One-Euro minimum cutoff in Hz (1.0; lower: smoother)")
     rv.add_argument("--beta", type=float, default=0.007, help="One-Euro speed coefficient in 1/px (0.007; higher: less lag)")
     rv.add_argument("--d-cutoff", type=float, default=1.0, help="One-Euro cutoff of the speed estimate in Hz (1.0)")
-    rv.add_argument("--flip-test", action="store_true")
-    rv.add_argument("--batch-size", type=int, default=64)
-    rv.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    rv.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                   help="the model's arithmetic (fp32; bf16: bfloat16 autocast, for GPUs)")
-    rv.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster with bf16 on GPUs)")
+    flip_test_arg(rv)
+    batch_size_arg(rv)
+    device_arg(rv)
+    precision_args(rv)
     _output_options(rv)
-    rv.add_argument("--quiet", action="store_true", help="no progress bar")
+    quiet_arg(rv)
     _backend_args(rv)
     rv.set_defaults(func=cmd_refine_video)
 
     sv = sub.add_parser("serve", help="serve refinements over gRPC (posefix.v1.PoseRefiner)",
                         description="Serve the refiner over gRPC until SIGTERM/SIGINT; concurrent calls are batched "
                                     "together on the device. Health, reflection and Prometheus metrics included.")
-    sv.add_argument("--checkpoint", metavar="MODEL.safetensors",
-                    help="the refiner's weights (posefix train; or --onnx)")
+    checkpoint_arg(sv, metavar="MODEL.safetensors", help="the refiner's weights (posefix train; or --onnx)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1; 0.0.0.0 for other machines)")
     sv.add_argument("--port", type=int, default=50051, help="gRPC port (50051; 0: any free port)")
-    sv.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda if available)")
+    device_arg(sv, "auto")
     sv.add_argument("--max-batch-size", type=int, default=64, metavar="PERSONS", help="persons per model call (64)")
     sv.add_argument("--max-queue-delay-ms", type=float, default=5.0, metavar="MS",
                     help="how long the oldest waiting call waits for others to batch with (5)")
@@ -757,10 +786,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue-wait-s", type=float, default=None, metavar="S",
                     help="longest a call may wait for its batch; estimated longer: RESOURCE_EXHAUSTED (no bound)")
     sv.add_argument("--metrics-port", type=int, default=None, metavar="PORT", help="Prometheus /metrics port (off)")
-    sv.add_argument("--flip-test", action="store_true", help="also refine each crop's mirror and average")
-    sv.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                   help="the model's arithmetic (fp32; bf16: bfloat16 autocast, for GPUs)")
-    sv.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster with bf16 on GPUs)")
+    flip_test_arg(sv, help="also refine each crop's mirror and average")
+    precision_args(sv)
     _output_options(sv)
     sv.add_argument("--grace-s", type=float, default=10.0, metavar="S",
                     help="on SIGTERM, time for calls in flight (10)")
@@ -778,7 +805,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export the whole refiner as one ONNX graph (crops and input keypoints in; "
                                    "coordinates, confidences and the model's other outputs out), optionally "
                                    "quantised to int8, and/or as a Triton Inference Server model repository.")
-    x.add_argument("--checkpoint", required=True, metavar="CKPT", help="model.safetensors from posefix train")
+    checkpoint_arg(x, required=True, help="model.safetensors from posefix train")
     x.add_argument("--onnx", metavar="OUT.onnx", help="where to write the ONNX model")
     x.add_argument("--opset", type=int, default=18, help="ONNX opset (18)")
     x.add_argument("--batch", default="dynamic", metavar="dynamic|N", help="batch axis: dynamic (default) or fixed N")
@@ -803,7 +830,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="posefix-demo", metavar="DIR", help="output directory (posefix-demo)")
     d.add_argument("--seed", type=_seed, default=0)
     d.add_argument("--steps", type=_seed, default=150, help="training steps of the CPU preset (150)")
-    d.add_argument("--checkpoint", metavar="CKPT", help="refine with these weights instead of training")
+    checkpoint_arg(d, help="refine with these weights instead of training")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .synth.keypoints import FLIP_PAIRS
+from .synth.keypoints import FLIP_PAIRS, KS_SCALE
 
 # The reference's test-time crop enlarges the min/max box of the input keypoints by this factor.
 KEYPOINT_BOX_ENLARGE = 1.2
@@ -122,7 +122,6 @@ def heatmap_conv2d(keypoints: Tensor, size: tuple[int, int], sigma: float | Tens
     out_c, in_c, kh, kw = weight.shape
     if in_c != k:
         raise ValueError(f"weight has {in_c} input channels for {k} keypoints")
-    height, width = size
     gy, gx = gaussian_axes(keypoints, size, sigma)  # (N, K, H), (N, K, W)
     ay = F.pad(gy, (padding, padding)).unfold(-1, kh, stride)  # (N, K, Ho, kh): gy_k(s·i + u - p)
     ax = F.pad(gx, (padding, padding)).unfold(-1, kw, stride)  # (N, K, Wo, kw)
@@ -177,6 +176,28 @@ def soft_argmax(logits: Tensor) -> tuple[Tensor, Tensor]:
     return torch.stack([x, y], -1), prob
 
 
+def ks(pred: Tensor, gt: Tensor, area: Tensor) -> Tensor:
+    """Keypoint similarity of each predicted joint to its GT joint: ``synth.keypoints.ks`` in torch (the same
+    KS_SCALE): exp(-d² / (A·KS_SCALE)).
+
+    pred, gt: (..., K, 2+) pixels, extra columns ignored; area: (...,) pixels². Returns (..., K) in (0, 1] in the
+    inputs' promoted floating dtype; differentiable.
+    """
+    d2 = ((pred[..., :2] - gt[..., :2]) ** 2).sum(-1)  # (..., K)
+    scale = area[..., None].to(d2.dtype) * _ks_scale(d2.dtype, d2.device)
+    return torch.exp(-d2 / (scale + _EPS))
+
+
+_EPS = float(torch.finfo(torch.float64).eps)  # as numpy's np.spacing(1): a zero area gives KS 1 at d = 0
+
+
+@functools.lru_cache(maxsize=16)
+def _ks_scale(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """KS_SCALE (K,) made once per dtype and device (a fresh tensor would be a copy to the device per call)."""
+    with torch.inference_mode(False):
+        return torch.tensor(KS_SCALE, dtype=dtype, device=device)
+
+
 def box_from_keypoints(keypoints: Tensor, min_size: float = 1.0) -> Tensor:
     """The min/max box of the valid joints, enlarged ×1.2 about its centre (the reference's test-time crop).
 
@@ -227,6 +248,22 @@ def crop_affine(center: Tensor, size: Tensor, out_size: tuple[int, int],
     crop_centre = torch.tensor([(width - 1) / 2, (height - 1) / 2], dtype=dtype, device=center.device)
     t = center - m @ crop_centre  # (N, 2)
     return torch.cat([m, t[..., None]], -1)  # (N, 2, 3)
+
+
+def person_crop_affine(keypoints: Tensor, out_size: tuple[int, int], scale: Tensor | float = 1.0,
+                       rotation: Tensor | float | None = None, padding: float = 1.25) -> Tensor:
+    """The crop → image affine of the crop around each person, the one crop of training and inference alike:
+    the box of its valid joints (:func:`box_from_keypoints`) grown to the crop's aspect and by ``padding``
+    (:func:`center_scale`), its size times ``scale`` and turned by ``rotation`` degrees about its centre
+    (:func:`crop_affine`); scale and rotation (a float or (N,) each) are training's augmentation.
+
+    keypoints: (N, K, 3) = (x, y, v) image pixels; out_size: (H, W) of the crop. Returns (N, 2, 3) in the
+    keypoints' (floating) dtype.
+    """
+    height, width = out_size
+    center, size = center_scale(box_from_keypoints(keypoints), aspect=width / height, padding=padding)
+    size = size * (scale.to(size.dtype)[..., None] if isinstance(scale, Tensor) else scale)
+    return crop_affine(center, size, out_size, rotation)
 
 
 def invert_affine(affine: Tensor) -> Tensor:

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomllib
-
 from .errors import InputError
-
 from .model import ModelConfig
 
 
@@ -42,7 +40,7 @@ class TrainConfig:
     lr_milestones: tuple[float, ...] = (90 / 140, 120 / 140)  # ÷10 at these fractions of max_steps
     seed: int = 0
     pretrained: str = "imagenet"  # "imagenet" (from torch's cache, never downloaded), a file, or "none"
-    device: str = "auto"  # "auto", "cpu", "cuda"
+    device: str = "auto"  # "auto", "cpu", "cuda" (each process's LOCAL_RANK GPU), "cuda:N"
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA), "bf16", "fp32"
     channels_last: str = "auto"  # "auto" (on CUDA), "on", "off"
     log_every: int = 20

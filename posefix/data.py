@@ -9,17 +9,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .synth.coco import MIN_AREA, overlaps
-from .synth.cocoio import load_ground_truth
-from .synth.keypoints import PARTNER
-from .synth.occlusion import occlude_rectangles, shorten_legs
-from .synth.profile import Profile
-from .synth.synthesize import synthesize
-
 from . import codec
 from .config import DataConfig
 from .images import coco_image_path, decode
 from .model import ModelConfig
+from .synth.coco import MIN_AREA, overlaps
+from .synth.cocoio import load_ground_truth
+from .synth.keypoints import PARTNER
+from .synth.occlusion import ANKLES, KNEES, occlude_rectangles, shorten_legs
+from .synth.profile import Profile
+from .synth.synthesize import synthesize
 
 
 class PersonCrops(torch.utils.data.Dataset):
@@ -55,17 +54,7 @@ class PersonCrops(torch.utils.data.Dataset):
         inp = res.keypoints[0].copy()
         inp[:, 2] = 1.0
         h, w = self.model.input_size
-        box = codec.box_from_keypoints(torch.from_numpy(inp)[None])
-        center, size = codec.center_scale(box, aspect=w / h)
-        rot = torch.zeros(1, dtype=torch.float64)
-        flip = False
-        if self.augment:
-            d = self.data
-            size = size * float(np.clip(rng.normal(1.0, d.scale_factor), 1 - d.scale_factor, 1 + d.scale_factor))
-            if rng.random() < d.rotation_prob:
-                rot[0] = float(np.clip(rng.normal(0.0, d.rotation_factor), -2 * d.rotation_factor, 2 * d.rotation_factor))
-            flip = rng.random() < d.flip_prob
-        affine = codec.crop_affine(center, size, (h, w), rotation=rot)  # (1, 2, 3) crop → image
+        affine, flip = self.crop_affine(inp, rng)  # (1, 2, 3) crop → image
         # The configured training set's own file names, read where they point (data.train_images is no --images).
         image = decode(coco_image_path(self.images_dir, self.images[int(gt.image_ids[i])], allow_outside=True))
         crop = codec.warp_crops(image[None].float().div_(255), torch.zeros(1, dtype=torch.long),
@@ -88,6 +77,21 @@ class PersonCrops(torch.utils.data.Dataset):
                 "target_valid": torch.from_numpy(labelled & inside), "area": torch.tensor(max(gt.areas[i], MIN_AREA) * scale,
                                                                                           dtype=torch.float32)}
 
+    def crop_affine(self, pose: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, bool]:
+        """The crop → image affine (1, 2, 3) float64 of the crop around ``pose`` (K, 3) image pixels, and whether
+        to mirror it: the crop inference takes (``codec.person_crop_affine``, as ``Refiner.prepare``), with
+        augmentation scaled, turned and mirrored at random (drawn from ``rng``)."""
+        scale, rotation, flip = 1.0, None, False
+        if self.augment:
+            d = self.data
+            scale = float(np.clip(rng.normal(1.0, d.scale_factor), 1 - d.scale_factor, 1 + d.scale_factor))
+            if rng.random() < d.rotation_prob:
+                rotation = float(np.clip(rng.normal(0.0, d.rotation_factor), -2 * d.rotation_factor,
+                                         2 * d.rotation_factor))
+            flip = rng.random() < d.flip_prob
+        keypoints = torch.as_tensor(np.asarray(pose, dtype=np.float64))[None]
+        return codec.person_crop_affine(keypoints, self.model.input_size, scale, rotation), flip
+
     def _occlude(self, crop, inp_c, tgt_c, labelled, rng):
         """Lower-body occlusion on the crop: the cutout goes over the GT legs, the input legs shrink."""
         img = crop.permute(1, 2, 0).numpy()
@@ -95,7 +99,7 @@ class PersonCrops(torch.utils.data.Dataset):
         if rng.random() < self.data.leg_shortening_prob:
             occ = shorten_legs(img, gt_pose, rng)
             img = occ.image
-            legs = np.arange(13, 17)
+            legs = np.array(KNEES + ANKLES)
             inp_c[legs, :2] = inp_c[legs, :2] + (occ.keypoints[legs, :2] - tgt_c[legs])
         if rng.random() < self.data.occluder_prob:
             img = occlude_rectangles(img, gt_pose, rng).image

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, PosefixError
+from .synth.keypoints import NUM_KEYPOINTS
 
 EXTRA = "refining on Ray needs the ray extra: pip install 'posefix[ray]'"
 
@@ -97,7 +98,7 @@ class _RefineBlock:
                     except InputError as e:
                         errors[i] = json.dumps([e.field, e.problem, e.source])
                         continue
-                    poses = np.frombuffer(batch["poses"][i], dtype=np.float64).reshape(-1, 17, 3)
+                    poses = np.frombuffer(batch["poses"][i], dtype=np.float64).reshape(-1, NUM_KEYPOINTS, 3)
                     yield i, image, poses
 
             for i, *outputs in refine_images(self.refiner, jobs(), workers=self.workers):
@@ -128,7 +129,8 @@ def refine_images_ray(checkpoint, jobs, *, actors: int | None = None, num_gpus: 
     ``progress(n)`` is called with the number of persons of each image done; ``show_progress``: Ray Data's
     progress bars.
     """
-    from .engine import check_device, load_weights
+    from .devices import resolve_device
+    from .engine import load_weights
 
     ray = _ray()
     if actors is not None and actors < 1:
@@ -141,7 +143,7 @@ def refine_images_ray(checkpoint, jobs, *, actors: int | None = None, num_gpus: 
     if images_per_block < 1:
         raise InputError("images_per_block", f"must be at least 1, got {images_per_block}")
     if num_gpus == 0:
-        check_device(device)
+        resolve_device(device)
     checkpoint = str(Path(checkpoint).absolute())
     load_weights(checkpoint)  # a bad checkpoint is reported here, before any actor starts
     keys, images, poses = _rows(jobs)
@@ -150,9 +152,9 @@ def refine_images_ray(checkpoint, jobs, *, actors: int | None = None, num_gpus: 
         connect(address)
     try:
         yield from _run(ray, checkpoint, keys, images, poses, images_per_block, actors, num_gpus, workers, skipped,
-                        progress, show_progress, dict(device=device, batch_size=batch_size, flip_test=flip_test,
-                                                         precision=precision, channels_last=channels_last,
-                                                         output=output, choice_margin=choice_margin))
+                        progress, show_progress, {"device": device, "batch_size": batch_size, "flip_test": flip_test,
+                                                  "precision": precision, "channels_last": channels_last,
+                                                  "output": output, "choice_margin": choice_margin})
     finally:
         if started:
             ray.shutdown()
@@ -183,7 +185,7 @@ def _rows(jobs):
     for key, source, p in jobs:
         keys.append(key)
         images.append(str(source) if is_uri(str(source)) else str(Path(source).absolute()))
-        poses.append(np.ascontiguousarray(p, dtype=np.float64).reshape(-1, 17, 3).tobytes())
+        poses.append(np.ascontiguousarray(p, dtype=np.float64).reshape(-1, NUM_KEYPOINTS, 3).tobytes())
     return keys, images, poses
 
 
@@ -287,11 +289,12 @@ def image_sources(args, groups: dict, coco_images, skipped: list) -> dict:
 
 def ray_options(args, skipped: list) -> dict:
     """The keyword arguments of :func:`refine_images_ray` for ``posefix refine --ray``."""
-    num_gpus = args.num_gpus if args.num_gpus is not None else float(args.device == "cuda")
-    return dict(actors=args.actors, num_gpus=num_gpus, device=args.device, batch_size=args.batch_size,
-                flip_test=args.flip_test, precision=args.precision, channels_last=args.channels_last,
-                output=args.output, choice_margin=args.choice_margin, workers=args.workers, address=args.ray or None,
-                skipped=skipped if args.skip_invalid else None, show_progress=not args.quiet)
+    num_gpus = args.num_gpus if args.num_gpus is not None else float(args.device.startswith("cuda"))
+    return {"actors": args.actors, "num_gpus": num_gpus, "device": args.device, "batch_size": args.batch_size,
+            "flip_test": args.flip_test, "precision": args.precision, "channels_last": args.channels_last,
+            "output": args.output, "choice_margin": args.choice_margin, "workers": args.workers,
+            "address": args.ray or None, "skipped": skipped if args.skip_invalid else None,
+            "show_progress": not args.quiet}
 
 
 def write_refined(args, est, xy, conf, scores, ids, groups: dict, skipped: list, kept=None) -> tuple[int, str]:

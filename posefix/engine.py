@@ -16,9 +16,11 @@ import torch
 
 from . import codec
 from .choice import METADATA_KEY, FittedChoice
+from .devices import resolve_device
 from .errors import InputError
 from .model import ModelConfig, PoseFixNet, fold_batchnorm
 from .protocols import RefinerLike
+from .synth.keypoints import NUM_KEYPOINTS
 
 PRECISIONS = ("fp32", "bf16")
 BACKENDS = ("torch", "onnxruntime")
@@ -46,7 +48,7 @@ class Refiner:
             raise InputError("output", f"must be one of {list(OUTPUTS)}, got {output!r}")
         if choice_margin is not None and not np.isfinite(choice_margin):
             raise InputError("choice_margin", f"must be a finite number, got {choice_margin!r}")
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         # The backend that executes the model: "torch", or another called like a PoseFixNet that returns its
         # dict (posefix.onnx_backend.OnnxModel: "onnxruntime"), so batching and decoding are the same code.
         self.backend = "torch" if isinstance(model, PoseFixNet) else model.backend
@@ -82,7 +84,7 @@ class Refiner:
         """``backend`` "onnxruntime" (the default where an ``onnx`` file is given, else "torch"): ONNX Runtime runs
         the model, from the file ``onnx`` or, without one, the checkpoint ``path`` exported in memory, on the
         execution ``provider`` (see :mod:`posefix.onnx_backend`)."""
-        device = check_device(device)
+        device = resolve_device(device)
         backend = backend or ("onnxruntime" if onnx is not None else "torch")
         if backend not in BACKENDS:
             raise InputError("--backend", f"must be one of {list(BACKENDS)}, got {backend!r}")
@@ -146,8 +148,7 @@ class Refiner:
         kp = self._present(poses)
         around = kp if crop_poses is poses else self._present(crop_poses)
         ok = (kp[..., 2] > 0).any(-1).numpy() & (around[..., 2] > 0).any(-1).numpy()
-        center, size = codec.center_scale(codec.box_from_keypoints(around), aspect=w / h)
-        affine = codec.crop_affine(center, size, (h, w))  # (P, 2, 3) crop → image
+        affine = codec.person_crop_affine(around, (h, w))  # (P, 2, 3) crop → image, as training crops
         kp_crop = torch.cat([codec.apply_affine(kp, codec.invert_affine(affine)), kp[..., 2:]], dim=-1)
         if kp.shape[0] == 0:
             empty = torch.zeros((0, 3, h, w), device=self.device)
@@ -232,21 +233,6 @@ def kept_input(poses, xy) -> np.ndarray:
     return (np.asarray(xy, dtype=np.float64) == np.asarray(poses, dtype=np.float64)[..., :2]).all(-1)
 
 
-def check_device(device: str | torch.device) -> torch.device:
-    """The device named by ``--device``, or an InputError saying why it cannot be used here."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InputError("--device", str(e).splitlines()[0]) from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError("--device", f"{device} was asked for but no CUDA device is available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError("--device", f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    return device
-
-
 def export_weights(model: PoseFixNet, path: str | Path, metadata: dict) -> None:
     """Write the model's weights as safetensors with its ModelConfig (and ``metadata``) in the header."""
     from safetensors.torch import save_file
@@ -320,7 +306,7 @@ def refine_images(refiner: RefinerLike, jobs, workers: int = 2, lookahead: int =
                 return False
             key, source, poses = job
             image = pool.submit(_staged, stage, source)
-            queue.append(_Job(key, image, np.asarray(poses, dtype=np.float64).reshape(-1, 17, 3)))
+            queue.append(_Job(key, image, np.asarray(poses, dtype=np.float64).reshape(-1, NUM_KEYPOINTS, 3)))
             return True
 
         def fill():

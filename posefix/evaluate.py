@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .engine import Refiner
+from .images import coco_image_path, decode
 from .synth.coco import synthesize_coco
 from .synth.cocoio import GroundTruth
 from .synth.diagnose import keypoint_ap
-from .synth.keypoints import SIGMAS
+from .synth.keypoints import KS_HIT, NUM_KEYPOINTS, ks
 from .synth.profile import Profile
-
-from .engine import Refiner
-from .images import coco_image_path, decode
 
 
 def refine_synthesized(refiner: Refiner, gt: GroundTruth, images_dir, seed: int = 0, profile: Profile | None = None,
@@ -29,18 +28,17 @@ def refine_synthesized(refiner: Refiner, gt: GroundTruth, images_dir, seed: int 
     entries = {im["id"]: im for im in gt.doc["images"]}
     images = [decode(coco_image_path(images_dir, entries[i], allow_outside=True)) for i in image_ids]  # as training
     where = {img: n for n, img in enumerate(image_ids)}
-    poses = np.array([r["keypoints"] for r in results], dtype=np.float64).reshape(len(results), 17, 3)
+    poses = np.array([r["keypoints"] for r in results], dtype=np.float64).reshape(len(results), NUM_KEYPOINTS, 3)
     xy, conf = refiner.refine(images, [where[r["image_id"]] for r in results], poses)
     refined = [dict(r, keypoints=np.concatenate([xy[n], conf[n][:, None]], axis=1).reshape(-1).tolist())
                for n, r in enumerate(results)]
     row = {int(a): n for n, a in enumerate(gt.ids)}
     own = np.array([row[entry["gt_id"]] for entry in labels], dtype=np.int64)
     truth = gt.keypoints[own]  # (P, K, 3)
-    d2 = ((xy - truth[..., :2]) ** 2).sum(-1)
-    ks = np.exp(-d2 / (2 * gt.areas[own][:, None] * (2 * SIGMAS) ** 2 + np.spacing(1)))
+    similarity = ks(xy, truth, gt.areas[own])  # (P, K)
     labelled = truth[..., 2] > 0
     return {"input_ap": keypoint_ap(gt, results), "refined_ap": keypoint_ap(gt, refined), "persons": len(results),
-            "input": results, "refined": refined, "confidence": conf[labelled], "hit": ks[labelled] >= 0.5}
+            "input": results, "refined": refined, "confidence": conf[labelled], "hit": similarity[labelled] >= KS_HIT}
 
 
 def calibration(confidence, hit, bins: int = 10) -> dict:

@@ -6,26 +6,17 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .synth.keypoints import SIGMAS
-
 from . import codec
 from .model import STRIDE
+from .synth.keypoints import KS_HIT
 
 
 def to_output_grid(points: torch.Tensor) -> torch.Tensor:
     """Input-pixel coordinates (..., 2) → output-grid coordinates (output pixel i is centred at 4i + 1.5)."""
     return (points - (STRIDE - 1) / 2) / STRIDE
-
-
-def ks_to_truth(coords, target, area, sigmas=None):
-    """KS of each predicted joint to its GT joint: coords, target (N, K, 2) crop px; area (N,) crop px²."""
-    sig = torch.tensor(np.array(SIGMAS if sigmas is None else sigmas), dtype=coords.dtype, device=coords.device)
-    d2 = ((coords - target) ** 2).sum(-1)
-    return torch.exp(-d2 / (2 * area[:, None] * (2 * sig) ** 2))
 
 
 def refiner_loss(out: dict, target: torch.Tensor, valid: torch.Tensor, area: torch.Tensor,
@@ -76,7 +67,7 @@ def refiner_loss(out: dict, target: torch.Tensor, valid: torch.Tensor, area: tor
 
 def _hit_bce(logit, coords, target, area, vmask, present=None):
     """Mean BCE over valid joints of ``logit`` against "KS of ``coords`` to ``target`` >= 0.5" (and present)."""
-    hit = (ks_to_truth(coords.float(), target.float(), area.float()) >= 0.5).float()
+    hit = (codec.ks(coords.float(), target.float(), area.float()) >= KS_HIT).float()
     if present is not None:
         hit = hit * present
     bce = F.binary_cross_entropy_with_logits(logit.float(), hit, reduction="none")
@@ -92,7 +83,7 @@ def offset_head_loss(logits: torch.Tensor, offsets: torch.Tensor, target: torch.
       grid and divided by the disk's area (so the few pixels inside weigh as much as the many outside);
     - offset: L1 of (offset − (joint − pixel)), in units of ``radius``, averaged over the pixels inside.
     """
-    n, k, h, w = logits.shape
+    h, w = logits.shape[-2:]
     ys = torch.arange(h, dtype=logits.dtype, device=logits.device)[:, None]
     xs = torch.arange(w, dtype=logits.dtype, device=logits.device)[None, :]
     tgt = torch.nan_to_num(target)

@@ -42,10 +42,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from .errors import InputError
-
 from . import codec
 from .codec import soft_argmax
+from .errors import InputError
+from .synth.keypoints import NUM_KEYPOINTS
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 HEADS = ("soft_argmax", "offset")
@@ -71,7 +71,7 @@ class ModelConfig:
     backbone: str = "resnet50"  # one of BACKBONES
     input_size: tuple[int, int] = (256, 192)  # (H, W) of the crop; multiples of 32
     sigma: float = 7.0  # σ of the input-pose Gaussians, in input pixels (reference: 7 at 256×192, 9 at 384×288)
-    num_keypoints: int = 17
+    num_keypoints: int = NUM_KEYPOINTS
     head_channels: int = 256  # width of the deconvolution head
     input_prior: bool = True  # add log(pooled input heatmap) to the logits
     head: str = "soft_argmax"  # one of HEADS: soft-argmax of the heatmap, or G-RMI's disk heatmap + offsets
@@ -88,8 +88,9 @@ class ModelConfig:
         if not (isinstance(self.sigma, (int, float)) and not isinstance(self.sigma, bool)
                 and 0 < self.sigma < math.inf):
             raise InputError("model.sigma", f"must be a positive number, got {self.sigma!r}")
-        if not _int(self.num_keypoints, 17, 17):
-            raise InputError("model.num_keypoints", f"must be 17 (COCO's joints), got {self.num_keypoints!r}")
+        if not _int(self.num_keypoints, NUM_KEYPOINTS, NUM_KEYPOINTS):
+            raise InputError("model.num_keypoints",
+                             f"must be {NUM_KEYPOINTS} (COCO's joints), got {self.num_keypoints!r}")
         if not _int(self.head_channels, 1, MAX_HEAD_CHANNELS):
             raise InputError("model.head_channels", f"must be an integer from 1 to {MAX_HEAD_CHANNELS}, "
                              f"got {self.head_channels!r}")
@@ -204,7 +205,7 @@ def peak_plus_offset(logits: torch.Tensor, offsets: torch.Tensor) -> torch.Tenso
 
     logits (N, K, h, w); offsets (N, K, 2, h, w) = (dx, dy) in output pixels. Returns (N, K, 2) (x, y) in
     output pixels, differentiable with respect to the offsets (the peak's position is not)."""
-    n, k, h, w = logits.shape
+    n, k, _, w = logits.shape
     index = logits.flatten(2).argmax(-1)  # (N, K)
     peak = torch.stack([index % w, torch.div(index, w, rounding_mode="floor")], -1).to(offsets.dtype)
     at_peak = offsets.flatten(3).gather(3, index[:, :, None, None].expand(n, k, 2, 1)).squeeze(-1)  # (N, K, 2)

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import atomic_path
 from .errors import InputError
-from .synth.keypoints import NUM_KEYPOINTS, PARTNER
+from .fileio import atomic_path
+from .synth.keypoints import NUM_KEYPOINTS, PARTNER, check_poses, present
 
 FORMAT_NAME = "posefix-pose-index"
 VERSION = 1
@@ -79,11 +79,6 @@ class Embedding:
     @staticmethod
     def concatenate(parts) -> Embedding:
         return Embedding(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("x", "y", "weight")))
-
-
-def present(poses: np.ndarray) -> np.ndarray:
-    """(N, K, 3) → (N, K) bool: score > 0 and x, y finite."""
-    return (poses[..., 2] > 0) & np.isfinite(poses[..., :2]).all(-1)
 
 
 def mirror(poses) -> np.ndarray:
@@ -177,13 +172,6 @@ class Matches:
     mirrored: np.ndarray
 
 
-def _as_poses(keypoints, name: str) -> np.ndarray:
-    a = np.asarray(keypoints, dtype=np.float64)
-    if a.ndim != 3 or a.shape[1:] != (NUM_KEYPOINTS, 3):
-        raise InputError(name, f"must be poses of shape (N, {NUM_KEYPOINTS}, 3) (x, y, score), got shape {a.shape}")
-    return a
-
-
 @dataclass
 class PoseIndex:
     """Poses to search (see the module's docstring). keypoints (N, K, 3) pixels as given; ids (N,) int64 pose
@@ -235,7 +223,7 @@ class PoseIndex:
     def add(self, keypoints, ids=None, image_ids=None, boxes=None, scores=None, files=None) -> None:
         """Append poses (see :meth:`build`); ids default to the numbers after the largest id held. Checks
         everything before changing anything: on an error the index is as it was."""
-        kp = _as_poses(keypoints, "keypoints")
+        kp = check_poses(keypoints, "keypoints", finite=False)
         n = kp.shape[0]
         have = present(kp)
         emb = embed(kp, self.rotate)
@@ -297,7 +285,7 @@ class PoseIndex:
     def search(self, queries, k: int = 10, *, mirror_too: bool = False, exact: bool | None = None) -> Matches:
         """The k nearest poses of each query (Q, K, 3) in pixels (see :class:`Matches`). ``mirror_too``: the
         query's mirror image counts as the query. ``exact``: rank every pose (default: as the index's method)."""
-        q = _as_poses(queries, "query")
+        q = check_poses(queries, "query", finite=False)
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
             raise InputError("k", f"must be a positive integer, got {k!r}")
         if k > len(self):

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-
 from .search import PoseIndex
 
 
@@ -122,9 +121,8 @@ def matches_json(index: PoseIndex, matches, queries: np.ndarray, keys) -> list[d
 
 
 def cmd_search(args) -> int:
-    from .fileio import write_json_atomic
-
     from .cli import _check_outputs
+    from .fileio import write_json_atomic
 
     _check_outputs(args, ("index", "query", "checkpoint"), ("out", "sheet"))
     if args.k < 1:
@@ -241,7 +239,7 @@ def write_sheet(path, index: PoseIndex, matches, queries: np.ndarray, query_file
 
 def add_parsers(sub, formats) -> None:
     """The ``index`` and ``search`` subcommands on ``sub`` (the parser's subparsers)."""
-    from .cli import allow_outside_images_arg
+    from .cli import allow_outside_images_arg, annotations_arg, checkpoint_arg, device_arg, format_arg, images_arg
 
     ix = sub.add_parser("index", help="build or extend a pose similarity index over refined poses",
                         description="An index of poses for posefix search: translation- and scale-free, "
@@ -250,10 +248,10 @@ def add_parsers(sub, formats) -> None:
     b = ix_sub.add_parser("build", help="index the persons of a results file")
     b.add_argument("--results", required=True, metavar="REFINED.json", help="poses to index (e.g. posefix refine's)")
     b.add_argument("--out", required=True, metavar="POSES.index")
-    b.add_argument("--images", metavar="DIR", help="the images, so that posefix search --sheet can show them")
+    images_arg(b, help="the images, so that posefix search --sheet can show them")
     allow_outside_images_arg(b)
-    b.add_argument("--annotations", metavar="ANNOTATIONS.json", help="COCO annotations: image file names and ids")
-    b.add_argument("--format", default="coco", choices=formats)
+    annotations_arg(b)
+    format_arg(b, choices=formats)
     b.add_argument("--rotate", action="store_true", help="also ignore the person's rotation (torso upright)")
     b.add_argument("--method", default="auto", choices=("auto", "exact", "ivf"),
                    help="exact (numpy) or ivf (approximate, faiss: pip install 'posefix[search]'); auto: "
@@ -263,10 +261,10 @@ def add_parsers(sub, formats) -> None:
     a.add_argument("--index", required=True, metavar="POSES.index")
     a.add_argument("--results", required=True, metavar="REFINED.json")
     a.add_argument("--out", metavar="NEW.index", help="write the extended index here (default: over --index)")
-    a.add_argument("--images", metavar="DIR")
+    images_arg(a)
     allow_outside_images_arg(a)
-    a.add_argument("--annotations", metavar="ANNOTATIONS.json")
-    a.add_argument("--format", default="coco", choices=formats)
+    annotations_arg(a)
+    format_arg(a, choices=formats)
     a.set_defaults(func=cmd_index_add)
 
     s = sub.add_parser("search", help="find the indexed poses nearest to query poses",
@@ -279,10 +277,10 @@ def add_parsers(sub, formats) -> None:
     s.add_argument("--exact", action="store_true", help="rank every pose even with an approximate index")
     s.add_argument("--out", metavar="MATCHES.json", help="write the JSON here (default: stdout)")
     s.add_argument("--sheet", metavar="SHEET.png", help="a contact sheet: each query and its matches, cropped")
-    s.add_argument("--images", metavar="DIR", help="the query images (for --sheet and --checkpoint)")
+    images_arg(s, help="the query images (for --sheet and --checkpoint)")
     allow_outside_images_arg(s)
-    s.add_argument("--annotations", metavar="ANNOTATIONS.json")
-    s.add_argument("--format", default="coco", choices=formats)
-    s.add_argument("--checkpoint", metavar="CKPT", help="refine the queries on their images first")
-    s.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    annotations_arg(s)
+    format_arg(s, choices=formats)
+    checkpoint_arg(s, help="refine the queries on their images first")
+    device_arg(s)
     s.set_defaults(func=cmd_search)

@@ -18,19 +18,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .synth.cocoio import load_ground_truth
-
-from .fileio import atomic_path, write_json_atomic
-from .errors import InputError
-from .synth.profile import load_profile
-
 from . import __version__
 from .config import Config, dump_toml, to_dict
 from .data import PersonCrops, StepBatches
+from .devices import resolve_device
 from .engine import Refiner, export_weights
+from .errors import InputError
 from .evaluate import calibration, refine_synthesized
+from .fileio import atomic_path, write_json_atomic
 from .losses import refiner_loss
 from .model import PoseFixNet, load_pretrained
+from .synth.cocoio import load_ground_truth
+from .synth.profile import load_profile
 
 DISTRIBUTED_TIMEOUT = timedelta(hours=2)
 
@@ -46,17 +45,16 @@ def _setup_distributed(device_kind: str):
     return rank, world, local
 
 
-def _device(cfg: Config, local_rank: int) -> torch.device:
-    want = cfg.train.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError("train.device", "cuda was asked for but no CUDA device is available")
-        return torch.device("cuda", local_rank)
-    if want != "cpu":
-        raise InputError("train.device", f"must be auto, cpu or cuda, got {want!r}")
-    return torch.device("cpu")
+def _device(want: str) -> torch.device:
+    """``train.device`` resolved (:func:`posefix.devices.resolve_device`): cpu or cuda; "cuda" without an
+    index becomes each process's LOCAL_RANK GPU once the processes are set up, "cuda:N" is for one process."""
+    if not (isinstance(want, str) and (want in ("auto", "cpu") or want.split(":")[0] == "cuda")):
+        raise InputError("train.device", f"must be auto, cpu, cuda or cuda:N, got {want!r}")
+    device = resolve_device(want, "train.device")
+    if device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("train.device", f"{device} would put every process on one GPU; give cuda (each "
+                         "process takes its LOCAL_RANK's)")
+    return device
 
 
 def _lr_factor(milestones, max_steps):
@@ -146,10 +144,10 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
     _check_data(cfg)
     out = Path(out_dir)
     t = cfg.train
-    device_kind = "cuda" if (t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())) else "cpu"
-    rank, world, local = _setup_distributed(device_kind)
-    device = _device(cfg, local)
+    device = _device(t.device)
+    rank, world, local = _setup_distributed(device.type)
     if device.type == "cuda":
+        device = device if device.index is not None else torch.device("cuda", local)
         torch.cuda.set_device(device)
     torch.manual_seed(t.seed + rank)
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .fileio import atomic_path
-from .errors import InputError
-
 from .engine import Refiner, refine_images
+from .errors import InputError
+from .fileio import atomic_path
 from .formats import Estimates, read_estimates
+from .synth.keypoints import NUM_KEYPOINTS
 from .tracking import OneEuroParams, Tracks
 from .viz import INPUT_COLOUR, REFINED_COLOUR, draw_poses
 
@@ -127,8 +127,8 @@ def refine_video(refiner: Refiner, video, poses: VideoPoses, follow: bool = Fals
     ``poses.est`` and the number of frames decoded. ``on_frame(index, frame, rows, xy, conf)`` sees each
     frame once its persons are refined (for drawing); ``progress(1)`` is called per frame."""
     n = len(poses.frame)
-    xy = np.zeros((n, 17, 2))
-    conf = np.zeros((n, 17))
+    xy = np.zeros((n, NUM_KEYPOINTS, 2))
+    conf = np.zeros((n, NUM_KEYPOINTS))
     given = poses.est.keypoints
     decoded = 0
     if follow or smoothing is not None:

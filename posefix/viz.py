@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .fileio import atomic_path
-from .synth.keypoints import SKELETON
+from .synth.keypoints import NUM_KEYPOINTS, SKELETON
 
 INPUT_COLOUR = (255, 140, 0)  # orange
 REFINED_COLOUR = (0, 200, 255)  # cyan
@@ -19,7 +19,7 @@ def draw_poses(image: torch.Tensor, poses, colour, min_keypoint_score: float = 0
     ``min_keypoint_score`` (or non-finite) are not drawn, nor their bones. Returns a new image."""
     from PIL import Image, ImageDraw
 
-    poses = np.asarray(poses, dtype=np.float64).reshape(-1, 17, 3)
+    poses = np.asarray(poses, dtype=np.float64).reshape(-1, NUM_KEYPOINTS, 3)
     picture = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
     draw = ImageDraw.Draw(picture)
     h, w = image.shape[1:]

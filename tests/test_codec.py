@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from posefix import codec
 from posefix.codec import (
     apply_affine,
     box_from_keypoints,
@@ -13,11 +14,13 @@ from posefix.codec import (
     flip_keypoints,
     invert_affine,
     onehot_target,
+    person_crop_affine,
     render_heatmaps,
     soft_argmax,
     warp_crops,
 )
-from posefix.synth.keypoints import FLIP_PAIRS, NUM_KEYPOINTS, PARTNER
+from posefix.synth import keypoints
+from posefix.synth.keypoints import FLIP_PAIRS, KS_HIT, NUM_KEYPOINTS, PARTNER, SIGMAS
 
 F64 = torch.float64
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -295,6 +298,50 @@ def test_soft_argmax_coordinate_loss_reaches_the_logits():
     assert (logits.grad.abs().sum((-2, -1)) > 0).all()
 
 
+# ---------------------------------------------------------------------------------------------- ks
+
+def _ks_loop(pred, gt, area):
+    """COCO's KS, joint by joint: exp(-d² / (2·A·(2σ)²))."""
+    out = np.zeros(pred.shape[:-1])
+    for index in np.ndindex(*pred.shape[:-2]):
+        for k in range(pred.shape[-2]):
+            d2 = sum((float(pred[index][k, c]) - float(gt[index][k, c])) ** 2 for c in (0, 1))
+            out[index][k] = math.exp(-d2 / (2 * float(area[index]) * (2 * SIGMAS[k]) ** 2))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ks_in_torch_and_numpy_match_loop(seed):
+    rng = np.random.default_rng(seed)
+    gt = np.concatenate([rng.uniform(0, 500, (3, 8, NUM_KEYPOINTS, 2)), np.ones((3, 8, NUM_KEYPOINTS, 1))], -1)
+    pred = gt[..., :2] + rng.normal(0, 1, gt[..., :2].shape) * rng.uniform(0.5, 60, (3, 8, 1, 1))
+    area = rng.uniform(50, 1e5, (3, 8))
+    expected = _ks_loop(pred, gt, area)  # (3, 8, K)
+    np.testing.assert_allclose(keypoints.ks(pred, gt, area), expected, rtol=1e-12, atol=1e-300)
+    got = codec.ks(torch.from_numpy(pred), torch.from_numpy(gt), torch.from_numpy(area))
+    assert got.shape == (3, 8, NUM_KEYPOINTS) and got.dtype == F64
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-300)
+    got32 = codec.ks(torch.from_numpy(pred).float(), torch.from_numpy(gt).float(), torch.from_numpy(area).float())
+    assert got32.dtype == torch.float32
+    np.testing.assert_allclose(got32.numpy(), expected, rtol=1e-4, atol=1e-6)
+    # at the KS_HIT radius both give KS_HIT; at d = 0 both give 1, even for a zero area
+    on = gt.copy()
+    on[..., 0] += keypoints.ks_radius(KS_HIT, area)
+    np.testing.assert_allclose(keypoints.ks(on, gt, area), KS_HIT, rtol=1e-12)
+    np.testing.assert_allclose(codec.ks(*map(torch.from_numpy, (on, gt, area))).numpy(), KS_HIT, rtol=1e-12)
+    zero = np.zeros((1, 2))
+    assert np.all(keypoints.ks(gt[0, :2], gt[0, :2], zero) == 1.0)
+    assert torch.all(codec.ks(torch.from_numpy(gt[0, :2]), torch.from_numpy(gt[0, :2]), torch.zeros(1, 2)) == 1.0)
+
+
+def test_ks_in_torch_is_differentiable():
+    rng = np.random.default_rng(3)
+    pred = torch.from_numpy(rng.uniform(0, 10, (2, NUM_KEYPOINTS, 2))).requires_grad_()
+    gt = torch.from_numpy(rng.uniform(0, 10, (2, NUM_KEYPOINTS, 2)))
+    area = torch.tensor([40.0, 90.0], dtype=F64)
+    assert torch.autograd.gradcheck(lambda p: codec.ks(p, gt, area), (pred,))
+
+
 # ---------------------------------------------------------------------------------------------- boxes and crops
 
 @pytest.mark.parametrize("min_size", [1.0, 20.0])
@@ -354,6 +401,20 @@ def test_crop_affine_geometry():
     # the content turns counter-clockwise: what lies right of the centre in the image lies above it in the crop
     expected = torch.tensor([[[(width - 1) / 2, (height - 1) / 2 - 5.0]]], dtype=F64)
     torch.testing.assert_close(apply_affine(right_of_centre, invert_affine(rotated)), expected)
+
+
+def test_person_crop_affine_is_the_box_grown_scaled_and_turned():
+    kp = _keypoints(4, 5, NUM_KEYPOINTS, (300, 200))
+    kp[0, 0], kp[0, 1] = torch.tensor([5.0, 3.0, 2.0], dtype=F64), torch.tensor([2.0, 7.0, 1.0], dtype=F64)
+    out_size = (64, 48)
+    center, size = center_scale(box_from_keypoints(kp), 48 / 64)
+    torch.testing.assert_close(person_crop_affine(kp, out_size), crop_affine(center, size, out_size), rtol=0, atol=0)
+    scale, rotation = torch.tensor([0.7, 1.0, 1.3, 0.9, 1.1], dtype=F64), torch.tensor([0.0, 30, -45, 10, 80], dtype=F64)
+    expected = _crop_affine_loop(center, size * scale[:, None], out_size, rotation)
+    np.testing.assert_allclose(person_crop_affine(kp, out_size, scale, rotation).numpy(), expected, atol=1e-9)
+    np.testing.assert_allclose(person_crop_affine(kp, out_size, 1.3, -45.0)[2].numpy(), expected[2], atol=1e-9)
+    wide = person_crop_affine(kp, out_size, padding=1.5)
+    torch.testing.assert_close(wide[:, :, :2], person_crop_affine(kp, out_size)[:, :, :2] * 1.2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -482,6 +543,8 @@ def test_functions_follow_the_device(device):
         "center": center_scale(box_from_keypoints(kp.to(device)), 0.75)[1],
         "affine": invert_affine(crop_affine(center.to(device), box_size.to(device), size, rotation.to(device))),
         "flip": flip_keypoints(kp.to(device), size[1]),
+        "ks": codec.ks(kp.to(device), kp.flip(0).to(device), torch.ones(3, device=device)),
+        "crop": person_crop_affine(kp.to(device), size, torch.ones(3, device=device), rotation.to(device)),
     }
     for name, out in outputs.items():
         assert out.device.type == device, name

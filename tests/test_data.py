@@ -6,10 +6,13 @@ import pytest
 import torch
 from torchvision.io import write_png
 
+from posefix import codec
 from posefix.config import DataConfig
 from posefix.data import PersonCrops, StepBatches
-from posefix.model import ModelConfig
-from posefix.synth.keypoints import PARTNER
+from posefix.engine import Refiner
+from posefix.images import decode
+from posefix.model import ModelConfig, PoseFixNet
+from posefix.synth.keypoints import NUM_KEYPOINTS, PARTNER
 
 from .conftest import FIGURE
 
@@ -25,8 +28,8 @@ def _dataset(tmp_path, **data):
     image = torch.zeros(3, h, w, dtype=torch.uint8)
     for j, (x, y, v) in enumerate(kp):
         if v:
-            image[0, int(round(y)) - 2:int(round(y)) + 3, int(round(x)) - 2:int(round(x)) + 3] = 8 + 14 * j
-            image[1, int(round(y)) - 2:int(round(y)) + 3, int(round(x)) - 2:int(round(x)) + 3] = 255
+            image[0, round(y) - 2:round(y) + 3, round(x) - 2:round(x) + 3] = 8 + 14 * j
+            image[1, round(y) - 2:round(y) + 3, round(x) - 2:round(x) + 3] = 255
     write_png(image, str(tmp_path / "000000000001.png"))
     doc = {"images": [{"id": 1, "file_name": "000000000001.png", "height": h, "width": w}],
            "annotations": [{"id": 10, "image_id": 1, "category_id": 1, "iscrowd": 0, "keypoints": kp.reshape(-1).tolist(),
@@ -39,7 +42,7 @@ def _dataset(tmp_path, **data):
 
 @pytest.mark.parametrize("epoch", range(12))
 def test_targets_land_on_their_joints_in_the_crop(tmp_path, epoch):
-    ds, kp = _dataset(tmp_path, rotation_prob=1.0, flip_prob=0.5)
+    ds, _kp = _dataset(tmp_path, rotation_prob=1.0, flip_prob=0.5)
     s = ds[(epoch, 0)]
     crop, target, valid = s["image"], s["target"], s["target_valid"]
     h, w = crop.shape[1:]
@@ -54,12 +57,53 @@ def test_targets_land_on_their_joints_in_the_crop(tmp_path, epoch):
         assert green.max() > 0.5, (j, x, y)  # a dot is there
         # ... and it is this joint's dot (or, after a flip, its partner's: the sides swap)
         value = (red[green > 0.5] / green[green > 0.5]).median().item() * 255  # interpolation scales both alike
-        code = int(round((value - 8) / 14))
+        code = round((value - 8) / 14)
         is_flip = code == PARTNER[j] and code != j
         assert code == j or is_flip, (j, code)
         if code != PARTNER[j]:
             flipped = is_flip if flipped is None else flipped
             assert flipped == is_flip
+
+
+def test_without_augmentation_training_crops_as_inference(tmp_path, monkeypatch):
+    """A sample without augmentation is the crop Refiner.prepare takes around the same input pose: the same
+    affine, the same pixels and the same input keypoints in crop pixels."""
+    ds, _ = _dataset(tmp_path, rotation_prob=1.0, flip_prob=1.0, scale_factor=0.3)
+    ds.augment = False
+    poses = []
+    crop_affine = ds.crop_affine
+    monkeypatch.setattr(ds, "crop_affine", lambda pose, rng: (poses.append(pose.copy()), crop_affine(pose, rng))[1])
+    sample = ds[(0, 0)]
+    pose = torch.from_numpy(poses[0])[None]  # the synthesized input pose, in image pixels
+    refiner = Refiner(PoseFixNet(ds.model))
+    image = decode(tmp_path / "000000000001.png")
+    crops, kp_crop, affine, ok = refiner.prepare([image], np.zeros(1, dtype=np.int64), pose, pose)
+    assert ok.all()
+    torch.testing.assert_close(crop_affine(poses[0], np.random.default_rng(0))[0], affine, rtol=0, atol=0)
+    torch.testing.assert_close(sample["image"], crops[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(sample["input"], kp_crop[0], rtol=0, atol=1e-4)
+
+
+def test_crop_affines_of_training_and_inference_agree_on_any_pose(tmp_path):
+    """Poses with absent joints too; with augmentation the crop keeps inference's centre, only scaled and turned."""
+    ds, _ = _dataset(tmp_path, rotation_prob=1.0, scale_factor=0.3)
+    rng = np.random.default_rng(1)
+    poses = np.concatenate([rng.uniform(0, 300, (6, NUM_KEYPOINTS, 2)),
+                            (rng.random((6, NUM_KEYPOINTS, 1)) < 0.6).astype(float)], -1)
+    poses[0, :, 2], poses[0, 5, 2] = 0, 1  # a single present joint
+    refiner = Refiner(PoseFixNet(ds.model))
+    images = [torch.zeros(3, 240, 320, dtype=torch.uint8)]
+    kp = torch.from_numpy(poses)
+    inference = refiner.prepare(images, np.zeros(6, dtype=np.int64), kp, kp)[2]
+    h, w = ds.model.input_size
+    centre = torch.tensor([[[(w - 1) / 2, (h - 1) / 2]]], dtype=torch.float64)
+    for n, pose in enumerate(poses):
+        ds.augment = False
+        torch.testing.assert_close(ds.crop_affine(pose, rng)[0][0], inference[n], rtol=0, atol=0)
+        ds.augment = True
+        augmented = ds.crop_affine(pose, rng)[0]
+        assert not torch.allclose(augmented[0], inference[n])
+        torch.testing.assert_close(codec.apply_affine(centre, augmented), codec.apply_affine(centre, inference[n:n + 1]))
 
 
 def test_samples_are_reproducible_and_vary_by_epoch(tmp_path):

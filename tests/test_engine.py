@@ -239,14 +239,9 @@ def test_the_device_is_only_given_work_until_the_results_come_back(flip_test, in
 
 
 def test_devices_that_cannot_be_used_are_named(tmp_path, capsys):
-    from posefix.engine import check_device, export_weights
+    from posefix.engine import export_weights
 
-    assert check_device("cpu") == torch.device("cpu")
-    with pytest.raises(InputError, match="--device"):
-        check_device("gpu0")
     missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
-    with pytest.raises(InputError, match="--device.*(no CUDA device|cuda:0 to)"):
-        check_device(missing)
     weights = tmp_path / "model.safetensors"
     export_weights(PoseFixNet(CFG), weights, {})
     with pytest.raises(InputError, match="--device"):

@@ -351,3 +351,35 @@ def test_skip_invalid_skips_unreadable_images_and_refines_the_rest_as_without_th
     np.testing.assert_allclose([r["keypoints"] for r in got], [r["keypoints"] for r in expected], rtol=0, atol=1e-6)
     np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in expected], rtol=0, atol=1e-9)
     assert [r["keypoint_source"] for r in got] == [r["keypoint_source"] for r in expected]
+
+
+def test_shared_options_are_the_same_in_every_command():
+    """An option several commands share (posefix.cli's *_arg functions) parses alike in each: same default,
+    type, choices and action, whatever the command's own help or requiredness."""
+    import argparse
+
+    from posefix.cli import FORMAT_NAMES, build_parser
+
+    def commands(parser, prefix=""):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield f"{prefix}{name}", sub
+                    yield from commands(sub, f"{prefix}{name} ")
+
+    shared = ("--checkpoint", "--images", "--annotations", "--format", "--flip-test", "--batch-size", "--workers",
+              "--skip-invalid", "--quiet", "--precision", "--channels-last", "--allow-outside-images", "--output",
+              "--choice-margin")
+    seen: dict = {}
+    for name, sub in commands(build_parser()):
+        for action in sub._actions:
+            option = next((o for o in action.option_strings if o in shared), None)
+            if option is not None:
+                kind = (type(action), action.default, action.type, tuple(action.choices or ()))
+                seen.setdefault(option, {})[name] = kind
+    assert set(seen) == set(shared)
+    for option, kinds in seen.items():
+        assert len(kinds) >= 2 and len(set(kinds.values())) == 1, (option, kinds)
+    assert set(seen["--format"]) == {"synth fit", "refine", "fit-choice", "refine-video", "index build",
+                                     "index add", "search"}
+    assert seen["--format"]["refine"][1:] == ("coco", None, FORMAT_NAMES)

@@ -238,13 +238,12 @@ class ServeOptions:
 def serve_main(options: ServeOptions) -> int:
     """``posefix serve``: load the checkpoint, warm the model up and serve until SIGTERM/SIGINT. Bad values
     raise InputError naming the option."""
+    from ..devices import resolve_device
     from ..engine import Refiner
     from ..search import PoseIndex
 
     o = options
-    device = o.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(o.device)
     if o.max_batch_size < 1:
         raise InputError("--max-batch-size", f"must be >= 1, got {o.max_batch_size}")
     for name, value in (("--grace-s", o.grace_s), ("--drain-s", o.drain_s)):

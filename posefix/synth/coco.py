@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cocoio import GroundTruth
-
 from ..fileio import gc_paused
-from .keypoints import NUM_KEYPOINTS, SIGMAS, box_iou
+from .cocoio import GroundTruth
+from .keypoints import KS_HIT, NUM_KEYPOINTS, SIGMAS, box_iou, ks_radius
 from .profile import OUTCOMES, Profile
 from .synthesize import UNLABELLED, Others, synthesize
 
@@ -16,7 +15,8 @@ PRUNE_ABOVE = 32  # in an image of more persons, each person's candidates leave 
 BLOCK_PAIRS = 1 << 19  # person pairs compared at a time, so that memory grows linearly with an image's persons
 # The farthest a point planted around joint j of a person of area A lands: KS 0.1, at 2σ_j·sqrt(2·A·ln 10); a
 # joint of a person of area B excludes points only within KS 0.5 of it, 2σ_j·sqrt(2·B·ln 2) (see synthesize).
-_REACH = 2.0 * float(SIGMAS.max()) * np.sqrt(2.0)
+# Both are bounded with the widest σ.
+_WIDEST = float(SIGMAS.max())
 
 
 def _images(gt: GroundTruth):
@@ -62,7 +62,7 @@ def _in_reach(gt: GroundTruth, idx, lab):
     lo_xy = np.where(v, kp[..., :2], np.inf).min(1)  # (M, 2); ±inf for a person with no labelled joint
     hi_xy = np.where(v, kp[..., :2], -np.inf).max(1)
     area = np.maximum(gt.areas[idx], MIN_AREA)
-    reach_from, reach_to = _REACH * np.sqrt(area * np.log(10.0)), _REACH * np.sqrt(area * np.log(2.0))
+    reach_from, reach_to = (ks_radius(t, area, _WIDEST)[:, 0] for t in (0.1, KS_HIT))
     out = []
     for lo, hi in _blocks(idx.size):
         gap = np.maximum(np.maximum(lo_xy[None] - hi_xy[lo:hi, None], lo_xy[lo:hi, None] - hi_xy[None]), 0.0)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +10,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..fileio import dumps_json, gc_paused, read_json, write_bytes_atomic
-from .keypoints import NUM_KEYPOINTS
+from .keypoints import NUM_KEYPOINTS, is_number, keypoint_list
+
 
 def write_synth_outputs(results_path: str | Path, results: list, labels_path: str | Path | None = None,
                         labels: list | None = None) -> None:
@@ -51,28 +51,7 @@ def load_synth_labels(labels_path: str | Path, results_path: str | Path) -> list
     return doc["labels"]
 
 
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 _NUMBER_TYPES = frozenset((int, float))
-
-
-def _keypoints(value, field: str, source: str, k: int = NUM_KEYPOINTS) -> np.ndarray:
-    if type(value) is list and len(value) == 3 * k and set(map(type, value)) <= _NUMBER_TYPES:
-        try:
-            a = np.array(value, dtype=np.float64)
-        except OverflowError:
-            a = None
-        if a is not None and np.isfinite(a).all():
-            return a.reshape(k, 3)
-    if not isinstance(value, list) or len(value) != 3 * k:
-        got = f"{len(value)} numbers" if isinstance(value, list) else type(value).__name__
-        raise InputError(field, f"must be a list of {3 * k} numbers (x, y, v for {k} keypoints), got {got}", source)
-    bad = [i for i, x in enumerate(value) if not _number(x)]
-    if bad:
-        raise InputError(field, f"entry {bad[0]} is {value[bad[0]]!r}, not a finite number", source)
-    return np.asarray(value, dtype=np.float64).reshape(k, 3)
 
 
 @dataclass(frozen=True)
@@ -185,16 +164,16 @@ def _ground_truth(doc, source: str, bulk: bool = True) -> GroundTruth:
             raise InputError(f"{f}.image_id", f"image {a['image_id']} is not in 'images'", source)
         crowd[i] = bool(a.get("iscrowd", 0))
         if "keypoints" in a:
-            kps[i] = _keypoints(a["keypoints"], f"{f}.keypoints", source)
+            kps[i] = keypoint_list(a["keypoints"], f"{f}.keypoints", source)
             if np.any(kps[i, :, 2] < 0):
                 raise InputError(f"{f}.keypoints", "visibility flags must be 0, 1 or 2", source)
         elif not crowd[i]:
             raise InputError(f"{f}.keypoints", "missing (not a person-keypoints annotation file?)", source)
         bbox = a.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_number(x) for x in bbox)) or bbox[2] < 0 or bbox[3] < 0:
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_number(x) for x in bbox)) or bbox[2] < 0 or bbox[3] < 0:
             raise InputError(f"{f}.bbox", "must be [x, y, width, height] with non-negative size", source)
         area = a.get("area", bbox[2] * bbox[3])
-        if not _number(area) or area < 0:
+        if not is_number(area) or area < 0:
             raise InputError(f"{f}.area", f"must be a non-negative number, got {area!r}", source)
         ids[i], img[i], areas[i], boxes[i] = a["id"], a["image_id"], area, bbox
     return GroundTruth(ids, img, kps, areas, boxes, crowd, frozenset(image_ids), doc)
@@ -220,8 +199,8 @@ def validate_results(doc, source: str = "results", gt: GroundTruth | None = None
             raise InputError(f"{f}.image_id", f"missing or not an integer, got {image_id!r}", source)
         if gt is not None and image_id not in gt.image_ids_all:
             raise InputError(f"{f}.image_id", f"image {image_id} is not in the GT images", source)
-        _keypoints(r.get("keypoints"), f"{f}.keypoints", source)
-        if not _number(r.get("score")):
+        keypoint_list(r.get("keypoints"), f"{f}.keypoints", source)
+        if not is_number(r.get("score")):
             raise InputError(f"{f}.score", f"missing or not a finite number, got {r.get('score')!r}", source)
         category_id = r.get("category_id", 1)
         if not isinstance(category_id, int) or isinstance(category_id, bool):

@@ -15,9 +15,9 @@ import io
 
 import numpy as np
 
-from .cocoio import GroundTruth, validate_results
 from ..errors import InputError
-from .keypoints import NAMES, NUM_KEYPOINTS, PARTNER, SIGMAS
+from .cocoio import GroundTruth, validate_results
+from .keypoints import KS_HIT, NAMES, NUM_KEYPOINTS, PARTNER, ks
 from .profile import GOOD, INVERSION, JITTER, MISS, OUTCOMES, SWAP
 
 NO_LABEL = -1  # the GT does not label this joint
@@ -52,9 +52,7 @@ def candidate_ks(pred, gt, area, others=None, others_area=None):
                             np.asarray(others_area, np.float64).reshape(n, -1)], axis=1)
     cand = np.concatenate([persons, persons[:, :, PARTNER]], axis=1)  # (N, A, K, 3)
     cand_area = np.concatenate([areas, areas], axis=1)  # (N, A)
-    d2 = np.sum((cand[..., :2] - pred[:, None]) ** 2, axis=-1)  # (N, A, K)
-    scale = 2.0 * cand_area[..., None] * (2.0 * SIGMAS) ** 2 + np.spacing(1)
-    return np.where(cand[..., 2] > 0, np.exp(-d2 / scale), -1.0)
+    return np.where(cand[..., 2] > 0, ks(pred[:, None], cand, cand_area), -1.0)  # (N, A, K)
 
 
 def classify(pred, gt, area, others=None, others_area=None):
@@ -73,7 +71,7 @@ def classify(pred, gt, area, others=None, others_area=None):
     labels = np.full(best.shape, SWAP, dtype=np.int8)
     labels[arg == m + 1] = INVERSION
     labels[arg == 0] = np.where(best[arg == 0] >= 0.85, GOOD, JITTER)
-    labels[best < 0.5] = MISS
+    labels[best < KS_HIT] = MISS
     labels[np.asarray(gt)[..., 2] <= 0] = NO_LABEL
     return labels
 

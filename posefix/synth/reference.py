@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .keypoints import NUM_KEYPOINTS, PARTNER, SIGMAS
+from .keypoints import KS_HIT, KS_SCALE, NUM_KEYPOINTS, PARTNER
 from .profile import GOOD, INVERSION, JITTER, MISS, Profile, published_profile
 from .synthesize import KS_RANGE, UNLABELLED
 
@@ -51,7 +51,7 @@ def _one_joint(gt, area, others, others_area, j, p, profile, rng):
     cands = [(gt[j], area)] + [(others[k, j], others_area[k]) for k in range(m)]
     cands += [(gt[pj], area)] + [(others[k, pj], others_area[k]) for k in range(m)]
     valid = [c[0][2] > 0 and not (pj == j and a > m) for a, c in enumerate(cands)]
-    scale = [2.0 * a * (2.0 * SIGMAS[j]) ** 2 for _, a in cands]
+    scale = [a * KS_SCALE[j] for _, a in cands]
 
     def sample(outcome, centre):
         lo_ks, hi_ks = KS_RANGE[outcome]
@@ -66,7 +66,7 @@ def _one_joint(gt, area, others, others_area, j, p, profile, rng):
                 continue
             d2 = np.sum((pts - cands[a][0][:2]) ** 2, axis=1)
             if outcome == MISS:
-                keep &= np.exp(-d2 / scale[a]) < 0.5
+                keep &= np.exp(-d2 / scale[a]) < KS_HIT
             elif a < centre:  # earlier candidates win ties
                 keep &= d2 / scale[a] > r * r / scale[centre]
             else:

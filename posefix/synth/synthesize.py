@@ -33,12 +33,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
-from .keypoints import HEIGHT_PER_SQRT_AREA, NUM_KEYPOINTS, PARTNER, SIGMAS, TEMPLATE
+from .keypoints import HEIGHT_PER_SQRT_AREA, KS_HIT, KS_SCALE, NUM_KEYPOINTS, PARTNER, TEMPLATE, ks_radius
 from .profile import GOOD, INVERSION, JITTER, MISS, OUTCOMES, SWAP, Profile, published_profile
 
 UNLABELLED = -1  # outcome code of an unlabelled GT joint that was placed plausibly
 TWO_PI = 2.0 * np.pi
-LN2 = np.log(2.0)
+LN2 = -np.log(KS_HIT)  # ln 2: a miss keeps d² >= s · LN2 from every other candidate (KS below KS_HIT)
 ANGLE_MARGIN = 1e-9  # radians
 BLOCK_ELEMS = 1 << 18  # (row, radius, anchor) entries of the arc computation at a time
 # (low, high) KS bounds of the planted point's KS to its anchor; radii follow as sqrt(-s ln KS).
@@ -244,7 +244,7 @@ def _candidates(gt, area, oth, rn, rj, geometry=True):
     cxy = np.concatenate([gt[rn, rj, None, :2], oth.keypoints[who, rj[:, None], :2],
                           gt[rn, pj, None, :2], oth.keypoints[who, pj[:, None], :2]], axis=1)  # (R, A, 2)
     areas = np.concatenate([area[rn, None], oth_area, area[rn, None], oth_area], axis=1)
-    scale = 2.0 * areas * (2.0 * SIGMAS[rj])[:, None] ** 2
+    scale = areas * KS_SCALE[rj][:, None]
     return m, valid, may_centre, cxy, scale
 
 
@@ -361,7 +361,7 @@ def _place(gt, area, oth, rn, rj, width, o, part, slot, rng, num_radii, block_el
     joint = np.where(part == 0, rj, PARTNER[rj])
     own = slot < 0
     centre = np.where(own[:, None], gt[rn, joint, :2], oth.keypoints[who, joint, :2])  # (R, 2)
-    s_c = 2.0 * np.where(own, area[rn], oth.area[who]) * (2.0 * SIGMAS[rj]) ** 2  # (R,)
+    s_c = np.where(own, area[rn], oth.area[who]) * KS_SCALE[rj]  # (R,)
     ks_hi = np.array([KS_RANGE[k][0] for k in range(5)])[o]
     ks_lo = np.array([KS_RANGE[k][1] for k in range(5)])[o]
     r_min = np.sqrt(-s_c * np.log(ks_hi))
@@ -516,7 +516,7 @@ def place_unlabelled(gt, area, rng, estimates=None):
     if estimates is not None:
         est = np.asarray(estimates, dtype=np.float64)
         xy = np.where((est[..., 2] > 0)[..., None], est[..., :2], xy)
-    radius = np.sqrt(np.asarray(area, dtype=np.float64)[:, None] * 2.0 * (2.0 * SIGMAS) ** 2 * LN2)  # d(0.5)
+    radius = ks_radius(KS_HIT, area)  # (N, K)
     rho = radius * np.sqrt(rng.random(radius.shape))
     ang = rng.random(radius.shape) * TWO_PI
     return xy + np.stack([rho * np.cos(ang), rho * np.sin(ang)], axis=-1)
