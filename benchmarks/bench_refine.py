@@ -39,9 +39,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import machine, write
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import machine, write
 from posefix import SAMPLE_DIR, codec
 from posefix.engine import Refiner, refine_images
 from posefix.images import decode

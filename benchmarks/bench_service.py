@@ -98,21 +98,26 @@ def sample_request() -> tuple[bytes, bytes, np.ndarray]:
     return jpeg, request_message(jpeg, pose, "coco17").SerializeToString(), pose
 
 
+async def _timed_call(call, request: bytes, timeout: float, ends: list, latencies: list, codes: list) -> None:
+    """One call: its end (monotonic clock), latency and outcome ("OK", "BAD_RESPONSE" or the status code's name)."""
+    t0 = time.monotonic()
+    try:
+        response = await call(request, timeout=timeout)
+        good = len(response.persons) == 1 and len(response.persons[0].keypoints) == 17
+        code = "OK" if good else "BAD_RESPONSE"
+    except grpc.aio.AioRpcError as e:
+        code = e.code().name
+    t1 = time.monotonic()
+    ends.append(t1)
+    latencies.append(t1 - t0)
+    codes.append(code)
+
+
 async def _client(call, request: bytes, stop: asyncio.Event, ends: list, latencies: list, codes: list) -> None:
     """One client: calls back to back until ``stop``; records each call's end (monotonic clock),
     latency and outcome ("OK", "BAD_RESPONSE" or the status code's name)."""
     while not stop.is_set():
-        t0 = time.monotonic()
-        try:
-            response = await call(request, timeout=CALL_TIMEOUT_S)
-            good = len(response.persons) == 1 and len(response.persons[0].keypoints) == 17
-            code = "OK" if good else "BAD_RESPONSE"
-        except grpc.aio.AioRpcError as e:
-            code = e.code().name
-        t1 = time.monotonic()
-        ends.append(t1)
-        latencies.append(t1 - t0)
-        codes.append(code)
+        await _timed_call(call, request, CALL_TIMEOUT_S, ends, latencies, codes)
 
 
 async def _open_loop(calls, request: bytes, stop: asyncio.Event, rate: float, seed: int, deadlines: tuple[float, float],
@@ -124,16 +129,7 @@ async def _open_loop(calls, request: bytes, stop: asyncio.Event, rate: float, se
     tasks = set()
 
     async def one(call, timeout):
-        t0 = time.monotonic()
-        try:
-            response = await call(request, timeout=timeout)
-            code = "OK" if len(response.persons) == 1 and len(response.persons[0].keypoints) == 17 else "BAD_RESPONSE"
-        except grpc.aio.AioRpcError as e:
-            code = e.code().name
-        t1 = time.monotonic()
-        ends.append(t1)
-        latencies.append(t1 - t0)
-        codes.append(code)
+        await _timed_call(call, request, timeout, ends, latencies, codes)
         budgets.append(timeout)
 
     due, n = time.monotonic(), 0

@@ -526,6 +526,7 @@ def _option(*names: str, **spec):
 
 checkpoint_arg = _option("--checkpoint", metavar="CKPT", help="model.safetensors from posefix train (or --onnx)")
 images_arg = _option("--images", metavar="DIR")
+gt_arg = _option("--gt", required=True, metavar="ANNOTATIONS.json", help="COCO person-keypoints annotations")
 annotations_arg = _option("--annotations", metavar="ANNOTATIONS.json", help="COCO annotations: image file names and ids")
 format_arg = _option("--format", default="coco", choices=FORMAT_NAMES)
 flip_test_arg = _option("--flip-test", action="store_true", help="average with the refinement of the mirrored crop")
@@ -647,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = fit_sub.add_parser("fit", help="fit an error profile to an estimator's results",
                            description="Estimate, from the diagnosis of an estimator's results, the probability "
                                        "of each error by joint group and bin, as a profile for --profile.")
-    f.add_argument("--gt", required=True, metavar="ANNOTATIONS.json")
+    gt_arg(f)
     f.add_argument("--results", required=True, metavar="RESULTS.json", help="the estimator's COCO results")
     f.add_argument("--out", required=True, metavar="PROFILE.json")
     f.add_argument("--profile", metavar="TEMPLATE.json", help="groups and bins to fit (default: the published)")
@@ -659,7 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("diagnose", help="diagnose an estimator's keypoint errors (Ronchi & Perona)",
                        description="Label every keypoint of every matched detection good / jitter / inversion / "
                                    "swap / miss, and measure the AP each error type costs.")
-    g.add_argument("--gt", required=True, metavar="ANNOTATIONS.json")
+    gt_arg(g)
     g.add_argument("--results", required=True, metavar="RESULTS.json")
     g.add_argument("--out", required=True, metavar="REPORT.json")
     g.add_argument("--plots", metavar="DIR", help="also write PNG charts there")
@@ -728,7 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="keypoint AP/AR and error breakdown of results files, side by side",
                        description="Evaluate COCO keypoint results with pycocotools, side by side, with the "
                                    "error breakdown of posefix diagnose for each.")
-    e.add_argument("--gt", required=True, metavar="ANNOTATIONS.json")
+    gt_arg(e)
     e.add_argument("results", nargs="+", metavar="RESULTS.json")
     e.add_argument("--json", metavar="OUT.json", help="also write the table as JSON")
     e.add_argument("--all-images", action="store_true",

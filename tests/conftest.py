@@ -10,7 +10,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from posefix import SAMPLE_DIR
+from posefix import SAMPLE_DIR, codec
 from posefix._proto import pb2_grpc
 from posefix.engine import Refiner, export_weights
 from posefix.images import decode
@@ -191,3 +191,16 @@ def profile_doc_with_misses(p_miss: float) -> dict:
     for g in doc["outcomes"]["miss"]["groups"]:
         g["p"] = [p_miss] * len(g["p"])
     return doc
+
+
+SMALL_MODEL = ModelConfig(backbone="resnet18", input_size=(96, 64), sigma=2.5, head_channels=32)
+
+
+def model_inputs(n, cfg, seed=0):
+    """n random crops of cfg's size, input poses (n, 17, 3) in crop pixels (80 % present) and their heatmaps."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = cfg.input_size
+    image = torch.rand(n, 3, h, w, generator=g)
+    kp = torch.cat([torch.rand(n, 17, 1, generator=g) * (w - 16) + 8, torch.rand(n, 17, 1, generator=g) * (h - 16) + 8,
+                    (torch.rand(n, 17, 1, generator=g) > 0.2).float()], dim=-1)
+    return image, kp, codec.render_heatmaps(kp, cfg.input_size, cfg.sigma)

@@ -9,9 +9,9 @@ from posefix import SAMPLE_DIR
 from posefix.choice import NUMERIC, FittedChoice, features, fit_choice, person_scale
 from posefix.cli import main
 from posefix.engine import Refiner, choose, load_weights
+from posefix.errors import InputError
 from posefix.images import decode
 from posefix.synth.cocoio import load_ground_truth, load_results
-from posefix.errors import InputError
 from posefix.synth.keypoints import NUM_KEYPOINTS, ks
 
 REAL = SAMPLE_DIR / "real_estimators"

@@ -114,7 +114,7 @@ def test_image_names_out_of_images_are_refused_for_a_uri_or_a_directory(tmp_path
     coco = {k: {"id": k, "file_name": v} for k, v in names.items()}
     groups = {k: [k - 1] for k in [*names, 6]}
     for images in ("s3://bucket/val2017/", str(tmp_path)):
-        def args(**kw):
+        def args(images=images, **kw):
             return argparse.Namespace(**{"images": images, "allow_outside_images": False, "skip_invalid": False,
                                          **kw})
 

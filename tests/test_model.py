@@ -1,6 +1,5 @@
 """The refiner model, its config, weights files and loss."""
 import copy
-import json
 
 import numpy as np
 import pytest
@@ -8,22 +7,14 @@ import torch
 import torchvision
 
 from posefix import codec
-from posefix.config import PRESETS, dump_toml, from_dict, load_config, to_dict
 from posefix.engine import Refiner, export_weights, load_weights
+from posefix.errors import InputError
 from posefix.losses import refiner_loss
 from posefix.model import ModelConfig, PoseFixNet, fold_batchnorm, load_pretrained
-from posefix.errors import InputError
 
-SMALL = ModelConfig(backbone="resnet18", input_size=(96, 64), sigma=2.5, head_channels=32)
+from .conftest import SMALL_MODEL, model_inputs
 
-
-def _inputs(n, cfg, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    h, w = cfg.input_size
-    image = torch.rand(n, 3, h, w, generator=g)
-    kp = torch.cat([torch.rand(n, 17, 1, generator=g) * (w - 16) + 8, torch.rand(n, 17, 1, generator=g) * (h - 16) + 8,
-                    (torch.rand(n, 17, 1, generator=g) > 0.2).float()], dim=-1)
-    return image, kp, codec.render_heatmaps(kp, cfg.input_size, cfg.sigma)
+SMALL = SMALL_MODEL
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
@@ -31,7 +22,7 @@ def test_every_backbone_builds_and_runs(backbone):
     cfg = ModelConfig(backbone=backbone, input_size=(64, 64), sigma=2.0, head_channels=16)
     model = PoseFixNet(cfg).eval()
     assert model.backbone[0].in_channels == 3 + 17
-    image, _, heat = _inputs(2, cfg)
+    image, _, heat = model_inputs(2, cfg)
     with torch.no_grad():
         out = model(image, heat)
     assert out["logits"].shape == (2, 17, 16, 16) and out["coords"].shape == (2, 17, 2)
@@ -43,7 +34,7 @@ def test_untrained_refiner_returns_its_input():
     """The input-pose prior and the zero-initialised last layer make the untrained model the identity."""
     torch.manual_seed(0)
     model = PoseFixNet(SMALL).eval()
-    image, kp, heat = _inputs(8, SMALL, seed=1)
+    image, kp, heat = model_inputs(8, SMALL, seed=1)
     with torch.no_grad():
         coords = model(image, heat)["coords"]
     valid = kp[..., 2] > 0
@@ -57,7 +48,7 @@ def test_untrained_refiner_returns_its_input():
 def test_coordinates_carry_gradients_to_the_head():
     torch.manual_seed(0)
     model = PoseFixNet(SMALL)
-    image, kp, heat = _inputs(4, SMALL)
+    image, kp, heat = model_inputs(4, SMALL)
     out = model(image, heat)
     loss, _ = refiner_loss(out, kp[..., :2] + 3.0, kp[..., 2] > 0, torch.full((4,), 900.0))
     loss.backward()
@@ -69,21 +60,6 @@ def test_coordinates_carry_gradients_to_the_head():
     assert model.final.weight.grad.abs().sum() > 0
 
 
-def test_loss_parts_respect_the_mask():
-    torch.manual_seed(0)
-    model = PoseFixNet(SMALL)
-    image, kp, heat = _inputs(2, SMALL)
-    out = model(image, heat)
-    none = torch.zeros(2, 17, dtype=torch.bool)
-    loss, parts = refiner_loss(out, kp[..., :2], none, torch.full((2,), 900.0))
-    assert all(not v.requires_grad and v.ndim == 0 for v in parts.values())  # read only when logged
-    assert loss.item() == 0 and {k: v.item() for k, v in parts.items()} == {"heatmap": 0.0, "coord": 0.0,
-                                                                            "confidence": 0.0}
-    _, near = refiner_loss(out, kp[..., :2], kp[..., 2] > 0, torch.full((2,), 900.0))
-    _, far = refiner_loss(out, kp[..., :2] + 6.0, kp[..., 2] > 0, torch.full((2,), 900.0))
-    assert far["coord"] > near["coord"] + 1 and far["heatmap"] > near["heatmap"]
-
-
 def test_weights_round_trip_and_refiner(tmp_path):
     torch.manual_seed(0)
     model = PoseFixNet(SMALL)
@@ -93,7 +69,7 @@ def test_weights_round_trip_and_refiner(tmp_path):
     export_weights(model, path, {"note": {"a": 1}})
     loaded = load_weights(path)
     assert loaded.cfg == SMALL
-    image, _, heat = _inputs(3, SMALL)
+    image, _, heat = model_inputs(3, SMALL)
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(image, heat)["coords"], loaded.eval()(image, heat)["coords"])
@@ -131,33 +107,6 @@ def test_pretrained_from_a_local_file_and_never_downloaded(tmp_path, monkeypatch
     torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(InputError, match="not a resnet18 state dict"):
         load_pretrained(model, str(tmp_path / "other.pth"))
-
-
-def test_config_presets_overrides_and_rejections(tmp_path):
-    assert "cpu-small" in PRESETS
-    for name in PRESETS:
-        load_config(preset=name)
-    cfg = load_config(preset="cpu-small", overrides=["train.max_steps=7", "model.input_size=[64, 64]",
-                                                     "data.train_images=/data/coco/train2017", "train.seed=3",
-                                                     "model.backbone=resnet34"])
-    assert cfg.train.max_steps == 7 and cfg.model.input_size == (64, 64) and cfg.train.seed == 3
-    assert cfg.data.train_images == "/data/coco/train2017" and cfg.model.backbone == "resnet34"
-    toml = tmp_path / "c.toml"
-    toml.write_text(dump_toml(cfg))
-    assert load_config(config=str(toml)) == cfg
-    assert from_dict(json.loads(json.dumps(to_dict(cfg)))) == cfg
-    with pytest.raises(InputError, match=r"train\.max_stepz: unknown key"):
-        load_config(preset="cpu-small", overrides=["train.max_stepz=3"])
-    with pytest.raises(InputError, match="train.max_steps: must be an integer"):
-        load_config(overrides=["train.max_steps=many"])
-    with pytest.raises(InputError, match="model.backbone"):
-        load_config(overrides=["model.backbone=vgg16"])
-    with pytest.raises(InputError, match="model.input_size"):
-        load_config(overrides=["model.input_size=[100, 64]"])
-    with pytest.raises(InputError, match="unknown section"):
-        load_config(overrides=["optimizer.lr=1"])
-    with pytest.raises(InputError, match="unknown preset"):
-        load_config(preset="r9000")
 
 
 def _random_keypoints(g, n, k, size, margin=20.0):
@@ -209,7 +158,7 @@ def test_fused_stem_equals_the_rendered_path():
     """Tolerance of the fused stem in float32: logits within 1e-3, coordinates within 0.01 input pixels,
     and the stem's gradients for training within 1e-4 (relative to their largest) of the plain path's in float64."""
     model = _perturbed(SMALL)
-    image, kp, heat = _inputs(6, SMALL, seed=4)
+    image, kp, heat = model_inputs(6, SMALL, seed=4)
     kp[0, 3] = torch.tensor([-30.0, 500.0, 1.0])  # a joint far outside the crop
     heat = codec.render_heatmaps(kp, SMALL.input_size, SMALL.sigma)
     model.eval()
@@ -289,7 +238,7 @@ def test_folded_batchnorm_is_the_same_function(backbone):
     assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) > 0
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()) and not folded.training
-    image, kp, heat = _inputs(3, cfg, seed=6)
+    image, kp, heat = model_inputs(3, cfg, seed=6)
     model.eval()
     for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-3)):
         plain = copy.deepcopy(model).to(dtype)
@@ -327,7 +276,7 @@ def test_peak_plus_offset_equals_a_plain_loop():
 def test_untrained_offset_head_returns_the_input_joints_output_pixel():
     torch.manual_seed(0)
     model = PoseFixNet(OFFSET).eval()
-    image, kp, _ = _inputs(8, OFFSET, seed=1)
+    image, kp, _ = model_inputs(8, OFFSET, seed=1)
     with torch.no_grad():
         out = model(image, keypoints=kp)
     assert out["offsets"].shape == (8, 17, 2, 24, 16) and not out["offsets"].any()
@@ -337,38 +286,6 @@ def test_untrained_offset_head_returns_the_input_joints_output_pixel():
     assert torch.equal(grid, grid.round())  # a pixel centre: the offsets are zero
     assert ((grid - centre).abs()[valid] <= 1.0).all()  # the input's pixel or a neighbour (the prior's peak)
     assert ((grid - centre).abs()[valid] <= 0.5 + 1e-4).float().mean() > 0.9
-
-
-def test_offset_head_loss_is_zero_only_for_the_exact_offsets_and_trains():
-    from posefix.losses import offset_head_loss
-    g = torch.Generator().manual_seed(4)
-    target = torch.rand(2, 17, 2, generator=g) * torch.tensor([15.0, 23.0])
-    valid = torch.rand(2, 17, generator=g) > 0.3
-    ys, xs = torch.meshgrid(torch.arange(24.0), torch.arange(16.0), indexing="ij")
-    exact = torch.stack([target[..., 0, None, None] - xs, target[..., 1, None, None] - ys], 2)  # (2, 17, 2, 24, 16)
-    logits = torch.randn(2, 17, 24, 16, generator=g)
-    heat, off = offset_head_loss(logits, exact, target, valid, 2.0)
-    assert float(off) < 1e-6 and float(heat) > 0
-    _, off_moved = offset_head_loss(logits, exact + 0.5, target, valid, 2.0)
-    assert float(off_moved) == pytest.approx(2 * 0.5 / 2.0, rel=1e-5)  # |dx| + |dy| in radii
-    inside = ((xs - target[..., 0, None, None]) ** 2 + (ys - target[..., 1, None, None]) ** 2 <= 4) & valid[..., None, None]
-    disk_logits = torch.where(inside, 20.0, -20.0)  # the disk exactly: the BCE all but vanishes
-    assert float(offset_head_loss(disk_logits, exact, target, valid, 2.0)[0]) < 1e-6
-    torch.manual_seed(0)
-    model = PoseFixNet(OFFSET)
-    image, kp, _ = _inputs(4, OFFSET, seed=2)
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    losses = []
-    for _ in range(15):
-        out = model(image, keypoints=kp)
-        loss, parts = refiner_loss(out, kp[..., :2] + 3.0, kp[..., 2] > 0, torch.full((4,), 900.0), inputs=kp,
-                                   radius=OFFSET.offset_radius)
-        assert "offset" in parts
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    assert losses[-1] < 0.85 * losses[0]
 
 
 def test_head_config_is_checked_and_travels_with_the_weights(tmp_path):

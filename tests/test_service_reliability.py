@@ -518,6 +518,20 @@ class FailingRefiner(StandIn):
         return poses[..., :2].copy(), np.ones(poses.shape[:2])
 
 
+def _served(refiner, **options):
+    """A server of ``refiner`` started on its own event-loop thread: (loop, handle, channel, stub)."""
+    loop = LoopThread()
+
+    async def create_and_start():
+        handle = create_server(refiner, "127.0.0.1", 0, **options)
+        await handle.start()
+        return handle
+
+    handle = loop.run(create_and_start())
+    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
+    return loop, handle, channel, pb2_grpc.PoseRefinerStub(channel)
+
+
 CYCLE_CALLS = 40
 
 
@@ -528,16 +542,7 @@ def test_a_refused_call_leaves_no_reference_cycle(refiner, poses_785):
     off, gc.collect() after the calls counts what they left in cycles: a refused call (INVALID_ARGUMENT
     from validation, INTERNAL from the model through the batcher) may leave no more than an answered one
     (gRPC's own few objects per call)."""
-    loop = LoopThread()
-
-    async def create_and_start():
-        handle = create_server(FailingRefiner(refiner), "127.0.0.1", 0, max_queue_delay_ms=0)
-        await handle.start()
-        return handle
-
-    handle = loop.run(create_and_start())
-    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
-    stub = pb2_grpc.PoseRefinerStub(channel)
+    loop, handle, channel, stub = _served(FailingRefiner(refiner), max_queue_delay_ms=0)
     jpeg = IMAGE_785.read_bytes()
     invalid = request_message(jpeg, poses_785[:2])
     invalid.format = 99
@@ -598,17 +603,9 @@ SHORT_DEADLINE_S = 0.2  # a quarter of the calls have this deadline, shorter tha
 def test_overload_refuses_with_resource_exhausted_and_bounds_the_latency_of_accepted_calls(refiner, poses_785,
                                                                                             offline_785):
     timed = TimedRefiner(refiner)
-    loop = LoopThread()
-
-    async def create_and_start():
-        handle = create_server(timed, "127.0.0.1", 0, max_batch_size=BATCH_PERSONS, max_queue_size=QUEUE_PERSONS,
-                               max_queue_delay_ms=QUEUE_DELAY_MS, limits=Limits(max_persons_per_image=BATCH_PERSONS))
-        await handle.start()
-        return handle
-
-    handle = loop.run(create_and_start())
-    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
-    stub = pb2_grpc.PoseRefinerStub(channel)
+    loop, handle, channel, stub = _served(timed, max_batch_size=BATCH_PERSONS, max_queue_size=QUEUE_PERSONS,
+                                          max_queue_delay_ms=QUEUE_DELAY_MS,
+                                          limits=Limits(max_persons_per_image=BATCH_PERSONS))
     jpeg = IMAGE_785.read_bytes()
     requests = [request_message(jpeg, poses_785[i:i + 1]) for i in range(len(poses_785))]
     started = [0] * OVERLOAD_CLIENTS

@@ -126,21 +126,28 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
 
     # The methods of proto/posefix/v1/posefix.proto.
 
-    async def RefinePose(self, request: pb2.RefinePoseRequest | bytes, context) -> pb2.RefinePoseResponse:
+    async def _unary(self, method: str, request_type, response_type, request, context, answer):
+        """A unary call: the request parsed, ``answer(request)`` awaited, the call counted and timed; any error
+        answered with its status (and an empty ``response_type``)."""
         t0 = time.perf_counter()
         try:
-            request = await self._parse(pb2.RefinePoseRequest, request)
-            job = await self.prepare(request, context.time_remaining())
-            xy, conf = await self.refine(job.image, job.coco, context)
-            response = build_response(request, job.layout, job.native, xy, conf, kept_input(job.coco, xy))
+            response = await answer(await self._parse(request_type, request))
         except asyncio.CancelledError:
-            self._cancelled("RefinePose", context)
+            self._cancelled(method, context)
             raise
         except Exception as e:  # noqa: BLE001 — every error is answered with its status
-            self._fail("RefinePose", context, e)
-            return pb2.RefinePoseResponse()
-        self._succeeded("RefinePose", t0)
+            self._fail(method, context, e)
+            return response_type()
+        self._succeeded(method, t0)
         return response
+
+    async def RefinePose(self, request: pb2.RefinePoseRequest | bytes, context) -> pb2.RefinePoseResponse:
+        async def answer(request: pb2.RefinePoseRequest) -> pb2.RefinePoseResponse:
+            job = await self.prepare(request, context.time_remaining())
+            xy, conf = await self.refine(job.image, job.coco, context)
+            return build_response(request, job.layout, job.native, xy, conf, kept_input(job.coco, xy))
+
+        return await self._unary("RefinePose", pb2.RefinePoseRequest, pb2.RefinePoseResponse, request, context, answer)
 
     async def RefinePoseStream(self, request_iterator: AsyncIterator[pb2.RefinePoseStreamRequest],
                                context) -> AsyncIterator[pb2.RefinePoseStreamResponse]:
@@ -182,18 +189,11 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
         self._succeeded(method)
 
     async def SearchPoses(self, request: pb2.SearchPosesRequest | bytes, context) -> pb2.SearchPosesResponse:
-        t0 = time.perf_counter()
-        try:
-            request = await self._parse(pb2.SearchPosesRequest, request)
-            response = await search_poses(self, request, context)
-        except asyncio.CancelledError:
-            self._cancelled("SearchPoses", context)
-            raise
-        except Exception as e:  # noqa: BLE001 — every error is answered with its status
-            self._fail("SearchPoses", context, e)
-            return pb2.SearchPosesResponse()
-        self._succeeded("SearchPoses", t0)
-        return response
+        async def answer(request: pb2.SearchPosesRequest) -> pb2.SearchPosesResponse:
+            return await search_poses(self, request, context)
+
+        return await self._unary("SearchPoses", pb2.SearchPosesRequest, pb2.SearchPosesResponse, request, context,
+                                 answer)
 
     async def GetModelInfo(self, request: pb2.GetModelInfoRequest | bytes, context) -> pb2.ModelInfo:
         try:

@@ -19,6 +19,7 @@ from ..batcher import BatcherStopped, DeadlineExpired, QueueFull
 from ..errors import InputError, PosefixError
 from ..formats import LAYOUTS, Layout
 from ..images import encoded_size
+from ..synth.keypoints import check_poses
 
 
 class NoIndex(PosefixError):
@@ -141,16 +142,4 @@ def persons_array(persons, fmt: int, image_size: tuple[int, int], limits: Limits
                 raise InputError(f"persons[{i}].box", f"must be finite with width, height >= 0, got {values}")
         if person.HasField("score") and not math.isfinite(person.score):
             raise InputError(f"persons[{i}].score", f"must be finite, got {person.score}")
-    bad = np.argwhere(~np.isfinite(out))
-    if len(bad):
-        i, j, c = bad[0]
-        raise InputError(f"persons[{i}].keypoints[{j}].{('x', 'y', 'score')[c]}", f"must be finite, got {out[i, j, c]}")
-    height, width = image_size
-    present = out[..., 2] > 0
-    outside = present & ((out[..., 0] < -width) | (out[..., 0] > 2 * width)
-                         | (out[..., 1] < -height) | (out[..., 1] > 2 * height))
-    if outside.any():
-        i, j = np.argwhere(outside)[0]
-        raise InputError(f"persons[{i}].keypoints[{j}]", f"({out[i, j, 0]:g}, {out[i, j, 1]:g}) is more than the "
-                         f"image's own size outside the {width}×{height} image (x, y in pixels?)")
-    return out
+    return check_poses(out, "persons", kf, image_size=image_size)

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import InputError
 from .coco import overlaps
 from .cocoio import GroundTruth
-from ..errors import InputError
 from .keypoints import NUM_KEYPOINTS, PARTNER
 from .profile import ERRORS, OUTCOMES, Profile, crowded, published_profile
 

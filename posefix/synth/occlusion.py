@@ -25,7 +25,7 @@ class Occlusion:
 
 def _fill(image, box, rng):
     """Paint box (x0, y0, x1, y1) of ``image`` in place: a flat random colour or random noise."""
-    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    x0, y0, x1, y1 = (int(np.rint(v)) for v in box)
     region = image[y0:y1, x0:x1]
     if region.size == 0:
         return

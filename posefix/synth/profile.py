@@ -15,6 +15,7 @@ miss around the joint's own GT position against each wrong anchor.
 """
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -174,7 +175,7 @@ def parse_profile(doc, source: str = "profile") -> Profile:
             nv_upper = o.get("nv_upper")
             _need(isinstance(nv_upper, list) and len(nv_upper) == len(bins)
                   and all(isinstance(x, int) for x in nv_upper)
-                  and all(a < b for a, b in zip(nv_upper, nv_upper[1:])) and nv_upper[-1] >= NUM_KEYPOINTS,
+                  and all(a < b for a, b in itertools.pairwise(nv_upper)) and nv_upper[-1] >= NUM_KEYPOINTS,
                   f"{f}.nv_upper", f"must be {len(bins)} increasing integers, the last >= {NUM_KEYPOINTS}", source)
             nv_upper = tuple(nv_upper)
         elif by == "crowded":
