@@ -101,9 +101,8 @@ def test_check_poses_bounds_present_keypoints_by_the_image(x, y, inside):
 
 def test_service_persons_give_the_same_errors():
     """persons_array's checks of a request's keypoints are check_poses' (same fields, same problems)."""
-    from posefix.service import Limits, persons_array
-
     from posefix._proto import pb2
+    from posefix.serve.validation import Limits, persons_array
 
     def request(poses):
         return [pb2.Person(keypoints=[pb2.Keypoint(x=x, y=y, score=s) for x, y, s in p.tolist()]) for p in poses]
