@@ -10,7 +10,7 @@ on COCO val2017, duplicate and low-score detections included). Every image is on
 sample's val2017 photographs (``posefix/sample/images``, reached through ``%012d.jpg`` symbolic links,
 as `posefix refine` finds COCO images; links out of the directory, read as `--allow-outside-images` reads
 them), and each of its persons is one of that photograph's labelled GT persons with errors synthesized
-by ``synth.coco.synthesize_coco`` at the published rates (its real neighbours in the photograph shape the
+by ``posefix.synth.coco.synthesize_coco`` at the published rates (its real neighbours in the photograph shape the
 swaps and misses). It is generated, seeded, in a separate process into a temporary directory, and timed.
 
 The measured path is the one `posefix refine` runs, in process, with a random-weight ``PoseFixNet``

@@ -1,7 +1,7 @@
 """Pose similarity search at scale: build time, query latency (p50/p99) and recall@10 of the approximate index.
 
 The poses are synthesized by posefix from the bundled samples' labelled persons (val and train, 191): each copy
-is one person with the published PoseFix errors (synth.synthesize: jitter, inversions, misses; no swaps, as the
+is one person with the published PoseFix errors (posefix.synth.synthesize: jitter, inversions, misses; no swaps, as the
 copies have no overlapping persons), scaled by 0.5-2 and moved by up to 500 pixels. The queries are other such
 copies (another seed). For each size: the exact index (numpy, every pose ranked) and the approximate one
 (faiss IVF-Flat, sqrt(N) lists, candidates re-ranked by the exact distance) at several ``nprobe``; build time

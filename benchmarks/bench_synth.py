@@ -1,7 +1,7 @@
 """Synthesis throughput: the vectorised synthesizer against the plain per-joint rejection sampler.
 
 Both run the same rules on the same real COCO persons (the bundled train + val sample), side by side
-in one process on one core. Then the whole pipeline (`synth.coco.synthesize_coco`: overlaps, synthesis,
+in one process on one core. Then the whole pipeline (`posefix.synth.coco.synthesize_coco`: overlaps, synthesis,
 results) on a COCO-train2017-sized set made by repeating the sample's images; then `posefix synth` itself,
 end to end in a subprocess (reading the annotations, writing results and labels), on a generated file of
 about 40,000 persons, and on crowd images of 93 and 930 persons each, with its peak RSS. ``--baseline-tree``

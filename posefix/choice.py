@@ -166,7 +166,7 @@ def raw_refinement(refiner, est, files: dict, workers: int = 2):
 
 
 def matched_truth(gt, results: list[dict]):
-    """The GT person COCO's matching (as :func:`synth.diagnose.diagnose`) pairs with each result: keypoints
+    """The GT person COCO's matching (as :func:`posefix.synth.diagnose.diagnose`) pairs with each result: keypoints
     (P, K, 3), v = 0 throughout where a result has no labelled match, and areas (P,)."""
     from .synth.diagnose import diagnose
 

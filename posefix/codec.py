@@ -177,7 +177,7 @@ def soft_argmax(logits: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def ks(pred: Tensor, gt: Tensor, area: Tensor) -> Tensor:
-    """Keypoint similarity of each predicted joint to its GT joint: ``synth.keypoints.ks`` in torch (the same
+    """Keypoint similarity of each predicted joint to its GT joint: ``posefix.synth.keypoints.ks`` in torch (the same
     KS_SCALE): exp(-d² / (A·KS_SCALE)).
 
     pred, gt: (..., K, 2+) pixels, extra columns ignored; area: (...,) pixels². Returns (..., K) in (0, 1] in the

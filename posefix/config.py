@@ -26,7 +26,7 @@ class DataConfig:
     rotation_factor: float = 40.0  # rotation ~ clip(N(0, 40°), ±80°) ...
     rotation_prob: float = 0.6  # ... with this probability
     flip_prob: float = 0.5
-    leg_shortening_prob: float = 0.0  # lower-body occlusion: shortened legs + cutout (synth.occlusion)
+    leg_shortening_prob: float = 0.0  # lower-body occlusion: shortened legs + cutout (posefix.synth.occlusion)
     occluder_prob: float = 0.0  # BlazePose-style random rectangles over joints
     workers: int = 2  # DataLoader worker processes per training process
     val_max_persons: int = 0  # validate on at most this many persons (0 = all)

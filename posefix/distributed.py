@@ -289,8 +289,14 @@ def image_sources(args, groups: dict, coco_images, skipped: list) -> dict:
 
 def ray_options(args, skipped: list) -> dict:
     """The keyword arguments of :func:`refine_images_ray` for ``posefix refine --ray``."""
-    num_gpus = args.num_gpus if args.num_gpus is not None else float(args.device.startswith("cuda"))
-    return {"actors": args.actors, "num_gpus": num_gpus, "device": args.device, "batch_size": args.batch_size,
+    from .devices import resolve_device
+
+    # An actor sees only the GPUs Ray gives it: cuda:N is "cuda" there; auto is decided on this machine (the
+    # driver need not have a GPU for --device cuda).
+    device = resolve_device("auto").type if args.device == "auto" else args.device
+    device = "cuda" if device.startswith("cuda") else device
+    num_gpus = args.num_gpus if args.num_gpus is not None else float(device == "cuda")
+    return {"actors": args.actors, "num_gpus": num_gpus, "device": device, "batch_size": args.batch_size,
             "flip_test": args.flip_test, "precision": args.precision, "channels_last": args.channels_last,
             "output": args.output, "choice_margin": args.choice_margin, "workers": args.workers,
             "address": args.ray or None, "skipped": skipped if args.skip_invalid else None,

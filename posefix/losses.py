@@ -40,11 +40,10 @@ def refiner_loss(out: dict, target: torch.Tensor, valid: torch.Tensor, area: tor
     """
     logits = out["logits"].float()
     n, k, h, w = logits.shape
-    parts = {}
+    parts, off = {}, 0.0
     if "offsets" in out:
         heat, off = offset_head_loss(logits, out["offsets"].float(), to_output_grid(target.float()), valid,
                                      radius)
-        heat = heat + off
         parts["offset"] = off.detach()
     else:
         onehot, on_grid = codec.onehot_target(to_output_grid(target.float()), valid, (h, w))  # (N, K, h*w)
@@ -55,7 +54,7 @@ def refiner_loss(out: dict, target: torch.Tensor, valid: torch.Tensor, area: tor
     vmask = valid.float()
     l1 = ((out["coords"].float() - target.float()).abs().sum(-1) / STRIDE * vmask).sum() / vmask.sum().clamp(min=1)
     conf = _hit_bce(out["confidence_logit"], out["coords"].detach(), target, area, vmask)
-    total = heat + l1 + confidence_weight * conf
+    total = heat + off + l1 + confidence_weight * conf
     parts.update({"heatmap": heat.detach(), "coord": l1.detach(), "confidence": conf.detach()})
     if inputs is not None and "input_confidence_logit" in out:
         present = (inputs[..., 2] > 0).float()

@@ -251,9 +251,9 @@ class OnnxModel:
         if PROVIDERS[provider][0] not in available:
             raise InputError("--provider", f"{provider} needs {PROVIDERS[provider][0]}, which this onnxruntime "
                              f"does not have (it has {', '.join(available)})")
-        providers = [p for p in PROVIDERS[provider] if p in available]
-        if fp16 and provider == "tensorrt":
-            providers[0] = (providers[0], {"trt_fp16_enable": True})
+        gpu = {"device_id": self.device.index or 0} if self.device.type == "cuda" else {}  # cuda:N: GPU N
+        providers = [(p, {**gpu, **({"trt_fp16_enable": True} if fp16 and p.startswith("Tensorrt") else {})})
+                     if p != "CPUExecutionProvider" else p for p in PROVIDERS[provider] if p in available]
         name = "the exported model" if isinstance(source, bytes) else str(source)
         if not isinstance(source, bytes):
             if not Path(source).is_file():

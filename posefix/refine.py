@@ -57,7 +57,7 @@ class Refinement:
     xy (P, K, 2) image pixels and conf (P, K): the joints after the policy; kept (P, K) bool: where a joint is
     the input's exactly; scores (P,): the instance scores; input_conf (P, K): the input-confidence head's
     estimate for each input joint (None where ``run`` refined); refined (P,) bool: the persons refined (False:
-    of an image not given or left out, their values the input's as given); groups: :func:`by_image`."""
+    of an image not given or left out, their values the input's as given)."""
 
     xy: np.ndarray
     conf: np.ndarray
@@ -65,7 +65,6 @@ class Refinement:
     scores: np.ndarray
     input_conf: np.ndarray | None
     refined: np.ndarray
-    groups: dict
 
 
 def refine_estimates(refiner, est, sources: dict, *, output: str | None = None,
@@ -113,4 +112,4 @@ def refine_estimates(refiner, est, sources: dict, *, output: str | None = None,
         xy[refined], conf[refined] = choose(given[refined], xy[refined], conf[refined], input_conf[refined],
                                             refiner.choice_margin, refiner.fitted_choice)
     xy, conf, kept, scores = finish(given, est.scores, xy, conf, output, keep_input_below)
-    return Refinement(xy, conf, kept, scores, input_conf, refined, groups)
+    return Refinement(xy, conf, kept, scores, input_conf, refined)

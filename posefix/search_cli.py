@@ -91,11 +91,10 @@ def refine_queries(checkpoint, images_dir, est, kp: np.ndarray, coco_images=None
     """The queries refined first, as ``posefix refine`` would: (P, 17, 3) with the refined confidences."""
     from .engine import Refiner, refine_images
     from .formats import image_file
+    from .refine import by_image
 
     refiner = Refiner.from_checkpoint(checkpoint, device)
-    groups: dict = {}
-    for i, key in enumerate(est.image_keys):
-        groups.setdefault(key, []).append(i)
+    groups = by_image(est.image_keys)
     jobs = [(key, image_file(images_dir, key, coco_images, allow_outside), kp[rows]) for key, rows in groups.items()]
     out = kp.copy()
     for key, xy, conf in refine_images(refiner, jobs):

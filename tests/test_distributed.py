@@ -1,6 +1,7 @@
 """``posefix refine --ray``: the same refinement as ``posefix refine``, through a local Ray cluster, and its faults.
 
 One local Ray (2 CPUs) serves the module; each refinement starts its own pool of actors on it."""
+import argparse
 import importlib.util
 import json
 import os
@@ -232,3 +233,26 @@ def test_stopping_the_driver_leaves_no_output(tmp_path, checkpoint, cluster):
         assert err.strip().splitlines()[-1] == "posefix: interrupted"
     assert out.read_text() == "[]"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["many", "many.json", "out.json"]
+
+
+def test_ray_options_give_actors_a_device_they_can_see():
+    """An actor sees only the GPUs Ray gives it: --device cuda:N is "cuda" there with one GPU each; auto is
+    decided on the driver (here without a GPU: the CPU, no GPUs asked for)."""
+    import torch
+
+    from posefix.distributed import ray_options
+
+    def args(device, num_gpus=None):
+        return argparse.Namespace(device=device, num_gpus=num_gpus, actors=None, batch_size=8, flip_test=False,
+                                  precision="fp32", channels_last=False, output="choice", choice_margin=None,
+                                  workers=1, ray="", skip_invalid=False, quiet=True)
+
+    for device in ("cuda", "cuda:1"):
+        got = ray_options(args(device), [])
+        assert (got["device"], got["num_gpus"]) == ("cuda", 1.0)
+    assert ray_options(args("cuda:1", 0.5), [])["num_gpus"] == 0.5
+    cpu = ray_options(args("cpu"), [])
+    assert (cpu["device"], cpu["num_gpus"]) == ("cpu", 0.0)
+    auto = ray_options(args("auto"), [])
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert (auto["device"], auto["num_gpus"]) == (want, float(want == "cuda"))

@@ -736,3 +736,14 @@ def test_image_ids_from_keys(tmp_path):
         image_ids(est, {11: {"file_name": "a.jpg"}})
     est.image_keys = ["b", 7, "a", "b"]  # OpenPose stems match the file names' stems
     np.testing.assert_array_equal(image_ids(est, coco_images), [12, 7, 11, 12])
+
+
+@pytest.mark.parametrize("fmt, doc", [
+    ("movenet", [{"image": 1, "keypoints": [[0.5, 0.5, 10 ** 400]] + [[0.5, 0.5, 0.5]] * 16}]),
+    ("blazepose", [{"image": 1, "landmarks": [{"x": 10 ** 400, "y": 0.5, "z": 0.0, "visibility": 0.9}] * 33}]),
+])
+def test_an_integer_beyond_float64_is_an_input_error_naming_its_field(tmp_path, fmt, doc):
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(InputError, match=r"entries\[0\]\.(keypoints|landmarks)\[0\]"):
+        read_estimates(path, fmt, {1: (10, 10)})

@@ -13,13 +13,13 @@ import numpy as np
 
 from ..errors import InputError
 from ..fileio import read_json
-from ..synth.keypoints import NAMES, NUM_KEYPOINTS
+from ..synth.keypoints import KEYPOINT_BOUND, NAMES, NUM_KEYPOINTS, is_number
 
 
 @dataclass(frozen=True)
 class Layout:
     """A keypoint layout: its keypoint names in order and, for each of the 17 COCO joints (in
-    ``synth.keypoints.NAMES`` order), that joint's index in this layout."""
+    ``posefix.synth.keypoints.NAMES`` order), that joint's index in this layout."""
 
     name: str
     names: tuple[str, ...]
@@ -110,12 +110,10 @@ class Format:
     fields: Callable[[dict], dict] | None = None
 
 
-# No coordinate, score or image size is this large; bounding them keeps every product and mean finite.
-_LIMIT = 1e9
-
-
 def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and abs(x) <= _LIMIT
+    """A JSON number within ±KEYPOINT_BOUND (no coordinate, score or image size is larger; bounding them keeps
+    every product and mean finite), an integer beyond float64 included."""
+    return is_number(x, KEYPOINT_BOUND)
 
 
 def _kind(x) -> str:

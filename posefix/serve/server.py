@@ -24,6 +24,7 @@ from ..batcher import DynamicBatcher
 from ..errors import InputError
 from ..formats import LAYOUTS
 from ..protocols import RefinerLike
+from ..synth.keypoints import NUM_KEYPOINTS
 from .metrics import Metrics
 from .servicer import PoseRefinerServicer
 from .validation import Limits
@@ -255,7 +256,7 @@ def serve_main(options: ServeOptions) -> int:
                                       choice_margin=o.choice_margin, backend=o.backend, onnx=o.onnx,
                                       provider=o.provider)
     h, w = refiner.cfg.input_size
-    warm = np.zeros((1, 17, 3))
+    warm = np.zeros((1, NUM_KEYPOINTS, 3))
     warm[0, :, :2], warm[0, :, 2] = (w / 2, h / 2), 1.0
     refiner.refine([torch.zeros((3, h, w), dtype=torch.uint8)], np.zeros(1, dtype=np.int64), warm)
     serve(refiner, o.host, o.port, grace_s=o.grace_s, drain_s=o.drain_s, max_batch_size=o.max_batch_size,

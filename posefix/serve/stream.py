@@ -34,7 +34,6 @@ class VideoState:
             except InputError as e:
                 raise InputError(f"options.{e.field}", e.problem) from None
         self.tracks = Tracks(options.follow_tracks, smoothing)
-        self.follow, self.smoothing = self.tracks.follow, self.tracks.smoothing
         self.period = Fraction(1 / self.frame_rate)
         self.t: Fraction | None = None  # the previous frame's time, seconds, exact
 

@@ -1,4 +1,4 @@
-"""Reading and validating COCO keypoint files, and writing outputs atomically."""
+"""Reading and validating COCO keypoint files; the synthesis outputs and their labels file."""
 from __future__ import annotations
 
 import hashlib

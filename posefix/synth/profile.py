@@ -1,6 +1,6 @@
 """Error profiles: the probabilities of each synthesized error, as data.
 
-A profile is a JSON document (``synth/profiles/published.json`` is the default, the PoseFix tables).
+A profile is a JSON document (``posefix/synth/profiles/published.json`` is the default, the PoseFix tables).
 For each error outcome it gives joint groups and a probability per bin of a person-level condition:
 
 - ``"by": "nv"`` — bins of the person's labelled-joint count, with inclusive upper edges ``nv_upper``;
