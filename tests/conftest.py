@@ -204,3 +204,35 @@ def model_inputs(n, cfg, seed=0):
     kp = torch.cat([torch.rand(n, 17, 1, generator=g) * (w - 16) + 8, torch.rand(n, 17, 1, generator=g) * (h - 16) + 8,
                     (torch.rand(n, 17, 1, generator=g) > 0.2).float()], dim=-1)
     return image, kp, codec.render_heatmaps(kp, cfg.input_size, cfg.sigma)
+
+
+def handful_annotations(path: Path) -> Path:
+    """The bundled val images holding 1–3 labelled persons, the first five of them (six persons), written to
+    ``path`` as COCO annotations."""
+    doc = json.loads(VAL_GT.read_text())
+    count = {}
+    for a in doc["annotations"]:
+        if a["num_keypoints"] > 0:
+            count[a["image_id"]] = count.get(a["image_id"], 0) + 1
+    pick = sorted(i for i, n in count.items() if n <= 3)[:5]
+    sub = {"images": [im for im in doc["images"] if im["id"] in pick],
+           "annotations": [a for a in doc["annotations"] if a["image_id"] in pick], "categories": doc["categories"]}
+    path.write_text(json.dumps(sub))
+    return path
+
+
+@pytest.fixture(scope="session")
+def handful_run(tmp_path_factory):
+    """A cpu-small refiner trained for 120 steps (about two minutes on 2 CPU cores) on the handful's persons,
+    once for every test that needs a trained refiner: (the handful's annotations, the checkpoint)."""
+    from posefix.config import load_config
+    from posefix.train import train
+
+    tmp = tmp_path_factory.mktemp("handful")
+    gt_path = handful_annotations(tmp / "handful.json")
+    cfg = load_config(preset="cpu-small", overrides=[f"data.train_annotations={gt_path}",
+                                                     f"data.train_images={SAMPLE_DIR / 'images'}",
+                                                     "train.max_steps=120", "train.lr_milestones=[0.9]",
+                                                     "data.workers=1"])
+    train(cfg, tmp / "run", progress=False)
+    return gt_path, tmp / "run" / "model.safetensors"

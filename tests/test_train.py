@@ -78,23 +78,8 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert (run / "model.safetensors").is_file()
 
 
-def _handful(tmp_path):
-    """The bundled images holding 1–3 labelled persons, the first five of them (six persons)."""
-    doc = json.loads((SAMPLE_DIR / "person_keypoints_val_sample.json").read_text())
-    count = {}
-    for a in doc["annotations"]:
-        if a["num_keypoints"] > 0:
-            count[a["image_id"]] = count.get(a["image_id"], 0) + 1
-    pick = sorted(i for i, n in count.items() if n <= 3)[:5]
-    sub = {"images": [im for im in doc["images"] if im["id"] in pick],
-           "annotations": [a for a in doc["annotations"] if a["image_id"] in pick], "categories": doc["categories"]}
-    path = tmp_path / "handful.json"
-    path.write_text(json.dumps(sub))
-    return path
-
-
 @pytest.mark.slow
-def test_refiner_learns_to_fix_synthesized_errors(tmp_path):
+def test_refiner_learns_to_fix_synthesized_errors(handful_run):
     """Two minutes of CPU training on a handful of real persons: refined AP on fresh synthesized inputs
     of those persons rises well above the inputs' AP."""
     import numpy as np
@@ -103,11 +88,8 @@ def test_refiner_learns_to_fix_synthesized_errors(tmp_path):
     from posefix.evaluate import refine_synthesized
     from posefix.synth.cocoio import load_ground_truth
 
-    gt_path = _handful(tmp_path)
-    cfg = load_config(preset="cpu-small", overrides=[f"data.train_annotations={gt_path}", f"data.train_images={IMAGES}",
-                                                     "train.max_steps=120", "train.lr_milestones=[0.9]", "data.workers=1"])
-    train(cfg, tmp_path / "run", progress=False)
-    refiner = Refiner.from_checkpoint(tmp_path / "run" / "model.safetensors")
+    gt_path, checkpoint = handful_run
+    refiner = Refiner.from_checkpoint(checkpoint)
     gt = load_ground_truth(gt_path)
     pairs = [refine_synthesized(refiner, gt, IMAGES, seed=100 + s) for s in range(5)]
     before = np.array([p["input_ap"] for p in pairs])
