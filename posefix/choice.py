@@ -168,15 +168,24 @@ def raw_refinement(refiner, est, files: dict, workers: int = 2):
 def matched_truth(gt, results: list[dict]):
     """The GT person COCO's matching (as :func:`posefix.synth.diagnose.diagnose`) pairs with each result: keypoints
     (P, K, 3), v = 0 throughout where a result has no labelled match, and areas (P,)."""
+    truth, area = np.zeros((len(results), NUM_KEYPOINTS, 3)), np.ones(len(results))
+    for n, g in enumerate(matched_person(gt, results)):
+        if g is not None:
+            truth[n], area[n] = gt.keypoints[g], gt.areas[g]
+    return truth, area
+
+
+def matched_person(gt, results: list[dict]) -> list[int | None]:
+    """For each result, the index in ``gt`` of the non-crowd GT person COCO's matching (as
+    :func:`posefix.synth.diagnose.diagnose`) pairs it with, None where there is none."""
     from .synth.diagnose import diagnose
 
     index_of = {int(a): i for i, a in enumerate(gt.ids)}
-    truth, area = np.zeros((len(results), NUM_KEYPOINTS, 3)), np.ones(len(results))
-    for n, d in enumerate(diagnose(gt, results, with_ap=False)["detections"]):
+    out = []
+    for d in diagnose(gt, results, with_ap=False)["detections"]:
         g = index_of.get(d["matched_gt"]) if d["matched_gt"] is not None else None
-        if g is not None and not gt.crowd[g]:
-            truth[n], area[n] = gt.keypoints[g], gt.areas[g]
-    return truth, area
+        out.append(g if g is not None and not gt.crowd[g] else None)
+    return out
 
 
 MARGINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0)  # 1: never the correction (2p - 1 > 1 never holds)

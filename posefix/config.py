@@ -22,6 +22,16 @@ class DataConfig:
     val_annotations: str = ""  # optional validation set: input AP vs refined AP on synthesized inputs
     val_images: str = ""
     profile: str = ""  # error profile JSON ("" = the published PoseFix tables; or one from `posefix synth fit`)
+    # An estimator's own results on the training images (any --format), matched to their GT persons as COCO
+    # evaluation matches them: a matched person's input is that estimator's pose with probability
+    # train_results_prob, else synthesized.
+    train_results: str = ""
+    train_results_format: str = "coco"
+    train_results_prob: float = 0.5
+    # Fraction of the training persons (drawn by train.seed) whose samples train only the two confidence heads:
+    # the refinement's own losses leave them out, so the heads learn how often the refiner and the input are
+    # right on persons the refiner did not learn from.
+    calibration_split: float = 0.0
     scale_factor: float = 0.3  # crop scale ~ clip(N(1, 0.3), 0.7, 1.3), as the reference
     rotation_factor: float = 40.0  # rotation ~ clip(N(0, 40°), ±80°) ...
     rotation_prob: float = 0.6  # ... with this probability
@@ -30,6 +40,9 @@ class DataConfig:
     occluder_prob: float = 0.0  # BlazePose-style random rectangles over joints
     workers: int = 2  # DataLoader worker processes per training process
     val_max_persons: int = 0  # validate on at most this many persons (0 = all)
+
+
+CONFIDENCE_TARGETS = ("hit", "ks")
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,13 @@ class TrainConfig:
     checkpoint_every: int = 200
     confidence_weight: float = 0.1  # weight of the confidence head's BCE
     input_confidence_weight: float = 0.1  # weight of the input-confidence head's BCE (the per-joint choice)
+    # What both confidence heads learn: "hit", the probability of KS >= 0.5 to the truth; "ks", the expected KS.
+    confidence_target: str = "hit"
+
+    def __post_init__(self):
+        if self.confidence_target not in CONFIDENCE_TARGETS:
+            raise InputError("train.confidence_target",
+                             f"must be one of {list(CONFIDENCE_TARGETS)}, got {self.confidence_target!r}")
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,11 @@ class PersonCrops(torch.utils.data.Dataset):
     """The labelled, non-crowd persons of a COCO person-keypoints file.
 
     ``dataset[(epoch, index)]`` gives a dict: ``image`` (3, H, W) float in [0, 1], ``input`` (K, 3)
-    the synthesized input pose in crop pixels (v = 1 where present), ``target`` (K, 2) the GT joints
+    the input pose in crop pixels (v = 1 where present): synthesized, or with ``data.train_results`` the
+    estimator's pose matched to the person, with probability ``data.train_results_prob``, ``target`` (K, 2) the GT joints
     in crop pixels, ``target_valid`` (K,) bool (labelled and inside the crop), ``area`` () the
-    person's COCO area in crop pixels².
+    person's COCO area in crop pixels², ``calibration`` () bool: the person is one of the
+    ``data.calibration_split`` share (drawn by ``seed``) that trains only the confidence heads.
     """
 
     def __init__(self, annotations, images_dir, model: ModelConfig, data: DataConfig, profile: Profile | None,
@@ -38,6 +40,11 @@ class PersonCrops(torch.utils.data.Dataset):
         self.persons = np.flatnonzero(~self.gt.crowd & (self.gt.keypoints[..., 2] > 0).any(-1))
         self.ov, self.near = overlaps(self.gt)
         self.model, self.data, self.profile, self.seed, self.augment = model, data, profile, seed, augment
+        self.calibration = np.zeros(self.persons.size, dtype=bool)
+        held = round(data.calibration_split * self.persons.size)
+        self.calibration[np.random.default_rng([seed, 7]).permutation(self.persons.size)[:held]] = True
+        self.real = real_inputs(self.gt, data.train_results, data.train_results_format, images_dir) \
+            if data.train_results else {}
 
     def __len__(self) -> int:
         return self.persons.size
@@ -53,6 +60,8 @@ class PersonCrops(torch.utils.data.Dataset):
                          ov=self.ov[i:i + 1], profile=self.profile)
         inp = res.keypoints[0].copy()
         inp[:, 2] = 1.0
+        if self.real and rng.random() < self.data.train_results_prob and i in self.real:
+            inp = self.real[i].copy()
         h, w = self.model.input_size
         affine, flip = self.crop_affine(inp, rng)  # (1, 2, 3) crop → image
         # The configured training set's own file names, read where they point (data.train_images is no --images).
@@ -75,7 +84,8 @@ class PersonCrops(torch.utils.data.Dataset):
         scale = float(torch.linalg.det(to_crop[0, :, :2]).abs().item())  # crop px² per image px²
         return {"image": crop, "input": torch.from_numpy(inp_c).float(), "target": torch.from_numpy(tgt_c).float(),
                 "target_valid": torch.from_numpy(labelled & inside), "area": torch.tensor(max(gt.areas[i], MIN_AREA) * scale,
-                                                                                          dtype=torch.float32)}
+                                                                                          dtype=torch.float32),
+                "calibration": torch.tensor(bool(self.calibration[index]))}
 
     def crop_affine(self, pose: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, bool]:
         """The crop → image affine (1, 2, 3) float64 of the crop around ``pose`` (K, 3) image pixels, and whether
@@ -104,6 +114,28 @@ class PersonCrops(torch.utils.data.Dataset):
         if rng.random() < self.data.occluder_prob:
             img = occlude_rectangles(img, gt_pose, rng).image
         return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1), inp_c
+
+
+def real_inputs(gt, path, fmt: str, images_dir) -> dict[int, np.ndarray]:
+    """An estimator's results on the training images (``path`` in format ``fmt``), matched to the GT persons of
+    ``gt`` as COCO evaluation matches them: {GT person index: (K, 3) pose in image pixels, v = 1 where the
+    estimator gave the joint, else 0}, for the persons with a labelled joint. An unmatched result is left out."""
+    from .choice import matched_person
+    from .formats import image_ids, image_sizes, read_estimates, write_coco_results
+
+    coco_images = {im["id"]: im for im in gt.doc["images"]}
+    est = read_estimates(path, fmt, image_sizes(path, fmt, images_dir, coco_images, allow_outside=True))
+    given = est.keypoints
+    results = write_coco_results(est, given[..., :2], given[..., 2], est.scores, image_ids(est, coco_images))
+    out = {}
+    for n, g in enumerate(matched_person(gt, results)):
+        if g is not None and g not in out and (gt.keypoints[g, :, 2] > 0).any():
+            pose = given[n].copy()
+            present = np.isfinite(pose[:, :2]).all(-1) & (pose[:, 2] > 0)
+            pose[:, :2] = np.where(present[:, None], pose[:, :2], 0.0)
+            pose[:, 2] = present
+            out[g] = pose
+    return out
 
 
 class StepBatches(torch.utils.data.Sampler):

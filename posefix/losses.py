@@ -21,19 +21,24 @@ def to_output_grid(points: torch.Tensor) -> torch.Tensor:
 
 def refiner_loss(out: dict, target: torch.Tensor, valid: torch.Tensor, area: torch.Tensor,
                  confidence_weight: float = 0.1, inputs: torch.Tensor | None = None,
-                 input_confidence_weight: float = 0.1, radius: float = 2.0) -> tuple[torch.Tensor, dict]:
+                 input_confidence_weight: float = 0.1, radius: float = 2.0,
+                 confidence_target: str = "hit", calibration: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """out: the model's outputs; target (N, K, 2) GT joints in input pixels; valid (N, K) bool;
     area (N,) the persons' areas in input pixels²; inputs (N, K, 3) the input pose in input pixels
     (v > 0 where present), for the input-confidence head (None: that part is left out); radius the offset
-    head's disk radius in output pixels. Returns the total loss and its parts (detached scalar tensors:
+    head's disk radius in output pixels; confidence_target what the confidence heads learn ("hit" or "ks",
+    below); calibration (N,) bool, the persons whose samples train only the confidence heads (None: every
+    person trains every part). Returns the total loss and its parts (detached scalar tensors:
     reading one waits for the device, so a training loop reads them only when it logs).
 
     - ``heatmap``: softmax cross-entropy against the GT splatted bilinearly on its 4 neighbouring
       output pixels, over joints whose 4 neighbours lie in the grid;
     - ``coord``: L1 of the soft-argmax coordinates, in output pixels, over valid joints;
-    - ``confidence``: BCE of the confidence logit against "KS of the refined joint to the truth >= 0.5";
-    - ``input_confidence``: BCE of the input-confidence logit against "KS of the input joint to the
-      truth >= 0.5" (an absent input joint is never right), over valid joints.
+    - ``confidence``: BCE of the confidence logit against "KS of the refined joint to the truth >= 0.5"
+      (``confidence_target="hit"``) or against that KS itself, a soft label whose sigmoid is the expected
+      KS (``"ks"``);
+    - ``input_confidence``: the same for the input-confidence logit and the input joint (an absent input
+      joint is never right, KS 0), over valid joints.
 
     For the offset head (``out`` has ``offsets``), ``heatmap`` is G-RMI's disk classification (see
     :func:`offset_head_loss`) and ``offset`` its offset regression.
@@ -41,6 +46,10 @@ def refiner_loss(out: dict, target: torch.Tensor, valid: torch.Tensor, area: tor
     logits = out["logits"].float()
     n, k, h, w = logits.shape
     parts, off = {}, 0.0
+    conf_valid = valid
+    if calibration is not None:  # the refinement learns from the others, the confidence heads from these
+        calibration = calibration.bool()
+        valid, conf_valid = valid & ~calibration[:, None], valid & calibration[:, None]
     if "offsets" in out:
         heat, off = offset_head_loss(logits, out["offsets"].float(), to_output_grid(target.float()), valid,
                                      radius)
@@ -51,22 +60,25 @@ def refiner_loss(out: dict, target: torch.Tensor, valid: torch.Tensor, area: tor
         ce = -(onehot * logp).sum(-1)  # (N, K)
         mask = on_grid.float()
         heat = (ce * mask).sum() / mask.sum().clamp(min=1)
-    vmask = valid.float()
+    vmask, cmask = valid.float(), conf_valid.float()
     l1 = ((out["coords"].float() - target.float()).abs().sum(-1) / STRIDE * vmask).sum() / vmask.sum().clamp(min=1)
-    conf = _hit_bce(out["confidence_logit"], out["coords"].detach(), target, area, vmask)
+    soft = confidence_target == "ks"
+    conf = _confidence_bce(out["confidence_logit"], out["coords"].detach(), target, area, cmask, soft=soft)
     total = heat + off + l1 + confidence_weight * conf
     parts.update({"heatmap": heat.detach(), "coord": l1.detach(), "confidence": conf.detach()})
     if inputs is not None and "input_confidence_logit" in out:
         present = (inputs[..., 2] > 0).float()
-        inp = _hit_bce(out["input_confidence_logit"], inputs[..., :2], target, area, vmask, present)
+        inp = _confidence_bce(out["input_confidence_logit"], inputs[..., :2], target, area, cmask, present, soft)
         total = total + input_confidence_weight * inp
         parts["input_confidence"] = inp.detach()
     return total, parts
 
 
-def _hit_bce(logit, coords, target, area, vmask, present=None):
-    """Mean BCE over valid joints of ``logit`` against "KS of ``coords`` to ``target`` >= 0.5" (and present)."""
-    hit = (codec.ks(coords.float(), target.float(), area.float()) >= KS_HIT).float()
+def _confidence_bce(logit, coords, target, area, vmask, present=None, soft=False):
+    """Mean BCE over valid joints of ``logit`` against "KS of ``coords`` to ``target`` >= 0.5" (and present),
+    or with ``soft`` against that KS (0 where absent)."""
+    ks = torch.nan_to_num(codec.ks(coords.float(), target.float(), area.float())).clamp(0, 1)
+    hit = ks if soft else (ks >= KS_HIT).float()
     if present is not None:
         hit = hit * present
     bce = F.binary_cross_entropy_with_logits(logit.float(), hit, reduction="none")

@@ -75,6 +75,15 @@ def _check_data(cfg: Config):
         path = getattr(d, key)
         if path and not Path(path).is_dir():
             raise InputError(f"data.{key}", f"{path} is not a directory")
+    if d.train_results and not Path(d.train_results).exists():
+        raise InputError("data.train_results", f"{d.train_results} does not exist")
+    from .formats import FORMATS
+    if d.train_results_format not in FORMATS:
+        raise InputError("data.train_results_format", f"must be one of {sorted(FORMATS)}, got {d.train_results_format!r}")
+    if not 0 <= d.train_results_prob <= 1:
+        raise InputError("data.train_results_prob", f"must be in [0, 1], got {d.train_results_prob}")
+    if not 0 <= d.calibration_split < 1:
+        raise InputError("data.calibration_split", f"must be in [0, 1), got {d.calibration_split}")
     if bool(d.val_annotations) != bool(d.val_images):
         raise InputError("data.val_images", "give both data.val_annotations and data.val_images, or neither")
 
@@ -215,7 +224,8 @@ def _loop(cfg, model, ddp, optimizer, scheduler, loader, device, bf16, channels_
         loss, parts = refiner_loss(result, batch["target"].to(device, non_blocking=True),
                                    batch["target_valid"].to(device, non_blocking=True),
                                    batch["area"].to(device, non_blocking=True), t.confidence_weight,
-                                   inp, t.input_confidence_weight, cfg.model.offset_radius)
+                                   inp, t.input_confidence_weight, cfg.model.offset_radius,
+                                   t.confidence_target, batch["calibration"].to(device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.io import write_png
 
-from posefix import codec
+from posefix import SAMPLE_DIR, codec
 from posefix.config import DataConfig
 from posefix.data import PersonCrops, StepBatches
 from posefix.engine import Refiner
@@ -133,3 +133,93 @@ def test_step_batches_cover_each_epoch_and_split_between_processes():
     assert merged == single[:len(merged)]
     resumed = list(StepBatches(n, batch, seed=1, start=4, stop=10))
     assert resumed == list(StepBatches(n, batch, seed=1, start=0, stop=10))[4:]
+
+
+TRAIN10 = SAMPLE_DIR / "person_keypoints_train10.json"
+
+
+def _train10(**data):
+    model = ModelConfig(backbone="resnet18", input_size=(128, 96), sigma=3.0)
+    results = SAMPLE_DIR / "real_estimators" / "movenet_thunder_train10_native.json"
+    cfg = DataConfig(**{"train_results": str(results), "train_results_format": "movenet", **data})
+    return PersonCrops(TRAIN10, SAMPLE_DIR / "train_images", model, cfg, None, seed=0, augment=False)
+
+
+def test_an_estimators_results_are_matched_to_their_own_persons():
+    """The persons' estimator poses are COCO's greedy matching, done plainly here: the results in order of score,
+    each taking the unmatched labelled person of its image of highest OKS, at OKS >= 0.1 (MoveNet Thunder on the
+    bundled train images)."""
+    from posefix.formats import image_ids, read_estimates
+    from posefix.synth.keypoints import ks
+    ds = _train10()
+    gt = ds.gt
+    images = {im["id"]: im for im in gt.doc["images"]}
+    est = read_estimates(SAMPLE_DIR / "real_estimators" / "movenet_thunder_train10_native.json", "movenet",
+                         {im["file_name"]: (im["width"], im["height"]) for im in images.values()})
+    ids = image_ids(est, images)
+    expected, taken = {}, set()
+    for n in np.argsort(-est.scores, kind="stable"):
+        best, best_oks = None, 0.1
+        for g in np.flatnonzero((gt.image_ids == ids[n]) & ~gt.crowd):
+            labelled = gt.keypoints[g, :, 2] > 0
+            if g in taken or not labelled.any():
+                continue
+            oks = ks(est.keypoints[n][None, :, :2], gt.keypoints[g][None, :, :2], gt.areas[g][None])[0][labelled].mean()
+            if oks >= best_oks:
+                best, best_oks = g, oks
+        if best is not None:
+            taken.add(best)
+            expected[best] = est.keypoints[n]
+    assert len(expected) >= 0.6 * ds.persons.size
+    assert sorted(ds.real) == sorted(expected)
+    for g, pose in ds.real.items():
+        np.testing.assert_allclose(pose[:, :2], expected[g][:, :2])
+        np.testing.assert_array_equal(pose[:, 2], expected[g][:, 2] > 0)
+
+
+def test_training_inputs_are_the_estimators_poses_at_the_given_rate():
+    """With probability 1 a matched person's input is the estimator's pose (in crop pixels, back in the image it is
+    the pose given); with probability 0 the samples are those of training without results, draw for draw."""
+    always, never = _train10(train_results_prob=1.0), _train10(train_results_prob=0.0)
+    plain = PersonCrops(TRAIN10, never.images_dir, never.model, DataConfig(), None, seed=0, augment=False)
+    for index, g in enumerate(always.persons):
+        s = always[(0, index)]
+        if g in always.real:
+            affine, _ = always.crop_affine(always.real[g], np.random.default_rng(0))
+            back = codec.apply_affine(s["input"][None].double(), affine)[0].numpy()
+            present = always.real[g][:, 2] > 0
+            np.testing.assert_allclose(back[present, :2], always.real[g][present, :2], atol=1e-3)
+        other = never[(0, index)]
+        reference = plain[(0, index)]
+        for key in reference:
+            torch.testing.assert_close(other[key], reference[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("key", "value", "field"), [
+    ("train_results", "no/such/file.json", "data.train_results"),
+    ("train_results_format", "yolo", "data.train_results_format"),
+    ("train_results_prob", 1.5, "data.train_results_prob")])
+def test_bad_training_results_settings_name_their_key(tmp_path, key, value, field):
+    from posefix.config import load_config
+    from posefix.errors import InputError
+    from posefix.train import train
+    settings = {"train_results": str(SAMPLE_DIR / "real_estimators" / "movenet_thunder_train10_native.json"),
+                "train_results_format": "movenet", key: value}
+    cfg = load_config(preset="cpu-small", overrides=[f"data.train_annotations={TRAIN10}",
+                                                     f"data.train_images={SAMPLE_DIR / 'train_images'}"]
+                      + [f"data.{k}={v}" for k, v in settings.items()])
+    with pytest.raises(InputError, match=field.replace(".", r"\.")):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_the_calibration_split_is_the_given_share_drawn_by_the_seed():
+    def flags(seed, split):
+        ds = PersonCrops(TRAIN10, SAMPLE_DIR / "train_images", ModelConfig(backbone="resnet18", input_size=(128, 96)),
+                         DataConfig(calibration_split=split), None, seed=seed, augment=False)
+        return ds, np.array([bool(ds[(0, i)]["calibration"]) for i in range(len(ds))])
+
+    ds, a = flags(0, 0.25)
+    assert a.sum() == round(0.25 * len(ds)) and a.any() and not a.all()
+    assert (flags(0, 0.25)[1] == a).all() and (flags(1, 0.25)[1] != a).any()
+    assert not flags(0, 0.0)[1].any()
