@@ -1,4 +1,4 @@
-"""Refinement quality on real estimators: input AP → refined AP (raw) → refined AP (with the per-joint choice).
+"""Refinement quality on real estimators: input AP → refined AP (raw, the heads' choice, posefix refine's default).
 
     python benchmarks/bench_choice.py --train-annotations TRAIN.json --train-images TRAIN_DIR \\
         --val-annotations VAL.json --val-images VAL_DIR --estimators EST_DIR [--seeds 0 1 2] [--steps 600] \\
@@ -8,13 +8,14 @@
 For each seed, the ``cpu-small`` preset is trained as ``posefix train --preset cpu-small --set
 data.train_annotations=TRAIN.json --set data.train_images=TRAIN_DIR --set train.seed=SEED`` does (a run
 already in ``--runs`` is reused). Each checkpoint then refines, with ``posefix refine`` in ``--output raw``
-and ``--output choice``, held-out inputs on the validation images: inputs synthesized by the published
+(every joint as refined), with ``--choice-margin 0`` (the heads' own choice, column "heads") and as it is
+by default (column "default": without a fitted choice every input joint is kept), held-out inputs on the validation images: inputs synthesized by the published
 error tables from VAL.json (``posefix synth --seed 1``), and every real estimator's native output found in
 EST_DIR (``movenet_*_native.json`` through ``--format movenet``, ``blazepose_*_native.json`` through
 ``--format blazepose``). Every file is scored by pycocotools keypoint AP on the images it covers, with the
 error breakdown of ``posefix diagnose`` (the shares of good and jitter keypoints). A row "untrained" refines
 the same inputs with a randomly initialised model once: the cost of the decoding alone (raw) and the
-choice's starting point (choice must give the input exactly). With ``--train-estimators`` (the same
+choice's starting point (the heads' choice must give the input exactly). With ``--train-estimators`` (the same
 estimators' native files on the train images), each checkpoint's choice is also fitted to each input
 (``posefix fit-choice`` on its train-image counterpart: the train images' synthesized inputs, the estimator's
 own output there) and that fitted checkpoint refines the held-out input: column "fitted choice". Prints a
@@ -46,11 +47,15 @@ def score(gt, path) -> dict:
             "kept_input": sum(kept) / len(kept) if kept else None}
 
 
-def refine(checkpoint, images, src, fmt, out, output, annotations) -> None:
+# What each column refines with: every joint as refined, the heads' own choice, posefix refine's default.
+OUTPUTS = {"raw": ["--output", "raw"], "heads": ["--choice-margin", "0"], "default": []}
+
+
+def refine(checkpoint, images, src, fmt, out, flags, annotations) -> None:
     from posefix.cli import main
 
     rc = main(["refine", "--checkpoint", str(checkpoint), "--images", str(images), "--input", str(src),
-               "--out", str(out), "--format", fmt, "--annotations", str(annotations), "--output", output, "--quiet"])
+               "--out", str(out), "--format", fmt, "--annotations", str(annotations), "--quiet", *flags])
     if rc:
         raise SystemExit(f"posefix refine failed on {src}")
 
@@ -63,9 +68,9 @@ def evaluate(checkpoint, inputs, args, work: Path, fit_inputs=None) -> dict:
     rows = {}
     for name, src, fmt in inputs:
         row = {"input": score(gt, src) if fmt == "coco" else None}
-        for output in ("raw", "choice"):
+        for output, flags in OUTPUTS.items():
             out = work / f"{Path(src).stem}_{output}.json"
-            refine(checkpoint, args.val_images, src, fmt, out, output, args.val_annotations)
+            refine(checkpoint, args.val_images, src, fmt, out, flags, args.val_annotations)
             row[output] = score(gt, out)
         if fit_inputs and name in fit_inputs:
             fitted = work / f"{Path(src).stem}_fitted.safetensors"
@@ -74,7 +79,7 @@ def evaluate(checkpoint, inputs, args, work: Path, fit_inputs=None) -> dict:
                         "--out", str(fitted)]):
                 raise SystemExit(f"posefix fit-choice failed on {fit_inputs[name]}")
             out = work / f"{Path(src).stem}_fitted.json"
-            refine(fitted, args.val_images, src, fmt, out, "choice", args.val_annotations)
+            refine(fitted, args.val_images, src, fmt, out, [], args.val_annotations)
             row["fitted"] = score(gt, out)
         rows[name] = row
     return rows
@@ -172,17 +177,16 @@ def print_table(report) -> None:
 
     seeds = list(report["seeds"].values()) or [report["untrained"]]
     print(f"\n{len(seeds)} seed(s), {report['steps']} steps, profile {report['profile'] or 'published'}")
-    print(f"{'input':32s} {'input AP':>9s} {'untrained raw':>14s} {'refined raw':>22s} {'with choice':>22s} "
-          f"{'fitted choice':>22s} {'kept input':>11s} {'good (in → raw → choice)':>26s}")
+    print(f"{'input':32s} {'input AP':>9s} {'untrained raw':>14s} {'refined raw':>22s} {'heads':>22s} "
+          f"{'default':>22s} {'fitted choice':>22s} {'kept: heads':>11s} {'good (in → raw → heads)':>26s}")
     for name, base in report["input"].items():
-        raw = cell([s[name]["raw"]["ap"] for s in seeds])
-        choice = cell([s[name]["choice"]["ap"] for s in seeds])
+        raw, heads, default = (cell([s[name][k]["ap"] for s in seeds]) for k in ("raw", "heads", "default"))
         fitted = cell([s[name]["fitted"]["ap"] for s in seeds if "fitted" in s[name]])
-        kept = cell([s[name]["choice"]["kept_input"] for s in seeds])
+        kept = cell([s[name]["heads"]["kept_input"] for s in seeds])
         good = f"{100 * base['good']:.1f} → {100 * sum(s[name]['raw']['good'] for s in seeds) / len(seeds):.1f} → " \
-               f"{100 * sum(s[name]['choice']['good'] for s in seeds) / len(seeds):.1f} %"
+               f"{100 * sum(s[name]['heads']['good'] for s in seeds) / len(seeds):.1f} %"
         print(f"{name:32s} {base['ap']:9.3f} {report['untrained'][name]['raw']['ap']:14.3f} {raw:>22s} "
-              f"{choice:>22s} {fitted:>22s} {kept:>11s} {good:>26s}")
+              f"{heads:>22s} {default:>22s} {fitted:>22s} {kept:>11s} {good:>26s}")
     sys.stdout.flush()
 
 

@@ -205,12 +205,12 @@ def cmd_demo(args) -> int:
             given = as_coco_results(path, fmt, images_dir, gt)
             write_json_atomic(out / f"input_{stem}.json", given)
         files = [("input", given)]
-        for output in ("raw", "choice"):
-            refined = out / f"refined_{stem}_{output}.json"
+        for label, flags in (("raw", ["--output", "raw"]), ("heads", ["--choice-margin", "0"])):
+            refined = out / f"refined_{stem}_{label}.json"
             cmd_refine(parser.parse_args(["refine", "--checkpoint", str(checkpoint), "--images", str(images_dir),
                                           "--input", str(path), "--out", str(refined), "--annotations", str(gt_path),
-                                          "--format", fmt, "--output", output, "--quiet"]))
-            files.append((f"{output}", load_results(refined, gt)))
+                                          "--format", fmt, "--quiet", *flags]))
+            files.append((label, load_results(refined, gt)))
         if fit_file != "":  # the choice fitted on the train images' counterpart of this input, then refined
             fitted = out / f"fitted_{stem}.safetensors"
             cmd_fit_choice(parser.parse_args([
@@ -231,13 +231,14 @@ def cmd_demo(args) -> int:
         print(f"{name:45s} {label:8s} {ap:6.3f} {cells}")
     overlays = out / "overlays"
     cmd_viz(argparse.Namespace(images=str(images_dir), results=str(SAMPLE_DIR / "topdown_keypoints_val4.json"),
-                               compare=str(out / "refined_topdown_keypoints_val4_choice.json"),
+                               compare=str(out / "refined_topdown_keypoints_val4_heads.json"),
                                annotations=str(gt_path), out=str(overlays), min_score=0.2, min_keypoint_score=0.0,
                                max_images=0, allow_outside_images=False))
     print(f"\nrefined results, overlays and the run are in {out}/ (checkpoint {checkpoint})")
-    print("AP by pycocotools on the val images each input covers; raw: every joint as refined; choice: per joint "
-          "the input or the refined joint, whichever the refiner finds more likely right (the default); fitted: "
-          "the choice fitted (posefix fit-choice) to the same kind of input on the train images.")
+    print("AP by pycocotools on the val images each input covers; raw: every joint as refined; heads: per joint "
+          "the input or the refined joint, whichever the refiner's heads find more likely right (--choice-margin 0); "
+          "fitted: the choice fitted (posefix fit-choice) to the same kind of input on the train images. Without a "
+          "fitted choice, posefix refine keeps every input joint (the input rows).")
     if args.checkpoint is None:
         print(f"the refiner was trained for {args.steps} CPU steps on {train_gt.name}'s persons only; every "
               "score above is on the held-out val images.")
@@ -285,7 +286,7 @@ def cmd_refine(args) -> int:
     from tqdm import tqdm
 
     from .distributed import check_ray_args, image_sources, write_refined
-    from .engine import Refiner
+    from .engine import KEEPS_INPUT_NOTICE, Refiner, has_fitted_choice, keeps_every_input
     from .formats import image_ids, image_sizes, read_estimates
     from .refine import by_image, refine_estimates
     from .synth.cocoio import load_ground_truth
@@ -331,6 +332,9 @@ def cmd_refine(args) -> int:
     kept = f", {int(out.kept[present].sum())} of {int(present.sum())} present keypoints kept from the input"
     print(f"refined {n} persons on {len(groups) - len(skipped_images)} images in {elapsed:.1f} s "
           f"({n / max(elapsed, 1e-9):.1f} persons/s){kept} -> {where}")
+    if refiner.keeps_every_input if refiner is not None else keeps_every_input(
+            args.output, args.choice_margin, has_fitted_choice(args.checkpoint)):
+        print(f"note: {KEEPS_INPUT_NOTICE}")
     if est.skipped:
         print(f"skipped {len(est.skipped)} invalid entries (--skip-invalid); the first: {est.skipped[0]}")
     if skipped_images:
@@ -415,7 +419,7 @@ def cmd_viz(args) -> int:
 def cmd_refine_video(args) -> int:
     from tqdm import tqdm
 
-    from .engine import Refiner
+    from .engine import KEEPS_INPUT_NOTICE, Refiner
     from .fileio import write_json_atomic
     from .formats import image_sizes, write_coco_results
     from .refine import finish
@@ -454,6 +458,8 @@ def cmd_refine_video(args) -> int:
     print(f"refined {len(poses.frame)} persons on {decoded} frames in {elapsed:.1f} s "
           f"({decoded / max(elapsed, 1e-9):.1f} frames/s) -> {args.out}"
           + (f"; video with input (orange) and refined (cyan) poses -> {args.render}" if args.render else ""))
+    if refiner.keeps_every_input:
+        print(f"note: {KEEPS_INPUT_NOTICE}")
     return 0
 
 

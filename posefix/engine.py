@@ -25,6 +25,13 @@ from .synth.keypoints import NUM_KEYPOINTS
 PRECISIONS = ("fp32", "bf16")
 BACKENDS = ("torch", "onnxruntime")
 OUTPUTS = ("choice", "raw")
+# The default choice margin of a checkpoint without a fitted rule: the refined confidence (at most 1) never
+# exceeds the input joint's estimate by more, so every input joint is kept.
+UNFITTED_MARGIN = 1.0
+# What refine, refine-video and serve say when that default applies.
+KEEPS_INPUT_NOTICE = ("the checkpoint's choice is not fitted to an estimator, so every input joint is kept "
+                      "(posefix fit-choice fits it; --choice-margin 0 takes the heads' own choice, --output raw "
+                      "every correction)")
 
 
 class Refiner:
@@ -34,7 +41,11 @@ class Refiner:
     ``output``: "choice" (the default) keeps, for every joint, whichever of the input joint and the refined
     joint the model finds more likely right (KS >= 0.5 to the truth): the refined one only where its
     confidence exceeds the input-confidence head's estimate for the input joint by more than
-    ``choice_margin`` (None: 0, or a fitted rule's own margin). A kept input joint is the input's exact coordinates, with the input-confidence as its
+    ``choice_margin``. None (the default): a fitted rule's own margin where the checkpoint carries one
+    (``posefix fit-choice``), else ``UNFITTED_MARGIN``, which keeps every input joint: the heads learn on
+    synthesized errors and, measured on real estimators' outputs, their comparison alone can lower AP, so a
+    correction is taken by default only where a rule fitted to the estimator's own results says so (0: the
+    heads' own comparison). A kept input joint is the input's exact coordinates, with the input-confidence as its
     confidence (0 for an absent input joint); an input joint with non-finite coordinates is never kept. An untrained model returns the
     input exactly. "raw": every joint refined, as the model puts it out.
     """
@@ -71,10 +82,16 @@ class Refiner:
         self.output = output
         # A choice fitted to one estimator (posefix fit-choice), carried by the checkpoint; None: the heads' own.
         self.fitted_choice = getattr(model, "fitted_choice", None)
-        # None: the fitted rule's own margin (chosen on its labelled images), 0 for the heads' comparison.
+        # None: the fitted rule's own margin (chosen on its labelled images), else every input joint kept.
         if choice_margin is None:
-            choice_margin = self.fitted_choice.margin if self.fitted_choice is not None else 0.0
+            choice_margin = self.fitted_choice.margin if self.fitted_choice is not None else UNFITTED_MARGIN
         self.choice_margin = float(choice_margin)
+
+    @property
+    def keeps_every_input(self) -> bool:
+        """Whether the choice, as configured, returns every finite input joint exactly (the default for a
+        checkpoint whose choice was not fitted to an estimator)."""
+        return keeps_every_input(self.output, self.choice_margin, self.fitted_choice is not None)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None, device: str = "cpu", batch_size: int = 64,
@@ -226,6 +243,22 @@ def choose(poses: np.ndarray, xy: np.ndarray, conf: np.ndarray, input_conf: np.n
     refined = take | ~np.isfinite(given).all(-1)
     kept_conf = np.where(poses[..., 2] > 0, input_conf, 0.0)
     return np.where(refined[..., None], xy, given), np.where(refined, conf, kept_conf)
+
+
+def keeps_every_input(output: str, choice_margin: float | None, fitted: bool) -> bool:
+    """Whether refining with ``output`` and ``choice_margin`` (None: the default) returns every finite input joint
+    exactly, for a checkpoint with (``fitted``) or without a fitted choice."""
+    if output != "choice" or fitted:
+        return False
+    return choice_margin is None or choice_margin >= UNFITTED_MARGIN
+
+
+def has_fitted_choice(path: str | Path) -> bool:
+    """Whether the weights file at ``path`` carries a choice fitted by ``posefix fit-choice`` (read from its header)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return METADATA_KEY in (f.metadata() or {})
 
 
 def kept_input(poses, xy) -> np.ndarray:

@@ -74,7 +74,8 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def refiner(checkpoint):
-    return Refiner.from_checkpoint(checkpoint, "cpu", batch_size=64)
+    """The heads' own choice (margin 0), so the served and offline paths take some joints of each kind."""
+    return Refiner.from_checkpoint(checkpoint, "cpu", batch_size=64, choice_margin=0.0)
 
 
 @pytest.fixture(scope="module")

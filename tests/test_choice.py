@@ -81,7 +81,7 @@ def test_the_choice_is_the_input_or_the_raw_refinement_joint_by_joint():
     poses = _poses_785()
     image = decode(IMAGES / "000000000785.jpg")
     index = np.zeros(len(poses), dtype=np.int64)
-    xy, conf = Refiner(model).refine([image], index, poses)
+    xy, conf = Refiner(model, choice_margin=0.0).refine([image], index, poses)
     raw, raw_conf = Refiner(model, output="raw").refine([image], index, poses)
     kept = kept_input(poses, xy)
     assert 0.1 < kept.mean() < 0.9  # both kinds, so the checks below can fail
@@ -113,10 +113,42 @@ def test_weights_without_the_input_confidence_head_load_and_keep_every_input_joi
     poses = _poses_785()
     image = decode(IMAGES / "000000000785.jpg")
     index = np.zeros(len(poses), dtype=np.int64)
-    xy, _ = Refiner(loaded).refine([image], index, poses)
+    xy, _ = Refiner(loaded, choice_margin=0.0).refine([image], index, poses)  # the heads' own comparison
     assert np.array_equal(xy, poses[..., :2])
     np.testing.assert_allclose(Refiner(loaded, output="raw").refine([image], index, poses)[0],
                                Refiner(model, output="raw").refine([image], index, poses)[0], atol=1e-9)
+
+
+def test_without_a_fitted_choice_refine_returns_the_input_and_says_so(tmp_path, capsys):
+    """A checkpoint whose choice was not fitted to an estimator keeps every input joint by default, and
+    refine says why in one line; --choice-margin 0 (the heads' own choice) and a fitted rule take corrections."""
+    from posefix.choice import METADATA_KEY, NUMERIC, FittedChoice
+    from posefix.engine import has_fitted_choice
+
+    path = tmp_path / "model.safetensors"
+    export_weights(_moving(), path, {"step": 1})
+    assert not has_fitted_choice(path)
+    original = np.array([r["keypoints"] for r in json.loads(RESULTS.read_text())]).reshape(-1, 17, 3)
+
+    def refine(checkpoint, *flags):
+        out = tmp_path / "out.json"
+        assert main(["refine", "--checkpoint", str(checkpoint), "--images", str(IMAGES), "--input", str(RESULTS),
+                     "--out", str(out), "--quiet", *flags]) == 0
+        doc = json.loads(out.read_text())
+        return np.array([r["keypoints"] for r in doc]).reshape(-1, 17, 3), capsys.readouterr().out
+
+    kept, printed = refine(path)
+    np.testing.assert_array_equal(kept[..., :2], original[..., :2])
+    assert printed.count("note: the checkpoint's choice is not fitted") == 1
+    heads, printed = refine(path, "--choice-margin", "0")
+    assert (heads[..., :2] != original[..., :2]).any() and "note:" not in printed
+    n = len(NUMERIC)
+    rule = FittedChoice(np.zeros(n), np.ones(n), np.zeros(n), 3.0, np.zeros(17), margin=0.0)  # p = 0.95: take
+    fitted = tmp_path / "fitted.safetensors"
+    export_weights(_moving(), fitted, {"step": 1, METADATA_KEY: rule.to_json()})
+    assert has_fitted_choice(fitted)
+    taken, printed = refine(fitted)
+    assert (taken[..., :2] != original[..., :2]).all(-1).mean() > 0.9 and "note:" not in printed
 
 
 def test_coco_results_say_which_joint_was_kept(tmp_path):
@@ -128,7 +160,7 @@ def test_coco_results_say_which_joint_was_kept(tmp_path):
             outs[output] = tmp_path / f"{fmt}_{output}.json"
             assert main(["refine", "--checkpoint", str(path), "--images", str(IMAGES), "--input", str(src),
                          "--annotations", str(GT), "--format", fmt, "--out", str(outs[output]), "--output", output,
-                         "--quiet"]) == 0
+                         "--choice-margin", "0", "--quiet"]) == 0
         chosen = json.loads(outs["choice"].read_text())
         raw = json.loads(outs["raw"].read_text())
         sources = np.array([r["keypoint_source"] for r in chosen])

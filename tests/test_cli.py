@@ -20,7 +20,7 @@ IMAGES = SAMPLE_DIR / "images"
 REAL = SAMPLE_DIR / "real_estimators"
 
 # (format, input, flags of posefix refine beyond the common ones)
-CASES = {"coco choice": ("coco", VAL_RESULTS, []),
+CASES = {"coco choice": ("coco", VAL_RESULTS, ["--choice-margin", "0"]),
          "coco raw, keep input below": ("coco", VAL_RESULTS, ["--output", "raw", "--keep-input-below", "0.5"]),
          "movenet multipose, margin": ("movenet", REAL / "movenet_multipose_native.json",
                                        ["--choice-margin", "-0.05", "--batch-size", "7"]),

@@ -107,14 +107,14 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert "person_keypoints_train10.json" in printed  # trained on the train images, not on the val persons
     for name, rows in (("synthesized inputs", 4), ("real top-down estimator", 3),
                        ("MoveNet Thunder (--format movenet)", 4), ("BlazePose full (--format blazepose)", 4)):
-        # input, raw, choice, and fitted where the train images have the same kind of input
+        # input, raw, heads (the heads' choice), and fitted where the train images have the same kind of input
         assert sum(line.startswith(name) for line in printed.splitlines()) == rows
     assert printed.count("fitted the choice on") == 3
-    for name in ("synth_results.json", "refined_synth_results_raw.json", "refined_synth_results_choice.json",
-                 "refined_movenet_thunder_native_choice.json", "refined_topdown_keypoints_val4_choice.json",
+    for name in ("synth_results.json", "refined_synth_results_raw.json", "refined_synth_results_heads.json",
+                 "refined_movenet_thunder_native_heads.json", "refined_topdown_keypoints_val4_heads.json",
                  "refined_movenet_thunder_native_fitted.json", "refined_blazepose_full_native_fitted.json"):
         assert isinstance(json.loads((out / name).read_text()), list)
-    refined = json.loads((out / "refined_topdown_keypoints_val4_choice.json").read_text())
+    refined = json.loads((out / "refined_topdown_keypoints_val4_heads.json").read_text())
     original = json.loads((SAMPLE_DIR / "topdown_keypoints_val4.json").read_text())
     assert len(refined) == len(original)
     assert [r["image_id"] for r in refined] == [r["image_id"] for r in original]

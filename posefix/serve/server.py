@@ -240,7 +240,7 @@ def serve_main(options: ServeOptions) -> int:
     """``posefix serve``: load the checkpoint, warm the model up and serve until SIGTERM/SIGINT. Bad values
     raise InputError naming the option."""
     from ..devices import resolve_device
-    from ..engine import Refiner
+    from ..engine import KEEPS_INPUT_NOTICE, Refiner
     from ..search import PoseIndex
 
     o = options
@@ -255,6 +255,8 @@ def serve_main(options: ServeOptions) -> int:
                                       precision=o.precision, channels_last=o.channels_last, output=o.output,
                                       choice_margin=o.choice_margin, backend=o.backend, onnx=o.onnx,
                                       provider=o.provider)
+    if refiner.keeps_every_input:
+        print(f"posefix serve: note: {KEEPS_INPUT_NOTICE}", flush=True)
     h, w = refiner.cfg.input_size
     warm = np.zeros((1, NUM_KEYPOINTS, 3))
     warm[0, :, :2], warm[0, :, 2] = (w / 2, h / 2), 1.0
