@@ -332,15 +332,15 @@ def cmd_refine(args) -> int:
     kept = f", {int(out.kept[present].sum())} of {int(present.sum())} present keypoints kept from the input"
     print(f"refined {n} persons on {len(groups) - len(skipped_images)} images in {elapsed:.1f} s "
           f"({n / max(elapsed, 1e-9):.1f} persons/s){kept} -> {where}")
-    if refiner.keeps_every_input if refiner is not None else keeps_every_input(
-            args.output, args.choice_margin, has_fitted_choice(args.checkpoint)):
-        print(f"note: {KEEPS_INPUT_NOTICE}")
     if est.skipped:
         print(f"skipped {len(est.skipped)} invalid entries (--skip-invalid); the first: {est.skipped[0]}")
     if skipped_images:
         print(f"skipped {len(skipped_images)} image{'s' * (len(skipped_images) > 1)} that cannot be read "
               "(--skip-invalid), their persons left out: "
               + "; ".join(message for _, message in skipped_images[:5]) + ("; ..." if len(skipped_images) > 5 else ""))
+    if refiner.keeps_every_input if refiner is not None else keeps_every_input(
+            args.output, args.choice_margin, has_fitted_choice(args.checkpoint)):
+        print(f"note: {KEEPS_INPUT_NOTICE}")
     return 0
 
 

@@ -214,6 +214,7 @@ def _loop(cfg, model, ddp, optimizer, scheduler, loader, device, bf16, channels_
     model.train()
     tick, seen = time.perf_counter(), 0
     summary = {}
+    held_out = cfg.data.calibration_split > 0  # else every person trains every part of the loss
     for batch in loader:
         image = batch["image"].to(device, non_blocking=True)
         if channels_last:
@@ -225,7 +226,8 @@ def _loop(cfg, model, ddp, optimizer, scheduler, loader, device, bf16, channels_
                                    batch["target_valid"].to(device, non_blocking=True),
                                    batch["area"].to(device, non_blocking=True), t.confidence_weight,
                                    inp, t.input_confidence_weight, cfg.model.offset_radius,
-                                   t.confidence_target, batch["calibration"].to(device, non_blocking=True))
+                                   t.confidence_target,
+                                   batch["calibration"].to(device, non_blocking=True) if held_out else None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -260,7 +262,7 @@ def _loop(cfg, model, ddp, optimizer, scheduler, loader, device, bf16, channels_
 
 
 def _validate(model, cfg: Config, device, profile):
-    refiner = Refiner(model, device, batch_size=max(cfg.train.batch_size, 16))
+    refiner = Refiner(model, device, batch_size=max(cfg.train.batch_size, 16), choice_margin=0.0)  # the heads' choice
     gt = load_ground_truth(cfg.data.val_annotations)
     rows = refine_synthesized(refiner, gt, cfg.data.val_images, seed=cfg.train.seed, profile=profile,
                               max_persons=cfg.data.val_max_persons or None)

@@ -84,12 +84,16 @@ def test_refiner_learns_to_fix_synthesized_errors(handful_run):
     of those persons rises well above the inputs' AP."""
     import numpy as np
 
-    from posefix.engine import Refiner
+    from posefix.engine import Refiner, load_weights
     from posefix.evaluate import refine_synthesized
+    from posefix.model import INPUT_CONFIDENCE_INIT
     from posefix.synth.cocoio import load_ground_truth
 
     gt_path, checkpoint = handful_run
-    refiner = Refiner.from_checkpoint(checkpoint)
+    heads = load_weights(checkpoint)  # both confidence heads trained: the input head left its start
+    assert heads.input_confidence.weight.abs().max() > 1e-3
+    assert abs(float(heads.input_confidence.bias.mean()) - INPUT_CONFIDENCE_INIT) > 1e-3
+    refiner = Refiner.from_checkpoint(checkpoint, choice_margin=0.0)  # the heads' own choice
     gt = load_ground_truth(gt_path)
     pairs = [refine_synthesized(refiner, gt, IMAGES, seed=100 + s) for s in range(5)]
     before = np.array([p["input_ap"] for p in pairs])
