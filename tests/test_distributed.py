@@ -137,10 +137,10 @@ def test_image_names_out_of_images_are_refused_for_a_uri_or_a_directory(tmp_path
 def test_same_output_as_refine_through_two_actors(tmp_path, checkpoint, cluster, capsys):
     want = tmp_path / "in_process.json"
     assert _refine("--checkpoint", checkpoint, "--images", IMAGES, "--input", VAL_RESULTS, "--out", want,
-                   "--batch-size", "16", "--flip-test") == 0
+                   "--batch-size", "16", "--flip-test", "--choice-margin", "0") == 0
     out = tmp_path / "ray.json"
     assert _refine("--checkpoint", checkpoint, "--images", IMAGES, "--input", VAL_RESULTS, "--out", out,
-                   "--batch-size", "16", "--flip-test", "--ray", "--actors", "2", "--shards", "3") == 0
+                   "--batch-size", "16", "--flip-test", "--choice-margin", "0", "--ray", "--actors", "2", "--shards", "3") == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "persons/s" in line and "ray-00000-of-00003.json" in line
     assert not out.exists()
