@@ -100,7 +100,7 @@ def serve_process(checkpoint, tmp_path, *options):
     """Run ``python -m posefix serve --port 0`` with ``options``; yields (process, port), killed at the end
     if it still runs. Its stderr goes to a file (libjpeg and libpng warnings must not fill a pipe)."""
     cmd = [sys.executable, "-m", "posefix", "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
-           "--port", "0", "--device", "cpu", *options]
+           "--port", "0", "--device", "cpu", "--choice-margin", "0", *options]  # as the offline refiner
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the machine has 2 cores; the test process needs one
     with open(tmp_path / "serve.stderr", "w+") as stderr, \
             subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env) as proc:

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import math
 import signal
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,7 +257,7 @@ def serve_main(options: ServeOptions) -> int:
                                       choice_margin=o.choice_margin, backend=o.backend, onnx=o.onnx,
                                       provider=o.provider)
     if refiner.keeps_every_input:
-        print(f"posefix serve: note: {KEEPS_INPUT_NOTICE}", flush=True)
+        print(f"posefix serve: note: {KEEPS_INPUT_NOTICE}", file=sys.stderr, flush=True)
     h, w = refiner.cfg.input_size
     warm = np.zeros((1, NUM_KEYPOINTS, 3))
     warm[0, :, :2], warm[0, :, 2] = (w / 2, h / 2), 1.0
