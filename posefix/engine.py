@@ -38,14 +38,13 @@ class Refiner:
     """Refines poses with a trained :class:`PoseFixNet`: an inference copy of it (eval mode, BatchNorm folded
     into the convolutions, no gradients), on ``device``.
 
-    ``output``: "choice" (the default) keeps, for every joint, whichever of the input joint and the refined
-    joint the model finds more likely right (KS >= 0.5 to the truth): the refined one only where its
-    confidence exceeds the input-confidence head's estimate for the input joint by more than
-    ``choice_margin``. None (the default): a fitted rule's own margin where the checkpoint carries one
-    (``posefix fit-choice``), else ``UNFITTED_MARGIN``, which keeps every input joint: the heads learn on
-    synthesized errors and, measured on real estimators' outputs, their comparison alone can lower AP, so a
-    correction is taken by default only where a rule fitted to the estimator's own results says so (0: the
-    heads' own comparison). A kept input joint is the input's exact coordinates, with the input-confidence as its
+    ``output``: "choice" (the default) gives, for every joint, either the input joint or the refined one: the
+    refined one where the checkpoint's fitted rule (``posefix fit-choice``) takes it — ``2p - 1`` above the
+    margin — or, without a fitted rule, where the refined joint's confidence exceeds the input-confidence
+    head's estimate for the input joint by more than the margin. ``choice_margin`` None (the default): the
+    fitted rule's own margin, else ``UNFITTED_MARGIN``, which keeps every input joint (the heads learn on
+    synthesized errors, and on real estimators' outputs their comparison alone lowered AP); 0 is the heads'
+    own comparison. A kept input joint is the input's exact coordinates, with the input-confidence as its
     confidence (0 for an absent input joint); an input joint with non-finite coordinates is never kept. An untrained model returns the
     input exactly. "raw": every joint refined, as the model puts it out.
     """

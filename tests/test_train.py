@@ -91,8 +91,9 @@ def test_refiner_learns_to_fix_synthesized_errors(handful_run):
 
     gt_path, checkpoint = handful_run
     heads = load_weights(checkpoint)  # both confidence heads trained: the input head left its start
-    assert heads.input_confidence.weight.abs().max() > 1e-3
-    assert abs(float(heads.input_confidence.bias.mean()) - INPUT_CONFIDENCE_INIT) > 1e-3
+    weight, bias = heads.input_confidence.weight.detach(), heads.input_confidence.bias.detach()
+    assert float(weight.abs().max()) > 1e-3
+    assert abs(float(bias.mean()) - INPUT_CONFIDENCE_INIT) > 1e-3
     refiner = Refiner.from_checkpoint(checkpoint, choice_margin=0.0)  # the heads' own choice
     gt = load_ground_truth(gt_path)
     pairs = [refine_synthesized(refiner, gt, IMAGES, seed=100 + s) for s in range(5)]
