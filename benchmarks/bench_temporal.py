@@ -26,9 +26,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import common  # noqa: E402
-from posefix.synth.keypoints import SIGMAS  # noqa: E402
-from posefix.temporal import SMOOTHERS, make_smoother, refine_poses  # noqa: E402
+from benchmarks import common
+from posefix.synth.keypoints import SIGMAS
+from posefix.temporal import SMOOTHERS, make_smoother, refine_poses
 
 HERE = Path(__file__).resolve().parent
 # ../shared/data beside the repository (or beside the folder of worktrees that holds it)
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     if args.estimators:
         files = [f for f in files if any(e in f.name for e in args.estimators)]
     report = {"machine": common.machine(), "split": args.split, "clips": {}, "mocap": {}, "speed": {}}
-    header = f"| estimator | method | {' | '.join(['AP', 'OKS', 'KS<0.5', 'accel', 'accel med'])} | " \
+    header = "| estimator | method | AP | OKS | KS<0.5 | accel | accel med | " \
              + " | ".join(f"{k}: AP / OKS / accel" for k in KINDS) + " |"
     print(header)
     print("|" + " --- |" * (header.count("|") - 1))

@@ -23,12 +23,14 @@ class TemporalOptions:
     """Parameters of the corrections and gap filling; distances in units of the person's scale.
 
     max_gap: the longest run of frames where a joint is missing that is filled in; max_person_gap: the same
-    for the whole person (offline only; at most max_gap). flip_gate: a left/right
-    pair (or a joint and its skeleton neighbour) is swapped back where the two stray together more than this
-    from their recent course and the swapped pair fits at most ``swap_ratio`` of that. spike_gate: a joint
-    further than this from its recent course is taken as an error and filled in from its trajectory, where at
-    most ``max_spikes`` joints of the frame are (more: the body moved, not a joint). window: frames of the running median that gives a joint's recent course (offline centred; causal
-    trailing, without the frame itself). filled_score: a filled joint's score, as a fraction of the lower of
+    for the whole person (offline only; at most max_gap). flip_gate: a left/right pair (or a joint and its
+    skeleton neighbour) is swapped back where the two stray together more than this from their recent course
+    and the swapped pair fits at most ``swap_ratio`` of that. spike_gate: a joint further than this from its
+    recent course is taken as an error and filled in from its trajectory, where at most ``max_spikes`` joints
+    of the frame are (more: the body moved, not a joint). window: frames of the running median that gives a
+    joint's recent course (offline centred on the frame; causal: the medians of the two halves of the window
+    before the frame, extrapolated linearly to it). filled_score: a
+    filled joint's score, as a fraction of the lower of
     the scores it was filled between."""
 
     max_gap: int = 5
@@ -132,7 +134,16 @@ def correct(xy, score, present, scale, causal: bool, options: TemporalOptions):
     centre, _ = _centre(xy, score, present)
     d = xy - centre[..., None, :]
     d = np.where(present[..., None], d, np.nan)
-    course = running_median(d, options.window, causal)  # (N, T, 17, 2)
+    if causal:
+        # the course extrapolated to frame t from the medians of frames t-3..t-1 and t-6..t-4, so that a limb
+        # moving fast is not taken for a spike
+        half = max(options.window // 2, 1)
+        m1 = running_median(d, half + 1, True)
+        m0 = np.concatenate([np.full_like(m1[:, :half], np.nan), m1[:, :-half]], axis=1) if m1.shape[1] > half \
+            else np.full_like(m1, np.nan)
+        course = np.where(np.isnan(m0), m1, m1 + (m1 - m0) * ((half + 1) / 2) / half)
+    else:
+        course = running_median(d, options.window, causal)  # (N, T, 17, 2)
     s = scale[..., None]
     for pairs, gate in ((FLIP_PAIRS, options.flip_gate), (NEIGHBOUR_PAIRS, options.flip_gate)):
         a = np.array([p[0] for p in pairs])
