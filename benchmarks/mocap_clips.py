@@ -109,7 +109,7 @@ def joint_positions(path) -> tuple[list[str], np.ndarray, float]:
 def project_clip(path, fps: float = 30.0, height_px: float = 240.0, size=(640, 480)):
     """GT COCO keypoints (F, 17, 3) at ``fps`` (v = 2 for the labelled joints), seen from the side."""
     names, pos, frame_time = joint_positions(path)
-    step = max(int(round(1.0 / (fps * frame_time))), 1)
+    step = max(round(1.0 / (fps * frame_time)), 1)
     pos = pos[::step]
     sel = {k: names.index(v) for k, v in COCO_JOINTS.items()}
     p3 = np.zeros((len(pos), 17, 3))

@@ -6,6 +6,7 @@ only frames ≤ t, so a live stream that keeps the last :data:`HISTORY` frames o
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -95,8 +96,8 @@ def running_median(x: np.ndarray, window: int, causal: bool) -> np.ndarray:
 
 def person_scale(xy: np.ndarray, present: np.ndarray, causal: bool) -> np.ndarray:
     """The person's scale (N, T): the running median (over :data:`SCALE_WINDOW` frames) of
-    :func:`frame_scale`, so that one frame's stray joint does not change it; where a track has none, the
-    median over its frames; 1 pixel where it has none at all."""
+    :func:`frame_scale` (offline centred, causal ending at the frame), so that one frame's stray joint does not
+    change it; where the window has none, offline the track's median, else 1 pixel."""
     s = frame_scale(xy, present)
     if causal:
         # the frame itself counts: a median over the window ending at t
@@ -104,14 +105,14 @@ def person_scale(xy: np.ndarray, present: np.ndarray, causal: bool) -> np.ndarra
                              True)[:, 1:]
     else:
         med = running_median(s, SCALE_WINDOW, False)
-    with np.errstate(all="ignore"):
-        fallback = np.nanmedian(np.where(np.isnan(s), np.nan, s), axis=1, keepdims=True) \
-            if np.isfinite(s).any() else np.ones(s.shape[:1] + (1,))
-    fallback = np.where(np.isfinite(fallback), fallback, 1.0)
-    med = np.where(np.isfinite(med), med, fallback)
     if causal:
-        # causal: a frame before the first measured one uses that frame's own size or 1
-        med = np.where(np.isfinite(med), med, 1.0)
+        fallback = np.ones(s.shape[:1] + (1,))  # before the first measured frame: nothing to scale yet
+    else:
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            fallback = np.nanmedian(s, axis=1, keepdims=True)
+        fallback = np.where(np.isfinite(fallback), fallback, 1.0)
+    med = np.where(np.isfinite(med), med, fallback)
     return np.maximum(med, 1e-6)
 
 
