@@ -472,7 +472,7 @@ def cmd_refine_video(args) -> int:
     elapsed = time.perf_counter() - t0
     xy, conf, kept, scores = finish(given, poses.est.scores, xy, conf, args.output)
     results = write_coco_results(poses.est, xy, conf, scores, poses.frame, kept)
-    if not args.no_temporal:  # the temporal refinement of the image refiner's output
+    if args.temporal:  # the temporal refinement of the image refiner's output
         from .temporal.files import VideoPoseFile, refine_file, refined_results, temporal_setup
 
         sm, options = temporal_setup(args.smoother, args.temporal_weights, args.max_gap, args.max_person_gap)
@@ -551,7 +551,9 @@ def _temporal_args(parser) -> None:
     parser.add_argument("--max-gap", type=int, default=5, help="fill a joint missing for at most this many frames (5)")
     parser.add_argument("--max-person-gap", type=int, default=0,
                         help="offline, fill a person its track missed for at most this many frames (0)")
-    parser.add_argument("--no-temporal", action="store_true", help="with --video: the image refiner alone")
+    parser.add_argument("--temporal", action="store_true",
+                        help="with --video: refine the image refiner's output over time as well (without --video "
+                             "the temporal refinement is all there is)")
 
 
 def _backend_args(parser) -> None:
@@ -830,7 +832,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="serve refinements over gRPC (posefix.v1.PoseRefiner)",
                         description="Serve the refiner over gRPC until SIGTERM/SIGINT; concurrent calls are batched "
                                     "together on the device. Health, reflection and Prometheus metrics included.")
-    checkpoint_arg(sv, metavar="MODEL.safetensors", help="the refiner's weights (posefix train; or --onnx)")
+    checkpoint_arg(sv, metavar="MODEL.safetensors", help="the refiner's weights (posefix train; or --onnx); "
+                   "without either, no refiner: streams are refined over time alone (docs/video.md)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1; 0.0.0.0 for other machines)")
     sv.add_argument("--port", type=int, default=50051, help="gRPC port (50051; 0: any free port)")
     device_arg(sv, "auto")

@@ -296,3 +296,34 @@ def test_bad_parameters_and_input_are_errors_naming_the_field(call, field):
         call()
     assert e.value.field == field
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("with_ids", [True, False])
+def test_the_stream_gives_what_the_causal_refinement_of_the_whole_video_gives(with_ids):
+    from posefix.temporal.stream import TemporalStream
+
+    rng = np.random.default_rng(12)
+    frames = 40
+    people = [_person(rng, frames) + np.cumsum(rng.normal(0, 3, (frames, 1, 2)), 0) + [dx, 0]
+              for dx in (0.0, 300.0)]
+    frame, track, kp = [], [], []
+    for f in range(frames):
+        for n, p in enumerate(people):
+            if n == 1 and 10 <= f < 13:  # the second person missing for 3 frames
+                continue
+            pose = np.concatenate([p[f] + rng.normal(0, 2, (17, 2)), rng.uniform(0.05, 1, (17, 1))], -1)
+            pose[rng.random(17) < 0.1, 2] = 0  # joints not reported
+            frame.append(f)
+            track.append(n + 5 if with_ids else 0)
+            kp.append(pose)
+    frame, track, kp = np.array(frame), np.array(track), np.array(kp)
+    whole = refine_poses(kp, make_smoother("body"), frame=frame, track=track, causal=True)
+    stream = TemporalStream(make_smoother("body"))
+    for f in range(frames):
+        rows = np.flatnonzero(frame == f)
+        got = stream.step(kp[rows], track[rows])
+        np.testing.assert_array_equal(got.track, whole.track[rows])
+        np.testing.assert_allclose(got.xy, whole.xy[rows], atol=1e-9)
+        np.testing.assert_allclose(got.score, whole.score[rows], atol=1e-12)
+        np.testing.assert_array_equal(got.filled, whole.filled[rows])
+        np.testing.assert_array_equal(got.corrected, whole.corrected[rows])

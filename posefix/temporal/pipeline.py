@@ -27,67 +27,82 @@ def _similarity(pred_xy, pred_present, pred_scale, xy, present):
     return np.where(n > 0, e.sum(-1) / np.maximum(n, 1), 0.0)
 
 
+class Associator:
+    """Online association of one video's persons that carry no track id, frame by frame (:meth:`step`): each
+    frame's persons are matched (Hungarian, on keypoint similarity) to the tracks' poses predicted at their
+    whole-body velocity; a track unseen for more than ``max_gap`` frames ends; an unmatched person starts a
+    track. Ids count from ``first_id``."""
+
+    def __init__(self, max_gap: int = 5, min_similarity: float = ASSOCIATION_MIN_SIMILARITY, first_id: int = 1):
+        self.max_gap, self.min_similarity, self.next_id = max_gap, min_similarity, first_id
+        # active tracks: id, last frame, last xy, velocity per frame, present, scale
+        self.t_id: list[int] = []
+        self.t_last: list[int] = []
+        self.t_xy: list[np.ndarray] = []
+        self.t_vel: list[np.ndarray] = []
+        self.t_pres: list[np.ndarray] = []
+        self.t_scale: list[float] = []
+
+    def step(self, f: int, keypoints: np.ndarray) -> np.ndarray:
+        """Track ids (P,) of frame ``f``'s persons (P, 17, 3); frames in increasing order."""
+        from scipy.optimize import linear_sum_assignment
+
+        present = keypoints[..., 2] > 0
+        xy = keypoints[..., :2]
+        scale = frame_scale(xy, present)
+        scale = np.where(np.isfinite(scale), scale, 1.0)
+        alive = [i for i in range(len(self.t_id)) if f - self.t_last[i] <= self.max_gap + 1]
+        self.t_id, self.t_last, self.t_xy, self.t_vel, self.t_pres, self.t_scale = (
+            [lst[i] for i in alive] for lst in (self.t_id, self.t_last, self.t_xy, self.t_vel, self.t_pres,
+                                                self.t_scale))
+        match = {}
+        if self.t_id and len(keypoints):
+            dt = np.array([f - tl for tl in self.t_last], dtype=np.float64)
+            pred = np.stack(self.t_xy) + np.stack(self.t_vel) * dt[:, None, None]
+            sim = _similarity(pred, np.stack(self.t_pres), np.array(self.t_scale), xy, present)
+            rows, cols = linear_sum_assignment(-sim)
+            for r, c in zip(rows, cols):
+                if sim[r, c] >= self.min_similarity:
+                    match[int(c)] = int(r)
+        ids = np.zeros(len(keypoints), dtype=np.int64)
+        for c in range(len(keypoints)):
+            if c in match:
+                r = match[c]
+                both = self.t_pres[r] & present[c]
+                step = max(f - self.t_last[r], 1)
+                vel = (xy[c] - self.t_xy[r]) / step
+                # the whole-body velocity: the joints' median, robust to one joint's jump
+                v = np.median(vel[both], axis=0) if both.any() else np.zeros(2)
+                self.t_vel[r] = np.broadcast_to(v, (NUM_KEYPOINTS, 2)).copy()
+                self.t_xy[r] = np.where(present[c][:, None], xy[c], self.t_xy[r] + self.t_vel[r] * step)
+                self.t_pres[r] = self.t_pres[r] | present[c]
+                self.t_last[r], self.t_scale[r] = f, float(scale[c])
+                ids[c] = self.t_id[r]
+            else:
+                ids[c] = self.next_id
+                self.t_id.append(self.next_id)
+                self.t_last.append(f)
+                self.t_xy.append(xy[c].copy())
+                self.t_vel.append(np.zeros((NUM_KEYPOINTS, 2)))
+                self.t_pres.append(present[c].copy())
+                self.t_scale.append(float(scale[c]))
+                self.next_id += 1
+        return ids
+
+
 def associate(frame: np.ndarray, keypoints: np.ndarray, max_gap: int = 5,
               min_similarity: float = ASSOCIATION_MIN_SIMILARITY, first_id: int = 1) -> np.ndarray:
-    """Track ids (P,) for the persons of one video that carry none, in frame order: each frame's persons are
-    matched (Hungarian, on keypoint similarity) to the tracks' poses predicted at constant velocity; a track
-    unseen for more than ``max_gap`` frames ends; an unmatched person starts a track. Ids count from
-    ``first_id``."""
-    from scipy.optimize import linear_sum_assignment
-
+    """Track ids (P,) for the persons of one video that carry none (:class:`Associator`, in frame order; the
+    persons of a frame in their given order)."""
     frame = np.asarray(frame, dtype=np.int64)
     ids = np.zeros(len(frame), dtype=np.int64)
     if not len(frame):
         return ids
-    present = keypoints[..., 2] > 0
-    xy = keypoints[..., :2]
-    scale = frame_scale(xy, present)
-    scale = np.where(np.isfinite(scale), scale, 1.0)
-    # active tracks: id, last frame, last xy, velocity per frame, present, scale
-    t_id: list[int] = []
-    t_last: list[int] = []
-    t_xy: list[np.ndarray] = []
-    t_vel: list[np.ndarray] = []
-    t_pres: list[np.ndarray] = []
-    t_scale: list[float] = []
-    next_id = first_id
+    a = Associator(max_gap, min_similarity, first_id)
     order = np.argsort(frame, kind="stable")
     bounds = np.flatnonzero(np.diff(frame[order])) + 1
     for group in np.split(order, bounds):
-        f = int(frame[group[0]])
-        alive = [i for i in range(len(t_id)) if f - t_last[i] <= max_gap + 1]
-        t_id, t_last, t_xy, t_vel, t_pres, t_scale = ([lst[i] for i in alive] for lst in
-                                                       (t_id, t_last, t_xy, t_vel, t_pres, t_scale))
-        match = {}
-        if t_id:
-            dt = np.array([f - tl for tl in t_last], dtype=np.float64)
-            pred = np.stack(t_xy) + np.stack(t_vel) * dt[:, None, None]
-            sim = _similarity(pred, np.stack(t_pres), np.array(t_scale), xy[group], present[group])
-            rows, cols = linear_sum_assignment(-sim)
-            for r, c in zip(rows, cols):
-                if sim[r, c] >= min_similarity:
-                    match[int(c)] = int(r)
-        for c, p in enumerate(group):
-            if c in match:
-                r = match[c]
-                both = t_pres[r] & present[p]
-                vel = np.where(both[:, None], (xy[p] - t_xy[r]) / max(f - t_last[r], 1), t_vel[r])
-                # the whole-body velocity: joints' mean, robust to one joint's jump
-                v = np.median(vel[both], axis=0) if both.any() else np.zeros(2)
-                t_vel[r] = np.broadcast_to(v, (NUM_KEYPOINTS, 2)).copy()
-                t_xy[r] = np.where(present[p][:, None], xy[p], t_xy[r] + t_vel[r] * (f - t_last[r]))
-                t_pres[r] = t_pres[r] | present[p]
-                t_last[r], t_scale[r] = f, float(scale[p])
-                ids[p] = t_id[r]
-            else:
-                ids[p] = next_id
-                t_id.append(next_id)
-                t_last.append(f)
-                t_xy.append(xy[p].copy())
-                t_vel.append(np.zeros((NUM_KEYPOINTS, 2)))
-                t_pres.append(present[p].copy())
-                t_scale.append(float(scale[p]))
-                next_id += 1
+        ids[group] = a.step(int(frame[group[0]]), keypoints[group])
     return ids
 
 
