@@ -157,27 +157,37 @@ def adaptive_poly(y: np.ndarray, w: np.ndarray, sizes: tuple[int, ...], degree: 
     hi = np.full(y.shape, np.inf)
     alive = np.ones(w.shape, dtype=bool)
     for size in sorted(sizes):
-        offsets = range(-(size - 1), 1) if causal else range(-(size // 2), size // 2 + 1)
+        offsets = range(-(size - 1), 1) if causal else range(0, size // 2 + 1)
         for k in offsets:
             if k in done:
                 continue
             done.add(k)
             wk = wp[..., before + k:before + k + t, :]
             yk = yp[..., before + k:before + k + t, :, :]
+            if causal or k == 0:
+                for m in range(2 * degree + 1):
+                    s[m] += wk * float(k) ** m
+                for m in range(degree + 1):
+                    b[m] += yk * float(k) ** m
+                continue
+            # offline, the offsets ±k together: even powers take the sum, odd ones the difference
+            wn = wp[..., before - k:before - k + t, :]
+            yn = yp[..., before - k:before - k + t, :, :]
+            ws, wd = wk + wn, wk - wn
+            ys, yd = yk + yn, yk - yn
             for m in range(2 * degree + 1):
-                s[m] += wk * float(k) ** m
+                s[m] += (ws if m % 2 == 0 else wd) * float(k) ** m
             for m in range(degree + 1):
-                b[m] += yk * float(k) ** m
+                b[m] += (ys if m % 2 == 0 else yd) * float(k) ** m
         est, var = _solve(s, b, min(degree, max(size - 1, 0) if causal else min(degree, size - 1)))
-        valid = np.isfinite(var) & (var > 0)
-        sd = gamma * np.sqrt(np.where(valid, var, 0.0))[..., None]
         with np.errstate(invalid="ignore"):
-            nlo = np.where(valid[..., None], np.maximum(lo, est - sd), lo)
-            nhi = np.where(valid[..., None], np.minimum(hi, est + sd), hi)
-        alive &= (nlo <= nhi).all(-1)
-        take = alive & valid
-        out = np.where(take[..., None], est, out)
-        lo, hi = nlo, nhi
+            valid = var > 0  # NaN: the window does not determine the fit
+            sd = gamma * np.sqrt(var)[..., None]
+            # NaN bounds (no fit) leave the intersection as it was: fmax / fmin ignore them
+            np.fmax(lo, est - sd, out=lo)
+            np.fmin(hi, est + sd, out=hi)
+        alive &= (lo <= hi).all(-1)
+        np.copyto(out, est, where=(alive & valid)[..., None])
     return out
 
 
