@@ -157,7 +157,7 @@ def adaptive_poly(y: np.ndarray, w: np.ndarray, sizes: tuple[int, ...], degree: 
     hi = np.full(y.shape, np.inf)
     alive = np.ones(w.shape, dtype=bool)
     for size in sorted(sizes):
-        offsets = range(-(size - 1), 1) if causal else range(0, size // 2 + 1)
+        offsets = range(-(size - 1), 1) if causal else range(size // 2 + 1)
         for k in offsets:
             if k in done:
                 continue
