@@ -127,6 +127,10 @@ def metrics(gt, kind_of, results, kinds=KINDS):
     for k in ("all",) + tuple(kinds):
         imgs = [i["id"] for i in gt["images"] if k == "all" or kind_of[i["id"] // 1000] == k]
         ap = 0.0
+        if not imgs:
+            out[k] = {"AP": float("nan"), "OKS": float("nan"), "KS<0.5": float("nan"), "accel": float("nan"),
+                      "accel_med": float("nan")}
+            continue
         if dt is not None:
             with contextlib.redirect_stdout(io.StringIO()):
                 ev = COCOeval(coco, dt, "keypoints")
@@ -136,7 +140,8 @@ def metrics(gt, kind_of, results, kinds=KINDS):
                 ev.summarize()
             ap = max(float(ev.stats[0]), 0.0)
         sel = [r for r in rows if k == "all" or r[0] == k]
-        es = np.concatenate([e for kk, e in acc if k == "all" or kk == k]) if acc else np.zeros(0)
+        chosen = [e for kk, e in acc if k == "all" or kk == k]
+        es = np.concatenate(chosen) if chosen else np.zeros(0)
         out[k] = {"AP": ap, "OKS": float(np.mean([r[1] for r in sel])) if sel else 0.0,
                   "KS<0.5": float(np.concatenate([r[2] for r in sel]).mean()) if sel else 0.0,
                   "accel": float(es.mean()) if len(es) else 0.0, "accel_med": float(np.median(es)) if len(es) else 0.0}
