@@ -148,11 +148,11 @@ def metrics(gt, kind_of, results, kinds=KINDS):
     return out
 
 
-def methods(names):
+def methods(names, weights=None):
     """(row name, function of (video, frame, track, kp) → results) for raw, each smoother and the references."""
     rows = [("raw", lambda v, f, t, kp: to_results(v, f, t, kp[..., :2], kp[..., 2]))]
     for name in names:
-        smoother = make_smoother(name)
+        smoother = make_smoother(name, weights=weights)
         for causal in (True, False):
             def run(v, f, t, kp, smoother=smoother, causal=causal):
                 r = refine_poses(kp, smoother, video=v, frame=f, track=t, causal=causal)
@@ -165,7 +165,7 @@ def methods(names):
     return rows
 
 
-def speed(names, persons: int = 20_000, seed: int = 0):
+def speed(names, persons: int = 20_000, seed: int = 0, weights=None):
     """Person-frames/s of each smoother's whole refinement (given track ids, offline and causal) on one core."""
     rng = np.random.default_rng(seed)
     tracks, frames = persons // 100, 100
@@ -177,7 +177,7 @@ def speed(names, persons: int = 20_000, seed: int = 0):
     kp = kp.reshape(-1, 17, 3)
     out = {}
     for name in names:
-        sm = make_smoother(name)
+        sm = make_smoother(name, weights=weights)
         for causal in (False, True):
             secs = common.timed(lambda sm=sm, causal=causal: refine_poses(kp, sm, video=video, frame=frame,
                                                                            track=track, causal=causal), repeat=2)
@@ -193,6 +193,7 @@ def main(argv=None) -> int:
                     help="measure: the clips at the folder's root; train: train/")
     ap.add_argument("--estimators", nargs="*", default=None, help="estimator files (default: all _coco.json)")
     ap.add_argument("--smoothers", nargs="*", default=None, help="registered smoothers (default: all but none)")
+    ap.add_argument("--temporal-weights", metavar="FILE", help="passed to every smoother's factory as weights=")
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results" / "temporal.json"))
     args = ap.parse_args(argv)
@@ -214,7 +215,7 @@ def main(argv=None) -> int:
         est = file.name.removesuffix("_coco.json")
         v, f, t, kp = results_arrays(json.loads(file.read_text()))
         report["clips"][est] = {}
-        for name, fn in methods(names):
+        for name, fn in methods(names, args.temporal_weights):
             m = metrics(gt, kind, fn(v, f, t, kp))
             report["clips"][est][name] = m
             a = m["all"]
@@ -226,9 +227,9 @@ def main(argv=None) -> int:
     if mocap_dir.is_dir():
         from benchmarks.mocap_clips import mocap_table
 
-        report["mocap"] = mocap_table(mocap_dir, names)
+        report["mocap"] = mocap_table(mocap_dir, names, weights=args.temporal_weights)
     if not args.no_speed:
-        report["speed"] = speed(names)
+        report["speed"] = speed(names, weights=args.temporal_weights)
         print("\n| smoother | person-frames/s (one core) |\n| --- | --- |")
         for k, val in report["speed"].items():
             print(f"| {k} | {val:,.0f} |")

@@ -162,7 +162,7 @@ def lag_frames(out: np.ndarray, gt: np.ndarray, centre: int, half: int = 8) -> f
     return float(arg)
 
 
-def mocap_table(folder, names, seed: int = 0, fastest: int = 5) -> dict:
+def mocap_table(folder, names, seed: int = 0, fastest: int = 5, weights=None) -> dict:
     """Per clip and smoother (causal / offline), with the raw output: the lag (frames) on the ``fastest`` joint
     motions (mean and worst), the acceleration error and the mean error, in % of the person's size."""
     from posefix.temporal import make_smoother, refine_poses
@@ -188,7 +188,7 @@ def mocap_table(folder, names, seed: int = 0, fastest: int = 5) -> dict:
             if name is None:
                 out = noisy[..., :2]
             else:
-                out = refine_poses(noisy, make_smoother(name), frame=frame, track=np.ones(len(gt), np.int64),
+                out = refine_poses(noisy, make_smoother(name, weights=weights), frame=frame, track=np.ones(len(gt), np.int64),
                                    causal=causal).xy
             lags = [lag_frames(out[:, j], gt[:, j, :2], c) for _, c, j in peaks]
             a_o = out[2:] - 2 * out[1:-1] + out[:-2]

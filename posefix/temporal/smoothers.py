@@ -8,10 +8,11 @@ joint that is not present there is not used. A smoother whose ``batched`` attrib
 number of leading track dimensions ((N, T, 17, 2) ...), and the pipeline then calls it once for all tracks.
 
 :data:`SMOOTHERS` maps a name to a factory ``make(**options) -> smoother``; ``posefix refine-video
---smoother NAME``, the stream and ``benchmarks/bench_temporal.py`` list it, so a smoother registered here
-appears in each of them. Options the command line passes to every factory: ``weights`` (the path given as
+--smoother NAME``, the stream (StreamOptions.temporal.smoother) and ``benchmarks/bench_temporal.py`` list it,
+so a smoother registered here (in this dict, at import; a factory may import its module lazily) appears in
+each of them. Options the command line and the benchmark pass to every factory: ``weights`` (the path given as
 ``--temporal-weights``, None when not given; a factory that needs none ignores it). A factory raises
-:class:`posefix.errors.InputError` naming the option for a bad one.
+:class:`posefix.errors.InputError` naming the option (``smoother.NAME``) for a bad one.
 
 The classical smoothers (``body``, the default):
 
