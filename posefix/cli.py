@@ -436,7 +436,7 @@ def cmd_refine_video(args) -> int:
 
         t0 = time.perf_counter()
         c = refine_video_file(args.input, args.out, args.format, args.annotations, args.causal, args.smoother,
-                              args.temporal_weights, args.max_gap, args.max_person_gap)
+                              args.temporal_weights, args.max_gap, args.max_person_gap, args.frame_size)
         print(f"refined {c['persons']} persons in {c['tracks']} tracks over time "
               f"({'causal' if args.causal else 'offline'}, {args.smoother}; {c['filled']} joints filled, "
               f"{c['corrected']} corrected, {c['filled_persons']} persons filled in) in "
@@ -551,6 +551,8 @@ def _temporal_args(parser) -> None:
     parser.add_argument("--max-gap", type=int, default=5, help="fill a joint missing for at most this many frames (5)")
     parser.add_argument("--max-person-gap", type=int, default=0,
                         help="offline, fill a person its track missed for at most this many frames (0)")
+    parser.add_argument("--frame-size", metavar="WxH", help="without --video or --annotations: the frames' size "
+                        "in pixels, for formats with normalised coordinates (MoveNet, BlazePose)")
     parser.add_argument("--temporal", action="store_true",
                         help="with --video: refine the image refiner's output over time as well (without --video "
                              "the temporal refinement is all there is)")

@@ -103,3 +103,27 @@ def test_bad_input_is_a_one_line_error_naming_the_field(tmp_path, capsys, args, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("posefix: error:") and message in err and "\n" not in err
     assert not out.exists()
+
+
+def test_a_movenet_file_with_the_frame_size(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    xy = _walk(rng, 15)
+    entries = [{"image": f, "track_id": 2, "keypoints": [[y / 480, x / 640, 0.6] for x, y in pose.tolist()]}
+               for f, pose in enumerate(xy)]
+    inp, out = tmp_path / "movenet.json", tmp_path / "out.json"
+    inp.write_text(json.dumps(entries))
+    assert main(["refine-video", "--input", str(inp), "--format", "movenet", "--out", str(out)]) == 2
+    assert "entries[0].image: no size" in capsys.readouterr().err
+    assert main(["refine-video", "--input", str(inp), "--format", "movenet", "--out", str(out),
+                 "--frame-size", "640x480"]) == 0
+    res = json.loads(out.read_text())
+    kp = np.concatenate([xy, np.full((15, 17, 1), 0.6)], -1)
+    want = refine_poses(kp, make_smoother("body"), frame=np.arange(15), track=np.full(15, 2))
+    np.testing.assert_allclose(np.array([r["keypoints"] for r in res]).reshape(-1, 17, 3)[..., :2], want.xy,
+                               atol=1e-6)
+    assert [r["source_format"] for r in res] == ["movenet"] * 15
+    # the format's own keypoints, normalised again
+    np.testing.assert_allclose(np.array(res[3]["source_keypoints"])[:, 1] * 640, want.xy[3, :, 0], atol=1e-6)
+    assert main(["refine-video", "--input", str(inp), "--format", "movenet", "--out", str(out),
+                 "--frame-size", "640"]) == 2
+    assert "--frame-size: must be WIDTHxHEIGHT" in capsys.readouterr().err

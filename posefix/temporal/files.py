@@ -168,14 +168,33 @@ def temporal_setup(smoother: str, weights=None, max_gap: int = 5, max_person_gap
         raise InputError("--smoother" if e.field == "smoother" else e.field, e.problem) from None
 
 
+def parse_size(text: str | None, field: str = "--frame-size") -> tuple[int, int] | None:
+    """"WxH" → (W, H) positive integers; None stays None."""
+    if text is None:
+        return None
+    parts = str(text).lower().split("x")
+    try:
+        w, h = (int(v) for v in parts)
+    except ValueError:
+        raise InputError(field, f"must be WIDTHxHEIGHT in pixels, e.g. 640x480, got {text!r}") from None
+    if w < 1 or h < 1:
+        raise InputError(field, f"must be positive, got {text!r}")
+    return w, h
+
+
 def refine_video_file(path, out, fmt: str = "coco", annotations=None, causal: bool = False,
-                      smoother: str = "body", weights=None, max_gap: int = 5, max_person_gap: int = 0) -> dict:
+                      smoother: str = "body", weights=None, max_gap: int = 5, max_person_gap: int = 0,
+                      frame_size: str | None = None) -> dict:
     """``posefix refine-video`` without a video: read, refine over time, write ``out`` atomically. Returns
-    counts: persons, tracks, videos, filled and corrected joints, filled persons."""
+    counts: persons, tracks, videos, filled and corrected joints, filled persons. ``frame_size`` "WxH": every
+    frame's size, for formats with normalised coordinates (without annotations that give it)."""
     from ..fileio import write_json_atomic
+    from ..formats import image_sizes
 
     sm, options = temporal_setup(smoother, weights, max_gap, max_person_gap)
-    poses = read_video_poses(path, fmt, annotations)
+    size = parse_size(frame_size)
+    sizes = image_sizes(path, fmt, size=size) if size is not None else None
+    poses = read_video_poses(path, fmt, annotations, sizes)
     r = refine_file(poses, sm, causal, options)
     results = refined_results(poses, r)
     write_json_atomic(out, results)
