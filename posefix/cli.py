@@ -426,7 +426,24 @@ def cmd_refine_video(args) -> int:
     from .tracking import OneEuroParams
     from .video import VideoWriter, draw_frame, load_poses, probe, refine_video
 
-    _check_outputs(args, ("checkpoint", "onnx", "video", "input"), ("out", "render"))
+    _check_outputs(args, ("checkpoint", "onnx", "video", "input", "annotations", "temporal_weights"),
+                   ("out", "render"))
+    if args.video is None:
+        for name in ("checkpoint", "onnx", "render"):
+            if getattr(args, name):
+                raise InputError(f"--{name}", "needs --video (the image refiner sees the frames)")
+        from .temporal.files import refine_video_file
+
+        t0 = time.perf_counter()
+        c = refine_video_file(args.input, args.out, args.format, args.annotations, args.causal, args.smoother,
+                              args.temporal_weights, args.max_gap, args.max_person_gap, args.frame_size)
+        print(f"refined {c['persons']} persons in {c['tracks']} tracks over time "
+              f"({'causal' if args.causal else 'offline'}, {args.smoother}; {c['filled']} joints filled, "
+              f"{c['corrected']} corrected, {c['filled_persons']} persons filled in) in "
+              f"{time.perf_counter() - t0:.1f} s -> {args.out}")
+        return 0
+    if args.annotations:
+        raise InputError("--annotations", "with --video the poses are one video's frames; leave it out")
     info = probe(args.video)
     poses = load_poses(args.input, args.format, image_sizes(args.input, args.format, size=(info.width, info.height)))
     smoothing = OneEuroParams(args.min_cutoff, args.beta, args.d_cutoff) if args.smooth else None
@@ -454,7 +471,19 @@ def cmd_refine_video(args) -> int:
         writer.close()
     elapsed = time.perf_counter() - t0
     xy, conf, kept, scores = finish(given, poses.est.scores, xy, conf, args.output)
-    write_json_atomic(args.out, write_coco_results(poses.est, xy, conf, scores, poses.frame, kept))
+    results = write_coco_results(poses.est, xy, conf, scores, poses.frame, kept)
+    if args.temporal:  # the temporal refinement of the image refiner's output
+        from .temporal.files import VideoPoseFile, refine_file, refined_results, temporal_setup
+
+        sm, options = temporal_setup(args.smoother, args.temporal_weights, args.max_gap, args.max_person_gap)
+        pf = VideoPoseFile(poses.est, np.zeros(len(poses.frame), dtype=np.int64), poses.frame, poses.track, None)
+        refined = np.concatenate([xy, conf[..., None]], -1)
+        r = refine_file(pf, sm, args.causal, options, keypoints=refined)
+        temporal = refined_results(pf, r, scores, given=refined)
+        for res, tmp in zip(results, temporal):
+            res.update(keypoints=tmp["keypoints"], track_id=tmp["track_id"], keypoint_temporal=tmp["keypoint_temporal"])
+        results += temporal[len(results):]
+    write_json_atomic(args.out, results)
     print(f"refined {len(poses.frame)} persons on {decoded} frames in {elapsed:.1f} s "
           f"({decoded / max(elapsed, 1e-9):.1f} frames/s) -> {args.out}"
           + (f"; video with input (orange) and refined (cyan) poses -> {args.render}" if args.render else ""))
@@ -507,6 +536,26 @@ def cmd_export(args) -> int:
           f"as ONNX opset {args.opset}, {what}, batch {args.batch}, in {time.perf_counter() - t0:.1f} s -> "
           + ", ".join(written))
     return 0
+
+
+def _temporal_args(parser) -> None:
+    from .temporal import DEFAULT_SMOOTHER, SMOOTHERS
+
+    parser.add_argument("--annotations", metavar="FRAMES.json", help="images with id, vid_id and frame_id "
+                        "(PoseTrack): the results' image_ids are its frames, of many videos")
+    parser.add_argument("--causal", action="store_true", help="use only past frames, as the stream does "
+                        "(default: offline, every frame)")
+    parser.add_argument("--smoother", default=DEFAULT_SMOOTHER, choices=sorted(SMOOTHERS),
+                        help=f"the trajectory smoother ({DEFAULT_SMOOTHER})")
+    parser.add_argument("--temporal-weights", metavar="FILE", help="weights for a learned smoother")
+    parser.add_argument("--max-gap", type=int, default=5, help="fill a joint missing for at most this many frames (5)")
+    parser.add_argument("--max-person-gap", type=int, default=0,
+                        help="offline, fill a person its track missed for at most this many frames (0)")
+    parser.add_argument("--frame-size", metavar="WxH", help="without --video or --annotations: the frames' size "
+                        "in pixels, for formats with normalised coordinates (MoveNet, BlazePose)")
+    parser.add_argument("--temporal", action="store_true",
+                        help="with --video: refine the image refiner's output over time as well (without --video "
+                             "the temporal refinement is all there is)")
 
 
 def _backend_args(parser) -> None:
@@ -754,11 +803,14 @@ def build_parser() -> argparse.ArgumentParser:
     allow_outside_images_arg(v)
     v.set_defaults(func=cmd_viz)
 
-    rv = sub.add_parser("refine-video", help="refine an estimator's poses on a video file",
-                        description="Refine per-frame poses of a video (COCO results with image_id = frame index, "
-                                    "or any supported format keyed by frame) and optionally render the result.")
+    rv = sub.add_parser("refine-video", help="refine an estimator's poses over time (and on the video's frames)",
+                        description="Refine per-frame poses of videos over time: tracking, left/right flips and "
+                                    "spikes corrected, short gaps filled, smoothing in units of the person's size "
+                                    "(docs/video.md). Input: COCO results with image_id = frame index (or frames "
+                                    "of --annotations), or any supported format keyed by frame. With --video and "
+                                    "--checkpoint the image refiner runs first; --render draws the result.")
     checkpoint_arg(rv)
-    rv.add_argument("--video", required=True, metavar="IN.mp4")
+    rv.add_argument("--video", metavar="IN.mp4", help="the video, for the image refiner and --render")
     rv.add_argument("--input", required=True, metavar="POSES.json")
     rv.add_argument("--out", required=True, metavar="REFINED.json")
     rv.add_argument("--render", metavar="OUT.mp4", help="also write the video with input and refined skeletons")
@@ -769,6 +821,7 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("--min-cutoff", type=float, default=1.0, help="One-Euro minimum cutoff in Hz (1.0; lower: smoother)")
     rv.add_argument("--beta", type=float, default=0.007, help="One-Euro speed coefficient in 1/px (0.007; higher: less lag)")
     rv.add_argument("--d-cutoff", type=float, default=1.0, help="One-Euro cutoff of the speed estimate in Hz (1.0)")
+    _temporal_args(rv)
     flip_test_arg(rv)
     batch_size_arg(rv)
     device_arg(rv)
@@ -781,7 +834,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="serve refinements over gRPC (posefix.v1.PoseRefiner)",
                         description="Serve the refiner over gRPC until SIGTERM/SIGINT; concurrent calls are batched "
                                     "together on the device. Health, reflection and Prometheus metrics included.")
-    checkpoint_arg(sv, metavar="MODEL.safetensors", help="the refiner's weights (posefix train; or --onnx)")
+    checkpoint_arg(sv, metavar="MODEL.safetensors", help="the refiner's weights (posefix train; or --onnx); "
+                   "without either, no refiner: streams are refined over time alone (docs/video.md)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1; 0.0.0.0 for other machines)")
     sv.add_argument("--port", type=int, default=50051, help="gRPC port (50051; 0: any free port)")
     device_arg(sv, "auto")

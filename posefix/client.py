@@ -103,12 +103,13 @@ class PoseRefinerClient:
 
     def refine_stream(self, frames: Iterable[tuple], format: str | int = "coco17", *, follow_tracks: bool = False,
                       smoothing: dict | None = None, frame_rate_hz: float | None = None,
-                      timeout: float | None = None) -> Iterator[np.ndarray]:
+                      temporal: dict | None = None, timeout: float | None = None) -> Iterator[np.ndarray]:
         """Refine the frames of a video in order over one stream; yields each frame's (P, Kf, 3).
 
         frames: (image, persons (P, Kf, 3), track_ids (P,) or None[, timestamp_us]) per frame.
         smoothing: One-Euro parameters {"min_cutoff_hz", "beta", "d_cutoff_hz"} ({} for the defaults;
-        None: no smoothing). ``timeout`` bounds the whole stream (default: none).
+        None: no smoothing). temporal: the temporal refinement {"smoother", "max_gap"} ({} for the defaults;
+        None: none, unless the server has no refiner). ``timeout`` bounds the whole stream (default: none).
         """
         def requests():
             for n, frame in enumerate(frames):
@@ -121,6 +122,8 @@ class PoseRefinerClient:
                         options.smoothing.CopyFrom(pb2.OneEuroFilter(**smoothing))
                     if frame_rate_hz is not None:
                         options.frame_rate_hz = frame_rate_hz
+                    if temporal is not None:
+                        options.temporal.CopyFrom(pb2.TemporalOptions(**temporal))
                     message.options.CopyFrom(options)
                 yield message
 

@@ -82,6 +82,25 @@ def test_follow_and_smooth_run_and_change_the_result(clip):
     assert a.shape == b.shape and np.abs(a - b).max() > 0.1
 
 
+def test_temporal_refinement_follows_the_image_refiner(clip):
+    """--temporal: the image refiner's output, refined over time as refine-video refines a file without --video."""
+    from posefix.temporal import make_smoother, refine_poses
+
+    d, _ = clip
+    common = ["--checkpoint", str(d / "model.safetensors"), "--video", str(d / "clip.mp4"), "--input",
+              str(d / "poses.json"), "--quiet"]
+    assert main(["refine-video", *common, "--out", str(d / "image.json")]) == 0
+    assert main(["refine-video", *common, "--out", str(d / "both.json"), "--temporal"]) == 0
+    image = json.loads((d / "image.json").read_text())
+    both = json.loads((d / "both.json").read_text())
+    kp = np.array([r["keypoints"] for r in image]).reshape(-1, 17, 3)
+    want = refine_poses(kp, make_smoother("body"), frame=np.array([r["image_id"] for r in image]),
+                        track=np.array([r["track_id"] for r in image]))
+    got = np.array([r["keypoints"] for r in both]).reshape(-1, 17, 3)
+    np.testing.assert_allclose(got[..., :2], want.xy, atol=1e-6)
+    assert all(len(r["keypoint_temporal"]) == 17 for r in both)
+
+
 # (follow, One-Euro parameters or None) of each case: the stream's options, and refine-video's flags
 STREAMED = {"each frame alone": (False, None), "follow": (True, None),
             "smooth": (False, {"min_cutoff_hz": 0.5, "beta": 0.01, "d_cutoff_hz": 1.0}),

@@ -155,7 +155,8 @@ def create_server(refiner: RefinerLike, host: str = "127.0.0.1", port: int = 0, 
         ("grpc.so_reuseport", 0),
     ])
     info = model_info(refiner, limits, batcher, model_version, index)
-    add_servicer(PoseRefinerServicer(batcher, info, limits, metrics, decoder, refiner.stage, max_pinned_bytes, index),
+    add_servicer(PoseRefinerServicer(batcher, info, limits, metrics, decoder, refiner.stage, max_pinned_bytes, index,
+                                     temporal_by_default=getattr(refiner, "temporal_only", False)),
                  server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -237,6 +238,37 @@ class ServeOptions:
     provider: str | None = None
 
 
+class NoRefiner:
+    """What a server started without a checkpoint refines with: every joint as given, its score as confidence.
+    Its streams refine over time (``temporal_only``: StreamOptions.temporal is on by default)."""
+
+    temporal_only = True
+    flip_test = False
+    backend = "none"
+    keeps_every_input = True
+
+    def __init__(self, batch_size: int = 64):
+        from types import SimpleNamespace
+
+        self.cfg = SimpleNamespace(input_size=(0, 0), backbone="none")  # what GetModelInfo reads
+        self.device = torch.device("cpu")
+        self.batch_size = batch_size
+
+    def describe(self) -> str:
+        return "none (no refiner: temporal refinement only)"
+
+    def stage(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def refine(self, images, image_index, poses, crop_poses=None):
+        poses = np.asarray(poses, dtype=np.float64)
+        return poses[..., :2].copy(), poses[..., 2].copy()
+
+    def refine_parts(self, images, image_index, poses, crop_poses=None):
+        xy, conf = self.refine(images, image_index, poses, crop_poses)
+        return xy, conf, conf.copy()
+
+
 def serve_main(options: ServeOptions) -> int:
     """``posefix serve``: load the checkpoint, warm the model up and serve until SIGTERM/SIGINT. Bad values
     raise InputError naming the option."""
@@ -252,6 +284,14 @@ def serve_main(options: ServeOptions) -> int:
         if not (math.isfinite(value) and value >= 0):
             raise InputError(name, f"must be >= 0 seconds, got {value}")
     index = PoseIndex.load(o.index, "--index") if o.index else None
+    if o.checkpoint is None and o.onnx is None:
+        print("posefix serve: note: no --checkpoint: RefinePose gives the input back; RefinePoseStream refines "
+              "over time (docs/video.md)", file=sys.stderr, flush=True)
+        serve(NoRefiner(o.max_batch_size), o.host, o.port, grace_s=o.grace_s, drain_s=o.drain_s,
+              max_batch_size=o.max_batch_size, max_queue_delay_ms=o.max_queue_delay_ms,
+              max_queue_size=o.max_queue_size, metrics_port=o.metrics_port, index=index, model_version="",
+              max_queue_wait_s=o.max_queue_wait_s)
+        return 0
     refiner = Refiner.from_checkpoint(o.checkpoint, device, batch_size=o.max_batch_size, flip_test=o.flip_test,
                                       precision=o.precision, channels_last=o.channels_last, output=o.output,
                                       choice_margin=o.choice_margin, backend=o.backend, onnx=o.onnx,

@@ -54,7 +54,8 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
 
     def __init__(self, batcher: DynamicBatcher, model_info: pb2.ModelInfo, limits: Limits, metrics: Metrics,
                  decoder: ThreadPoolExecutor, stage: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 max_pinned_bytes: int = 0, index=None):
+                 max_pinned_bytes: int = 0, index=None, temporal_by_default: bool = False):
+        self.temporal_by_default = temporal_by_default  # a server without a refiner: streams refine over time
         self.stage = stage
         self.pinned = PinnedBudget(max_pinned_bytes)
         self.batcher = batcher
@@ -160,7 +161,8 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
                 try:
                     message = await self._parse(pb2.RefinePoseStreamRequest, message)
                     if index == 0:
-                        video = VideoState(message.options if message.HasField("options") else None)
+                        video = VideoState(message.options if message.HasField("options") else None,
+                                           self.temporal_by_default)
                     elif message.HasField("options"):
                         raise InputError("options", "only the stream's first message may carry options")
                     t = video.clock(message.timestamp_us)
@@ -175,6 +177,10 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
                 xy, conf = await self.refine(job.image, coco, context, crop)
                 kept = kept_input(job.coco, xy)  # before smoothing, which moves kept joints too
                 xy = video.tracks.update(tracks, coco, xy, conf, t)
+                if video.temporal is not None:  # over time, causally: what refine-video --causal gives
+                    step = video.temporal.step(np.concatenate([xy, conf[..., None]], -1), tracks)
+                    xy, conf = step.xy, step.score
+                    kept = kept_input(job.coco, xy)
                 result = build_response(message.frame, job.layout, job.native, xy, conf, kept)
                 self.metrics.frames.inc()
                 self.metrics.latency.labels(method).observe(time.perf_counter() - t0)

@@ -1,5 +1,6 @@
 """What a RefinePoseStream carries from frame to frame (:class:`VideoState`): its options, validated, its
-clock and its tracks (:class:`posefix.tracking.Tracks`, shared with ``posefix refine-video``).
+clock, its tracks (:class:`posefix.tracking.Tracks`, shared with ``posefix refine-video``) and its temporal
+refinement (:class:`posefix.temporal.stream.TemporalStream`, what ``posefix refine-video --causal`` gives).
 
 Glossary: P persons of a frame, K = 17 COCO joints; times in seconds; track id 0 = untracked.
 """
@@ -19,7 +20,7 @@ class VideoState:
     :class:`posefix.tracking.Tracks` of ``posefix refine-video`` (previous refined pose for follow_tracks: the
     poses to refine and to crop around; One-Euro smoothing)."""
 
-    def __init__(self, options: pb2.StreamOptions | None):
+    def __init__(self, options: pb2.StreamOptions | None, temporal_by_default: bool = False):
         options = options or pb2.StreamOptions()
         self.frame_rate = options.frame_rate_hz if options.HasField("frame_rate_hz") else 30.0
         lo, hi = FRAME_RATE_HZ
@@ -34,6 +35,9 @@ class VideoState:
             except InputError as e:
                 raise InputError(f"options.{e.field}", e.problem) from None
         self.tracks = Tracks(options.follow_tracks, smoothing)
+        self.temporal = None  # posefix.temporal's causal refinement, where asked for (or the server has no refiner)
+        if options.HasField("temporal") or temporal_by_default:
+            self.temporal = temporal_stream(options.temporal)
         self.period = Fraction(1 / self.frame_rate)
         self.t: Fraction | None = None  # the previous frame's time, seconds, exact
 
@@ -53,3 +57,21 @@ class VideoState:
     @staticmethod
     def track_ids(persons) -> list[int]:
         return Tracks.check_ids([p.track_id for p in persons])
+
+
+def temporal_stream(t: pb2.TemporalOptions):
+    """The :class:`posefix.temporal.stream.TemporalStream` of StreamOptions.temporal; bad values are InputErrors
+    naming their field."""
+    from ..temporal import DEFAULT_SMOOTHER, TemporalOptions, make_smoother
+    from ..temporal.stream import TemporalStream
+
+    name = t.smoother or DEFAULT_SMOOTHER
+    try:
+        options = TemporalOptions(max_gap=t.max_gap if t.HasField("max_gap") else TemporalOptions.max_gap)
+    except InputError as e:
+        raise InputError("options.temporal." + e.field.split(".")[-1], e.problem) from None
+    try:
+        smoother = make_smoother(name)
+    except InputError as e:
+        raise InputError("options.temporal.smoother", e.problem) from None
+    return TemporalStream(smoother, options)

@@ -127,14 +127,24 @@ class OneEuroFilter(_message.Message):
     def __init__(self, min_cutoff_hz: _Optional[float] = ..., beta: _Optional[float] = ..., d_cutoff_hz: _Optional[float] = ...) -> None: ...
 
 class StreamOptions(_message.Message):
-    __slots__ = ("follow_tracks", "smoothing", "frame_rate_hz")
+    __slots__ = ("follow_tracks", "smoothing", "frame_rate_hz", "temporal")
     FOLLOW_TRACKS_FIELD_NUMBER: _ClassVar[int]
     SMOOTHING_FIELD_NUMBER: _ClassVar[int]
     FRAME_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
+    TEMPORAL_FIELD_NUMBER: _ClassVar[int]
     follow_tracks: bool
     smoothing: OneEuroFilter
     frame_rate_hz: float
-    def __init__(self, follow_tracks: _Optional[bool] = ..., smoothing: _Optional[_Union[OneEuroFilter, _Mapping]] = ..., frame_rate_hz: _Optional[float] = ...) -> None: ...
+    temporal: TemporalOptions
+    def __init__(self, follow_tracks: _Optional[bool] = ..., smoothing: _Optional[_Union[OneEuroFilter, _Mapping]] = ..., frame_rate_hz: _Optional[float] = ..., temporal: _Optional[_Union[TemporalOptions, _Mapping]] = ...) -> None: ...
+
+class TemporalOptions(_message.Message):
+    __slots__ = ("smoother", "max_gap")
+    SMOOTHER_FIELD_NUMBER: _ClassVar[int]
+    MAX_GAP_FIELD_NUMBER: _ClassVar[int]
+    smoother: str
+    max_gap: int
+    def __init__(self, smoother: _Optional[str] = ..., max_gap: _Optional[int] = ...) -> None: ...
 
 class RefinePoseStreamRequest(_message.Message):
     __slots__ = ("options", "frame", "timestamp_us")

@@ -1,0 +1,350 @@
+"""Trajectory smoothers: the registry :data:`SMOOTHERS` and the classical ones.
+
+A smoother is a callable ``smoother(xy, score, present, scale, causal) -> xy_out`` over one track's arrays:
+xy float64 (T, 17, 2) pixels, score float64 (T, 17), present bool (T, 17) (the joint is reported there, or
+filled), scale float64 (T,) the person's size in pixels (:func:`posefix.temporal.person_scale`), causal: each
+output frame may use only that frame and earlier ones. It returns xy_out (T, 17, 2); a frame's output for a
+joint that is not present there is not used. A smoother whose ``batched`` attribute is true also takes any
+number of leading track dimensions ((N, T, 17, 2) ...), and the pipeline then calls it once for all tracks.
+
+:data:`SMOOTHERS` maps a name to a factory ``make(**options) -> smoother``; ``posefix refine-video
+--smoother NAME``, the stream (StreamOptions.temporal.smoother) and ``benchmarks/bench_temporal.py`` list it,
+so a smoother registered here (in this dict, at import; a factory may import its module lazily) appears in
+each of them. Options the command line and the benchmark pass to every factory: ``weights`` (the path given as
+``--temporal-weights``, None when not given; a factory that needs none ignores it). A factory raises
+:class:`posefix.errors.InputError` naming the option (``smoother.NAME``) for a bad one.
+
+The classical smoothers (``body``, the default):
+
+- ``body``: the person's per-frame whole-body motion (a score-weighted mean of its joints relative to their
+  smoothed articulated positions, so a joint that goes missing does not move it) is separated from the
+  articulated residual of each joint. The residual changes slowly even when the camera pans fast; it is
+  smoothed by a score-weighted local polynomial (quadratic offline, linear causal: both exact on constant
+  velocity, so a steadily moving joint has no lag) over ``window`` frames. The whole-body motion, averaged
+  over the joints already, is smoothed over ``centre_window`` frames (1: not at all).
+- ``sg9``, ``ma9``: plain per-joint references (Savitzky–Golay window 9, order 2; centred moving average over
+  9 frames; causal: a one-sided linear fit, a trailing average).
+- ``none``: the input unchanged.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ..errors import InputError
+
+Smoother = Callable[..., np.ndarray]
+
+
+def _shift(padded: np.ndarray, pad: int, k: int, t: int) -> np.ndarray:
+    """padded along axis -3 by ``pad`` zeros before and after; the view whose frame i is the original i + k."""
+    return padded[..., pad + k:pad + k + t, :, :]
+
+
+def local_poly(y: np.ndarray, w: np.ndarray, offsets: range, degree: int, kernel: str = "tricube") -> np.ndarray:
+    """Weighted local polynomial fit, evaluated at each frame: y (..., T, J, C), w (..., T, J) observation
+    weights (0 = not observed). For frame t the polynomial of ``degree`` (0, 1 or 2) in u = k / h minimises
+    sum over k in ``offsets`` of kernel(k) · w[t + k] · (y[t + k] − p(u))², and p(0) is returned. Where the
+    window holds too few observations for the degree, the next lower degree is used; where none, y itself."""
+    t = y.shape[-3]
+    h = max(abs(offsets.start), abs(offsets.stop - 1), 1)
+    pad = h
+    widths = [(0, 0)] * y.ndim
+    widths[-3] = (pad, pad)
+    yp = np.pad(y * w[..., None], widths)
+    wp = np.pad(w, widths[:-1])
+    s = [np.zeros(w.shape) for _ in range(2 * degree + 1)]
+    b = [np.zeros(y.shape) for _ in range(degree + 1)]
+    for k in offsets:
+        u = k / h
+        if kernel == "tricube":
+            kw = (1.0 - (abs(k) / (h + 1)) ** 3) ** 3
+        else:
+            kw = 1.0
+        wk = kw * wp[..., pad + k:pad + k + t, :]
+        yk = kw * _shift(yp, pad, k, t)
+        for m in range(2 * degree + 1):
+            s[m] += wk * u ** m
+        for m in range(degree + 1):
+            b[m] += yk * u ** m
+    out = y.copy()
+    s0 = s[0]
+    has = s0 > 1e-12
+    out[has] = (b[0][has] / s0[has][..., None])
+    if degree >= 1:
+        det1 = s[0] * s[2] - s[1] ** 2
+        ok1 = det1 > 1e-6 * np.maximum(s[0] * s[2], 1e-300)
+        a1 = (s[2][..., None] * b[0] - s[1][..., None] * b[1]) / np.where(ok1, det1, 1.0)[..., None]
+        out = np.where(ok1[..., None], a1, out)
+    if degree >= 2:
+        s0, s1, s2, s3, s4 = s
+        det2 = s0 * (s2 * s4 - s3 * s3) - s1 * (s1 * s4 - s3 * s2) + s2 * (s1 * s3 - s2 * s2)
+        ok2 = det2 > 1e-6 * np.maximum(s0 * s2 * s4, 1e-300)
+        c0 = (s2 * s4 - s3 * s3)[..., None]
+        c1 = (s2 * s3 - s1 * s4)[..., None]
+        c2 = (s1 * s3 - s2 * s2)[..., None]
+        a2 = (c0 * b[0] + c1 * b[1] + c2 * b[2]) / np.where(ok2, det2, 1.0)[..., None]
+        out = np.where(ok2[..., None], a2, out)
+    return out
+
+
+def _check_int(options: dict, name: str, default: int, lo: int, hi: int) -> int:
+    value = options.get(name, default)
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not lo <= value <= hi:
+        raise InputError(f"smoother.{name}", f"must be an integer in [{lo}, {hi}], got {value!r}")
+    return int(value)
+
+
+def _check_float(options: dict, name: str, default: float, lo: float, hi: float) -> float:
+    value = options.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+            or not lo <= float(value) <= hi:  # NaN included
+        raise InputError(f"smoother.{name}", f"must be a number in [{lo:g}, {hi:g}], got {value!r}")
+    return float(value)
+
+
+def _unknown(options: dict, known: set[str]) -> None:
+    for name in options:
+        if name not in known | {"weights"}:
+            raise InputError(f"smoother.{name}", f"unknown option; known: {sorted(known)}")
+
+
+def observation_weight(score: np.ndarray, present: np.ndarray, floor: float) -> np.ndarray:
+    """A joint's weight in a fit: its score (clipped to [floor, 1]) where present, else 0."""
+    return np.where(present, np.clip(score, floor, 1.0), 0.0)
+
+
+def _solve(s, b, degree):
+    """The fitted value at offset 0 and its variance factor for moments s (2·degree + 1 of them) and b; NaN
+    where the window's observations do not determine the polynomial."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if degree == 0:
+            ok = s[0] > 0
+            return b[0] / s[0][..., None], np.where(ok, 1.0 / s[0], np.nan)
+        if degree == 1:
+            det = s[0] * s[2] - s[1] ** 2
+            ok = det > 1e-9 * np.maximum(s[0] * s[2], 1e-300)
+            det = np.where(ok, det, np.nan)
+            return (s[2][..., None] * b[0] - s[1][..., None] * b[1]) / det[..., None], s[2] / det
+        s0, s1, s2, s3, s4 = s
+        c0, c1, c2 = s2 * s4 - s3 * s3, s2 * s3 - s1 * s4, s1 * s3 - s2 * s2
+        det = s0 * c0 + s1 * c1 + s2 * c2
+        ok = det > 1e-9 * np.maximum(s0 * s2 * s4, 1e-300)
+        det = np.where(ok, det, np.nan)
+        return (c0[..., None] * b[0] + c1[..., None] * b[1] + c2[..., None] * b[2]) / det[..., None], c0 / det
+
+
+def adaptive_poly(y: np.ndarray, w: np.ndarray, sizes: tuple[int, ...], degree: int, causal: bool,
+                  gamma: float) -> np.ndarray:
+    """A local polynomial fit whose window adapts to the data (the intersection of confidence intervals rule,
+    Goldenshluger & Nemirovski 1997; Katkovnik 1999): y (..., T, J, C), w (..., T, J) inverse noise variances
+    (0 = not observed). For each frame the fits over windows of increasing ``sizes`` (offline centred on the
+    frame, odd sizes; causal ending at it) give estimates ± ``gamma`` standard deviations; the largest window
+    whose interval meets those of all smaller ones is used. Where no window determines a fit, y is kept."""
+    t = y.shape[-3]
+    reach = max(sizes)
+    before = reach - 1 if causal else reach // 2
+    after = 0 if causal else reach // 2
+    widths = [(0, 0)] * y.ndim
+    widths[-3] = (before, after)
+    yp = np.pad(y * w[..., None], widths)
+    wp = np.pad(w, widths[:-1])
+    s = [np.zeros(w.shape) for _ in range(2 * degree + 1)]
+    b = [np.zeros(y.shape) for _ in range(degree + 1)]
+    done: set[int] = set()
+    out = y.copy()
+    lo = np.full(y.shape, -np.inf)
+    hi = np.full(y.shape, np.inf)
+    alive = np.ones(w.shape, dtype=bool)
+    for size in sorted(sizes):
+        offsets = range(-(size - 1), 1) if causal else range(size // 2 + 1)
+        for k in offsets:
+            if k in done:
+                continue
+            done.add(k)
+            wk = wp[..., before + k:before + k + t, :]
+            yk = yp[..., before + k:before + k + t, :, :]
+            if causal or k == 0:
+                for m in range(2 * degree + 1):
+                    s[m] += wk * float(k) ** m
+                for m in range(degree + 1):
+                    b[m] += yk * float(k) ** m
+                continue
+            # offline, the offsets ±k together: even powers take the sum, odd ones the difference
+            wn = wp[..., before - k:before - k + t, :]
+            yn = yp[..., before - k:before - k + t, :, :]
+            ws, wd = wk + wn, wk - wn
+            ys, yd = yk + yn, yk - yn
+            for m in range(2 * degree + 1):
+                s[m] += (ws if m % 2 == 0 else wd) * float(k) ** m
+            for m in range(degree + 1):
+                b[m] += (ys if m % 2 == 0 else yd) * float(k) ** m
+        est, var = _solve(s, b, min(degree, max(size - 1, 0) if causal else min(degree, size - 1)))
+        with np.errstate(invalid="ignore"):
+            valid = var > 0  # NaN: the window does not determine the fit
+            sd = gamma * np.sqrt(var)[..., None]
+            # NaN bounds (no fit) leave the intersection as it was: fmax / fmin ignore them
+            np.fmax(lo, est - sd, out=lo)
+            np.fmin(hi, est + sd, out=hi)
+        alive &= (lo <= hi).all(-1)
+        np.copyto(out, est, where=(alive & valid)[..., None])
+    return out
+
+
+class BodySmoother:
+    """The ``body`` smoother (module docstring). Noise model, in units of the person's scale s: a joint of
+    score p has standard deviation min(``joint_noise`` / p², ``noise_cap``) · s; the whole-body position, where
+    the joints' mean score is p̄, min(``body_noise`` / p̄^``body_power``, ``noise_cap``) · s (scores below
+    ``floor`` count as ``floor``). ``sizes`` / ``causal_sizes``: the window sizes (frames) the adaptive fits
+    choose from; ``gamma``: their confidence intervals' half-width in standard deviations; ``iterations``: the
+    alternations of whole-body fit and articulated fit; ``robust``: from the second, an observation further than
+    this many standard deviations from the fit is down-weighted (Huber; 0: off).
+
+    The defaults were chosen on video_sample's ``train/`` clips (MoveNet Thunder, BlazePose) and the mocap
+    clips: MoveNet Thunder's frame-to-frame noise there measures about 0.0022 s / p² per joint; twice that
+    smooths better on those clips, and a larger whole-body noise loses AP on the fast camera pans."""
+
+    batched = True
+
+    def __init__(self, joint_noise: float = 0.005, body_noise: float = 0.0005, noise_cap: float = 1.0,
+                 gamma: float = 2.0, sizes: tuple[int, ...] = (3, 5, 7, 9, 13),
+                 causal_sizes: tuple[int, ...] = (1, 2, 3, 5, 7, 9), floor: float = 0.05, iterations: int = 3,
+                 robust: float = 2.0, body_power: float = 2.0):
+        self.joint_noise, self.body_noise, self.noise_cap, self.gamma = joint_noise, body_noise, noise_cap, gamma
+        self.sizes, self.causal_sizes = tuple(sizes), tuple(causal_sizes)
+        self.floor, self.iterations, self.robust = floor, iterations, robust
+        self.body_power = body_power
+
+    def _inverse_variance(self, score, base, scale, power=2.0):
+        """1 / σ² of a value of the given score: σ = min(base / score^power, noise_cap) · scale."""
+        p = np.maximum(np.clip(score, 0.0, 1.0), self.floor)
+        sd = np.minimum(base / p ** power, self.noise_cap) * scale
+        return 1.0 / sd ** 2
+
+    def __call__(self, xy, score, present, scale, causal: bool = False) -> np.ndarray:
+        xy = np.asarray(xy, dtype=np.float64)
+        score = np.asarray(score, dtype=np.float64)
+        present = np.asarray(present, dtype=bool)
+        scale = np.asarray(scale, dtype=np.float64)
+        scale = np.maximum(scale, 1e-6)
+        p = np.where(present, np.maximum(np.clip(score, 0.0, 1.0), self.floor), 0.0)
+        w = np.where(present, self._inverse_variance(score, self.joint_noise, scale[..., None]), 0.0)
+        sizes = self.causal_sizes if causal else self.sizes
+        degree = 1 if causal else 2
+        z = xy[..., 0] + 1j * xy[..., 1]  # (..., T, J) complex
+        wsum = p.sum(-1)
+        seen = wsum > 0
+        den = np.where(seen, wsum, 1.0)
+        # Whole-body motion per frame: a similarity z ≈ c + a · r of the joints' articulated positions r.
+        c = (p * z).sum(-1) / den
+        a = np.ones_like(c)
+        wr = w
+        for it in range(self.iterations):
+            raw = (z - c[..., None]) / a[..., None]
+            rr = adaptive_poly(np.stack([raw.real, raw.imag], -1), wr * np.abs(a[..., None]) ** 2, sizes, degree,
+                               causal, self.gamma)
+            r = rr[..., 0] + 1j * rr[..., 1]
+            if self.robust and it + 1 < self.iterations:
+                # an observation further than `robust` standard deviations from the fit weighs less (Huber)
+                e = np.abs(raw - r) * np.abs(a[..., None]) * np.sqrt(w)
+                wr = w * np.minimum(1.0, (self.robust / np.maximum(e, 1e-12)) ** 2)
+            rm = (p * r).sum(-1) / den
+            zm = (p * z).sum(-1) / den
+            rc = r - rm[..., None]
+            var = (p * np.abs(rc) ** 2).sum(-1)
+            fit = seen & (var > 1e-12 * np.maximum(scale, 1e-6) ** 2)
+            a = np.where(fit, (p * (z - zm[..., None]) * np.conj(rc)).sum(-1) / np.where(fit, var, 1.0), a)
+            c = zm - a * rm
+        pbar = np.where(seen, wsum / np.maximum(present.sum(-1), 1), 0.0)
+        wc = np.where(seen, self._inverse_variance(pbar, self.body_noise, scale, self.body_power), 0.0)
+        # the similarity's factor a (dimensionless) is ~3 times noisier than the centre, relative to the scale
+        body = np.stack([c.real, c.imag], -1)[..., None, :]
+        c = adaptive_poly(body, wc[..., None], sizes, degree, causal, self.gamma)[..., 0, :]
+        c = c[..., 0] + 1j * c[..., 1]
+        fa = np.stack([a.real, a.imag], -1)[..., None, :]
+        fa = adaptive_poly(fa, (wc * scale ** 2 / 9.0)[..., None], sizes, degree, causal, self.gamma)[..., 0, :]
+        a = np.where(seen, fa[..., 0] + 1j * fa[..., 1], a)
+        out = c[..., None] + a[..., None] * r
+        return np.stack([out.real, out.imag], -1)
+
+
+def _make_body(**options) -> Smoother:
+    known = {"joint_noise", "body_noise", "body_power", "noise_cap", "gamma", "floor"}
+    _unknown(options, known)
+    d = BodySmoother()
+    return BodySmoother(joint_noise=_check_float(options, "joint_noise", d.joint_noise, 1e-6, 100.0),
+                        body_noise=_check_float(options, "body_noise", d.body_noise, 1e-6, 100.0),
+                        body_power=_check_float(options, "body_power", d.body_power, 0.0, 10.0),
+                        noise_cap=_check_float(options, "noise_cap", d.noise_cap, 1e-6, 100.0),
+                        gamma=_check_float(options, "gamma", d.gamma, 0.0, 100.0),
+                        floor=_check_float(options, "floor", d.floor, 1e-6, 1.0))
+
+
+class PlainSmoother:
+    """A per-joint reference: a uniform-kernel local polynomial over ``window`` frames of the present joints
+    (``degree`` 2, window 9: Savitzky–Golay; degree 0: a moving average). Causal: trailing, degree ≤ 1."""
+
+    batched = True
+
+    def __init__(self, window: int, degree: int):
+        self.window, self.degree = window, degree
+
+    def __call__(self, xy, score, present, scale, causal: bool = False) -> np.ndarray:
+        xy = np.asarray(xy, dtype=np.float64)
+        w = np.asarray(present, dtype=np.float64)
+        if causal:
+            return local_poly(xy, w, range(-(self.window - 1), 1), min(self.degree, 1), kernel="uniform")
+        return local_poly(xy, w, range(-(self.window // 2), self.window // 2 + 1), self.degree, kernel="uniform")
+
+
+class NoSmoother:
+    batched = True
+
+    def __call__(self, xy, score, present, scale, causal: bool = False) -> np.ndarray:
+        return np.array(xy, dtype=np.float64)
+
+
+def _make_plain(window: int, degree: int):
+    def make(**options) -> Smoother:
+        _unknown(options, {"window"})
+        return PlainSmoother(_check_int(options, "window", window, 1, 301), degree)
+    return make
+
+
+def _make_none(**options) -> Smoother:
+    _unknown(options, set())
+    return NoSmoother()
+
+
+SMOOTHERS: dict[str, Callable[..., Smoother]] = {
+    "body": _make_body,
+    "sg9": _make_plain(9, 2),
+    "ma9": _make_plain(9, 0),
+    "none": _make_none,
+}
+DEFAULT_SMOOTHER = "body"
+
+
+def make_smoother(name: str, **options) -> Smoother:
+    """The smoother registered as ``name``, made with ``options``; an unknown name is an InputError."""
+    if name not in SMOOTHERS:
+        raise InputError("smoother", f"unknown smoother {name!r}; one of {sorted(SMOOTHERS)}")
+    return SMOOTHERS[name](**options)
+
+
+def run_smoother(smoother: Smoother, xy, score, present, scale, causal: bool) -> np.ndarray:
+    """Call ``smoother`` over tracks stacked as (N, T, ...): once where it is batched, else per track."""
+    if getattr(smoother, "batched", False):
+        out = smoother(xy, score, present, scale, causal)
+    else:
+        out = np.stack([smoother(xy[i], score[i], present[i], scale[i], causal) for i in range(len(xy))]) \
+            if len(xy) else np.array(xy, dtype=np.float64)
+    out = np.asarray(out, dtype=np.float64)
+    if out.shape != np.shape(xy):
+        raise ValueError(f"smoother returned shape {out.shape} for input {np.shape(xy)}")
+    return out
+
+
+__all__ = ["DEFAULT_SMOOTHER", "SMOOTHERS", "BodySmoother", "PlainSmoother", "local_poly", "make_smoother",
+           "observation_weight", "run_smoother"]
