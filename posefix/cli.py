@@ -270,6 +270,23 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_train_temporal(args) -> int:
+    from .temporal.learned import NetConfig
+    from .temporal.training import train_temporal, training_sequences
+
+    _check_outputs(args, ("gt",), ("out",))
+    if args.steps < 1:
+        raise InputError("--steps", f"must be at least 1, got {args.steps}")
+    config = NetConfig(window=args.window)
+    seqs = training_sequences(args.gt, args.results or [], args.mocap or [], args.mocap_sequences, args.seed)
+    if not seqs:
+        raise InputError("--results/--mocap", "give at least one results file or motion-capture clip")
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
+    train_temporal(args.out, seqs, config, args.steps, args.seed, log=log)
+    print(f"weights: {args.out} ({len(seqs)} sequences, {args.steps} steps per network)")
+    return 0
+
+
 def as_coco_results(path, fmt: str, images_dir, gt, allow_outside=False) -> list[dict]:
     """An estimator's output in its own format, read as ``posefix refine`` reads it, as validated COCO results
     on ``gt``'s images (the keypoints and instance scores as given)."""
@@ -731,6 +748,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last.pt")
     t.add_argument("--list-presets", action="store_true", help="name the presets and exit")
     t.set_defaults(func=cmd_train)
+
+    tt = sub.add_parser("train-temporal", help="train the learned temporal refiner (--smoother learned)",
+                        description="Train the learned temporal refiner on an estimator's per-frame results against "
+                        "per-frame ground truth (matched by track_id) and on motion capture with planted errors.")
+    tt.add_argument("--gt", required=True, metavar="GT.json",
+                    help="per-frame COCO GT; images carry vid_id and frame_id (or clip_id and frame)")
+    tt.add_argument("--results", action="append", metavar="RESULTS.json",
+                    help="an estimator's COCO results on those frames, with the GT's track_id (repeatable)")
+    tt.add_argument("--mocap", action="append", metavar="CLIP.bvh", help="a motion-capture clip (repeatable)")
+    tt.add_argument("--mocap-sequences", type=int, default=300, metavar="N",
+                    help="sequences cut from the clips, each with its own camera and planted errors (300)")
+    tt.add_argument("--out", required=True, metavar="WEIGHTS.safetensors", help="the weights file to write")
+    tt.add_argument("--steps", type=int, default=800, help="training steps of each network (800)")
+    tt.add_argument("--window", type=int, default=15, help="frames the network sees (odd; 15)")
+    tt.add_argument("--seed", type=_seed, default=0, help="the seed (0)")
+    tt.add_argument("--quiet", action="store_true", help="no progress lines")
+    tt.set_defaults(func=cmd_train_temporal)
 
     r = sub.add_parser("refine", help="refine an estimator's results on a set of images",
                        description="Refine an estimator's poses (COCO results or another estimator's format) and "

@@ -255,3 +255,69 @@ def test_projection_and_camera_paths():
 def _camera():
     from posefix.temporal.mocap import Camera
     return Camera(yaw=30.0)
+
+
+def _video_files(tmp_path, rng, frames=20):
+    """Per-frame GT of two tracks in one video and an estimator's noisy results with the GT's track ids."""
+    import json
+
+    images = [{"id": 1000 + f, "vid_id": 1, "frame_id": f, "width": 640, "height": 480} for f in range(frames)]
+    annotations, results = [], []
+    for tid, offset in ((5, 150.0), (6, 400.0)):
+        base = rng.uniform(-40, 40, (K, 2)) + offset
+        for f in range(frames):
+            gt = base + [2.0 * f, 0.5 * f]
+            annotations.append({"id": 10 * (1000 + f) + tid, "image_id": 1000 + f, "category_id": 1, "iscrowd": 0,
+                                "track_id": tid, "area": 6400.0, "bbox": [0, 0, 80, 80], "num_keypoints": K,
+                                "keypoints": np.concatenate([gt, np.full((K, 1), 2)], 1).ravel().tolist()})
+            noisy = gt + rng.normal(0, 2.0, gt.shape)
+            results.append({"image_id": 1000 + f, "category_id": 1, "track_id": tid, "score": 0.8,
+                            "keypoints": np.concatenate([noisy, np.full((K, 1), 0.8)], 1).ravel().round(3).tolist()})
+    gt_path, res_path = tmp_path / "gt.json", tmp_path / "res.json"
+    gt_path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                   "categories": [{"id": 1, "name": "person"}]}))
+    res_path.write_text(json.dumps(results))
+    return gt_path, res_path
+
+
+def test_train_temporal_then_refine_video_with_the_learned_smoother(tmp_path, capsys):
+    import json
+
+    from posefix.cli import main
+    from posefix.temporal import make_smoother, refine_poses
+
+    bvh = tmp_path / "a.bvh"
+    bvh.write_text(BVH)
+    gt_path, res_path = _video_files(tmp_path, np.random.default_rng(0))
+    weights = tmp_path / "w.safetensors"
+    assert main(["train-temporal", "--gt", str(gt_path), "--results", str(res_path), "--out", str(weights),
+                 "--steps", "3", "--window", "5", "--quiet"]) == 0
+    assert "weights:" in capsys.readouterr().out
+    out = tmp_path / "out.json"
+    assert main(["refine-video", "--input", str(res_path), "--out", str(out), "--annotations", str(gt_path),
+                 "--smoother", "learned", "--temporal-weights", str(weights)]) == 0
+    res = json.loads(out.read_text())
+    given = json.loads(res_path.read_text())
+    kp = np.array([r["keypoints"] for r in given]).reshape(-1, K, 3)
+    lib = refine_poses(kp, make_smoother("learned", weights=str(weights)),
+                       video=np.ones(len(given), int), frame=np.array([r["image_id"] - 1000 for r in given]),
+                       track=np.array([r["track_id"] for r in given]), causal=False)
+    got = {(r["image_id"], r["track_id"]): np.array(r["keypoints"]).reshape(K, 3)[:, :2] for r in res}
+    for i, r in enumerate(given):
+        np.testing.assert_allclose(got[(r["image_id"], r["track_id"])], lib.xy[i], atol=1e-3)
+    # the learned smoother without weights, and weights that are not a temporal refiner: one line, status 2
+    assert main(["refine-video", "--input", str(res_path), "--out", str(tmp_path / "x.json"),
+                 "--smoother", "learned"]) == 2
+    assert "temporal-weights" in capsys.readouterr().err
+    assert main(["refine-video", "--input", str(res_path), "--out", str(tmp_path / "x.json"), "--smoother", "learned",
+                 "--temporal-weights", str(bvh)]) == 2
+    assert "a.bvh" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_train_temporal_needs_training_data(tmp_path, capsys):
+    from posefix.cli import main
+
+    gt_path, _ = _video_files(tmp_path, np.random.default_rng(1))
+    assert main(["train-temporal", "--gt", str(gt_path), "--out", str(tmp_path / "w.safetensors")]) == 2
+    assert "--results/--mocap" in capsys.readouterr().err

@@ -1,12 +1,14 @@
 """A learned temporal refiner after SmoothNet (Zeng et al., ECCV 2022): a small network over a window of a
-person's scale-normalised keypoint trajectories and scores that puts out the corrected window.
+person's scale-normalised keypoint trajectories and scores that corrects the ``body`` smoother's output.
 
-What it sees, per joint and frame of a window of W frames: the joint's own position, score and presence, its
-left/right partner's position and score, all relative to the frame's own
-centre, and the centre's motion since the previous frame, in units of the person's size (the median over the window of the keypoint box's √area),
-so one network serves near and far persons and any frame size. One set of weights is shared by all joints
-(a one-hot of the joint is an input), and its output is a correction of the joint's window. Absent joints
-enter as the linear interpolation of their neighbours in time, flagged absent, and come out filled.
+What it sees, per joint and frame of a window of W frames: the ``body`` smoother's position of the joint, what
+that smoother took away from the input there, the joint's score and presence, and its left/right partner's
+smoothed position and score, all relative to the frame's own (smoothed) centre; and the centre's motion since
+the previous frame; all in units of the person's size (the median over the window of the keypoint box's
+√area), so one network serves near and far persons and any frame size. One set of weights is shared by all
+joints (a one-hot of the joint is an input); its output is a correction of the joint's smoothed window, zero
+for an untrained network. Absent joints enter as the linear interpolation of their neighbours in time,
+flagged absent.
 
 Offline, a frame is the weighted mean of the corrections of the W windows that hold it (a Hann weight, so
 frames near a window's edge count less); causal, a frame is the last frame of the window that ends on it,
@@ -26,7 +28,8 @@ from torch import nn
 from ..errors import InputError
 from ..synth.keypoints import NUM_KEYPOINTS, PARTNER
 
-FEATURES_PER_FRAME = 10  # own u (2), score, present; partner u (2), score; centre's step (2); inside the track
+FEATURES_PER_FRAME = 12  # own u (2), residual (2), score, present; partner u (2), score; centre's step (2); inside
+RESIDUAL_CLIP = 3.0
 MIN_SCALE_PX = 4.0
 
 
@@ -109,14 +112,17 @@ def person_size(filled: np.ndarray, present: np.ndarray) -> np.ndarray:
     return np.maximum(np.sqrt(ext[:, 0] * ext[:, 1]), MIN_SCALE_PX)
 
 
-def window_features(xy: np.ndarray, score: np.ndarray, present: np.ndarray, window: int, causal: bool):
+def window_features(xy: np.ndarray, base: np.ndarray, score: np.ndarray, present: np.ndarray, window: int,
+                    causal: bool):
     """Features of the T windows of one track, each around (offline: centred on; causal: ending at) its frame.
 
-    Returns feats (T, K, W, F) float32, the windows' frame indices (T, W) clipped into the track, the track's
-    per-frame centres (T, 2) and the windows' sizes (T,): a window's u = (xy − centre of its frame) / size, so
-    the whole body's motion is not in u (it passes through untouched); the network sees the centre's steps."""
+    ``base`` (T, K, 2) is the ``body`` smoother's output for the track. Returns feats (T, K, W, F) float32, the
+    windows' frame indices (T, W) clipped into the track, the base's per-frame centres (T, 2) and the windows'
+    sizes (T,): a window's u = (base − centre of its frame) / size, so the whole body's motion is not in u and
+    passes through untouched, and r = (xy − base) / size is what the base smoothed away."""
     t = xy.shape[0]
-    filled, centre = fill_gaps(xy, present)
+    filled, _ = fill_gaps(xy, present)
+    base_filled, centre = fill_gaps(base, present)
     size = person_size(filled, present)
     half = window // 2
     offsets = np.arange(window) - (window - 1 if causal else half)
@@ -124,13 +130,15 @@ def window_features(xy: np.ndarray, score: np.ndarray, present: np.ndarray, wind
     inside = (raw >= 0) & (raw < t)
     frames = raw.clip(0, t - 1)
     wsize = np.median(size[frames], axis=1)
-    u = (filled[frames] - centre[frames][:, :, None]) / wsize[:, None, None, None]  # (T, W, K, 2)
+    scale = wsize[:, None, None, None]
+    u = (base_filled[frames] - centre[frames][:, :, None]) / scale  # (T, W, K, 2)
+    r = np.clip((filled[frames] - base_filled[frames]) / scale, -RESIDUAL_CLIP, RESIDUAL_CLIP)
     step = np.diff(centre, axis=0, prepend=centre[:1])  # the centre's motion since the previous frame
     c = np.clip(step[frames] / wsize[:, None, None], -2.0, 2.0)  # (T, W, 2)
     s = np.where(inside[..., None], score[frames], 0.0)  # (T, W, K)
     p = (present[frames] & inside[..., None]).astype(float)
     feats = np.concatenate([
-        u, s[..., None], p[..., None],
+        u, r, s[..., None], p[..., None],
         u[:, :, PARTNER], s[:, :, PARTNER, None],
         np.broadcast_to(c[:, :, None], u.shape),
         np.broadcast_to(inside[:, :, None, None], s.shape + (1,)).astype(float),
@@ -146,19 +154,29 @@ def _hann(window: int) -> np.ndarray:
 
 
 class LearnedSmoother:
-    """The learned temporal refiner as a smoother: ``smoother(xy, score, present, scale, causal) -> xy``.
-
-    ``scale`` is accepted for the common smoother signature; the network measures the person's size itself.
-    """
+    """The learned temporal refiner as a smoother: ``smoother(xy, score, present, scale, causal) -> xy``, the
+    ``body`` smoother's output corrected by the network (an untrained network leaves it as it is)."""
 
     def __init__(self, offline: TemporalNet, causal: TemporalNet, batch: int = 4096):
+        from .smoothers import BodySmoother
+
         self.nets = {False: offline.eval(), True: causal.eval()}
+        self.base = BodySmoother()
         self.batch = batch
 
     @classmethod
     def load(cls, path) -> LearnedSmoother:
         offline, causal = load_weights(path)
         return cls(offline, causal)
+
+    def base_output(self, xy, score, present, scale, causal: bool) -> np.ndarray:
+        """The ``body`` smoother's output the network corrects; ``scale`` None: the person's scale as the
+        pipeline measures it."""
+        if scale is None:
+            from .core import person_scale
+
+            scale = person_scale(xy[None], present[None], causal)[0]
+        return self.base(xy, score, present, scale, causal)
 
     @torch.inference_mode()
     def __call__(self, xy, score, present, scale=None, causal: bool = False) -> np.ndarray:
@@ -168,9 +186,10 @@ class LearnedSmoother:
         t = xy.shape[0]
         if t == 0 or not present.any():
             return xy.copy()
+        base = self.base_output(xy, score, present, scale, bool(causal))
         net = self.nets[bool(causal)]
         w = net.config.window
-        feats, frames, centre, wsize = window_features(xy, score, present, w, bool(causal))
+        feats, frames, centre, wsize = window_features(xy, base, score, present, w, bool(causal))
         delta = np.concatenate([net(torch.from_numpy(feats[i:i + self.batch])).numpy()
                                 for i in range(0, t, self.batch)]).astype(np.float64)  # (T, K, W, 2)
         u = feats[..., :2].astype(np.float64) + delta

@@ -25,6 +25,9 @@ The classical smoothers (``body``, the default):
 - ``sg9``, ``ma9``: plain per-joint references (Savitzky–Golay window 9, order 2; centred moving average over
   9 frames; causal: a one-sided linear fit, a trailing average).
 - ``none``: the input unchanged.
+
+The learned one, ``learned`` (:mod:`posefix.temporal.learned`): the ``body`` smoother's output corrected by a
+small network trained with ``posefix train-temporal``; it needs ``weights``.
 """
 from __future__ import annotations
 
@@ -317,11 +320,23 @@ def _make_none(**options) -> Smoother:
     return NoSmoother()
 
 
+def _make_learned(**options) -> Smoother:
+    _unknown(options, {"weights"})
+    weights = options.get("weights")
+    if weights is None:
+        raise InputError("weights", "the learned smoother needs its weights (--temporal-weights FILE from "
+                         "posefix train-temporal)")
+    from .learned import LearnedSmoother  # torch is imported only when a learned smoother is made
+
+    return LearnedSmoother.load(weights)
+
+
 SMOOTHERS: dict[str, Callable[..., Smoother]] = {
     "body": _make_body,
     "sg9": _make_plain(9, 2),
     "ma9": _make_plain(9, 0),
     "none": _make_none,
+    "learned": _make_learned,
 }
 DEFAULT_SMOOTHER = "body"
 

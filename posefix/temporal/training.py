@@ -20,6 +20,11 @@ from .learned import LearnedSmoother, NetConfig, TemporalNet, window_features
 from .mocap import Camera, camera_path, coco_joints, load_bvh, project
 
 
+# A frame whose reported joints lie on average further than this many person sizes from the truth is an input
+# but never a target (see lost_frames).
+LOST = 0.5
+
+
 @dataclass
 class Sequence:
     xy: np.ndarray        # (T, K, 2) the estimator's (or planted) keypoints
@@ -72,7 +77,7 @@ def sequences_from_files(gt_path, results_path) -> list[Sequence]:
             if first <= f <= last:
                 seq.xy[f - first], seq.score[f - first] = kp[:, :2], kp[:, 2]
                 seq.present[f - first] = kp[:, 2] > 0
-        seq.labelled &= ~lost_frames(seq)[:, None]
+        seq.labelled &= ~lost_frames(seq, LOST)[:, None]
         out.append(seq)
     return out
 
@@ -89,6 +94,13 @@ def lost_frames(seq: Sequence, limit: float = 1.0) -> np.ndarray:
     dist = np.linalg.norm(seq.xy - seq.gt, axis=-1)
     mean = (dist * both).sum(1) / np.maximum(both.sum(1), 1)
     return (mean / size > limit) & both.any(1)
+
+
+def mirrored(seq: Sequence) -> Sequence:
+    """The sequence mirrored left to right: x negated and each left joint swapped with its right partner."""
+    flip = np.array([-1.0, 1.0])
+    return Sequence(seq.xy[:, PARTNER] * flip, seq.score[:, PARTNER], seq.present[:, PARTNER],
+                    seq.gt[:, PARTNER] * flip, seq.labelled[:, PARTNER])
 
 
 # ---------------------------------------------------------------------------------------------- mocap
@@ -164,18 +176,33 @@ def mocap_sequences(bvh_paths, count: int, length: int, rng: np.random.Generator
 # ---------------------------------------------------------------------------------------------- training
 
 
-def _batch(seqs: list[Sequence], window: int, causal: bool, n: int, rng: np.random.Generator, cache: dict):
-    """n windows drawn uniformly over the frames of all sequences: features, truth u, labelled mask."""
+def prepared(seq: Sequence, window: int, causal: bool, smoother: LearnedSmoother):
+    """One sequence as the smoother meets it in :func:`posefix.temporal.core.refine_tracks` (corrected, gaps
+    filled): its windows' features, the truth's u and the labelled mask, each (T, K, W, ...)."""
+    from .core import TemporalOptions, correct, fill_gaps, person_scale
+
+    options = TemporalOptions()
+    xy, score, present = seq.xy[None], seq.score[None], seq.present[None]
+    scale = person_scale(xy, present, causal)
+    xy, score, present, _ = correct(xy, score, present, scale, causal, options)
+    xy, score, present, _ = fill_gaps(xy, score, present, causal, options)
+    xy, score, present, scale = xy[0], score[0], present[0], scale[0]
+    base = smoother.base_output(xy, score, present, scale, causal)
+    f, frames, centre, size = window_features(xy, base, score, present, window, causal)
+    u = (seq.gt[frames] - centre[frames][:, :, None]) / size[:, None, None, None]  # (T, W, K, 2)
+    raw = np.arange(len(xy))[:, None] + np.arange(window)[None] - (window - 1 if causal else window // 2)
+    lab = seq.labelled[frames] & ((raw >= 0) & (raw < len(xy)))[..., None]
+    return f, u.transpose(0, 2, 1, 3).astype(np.float32), lab.transpose(0, 2, 1)
+
+
+def _batch(seqs: list[Sequence], window: int, causal: bool, n: int, rng: np.random.Generator, cache: dict,
+           smoother: LearnedSmoother):
+    """n windows drawn uniformly over the sequences' frames: features, truth u, labelled mask."""
     idx = rng.integers(0, len(seqs), n)
     feats, target, mask = [], [], []
     for s in np.unique(idx):
-        seq = seqs[s]
         if s not in cache:
-            f, frames, centre, size = window_features(seq.xy, seq.score, seq.present, window, causal)
-            u = (seq.gt[frames] - centre[frames][:, :, None]) / size[:, None, None, None]  # (T, W, K, 2)
-            raw = np.arange(len(seq.xy))[:, None] + np.arange(window)[None] - (window - 1 if causal else window // 2)
-            lab = seq.labelled[frames] & ((raw >= 0) & (raw < len(seq.xy)))[..., None]
-            cache[s] = (f, u.transpose(0, 2, 1, 3).astype(np.float32), lab.transpose(0, 2, 1))
+            cache[s] = prepared(seqs[s], window, causal, smoother)
         f, u, lab = cache[s]
         rows = rng.integers(0, len(f), int((idx == s).sum()))
         feats.append(f[rows])
@@ -217,9 +244,10 @@ def train(seqs: list[Sequence], config: NetConfig, causal: bool, steps: int, see
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
     cache: dict = {}
+    smoother = LearnedSmoother(net, net)
     start = time.perf_counter()
     for step in range(steps):
-        feats, target, mask = _batch(seqs, config.window, causal, batch, rng, cache)
+        feats, target, mask = _batch(seqs, config.window, causal, batch, rng, cache, smoother)
         loss = loss_fn(feats, net(feats), target, mask, causal)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -235,3 +263,26 @@ def train_smoother(seqs: list[Sequence], config: NetConfig, steps: int, seed: in
     offline = train(seqs, config, False, steps, seed, log=log)
     causal = train(seqs, config, True, steps, seed + 1, log=log)
     return LearnedSmoother(offline, causal)
+
+
+def training_sequences(gt_path, results_paths, mocap_paths, mocap_count: int, seed: int, length: int = 48,
+                       mirror: bool = True) -> list[Sequence]:
+    """The training set: every results file's tracks against ``gt_path`` (the results carry the GT's
+    ``track_id``), each also mirrored where ``mirror``, and ``mocap_count`` motion-capture sequences of
+    ``length`` frames with planted errors."""
+    seqs = [s for path in results_paths for s in sequences_from_files(gt_path, path)]
+    if mirror:
+        seqs += [mirrored(s) for s in seqs]
+    if mocap_count and mocap_paths:
+        seqs += mocap_sequences(mocap_paths, mocap_count, length, np.random.default_rng(seed))
+    return seqs
+
+
+def train_temporal(out, seqs: list[Sequence], config: NetConfig, steps: int, seed: int, log=None) -> LearnedSmoother:
+    """Train the offline and the causal network and write both to ``out`` (safetensors, atomically)."""
+    from .learned import save_weights
+
+    smoother = train_smoother(seqs, config, steps, seed, log=log)
+    save_weights(out, smoother.nets[False], smoother.nets[True],
+                 {"steps": steps, "seed": seed, "sequences": len(seqs)})
+    return smoother
