@@ -82,7 +82,9 @@ class Profile:
             p[..., 1:] *= np.asarray(self.severity)
             total = p[..., 1:].sum(-1, keepdims=True)
             p[..., 1:] /= np.maximum(total, 1.0)  # errors beyond certainty share it in proportion
-        p[..., GOOD] = np.maximum(1.0 - p[..., 1:].sum(-1), 0.0)
+        p[..., GOOD] = 1.0 - p[..., 1:].sum(-1)
+        if self.severity != (1.0, 1.0, 1.0, 1.0):
+            p[..., GOOD] = np.maximum(p[..., GOOD], 0.0)
         return p
 
     def with_severity(self, factors: dict) -> Profile:
