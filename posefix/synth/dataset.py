@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..fileio import dumps_json, read_json, write_bytes_atomic
+from ..fileio import gc_paused, orjson, read_json, write_bytes_atomic
 from .coco import draw_coco, plan_coco
 from .cocoio import GroundTruth, load_ground_truth
 from .keypoints import NUM_KEYPOINTS
@@ -83,26 +83,36 @@ def subset(gt: GroundTruth, idx: np.ndarray) -> GroundTruth:
 def encode_lines(image_id, annotation_id, variant, keypoints, score, outcome, anchor_id, anchor_joint,
                  extra: dict | None = None) -> bytes:
     """JSON Lines of N records: arrays (N,), (N, K, 3), (N, K) as in :class:`posefix.synth.coco.CocoDraw`;
-    ``extra`` maps field names to (N,) arrays written after ``variant`` (frame, track_id...)."""
+    ``extra`` maps field names to (N,) arrays or lists written after ``variant`` (frame, track_id...)."""
+    n = keypoints.shape[0]
     kp = keypoints.copy()
     kp[..., :2] = np.round(kp[..., :2], XY_DECIMALS)
     kp[..., 2] = np.round(kp[..., 2], SCORE_DECIMALS)
-    flat = kp.reshape(kp.shape[0], -1).tolist()
-    labels = LABEL_NAMES[outcome].tolist()
-    anchors = np.stack([anchor_id, anchor_joint], axis=-1).tolist()
-    score = np.round(score, SCORE_DECIMALS).tolist()
-    image_id, annotation_id = np.asarray(image_id).tolist(), np.asarray(annotation_id).tolist()
+    flat = kp.reshape(n, -1)
+    anchors = np.stack([anchor_id, anchor_joint], axis=-1).astype(np.int64)
     names = list(extra or {})
-    cols = [np.asarray(extra[k]).tolist() for k in names]
-    lines = []
-    for i in range(len(flat)):
-        rec = {"image_id": image_id[i], "annotation_id": annotation_id[i], "variant": variant}
-        for k, c in zip(names, cols):
-            rec[k] = c[i]
-        rec.update(category_id=1, keypoints=flat[i], score=score[i], labels=labels[i], anchors=anchors[i])
-        lines.append(dumps_json(rec))
-    lines.append(b"")
-    return b"\n".join(lines)
+    with gc_paused():
+        labels = LABEL_NAMES[outcome].tolist()
+        score = np.round(score, SCORE_DECIMALS).tolist()
+        image_id, annotation_id = np.asarray(image_id).tolist(), np.asarray(annotation_id).tolist()
+        cols = [np.asarray(extra[k]).tolist() if not isinstance(extra[k], list) else extra[k] for k in names]
+        records = []
+        for i in range(n):
+            rec = {"image_id": image_id[i], "annotation_id": annotation_id[i], "variant": variant}
+            for k, c in zip(names, cols):
+                rec[k] = c[i]
+            rec.update(category_id=1, keypoints=flat[i], score=score[i], labels=labels[i], anchors=anchors[i])
+            records.append(rec)
+        data = _dumps_numpy(records)
+    # The records hold no nested object, so "},{" occurs only between records.
+    return data[1:-1].replace(b"},{", b"}\n{") + b"\n" if n else b""
+
+
+def _dumps_numpy(obj) -> bytes:
+    if orjson is not None:
+        return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False,
+                      default=lambda a: a.tolist()).encode()
 
 
 def gzip_bytes(data: bytes) -> bytes:
