@@ -343,3 +343,12 @@ def test_shards_are_gzip_json_lines_of_coco_results(tmp_path):
     lines = gzip.decompress((tmp_path / "d" / "shard-00000-v000.jsonl.gz").read_bytes()).splitlines()
     rec = json.loads(lines[0])
     assert rec["category_id"] == 1 and len(rec["keypoints"]) == 51 and 0 < rec["score"] <= 1
+
+
+def test_more_variants_extend_a_dataset(tmp_path):
+    write_dataset(TRAIN_GT, tmp_path / "d", 2, seed=1, block_persons=60)
+    first = shard_bytes(tmp_path / "d")
+    m = write_dataset(TRAIN_GT, tmp_path / "d", 3, seed=1, block_persons=60)
+    write_dataset(TRAIN_GT, tmp_path / "ref", 3, seed=1, block_persons=60)
+    assert shard_bytes(tmp_path / "d") == shard_bytes(tmp_path / "ref") and m["complete"] and m["variants"] == 3
+    assert all(shard_bytes(tmp_path / "d")[k] == v for k, v in first.items())

@@ -216,6 +216,8 @@ def write_dataset(gt_path: str | Path, out_dir: str | Path, variants: int, seed:
     if gt_sha is None:
         raise InputError("gt", "cannot read the file", str(gt_path))
     gt = load_ground_truth(gt_path)
+    if not sequences:
+        gt = GroundTruth(gt.ids, gt.image_ids, gt.keypoints, gt.areas, gt.boxes, gt.crowd, gt.image_ids_all, {})
     if sequences:
         params = seqmod.SequenceParams.default() if sequence_params is None else sequence_params
         tracks = seqmod.track_layout(gt, str(gt_path))
@@ -240,7 +242,7 @@ def write_dataset(gt_path: str | Path, out_dir: str | Path, variants: int, seed:
             if file_sha256(out / rec["file"]) == rec["sha256"]:
                 done[rec["file"]] = rec
     out.mkdir(parents=True, exist_ok=True)
-    todo = [(b, v) for v in range(variants) for b in range(len(blocks))]
+    todo = [(b, v) for b in range(len(blocks)) for v in range(variants)]  # a block's plan serves its variants
     shards, made = [], 0
     plan_cache: tuple[int, object] | None = None
     for b, v in todo:
