@@ -150,6 +150,8 @@ def run_dataset_cli(gt: Path, out: Path, variants: int, limit_gb: float, timeout
              "in open('/proc/self/status') if line.startswith('VmHWM')))); sys.argv = ['posefix'] + sys.argv[1:]; "
              "runpy.run_module('posefix', run_name='__main__')")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    import resource
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     try:
         r = subprocess.run([sys.executable, "-c", start, "synth", "--gt", str(gt), "--out", str(out), "--variants",
@@ -159,10 +161,13 @@ def run_dataset_cli(gt: Path, out: Path, variants: int, limit_gb: float, timeout
     except subprocess.TimeoutExpired:
         ok, why = False, "timed out"
     seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     records = json.loads((out / "manifest.json").read_text())["records"] if ok else 0
     size = sum(f.stat().st_size for f in out.glob("shard-*")) if out.exists() else 0
-    return {"ok": ok, "seconds": seconds, "person_variants": records,
+    return {"ok": ok, "seconds": seconds, "cpu_seconds": cpu, "person_variants": records,
             "person_variants_per_s": records / seconds if ok else None,
+            "person_variants_per_cpu_s": records / cpu if ok and cpu > 0 else None,
             "peak_rss_mb": int(peak.read_text()) / 1024 if peak.exists() else None, "shard_mb": size / 2 ** 20,
             "error": "" if ok else why}
 
@@ -176,8 +181,8 @@ def dataset_section(args) -> list[dict]:
         print(f"\n`posefix synth --out DIR --variants V` end to end (subprocess, one core; "
               f"{args.memory_limit_gb:g} GB address-space cap)")
         print(f"{'persons':>8} | {'variants':>8} | {'person-variants':>15} | {'s':>7} | {'p-v/s':>8} | "
-              f"{'peak RSS MB':>11} | {'shards MB':>9}")
-        print("-" * 86)
+              f"{'CPU s':>7} | {'p-v/CPU s':>9} | {'peak RSS MB':>11} | {'shards MB':>9}")
+        print("-" * 110)
         for persons, variants in args.dataset_sizes:
             doc, n = annotations_doc(persons)
             gt = tmp / "gt.json"
@@ -187,8 +192,10 @@ def dataset_section(args) -> list[dict]:
             r = run_dataset_cli(gt, out, variants, args.memory_limit_gb, args.dataset_timeout)
             rows.append({"persons": n, "images": len(doc["images"]), "variants": variants, **r})
             rate = f"{r['person_variants_per_s']:8,.0f}" if r["ok"] else f"{'-':>8}"
+            cpu_rate = f"{r['person_variants_per_cpu_s']:9,.0f}" if r["person_variants_per_cpu_s"] else f"{'-':>9}"
             rss = f"{r['peak_rss_mb']:11,.0f}" if r["peak_rss_mb"] else f"{'-':>11}"
-            print(f"{n:8d} | {variants:8d} | {r['person_variants']:15,d} | {r['seconds']:7.1f} | {rate} | {rss} | "
+            print(f"{n:8d} | {variants:8d} | {r['person_variants']:15,d} | {r['seconds']:7.1f} | {rate} | "
+                  f"{r['cpu_seconds']:7.1f} | {cpu_rate} | {rss} | "
                   f"{r['shard_mb']:9.1f}{'' if r['ok'] else '  (' + r['error'] + ')'}")
             shutil.rmtree(out, ignore_errors=True)
     return rows
