@@ -10,8 +10,10 @@ profile's. Jitter is a 2-D AR(1) offset u_t = ρ u_{t−1} + sqrt(1 − ρ²) s 
 (the offset in pixels divided by 2σ_j sqrt(area), so KS = exp(−|u|² / 2)), with s set per joint so that
 the share of base frames with KS < 0.85 (jitter) is the profile's, and |u| capped below KS 0.5 (no miss
 from jitter). During an inversion or a swap the point follows its anchor (the partner joint, or that joint
-of the nearest other person of the frame) with the same offset in the anchor's units; a miss holds one
-offset at KS 0.1–0.5 from the own joint for its whole duration. A gross error that is impossible at a frame
+of the nearest other person of the frame) with the same offset in the anchor's units; where another
+candidate would claim a base, inversion or swap point, its offset is halved until none does (up to
+BASE_TRIES times); a miss holds one offset at KS 0.1–0.5 from the own joint for its whole
+duration, the first of MISS_TRIES draws that is a miss at the episode's first frame. A gross error that is impossible at a frame
 (the partner or every other person unlabelled there, the nose's inversion) leaves that frame in base.
 The labels are the Ronchi & Perona classification of each point against every person of its frame
 (the truth whatever the geometry), beside the planted states.
@@ -39,6 +41,8 @@ GROSS_NAMES = tuple(OUTCOMES[e] for e in GROSS)
 KS_GOOD = 0.85
 U_CAP2 = 2.0 * np.log(1.0 / KS_HIT) * (1.0 - 1e-6)  # |u|² below this keeps KS above 0.5
 FORMAT = "posefix-sequence-params/1"
+MISS_TRIES = 8  # draws of a miss's offset until one is a miss at its episode's first frame
+BASE_TRIES = 6  # halvings of a jitter offset that another candidate would claim
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,7 @@ def track_layout(gt: GroundTruth, source: str = "annotations") -> Tracks:
 class TrackResult:
     """keypoints (N, T, K, 3); outcome (N, T, K) int8 the classification of each point against every person
     of its frame (UNLABELLED where the GT joint is unlabelled or the frame absent); state (N, T, K) int8 the
-    planted state (GOOD for base, else the gross error); anchor (N, T, K) the other person (index along
+    planted state (in base frames GOOD or JITTER by the point's KS to its own joint, else the gross error); anchor (N, T, K) the other person (index along
     ``others``) a swap follows, -1 otherwise."""
 
     keypoints: np.ndarray
@@ -208,16 +212,6 @@ def synthesize_tracks(gt, area, params: SequenceParams, rng: np.random.Generator
     r2 = (u ** 2).sum(-1, keepdims=True)
     u *= np.sqrt(np.minimum(1.0, U_CAP2 / np.maximum(r2, 1e-300)))
 
-    # A miss: one offset per episode, at KS uniform in (0.1, 0.5) from the own joint, in a uniform direction.
-    ks_m = rng.uniform(0.1, KS_HIT, (n, t_len, NUM_KEYPOINTS))
-    ang = rng.uniform(0.0, 2 * np.pi, (n, t_len, NUM_KEYPOINTS))
-    rad = np.sqrt(-2.0 * np.log(ks_m))
-    miss_u = np.stack([rad * np.cos(ang), rad * np.sin(ang)], axis=-1)
-    episode_start = np.concatenate([np.ones((n, 1, NUM_KEYPOINTS), bool), state[:, 1:] != state[:, :-1]], axis=1)
-    idx = np.where(episode_start, np.arange(t_len)[None, :, None], 0)
-    idx = np.maximum.accumulate(idx, axis=1)
-    miss_u = np.take_along_axis(miss_u, idx[..., None], axis=1)
-
     # Anchors: the partner (inversion), the nearest other person labelling that joint (swap).
     unit = _ks_unit(area)  # (N, T, K)
     own = gt[..., :2]
@@ -237,30 +231,71 @@ def synthesize_tracks(gt, area, params: SequenceParams, rng: np.random.Generator
         swap_xy = np.take_along_axis(others[..., :2], anchor[:, :, None, :, None], axis=2)[:, :, 0]
         swap_unit = np.take_along_axis(_ks_unit(others_area), anchor[:, :, None, :], axis=2)[:, :, 0]
         anchor = np.where(swap_ok, anchor, -1)
+    flat_gt = gt.reshape(n * t_len, NUM_KEYPOINTS, 3)
+    has = vis.any(-1).reshape(-1)
+    flat_area = area.reshape(-1)[has]
+    flat_others = others.reshape(n * t_len, m, NUM_KEYPOINTS, 3)[has]
+    flat_others_area = others_area.reshape(n * t_len, m)[has]
+
+    def labels_of(points):  # (N, T, K, 2) → (N, T, K) classification against every person of the frame
+        out = np.full((n, t_len, NUM_KEYPOINTS), UNLABELLED, dtype=np.int8)
+        if has.any():
+            out.reshape(-1, NUM_KEYPOINTS)[has] = classify(points.reshape(-1, NUM_KEYPOINTS, 2)[has], flat_gt[has],
+                                                           flat_area, flat_others, flat_others_area)
+        return out
+
+    # A miss: one offset per episode, at KS uniform in (0.1, 0.5) from the own joint, in a uniform direction:
+    # the first of MISS_TRIES draws whose point is a miss at the episode's first frame (KS < 0.5 to every
+    # other candidate too).
+    own_unit = _ks_unit(area)
+    miss_u = np.zeros((n, t_len, NUM_KEYPOINTS, 2))
+    found = np.zeros((n, t_len, NUM_KEYPOINTS), dtype=bool)
+    for _ in range(MISS_TRIES):
+        ks_m = rng.uniform(0.1, KS_HIT, (n, t_len, NUM_KEYPOINTS))
+        ang = rng.uniform(0.0, 2 * np.pi, (n, t_len, NUM_KEYPOINTS))
+        rad = np.sqrt(-2.0 * np.log(ks_m))
+        cand = np.stack([rad * np.cos(ang), rad * np.sin(ang)], axis=-1)
+        take = ~found & (labels_of(gt[..., :2] + cand * own_unit[..., None]) == MISS)
+        miss_u[take] = cand[take]
+        found |= take
+        miss_u[~found] = cand[~found]  # the last draw where none is a miss
+    episode_start = np.concatenate([np.ones((n, 1, NUM_KEYPOINTS), bool), state[:, 1:] != state[:, :-1]], axis=1)
+    idx = np.where(episode_start, np.arange(t_len)[None, :, None], 0)
+    idx = np.maximum.accumulate(idx, axis=1)
+    miss_u = np.take_along_axis(miss_u, idx[..., None], axis=1)
+
     st = np.where(state == 1, INVERSION, np.where(state == 2, SWAP, np.where(state == 3, MISS, GOOD))).astype(np.int8)
     st[(st == INVERSION) & ~inv_ok] = GOOD
     st[(st == SWAP) & ~swap_ok] = GOOD
-    xy = own + u * unit[..., None]
-    xy = np.where((st == INVERSION)[..., None], partner[..., :2] + u * _ks_unit(area)[..., PARTNER, None], xy)
-    xy = np.where((st == SWAP)[..., None], swap_xy + u * swap_unit[..., None], xy)
-    xy = np.where((st == MISS)[..., None], own + miss_u * unit[..., None], xy)
+    def place(u):
+        xy = own + u * unit[..., None]
+        xy = np.where((st == INVERSION)[..., None], partner[..., :2] + u * unit[..., PARTNER, None], xy)
+        xy = np.where((st == SWAP)[..., None], swap_xy + u * swap_unit[..., None], xy)
+        return np.where((st == MISS)[..., None], own + miss_u * unit[..., None], xy)
+
     anchor = np.where(st == SWAP, anchor, -1)
+    # A point that another candidate would claim (a partner or another person's joint closer than its own
+    # anchor): its offset is halved, up to BASE_TRIES times, so that base frames stay good or jitter and an
+    # inversion or swap stays one.
+    xy = place(u)
+    for _ in range(BASE_TRIES):
+        lab = labels_of(xy)
+        bad = vis & np.where(st == GOOD, (lab != GOOD) & (lab != JITTER), ((st == INVERSION) | (st == SWAP)) & (lab != st))
+        if not bad.any():
+            break
+        u[bad] *= 0.5
+        xy = place(u)
 
     # Unlabelled joints: placed plausibly from the labelled ones, frame by frame.
-    flat_gt = gt.reshape(n * t_len, NUM_KEYPOINTS, 3)
-    has = vis.any(-1).reshape(-1)
     placed = np.zeros((n * t_len, NUM_KEYPOINTS, 2))
     if has.any():
         placed[has] = place_unlabelled(flat_gt[has], area.reshape(-1)[has], rng)
     placed = placed.reshape(n, t_len, NUM_KEYPOINTS, 2)
     xy = np.where(vis[..., None], xy, placed)
 
-    outcome = np.full((n, t_len, NUM_KEYPOINTS), UNLABELLED, dtype=np.int8)
-    if has.any():
-        lab = classify(xy.reshape(-1, NUM_KEYPOINTS, 2)[has], flat_gt[has], area.reshape(-1)[has],
-                       others.reshape(n * t_len, m, NUM_KEYPOINTS, 3)[has], others_area.reshape(n * t_len, m)[has])
-        outcome.reshape(-1, NUM_KEYPOINTS)[has] = lab
+    outcome = labels_of(xy)
     outcome[~vis] = UNLABELLED
+    st[(st == GOOD) & (outcome == JITTER)] = JITTER  # a base point is good or jitter by its KS
     st[~vis] = UNLABELLED
     conf = np.empty((n, t_len, NUM_KEYPOINTS))
     for code, name in list(enumerate(OUTCOMES)) + [(UNLABELLED, "unlabelled")]:
