@@ -156,6 +156,10 @@ def test_severity_scales_planted_rates(tmp_path, severity):
         got = per_joint[e][list(joints)].sum()
         tol = 4.5 * np.sqrt(variants * var) + 3
         assert abs(got - variants * mean) <= tol, (e, name, got, variants * mean, tol)
+    # The manifest's expected rates are those computed here, independently.
+    for e in ERRORS:
+        want = variants * sum(mean for (err, _), (mean, _) in expected.items() if err == e)
+        assert m["expected_rates"][e] * m["labelled_joints"] == pytest.approx(want, rel=1e-3, abs=0.1)
     if severity["miss"] == 0:
         assert m["counts"]["miss"] == 0
     assert m["severity"] == severity

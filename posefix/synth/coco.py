@@ -202,6 +202,7 @@ class CocoDraw:
     anchor_id: np.ndarray
     anchor_joint: np.ndarray
     score: np.ndarray
+    expected: np.ndarray  # (len(OUTCOMES), K) the sum over persons of each outcome's probability per joint
 
 
 def plan_coco(gt: GroundTruth, prune_above: int = PRUNE_ABOVE) -> CocoPlan:
@@ -234,6 +235,7 @@ def draw_coco(plan: CocoPlan, rng: np.random.Generator, profile: Profile | None 
     anchor_id = np.zeros((persons.size, NUM_KEYPOINTS), dtype=np.int64)
     anchor_joint = np.zeros((persons.size, NUM_KEYPOINTS), dtype=np.int64)
     score = np.zeros(persons.size)
+    expected = np.zeros((len(OUTCOMES), NUM_KEYPOINTS))
     for sel, members, ptr, flags in plan.groups:
         who = persons[sel]
         others = Others(gt.keypoints, areas, ptr, members, flags)
@@ -243,4 +245,5 @@ def draw_coco(plan: CocoPlan, rng: np.random.Generator, profile: Profile | None 
         other_ids = gt.ids[members[entry]] if members.size else 0
         anchor_id[sel] = np.where(res.anchor_person < 0, gt.ids[who][:, None], other_ids)
         anchor_joint[sel] = res.anchor_joint
-    return CocoDraw(kp, outcome, anchor_id, anchor_joint, score)
+        expected += res.probabilities.sum(0).T
+    return CocoDraw(kp, outcome, anchor_id, anchor_joint, score, expected)

@@ -139,6 +139,7 @@ class Shard:
     data: bytes  # the gzip file's bytes
     records: int
     counts: np.ndarray  # (len(OUTCOMES), K)
+    expected: np.ndarray | None = None  # (len(OUTCOMES), K) expected counts, where known
 
 
 def regenerate_shard(gt_path: str | Path, dataset: str | Path, block: int, variant: int) -> bytes:
@@ -164,7 +165,7 @@ def draw_shard(plan, block: int, variant: int, seed: int, profile: Profile) -> S
     sub, p = plan.gt, plan.persons
     raw = encode_lines(sub.image_ids[p], sub.ids[p], variant, draw.keypoints, draw.score, draw.outcome,
                        draw.anchor_id, draw.anchor_joint)
-    return Shard(block, variant, gzip_bytes(raw), int(p.size), count_outcomes(draw.outcome))
+    return Shard(block, variant, gzip_bytes(raw), int(p.size), count_outcomes(draw.outcome), draw.expected)
 
 
 def file_sha256(path: Path) -> str | None:
@@ -262,6 +263,8 @@ def write_dataset(gt_path: str | Path, out_dir: str | Path, variants: int, seed:
         rec = {"file": name, "block": b, "variant": v, "records": shard.records,
                "sha256": hashlib.sha256(shard.data).hexdigest(), "bytes": len(shard.data),
                "counts": {o: shard.counts[i].tolist() for i, o in enumerate(OUTCOMES)}}
+        if shard.expected is not None:
+            rec["expected"] = {o: np.round(shard.expected[i], 3).tolist() for i, o in enumerate(OUTCOMES)}
         shards.append(rec)
         made += 1
         manifest = _manifest(ident, shards, len(todo))
@@ -283,11 +286,15 @@ def _manifest(ident: dict, shards: list[dict], total: int) -> dict:
         per_joint += np.array([r["counts"][o] for o in OUTCOMES], dtype=np.int64)
     labelled = int(per_joint.sum())
     counts = {o: int(per_joint[i].sum()) for i, o in enumerate(OUTCOMES)}
-    return {**ident, "complete": len(shards) == total, "shards_total": total,
-            "records": int(sum(r["records"] for r in shards)), "labelled_joints": labelled, "counts": counts,
-            "counts_per_joint": {o: per_joint[i].tolist() for i, o in enumerate(OUTCOMES)},
-            "planted_rates": {o: (counts[o] / labelled if labelled else 0.0) for o in OUTCOMES},
-            "shards": shards}
+    out = {**ident, "complete": len(shards) == total, "shards_total": total,
+           "records": int(sum(r["records"] for r in shards)), "labelled_joints": labelled, "counts": counts,
+           "counts_per_joint": {o: per_joint[i].tolist() for i, o in enumerate(OUTCOMES)},
+           "planted_rates": {o: (counts[o] / labelled if labelled else 0.0) for o in OUTCOMES}}
+    if shards and all("expected" in r for r in shards):
+        expected = sum(np.array([r["expected"][o] for o in OUTCOMES]) for r in shards)
+        out["expected_rates"] = {o: (float(expected[i].sum()) / labelled if labelled else 0.0)
+                                 for i, o in enumerate(OUTCOMES)}
+    return {**out, "shards": shards}
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -362,9 +369,10 @@ def run_synth_dataset(gt: str, out: str, variants: int | None, seed: int, profil
     m = write_dataset(gt, out, variants or 1, seed, load_profile(profile_path), factors, block_persons, sequences,
                       params, stop_after)
     dt = time.perf_counter() - t0
-    rates = ", ".join(f"{o} {m['planted_rates'][o]:.4f}" for o in OUTCOMES)
+    exp = m.get("expected_rates")
+    rates = ", ".join(f"{o} {m['planted_rates'][o]:.4f}" + (f" ({exp[o]:.4f})" if exp else "") for o in OUTCOMES)
     state = "complete" if m["complete"] else f"stopped after {len(m['shards'])} of {m['shards_total']} shards"
     return [(f"synthesized {m['records']} {'person-frame' if sequences else 'person'} inputs "
              f"({m['variants']} variant(s), {len(m['shards'])} shards) from {gt} in {dt:.2f} s "
              f"(profile {m['profile']['name']}, seed {seed}, {state}) -> {out}"),
-            f"planted rates of labelled joints: {rates}"]
+            f"planted rates of labelled joints{' (expected by the profile at this severity)' if exp else ''}: {rates}"]
