@@ -258,7 +258,8 @@ def _video_gt(path, layout="posetrack"):
         anns = [a for a in src["annotations"] if a["image_id"] == im["id"] and not a.get("iscrowd")]
         for f in range(24):
             iid = im["id"] * 100 + f
-            meta = {"vid_id": im["id"], "frame_id": f} if layout == "posetrack" else {"clip_id": im["id"], "frame": f}
+            meta = {"vid_id": f"{im['id']:06d}", "frame_id": im["id"] * 10000 + f} if layout == "posetrack" \
+                else {"clip_id": im["id"], "frame": f}
             doc["images"].append({**im, "id": iid, **meta})
             shift = rng.normal(0, 2, 2)
             for a in anns:
@@ -280,6 +281,9 @@ def test_sequences_through_the_cli(tmp_path, capsys, layout):
     gt = load_ground_truth(gt_path)
     assert len(recs) == 2 * int((~gt.crowd & (gt.keypoints[..., 2] > 0).any(-1)).sum())
     assert {"track_id", "video_id", "frame", "planted", "labels"} <= set(recs[0])
+    images = {im["id"]: im for im in json.loads(gt_path.read_text())["images"]}
+    key = ("vid_id", "frame_id") if layout == "posetrack" else ("clip_id", "frame")
+    assert all((r["video_id"], r["frame"]) == tuple(images[r["image_id"]][k] for k in key) for r in recs)
     assert "person-frame" in capsys.readouterr().out
     # What was planted is what the classifier (diagnose's rule, against every person of the frame) finds.
     pairs = [(p, lab) for r in recs for p, lab in zip(r["planted"], r["labels"]) if p is not None]

@@ -321,8 +321,9 @@ def read_dataset(path: str | Path, variants=None, check: bool = False) -> Iterat
             raise InputError("shards", f"cannot read {rec['file']}: {e.strerror or e}", str(path)) from None
         if check and hashlib.sha256(data).hexdigest() != rec["sha256"]:
             raise InputError("shards", f"{rec['file']} does not match its SHA-256 in the manifest", str(path))
+        loads = orjson.loads if orjson is not None else json.loads
         for line in gzip.decompress(data).splitlines():
-            r = json.loads(line)
+            r = loads(line)
             r["keypoints"] = np.asarray(r["keypoints"], dtype=np.float64).reshape(NUM_KEYPOINTS, 3)
             yield r
 

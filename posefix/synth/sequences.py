@@ -85,28 +85,31 @@ class SequenceParams:
 
 @dataclass(frozen=True)
 class Tracks:
-    """Per annotation (P,): track id, clip (video) id and frame index."""
+    """Per annotation (P,): track id, clip (an integer code per video), frame index, and the video's id as the
+    file gives it (PoseTrack's ``vid_id`` is a string)."""
 
     track: np.ndarray
     clip: np.ndarray
     frame: np.ndarray
+    video: np.ndarray
 
 
 def track_layout(gt: GroundTruth, source: str = "annotations") -> Tracks:
     """The track, video and frame of every annotation: images carry PoseTrack's ``vid_id`` and ``frame_id``
     (or ``clip_id`` and ``frame``), annotations ``track_id``."""
-    images = {}
+    images, codes = {}, {}
     for i, im in enumerate(gt.doc.get("images", [])):
         if "vid_id" in im and "frame_id" in im:
-            vid, fr = im["vid_id"], im["frame_id"]
+            (vk, vid), (fk, fr) = ("vid_id", im["vid_id"]), ("frame_id", im["frame_id"])
         elif "clip_id" in im and "frame" in im:
-            vid, fr = im["clip_id"], im["frame"]
+            (vk, vid), (fk, fr) = ("clip_id", im["clip_id"]), ("frame", im["frame"])
         else:
             raise InputError(f"images[{i}]", "needs vid_id and frame_id (PoseTrack) or clip_id and frame", source)
-        for name, x in (("vid_id", vid), ("frame_id", fr)):
-            if not isinstance(x, int) or isinstance(x, bool):
-                raise InputError(f"images[{i}].{name}", f"must be an integer, got {x!r}", source)
-        images[im["id"]] = (vid, fr)
+        if not (isinstance(vid, (int, str)) and not isinstance(vid, bool)):
+            raise InputError(f"images[{i}].{vk}", f"must be an integer or a string, got {vid!r}", source)
+        if not isinstance(fr, int) or isinstance(fr, bool):
+            raise InputError(f"images[{i}].{fk}", f"must be an integer, got {fr!r}", source)
+        images[im["id"]] = (codes.setdefault(vid, len(codes)), fr, vid)
     anns = gt.doc.get("annotations", [])
     track = np.zeros(len(anns), dtype=np.int64)
     for i, a in enumerate(anns):
@@ -114,8 +117,9 @@ def track_layout(gt: GroundTruth, source: str = "annotations") -> Tracks:
         if not isinstance(t, int) or isinstance(t, bool):
             raise InputError(f"annotations[{i}].track_id", f"missing or not an integer, got {t!r}", source)
         track[i] = t
-    vf = np.array([images[int(i)] for i in gt.image_ids], dtype=np.int64).reshape(-1, 2)
-    return Tracks(track, vf[:, 0], vf[:, 1])
+    rows = [images[int(i)] for i in gt.image_ids]
+    vf = np.array([r[:2] for r in rows], dtype=np.int64).reshape(-1, 2)
+    return Tracks(track, vf[:, 0], vf[:, 1], np.array([r[2] for r in rows], dtype=object))
 
 
 @dataclass(frozen=True)
@@ -381,7 +385,7 @@ def make_sequence_shard(gt: GroundTruth, tracks: Tracks, block_idx, block: int, 
         (res.outcome[ii, tt] >= 0).sum(-1), 1)
     raw = encode_lines(gt.image_ids[a], own, variant, res.keypoints[ii, tt], score, res.outcome[ii, tt],
                        anchor_id, anchor_joint,
-                       extra={"track_id": tracks.track[a], "video_id": tracks.clip[a], "frame": tracks.frame[a],
+                       extra={"track_id": tracks.track[a], "video_id": tracks.video[a].tolist(), "frame": tracks.frame[a],
                               "planted": [[None if x < 0 else OUTCOMES[x] for x in row] for row in st.tolist()]})
     return Shard(block, variant, gzip_bytes(raw), int(a.size), count_outcomes(res.outcome[ii, tt]))
 
