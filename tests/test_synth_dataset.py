@@ -14,7 +14,7 @@ from posefix.synth.coco import overlaps
 from posefix.synth.cocoio import load_ground_truth
 from posefix.synth.dataset import load_arrays, read_manifest, regenerate_shard, write_dataset
 from posefix.synth.diagnose import diagnose
-from posefix.synth.keypoints import PARTNER
+from posefix.synth.keypoints import PARTNER, SIGMAS
 from posefix.synth.profile import ERRORS, OUTCOMES, published_profile
 from posefix.synth.sequences import SequenceParams, fit_sequences, synthesize_track, synthesize_tracks
 
@@ -223,7 +223,6 @@ def test_sequences_keep_rates_durations_and_jitter_correlation():
         assert len(lengths) > 300
         assert abs(np.mean(lengths) - params.durations[e]) < 0.1 * params.durations[e], (e, np.mean(lengths))
     # Jitter: lag-1 correlation of the KS-unit offset over base frames.
-    from posefix.synth.keypoints import SIGMAS
     u = (res.keypoints[..., :2] - g[..., :2]) / (2 * SIGMAS[:, None] * np.sqrt(area)[..., None, None])
     in_base = (res.state == 0) | (res.state == 1)  # good or jitter
     both = in_base[:, 1:] & in_base[:, :-1] & vis[:, 1:]
@@ -254,7 +253,11 @@ def _video_gt(path, layout="posetrack"):
     src = json.loads(VAL_GT.read_text())
     doc = {"images": [], "annotations": [], "categories": src["categories"]}
     rng = np.random.default_rng(0)
-    for im in src["images"][:6]:
+    persons = {}
+    for a in src["annotations"]:
+        if not a.get("iscrowd") and any(a["keypoints"][2::3]):
+            persons[a["image_id"]] = persons.get(a["image_id"], 0) + 1
+    for im in [im for im in src["images"] if persons.get(im["id"], 0) >= 2][:5]:
         anns = [a for a in src["annotations"] if a["image_id"] == im["id"] and not a.get("iscrowd")]
         for f in range(24):
             iid = im["id"] * 100 + f
@@ -284,6 +287,20 @@ def test_sequences_through_the_cli(tmp_path, capsys, layout):
     images = {im["id"]: im for im in json.loads(gt_path.read_text())["images"]}
     key = ("vid_id", "frame_id") if layout == "posetrack" else ("clip_id", "frame")
     assert all((r["video_id"], r["frame"]) == tuple(images[r["image_id"]][k] for k in key) for r in recs)
+    # A swap's anchor is another person of the same frame, and the point is within KS 0.5 of that joint.
+    by_id = {int(a): i for i, a in enumerate(gt.ids)}
+    swaps = 0
+    for r in recs:
+        for j, (p, (aid, aj)) in enumerate(zip(r["planted"], r["anchors"])):
+            if p == "swap":
+                swaps += 1
+                o = by_id[aid]
+                assert aid != r["annotation_id"] and gt.image_ids[o] == r["image_id"]
+                d2 = ((r["keypoints"][j, :2] - gt.keypoints[o, aj, :2]) ** 2).sum()
+                assert np.exp(-d2 / (2 * gt.areas[o] * (2 * SIGMAS[aj]) ** 2)) >= 0.5
+            elif p is not None:
+                assert aid == r["annotation_id"]
+    assert swaps > 5
     assert "person-frame" in capsys.readouterr().out
     # What was planted is what the classifier (diagnose's rule, against every person of the frame) finds.
     pairs = [(p, lab) for r in recs for p, lab in zip(r["planted"], r["labels"]) if p is not None]

@@ -10,7 +10,7 @@ profile's. Jitter is a 2-D AR(1) offset u_t = ρ u_{t−1} + sqrt(1 − ρ²) s 
 (the offset in pixels divided by 2σ_j sqrt(area), so KS = exp(−|u|² / 2)), with s set per joint so that
 the share of base frames with KS < 0.85 (jitter) is the profile's, and |u| capped below KS 0.5 (no miss
 from jitter). During an inversion or a swap the point follows its anchor (the partner joint, or that joint
-of the nearest other person of the frame) with the same offset in the anchor's units; where another
+of the nearest overlapping person of the frame) with the same offset in the anchor's units; where another
 candidate would claim a base, inversion or swap point, its offset is halved until none does (up to
 BASE_TRIES times); a miss holds one offset at KS 0.1–0.5 from the own joint for its whole
 duration, the first of MISS_TRIES draws that is a miss at the episode's first frame. A gross error that is impossible at a frame
@@ -141,13 +141,14 @@ def _ks_unit(area):
 
 
 def synthesize_tracks(gt, area, params: SequenceParams, rng: np.random.Generator, profile: Profile | None = None,
-                      valid=None, others=None, others_area=None, ov=None) -> TrackResult:
+                      valid=None, others=None, others_area=None, ov=None, others_overlap=None) -> TrackResult:
     """Erroneous per-frame inputs for N tracks of T frames (see the module's description).
 
     gt: (N, T, K, 3) GT joints (x, y, v) per frame; area: (N, T); valid: (N, T) bool, frames the track has
     (default all); others: (N, T, M, K, 3) the other persons of each frame (padded with v = 0) and
-    others_area (N, T, M), for swaps and for the classification; ov: (N, T) overlapping persons (for the
-    profile's crowding bins; default 0).
+    others_area (N, T, M), for the classification; others_overlap: (N, T, M) bool, those that overlap the
+    person (box IoU >= 0.1: a swap lands on one of them; default all); ov: (N, T) overlapping persons (for
+    the profile's crowding bins; default 0).
     """
     profile = profile or published_profile()
     gt = np.asarray(gt, dtype=np.float64)
@@ -228,6 +229,8 @@ def synthesize_tracks(gt, area, params: SequenceParams, rng: np.random.Generator
     swap_unit = np.ones((n, t_len, NUM_KEYPOINTS))
     if m:
         ovis = others[..., 2] > 0  # (N, T, M, K)
+        if others_overlap is not None:
+            ovis &= np.asarray(others_overlap, dtype=bool).reshape(n, t_len, m)[..., None]
         d2 = ((others[..., :2] - own[:, :, None]) ** 2).sum(-1)
         d2 = np.where(ovis, d2, np.inf)
         anchor = d2.argmin(2)
@@ -329,7 +332,8 @@ def synthesize_track(gt_xy, area, params: SequenceParams | None = None, rng: np.
 def _track_arrays(gt: GroundTruth, tracks: Tracks, idx: np.ndarray):
     """Dense arrays of the tracks of annotations ``idx``: per track its annotations by frame, with the other
     persons of each frame. Returns (keys (N,) track ids, ann (N, T) annotation index or -1, gt, area, valid,
-    others, others_area, ov, others_ann (N, T, M) the annotation index of each other person or -1)."""
+    others, others_area, ov, others_ann (N, T, M) the annotation index of each other person or -1, overlap
+    (N, T, M) whether it overlaps the person)."""
     idx = idx[~gt.crowd[idx] & (gt.keypoints[idx, :, 2] > 0).any(-1)]
     keys, tix = np.unique(tracks.track[idx], return_inverse=True)
     first = np.full(keys.size, np.iinfo(np.int64).max)
@@ -351,6 +355,7 @@ def _track_arrays(gt: GroundTruth, tracks: Tracks, idx: np.ndarray):
     others_area = np.ones(valid.shape + (m,))
     ov = np.zeros(valid.shape, dtype=np.int64)
     others_ann = np.full(valid.shape + (m,), -1, dtype=np.int64)
+    overlap = np.zeros(valid.shape + (m,), dtype=bool)
     if m:
         for i, t in zip(*np.nonzero(valid)):
             a = ann[i, t]
@@ -359,8 +364,10 @@ def _track_arrays(gt: GroundTruth, tracks: Tracks, idx: np.ndarray):
                 others[i, t, :len(rest)] = gt.keypoints[rest]
                 others_area[i, t, :len(rest)] = np.maximum(gt.areas[rest], 1.0)
                 others_ann[i, t, :len(rest)] = rest
-                ov[i, t] = int((box_iou(gt.boxes[a:a + 1], gt.boxes[rest])[0] >= 0.1).sum())
-    return keys, ann, g, area, valid, others, others_area, ov, others_ann
+                hit = box_iou(gt.boxes[a:a + 1], gt.boxes[rest])[0] >= 0.1
+                overlap[i, t, :len(rest)] = hit
+                ov[i, t] = int(hit.sum())
+    return keys, ann, g, area, valid, others, others_area, ov, others_ann, overlap
 
 
 def make_sequence_shard(gt: GroundTruth, tracks: Tracks, block_idx, block: int, variant: int, seed: int,
@@ -368,8 +375,10 @@ def make_sequence_shard(gt: GroundTruth, tracks: Tracks, block_idx, block: int, 
     """Shard (block, variant) of a sequences dataset: one record per (track, frame) in track, frame order."""
     from .dataset import Shard, count_outcomes, encode_lines, gzip_bytes, shard_rng
 
-    _, ann, g, area, valid, others, others_area, ov, others_ann = _track_arrays(gt, tracks, np.asarray(block_idx))
-    res = synthesize_tracks(g, area, params, shard_rng(seed, block, variant), profile, valid, others, others_area, ov)
+    _, ann, g, area, valid, others, others_area, ov, others_ann, overlap = _track_arrays(gt, tracks,
+                                                                                          np.asarray(block_idx))
+    res = synthesize_tracks(g, area, params, shard_rng(seed, block, variant), profile, valid, others, others_area, ov,
+                            overlap)
     ii, tt = np.nonzero(valid)
     a = ann[ii, tt]
     own = gt.ids[a]
@@ -411,7 +420,7 @@ def fit_sequences(gt: GroundTruth, results: list[dict], source: str = "results")
     if not have.any():
         raise InputError("results", "no result matches a GT annotation by image_id and track_id", source)
     idx = np.arange(len(gt.ids))
-    _, ann, g, area, valid, others, others_area, _, _ = _track_arrays(gt, tracks, idx)
+    _, ann, g, area, valid, others, others_area, _, _, _ = _track_arrays(gt, tracks, idx)
     ok = valid & have[np.maximum(ann, 0)]
     p = pred[np.maximum(ann, 0)]
     n, t_len = ok.shape
