@@ -11,9 +11,10 @@ Persons are cut into blocks of whole images (whole tracks for sequences) in the 
 ``block_persons`` at most unless one image has more. Shard (block b, variant v) is drawn from its own
 generator, ``SeedSequence(seed, spawn_key=(v, b))``: it depends on (seed, variant, block) and the GT of
 its block alone, so any shard can be regenerated without the others and every variant is independent of
-how many are asked for. Each shard is written atomically and recorded in the manifest as it completes; a
-stopped run, started again with the same arguments, keeps the recorded shards (after checking their
-SHA-256) and makes the others, giving the same bytes as an uninterrupted run. Memory holds the GT and one
+how many are asked for. Each shard is written atomically and recorded in the manifest (rewritten after the
+first shard, then at most every MANIFEST_EVERY_S); a stopped run, started again with the same arguments,
+keeps the recorded shards (after checking their SHA-256) and makes the others, giving the same bytes as an
+uninterrupted run. Memory holds the GT and one
 shard, whatever the number of variants.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import gzip
 import hashlib
 import io
 import json
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ from .synthesize import UNLABELLED
 
 FORMAT = "posefix-synth-dataset/1"
 BLOCK_PERSONS = 8192
+MANIFEST_EVERY_S = 1.0
 GZIP_LEVEL = 1  # the fastest: shards are written at the synthesizer's speed; level 6 saves about a fifth more
 XY_DECIMALS, SCORE_DECIMALS = 3, 4  # 0.001 px and 1e-4 of confidence, far below any KS boundary's width
 LABEL_NAMES = np.array(list(OUTCOMES) + [None], dtype=object)  # index UNLABELLED (-1) → None
@@ -244,7 +247,7 @@ def write_dataset(gt_path: str | Path, out_dir: str | Path, variants: int, seed:
                 done[rec["file"]] = rec
     out.mkdir(parents=True, exist_ok=True)
     todo = [(b, v) for b in range(len(blocks)) for v in range(variants)]  # a block's plan serves its variants
-    shards, made = [], 0
+    shards, made, last_write = [], 0, time.monotonic()
     plan_cache: tuple[int, object] | None = None
     for b, v in todo:
         name = shard_name(b, v)
@@ -267,8 +270,11 @@ def write_dataset(gt_path: str | Path, out_dir: str | Path, variants: int, seed:
             rec["expected"] = {o: np.round(shard.expected[i], 3).tolist() for i, o in enumerate(OUTCOMES)}
         shards.append(rec)
         made += 1
-        manifest = _manifest(ident, shards, len(todo))
-        write_bytes_atomic(manifest_path, json.dumps(manifest, indent=1).encode())
+        # The manifest records the shards made so far: after the first, then at most every MANIFEST_EVERY_S
+        # (a stopped run makes again the few shards made since, with the same bytes).
+        if made == 1 or time.monotonic() - last_write >= MANIFEST_EVERY_S:
+            write_bytes_atomic(manifest_path, json.dumps(_manifest(ident, shards, len(todo))).encode())
+            last_write = time.monotonic()
         if progress:
             progress(f"{len(shards)}/{len(todo)} shards")
     manifest = _manifest(ident, shards, len(todo))
@@ -351,7 +357,6 @@ def run_synth_dataset(gt: str, out: str, variants: int | None, seed: int, profil
                       block_persons: int, stop_after: int | None = None) -> list[str]:
     """``posefix synth`` writing a dataset directory: the arguments as the CLI gives them (None where not
     given); returns the lines to print."""
-    import time
 
     from .profile import load_profile
     from .sequences import SequenceParams
