@@ -381,3 +381,19 @@ def test_more_variants_extend_a_dataset(tmp_path):
     write_dataset(TRAIN_GT, tmp_path / "ref", 3, seed=1, block_persons=60)
     assert shard_bytes(tmp_path / "d") == shard_bytes(tmp_path / "ref") and m["complete"] and m["variants"] == 3
     assert all(shard_bytes(tmp_path / "d")[k] == v for k, v in first.items())
+
+
+def test_reader_selects_variants_and_checks_shards(tmp_path):
+    write_dataset(VAL_GT, tmp_path / "d", 3, seed=0)
+    assert {r["variant"] for r in read_dataset(tmp_path / "d", variants={1})} == {1}
+    m = read_manifest(tmp_path / "d")
+    shard = tmp_path / "d" / m["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[-12] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="SHA-256"):
+        list(read_dataset(tmp_path / "d", check=True))
+    with pytest.raises(InputError, match="damaged"):
+        list(read_dataset(tmp_path / "d"))
+    with pytest.raises(InputError, match="manifest"):
+        list(read_dataset(tmp_path))

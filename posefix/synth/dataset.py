@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,8 +329,13 @@ def read_dataset(path: str | Path, variants=None, check: bool = False) -> Iterat
         if check and hashlib.sha256(data).hexdigest() != rec["sha256"]:
             raise InputError("shards", f"{rec['file']} does not match its SHA-256 in the manifest", str(path))
         loads = orjson.loads if orjson is not None else json.loads
-        for line in gzip.decompress(data).splitlines():
-            r = loads(line)
+        try:
+            lines = gzip.decompress(data).splitlines()
+            records = [loads(line) for line in lines]
+        except (OSError, EOFError, zlib.error, ValueError) as e:
+            raise InputError("shards", f"{rec['file']} is damaged ({e}); make it again with the same "
+                             "posefix synth command", str(path)) from None
+        for r in records:
             r["keypoints"] = np.asarray(r["keypoints"], dtype=np.float64).reshape(NUM_KEYPOINTS, 3)
             yield r
 
