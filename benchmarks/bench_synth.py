@@ -8,8 +8,12 @@ about 40,000 persons, and on crowd images of 93 and 930 persons each, with its p
 runs the same commands from another posefix source tree (e.g. ``git archive`` of an earlier commit) side by
 side; every CLI run is capped in address space (``--memory-limit-gb``) and time (``--timeout``).
 
+Then ``posefix synth --out DIR --variants V`` (dataset directories) at COCO-train scale (150,000 persons × 10
+variants) and at other sizes, with peak RSS, to show that memory does not grow with the dataset.
+
     python benchmarks/bench_synth.py [--persons 150000] [--reference-persons 240] [--cli-persons 40000]
-        [--crowd 93 930] [--baseline-tree DIR] [--json out.json]
+        [--crowd 93 930] [--baseline-tree DIR] [--dataset-sizes 150000x10 150000x2 37500x10] [--only-datasets]
+        [--json out.json]
 """
 from __future__ import annotations
 
@@ -136,6 +140,67 @@ def crowd_doc(per_image: int, images: int, seed: int = 0) -> dict:
     return doc
 
 
+def run_dataset_cli(gt: Path, out: Path, variants: int, limit_gb: float, timeout: float) -> dict:
+    """``posefix synth --gt GT --out DIR --variants V`` in a subprocess on one core: wall time and peak RSS."""
+    cap = int(limit_gb * 2 ** 30)
+    peak = out.parent / "peak.txt"
+    peak.unlink(missing_ok=True)
+    start = (f"import atexit, resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, ({cap}, {cap})); "
+             f"atexit.register(lambda: open({str(peak)!r}, 'w').write(next(line.split()[1] for line "
+             "in open('/proc/self/status') if line.startswith('VmHWM')))); sys.argv = ['posefix'] + sys.argv[1:]; "
+             "runpy.run_module('posefix', run_name='__main__')")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    import resource
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run([sys.executable, "-c", start, "synth", "--gt", str(gt), "--out", str(out), "--variants",
+                            str(variants)], env=env, cwd=out.parent, capture_output=True, text=True, timeout=timeout,
+                           check=False)
+        ok, why = r.returncode == 0, (r.stderr.strip().splitlines() or [""])[-1][:120]
+    except subprocess.TimeoutExpired:
+        ok, why = False, "timed out"
+    seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    records = json.loads((out / "manifest.json").read_text())["records"] if ok else 0
+    size = sum(f.stat().st_size for f in out.glob("shard-*")) if out.exists() else 0
+    return {"ok": ok, "seconds": seconds, "cpu_seconds": cpu, "person_variants": records,
+            "person_variants_per_s": records / seconds if ok else None,
+            "person_variants_per_cpu_s": records / cpu if ok and cpu > 0 else None,
+            "peak_rss_mb": int(peak.read_text()) / 1024 if peak.exists() else None, "shard_mb": size / 2 ** 20,
+            "error": "" if ok else why}
+
+
+def dataset_section(args) -> list[dict]:
+    """`posefix synth --variants` end to end at COCO-train scale, and at other sizes to show memory is flat."""
+    import shutil
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        print(f"\n`posefix synth --out DIR --variants V` end to end (subprocess, one core; "
+              f"{args.memory_limit_gb:g} GB address-space cap)")
+        print(f"{'persons':>8} | {'variants':>8} | {'person-variants':>15} | {'s':>7} | {'p-v/s':>8} | "
+              f"{'CPU s':>7} | {'p-v/CPU s':>9} | {'peak RSS MB':>11} | {'shards MB':>9}")
+        print("-" * 110)
+        for persons, variants in args.dataset_sizes:
+            doc, n = annotations_doc(persons)
+            gt = tmp / "gt.json"
+            gt.write_text(json.dumps(doc))
+            out = tmp / "ds"
+            shutil.rmtree(out, ignore_errors=True)
+            r = run_dataset_cli(gt, out, variants, args.memory_limit_gb, args.dataset_timeout)
+            rows.append({"persons": n, "images": len(doc["images"]), "variants": variants, **r})
+            rate = f"{r['person_variants_per_s']:8,.0f}" if r["ok"] else f"{'-':>8}"
+            cpu_rate = f"{r['person_variants_per_cpu_s']:9,.0f}" if r["person_variants_per_cpu_s"] else f"{'-':>9}"
+            rss = f"{r['peak_rss_mb']:11,.0f}" if r["peak_rss_mb"] else f"{'-':>11}"
+            print(f"{n:8d} | {variants:8d} | {r['person_variants']:15,d} | {r['seconds']:7.1f} | {rate} | "
+                  f"{r['cpu_seconds']:7.1f} | {cpu_rate} | {rss} | "
+                  f"{r['shard_mb']:9.1f}{'' if r['ok'] else '  (' + r['error'] + ')'}")
+            shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
 def run_cli(tree: str, gt: Path, workdir: Path, limit_gb: float, timeout: float) -> dict:
     """``posefix synth --gt GT --out ... --labels ...`` from source tree ``tree`` in a subprocess: wall time,
     peak RSS, and whether it finished within the address-space and time limits."""
@@ -221,12 +286,19 @@ def main():
     ap.add_argument("--memory-limit-gb", type=float, default=8.0, help="address-space cap of each CLI run (8)")
     ap.add_argument("--timeout", type=float, default=120.0, help="time limit of each CLI run, s (120)")
     ap.add_argument("--no-kernels", action="store_true", help="only the CLI runs")
+    ap.add_argument("--dataset-sizes", type=lambda t: tuple(int(x) for x in t.split("x")), nargs="*",
+                    default=[(150_000, 10), (150_000, 2), (37_500, 10)], metavar="PERSONSxVARIANTS",
+                    help="dataset runs (150000x10 150000x2 37500x10; none: skip)")
+    ap.add_argument("--dataset-timeout", type=float, default=1200.0, help="time limit of each dataset run, s")
+    ap.add_argument("--only-datasets", action="store_true", help="only the dataset runs")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "synth.json"))
     args = ap.parse_args()
     report = {"benchmark": "synthesis"}
-    if not args.no_kernels:
+    if not args.no_kernels and not args.only_datasets:
         report.update(kernels(args))
-    report["cli"] = cli_section(args)
+    if not args.only_datasets:
+        report["cli"] = cli_section(args)
+    report["datasets"] = dataset_section(args)
     report["machine"] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                          "python": platform.python_version(), "numpy": np.__version__, "threads": 1}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

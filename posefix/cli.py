@@ -55,6 +55,22 @@ def cmd_synth(args) -> int:
     for name in ("gt", "out"):
         if getattr(args, name) is None:
             raise InputError(f"--{name}", "is required")
+    per_error = {e: getattr(args, f"severity_{e}", None) for e in ("jitter", "inversion", "swap", "miss")}
+    if any(getattr(args, k, None) is not None for k in ("variants", "severity", "sequence_params", "block_persons")) \
+            or getattr(args, "sequences", False) or any(v is not None for v in per_error.values()):
+        from .synth.dataset import BLOCK_PERSONS, run_synth_dataset
+        if args.labels is not None:
+            raise InputError("--labels", "a dataset directory carries its labels in its shards; leave --labels out")
+        if args.variants is not None and args.variants < 1:
+            raise InputError("--variants", f"must be >= 1, got {args.variants}")
+        if args.block_persons is not None and args.block_persons < 1:
+            raise InputError("--block-persons", f"must be >= 1, got {args.block_persons}")
+        _check_outputs(args, ("gt", "profile"), ())
+        for line in run_synth_dataset(args.gt, args.out, args.variants, args.seed, args.profile, args.severity,
+                                      per_error, args.sequences, args.sequence_params,
+                                      args.block_persons or BLOCK_PERSONS):
+            print(line)
+        return 0
     _check_outputs(args, ("gt", "profile"), ("out", "labels"))
     profile = load_profile(args.profile)
     gt = load_ground_truth(args.gt)
@@ -98,6 +114,22 @@ def cmd_synth_fit(args) -> int:
                                                  for i, b in enumerate(t.bins))
                           for name, joints in t.groups)
         print(f"  {err}: {cells}")
+    return 0
+
+
+def cmd_synth_fit_sequences(args) -> int:
+    from .fileio import read_json, write_json_atomic
+    from .synth.cocoio import load_ground_truth, validate_results
+    from .synth.sequences import fit_sequences
+
+    _check_outputs(args, ("gt", "results"), ("out",))
+    gt = load_ground_truth(args.gt)
+    results = validate_results(read_json(args.results, "results"), str(args.results), gt)
+    params, measured = fit_sequences(gt, results, str(args.results))
+    write_json_atomic(args.out, {**params.to_dict(), "measured": measured})
+    d = params.durations
+    print(f"fitted sequence parameters to {args.results}: mean durations (frames) inversion {d['inversion']:.2f}, "
+          f"swap {d['swap']:.2f}, miss {d['miss']:.2f}; jitter lag-1 correlation {params.jitter_rho:.3f} -> {args.out}")
     return 0
 
 
@@ -715,8 +747,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", metavar="PROFILE.json", help="error profile (default: the published PoseFix one)")
     s.add_argument("--labels", metavar="LABELS.json", help="also write what was planted at each keypoint "
                    "(with the SHA-256 of the results they belong to)")
+    d = s.add_argument_group("dataset directory (any of these makes --out a directory; see docs/synthesis.md)")
+    d.add_argument("--variants", type=int, metavar="N", help="N independent inputs per person (1)")
+    d.add_argument("--severity", type=float, metavar="S", help="scale every error's probability by S (1)")
+    for e in ("jitter", "inversion", "swap", "miss"):
+        d.add_argument(f"--severity-{e}", type=float, metavar="S", help=f"scale the {e} probability by S (1)")
+    d.add_argument("--sequences", action="store_true", help="per-frame GT of tracks (vid_id/frame_id or "
+                   "clip_id/frame on images, track_id on annotations): errors that persist over frames")
+    d.add_argument("--sequence-params", metavar="PARAMS.json", help="durations and jitter correlation (default: "
+                   "the bundled ones; see synth fit-sequences)")
+    d.add_argument("--block-persons", type=int, metavar="N", help="persons per shard (8192)")
     s.set_defaults(func=cmd_synth)
-    fit_sub = s.add_subparsers(dest="synth_command", metavar="{fit}")
+    fit_sub = s.add_subparsers(dest="synth_command", metavar="{fit,fit-sequences}")
     f = fit_sub.add_parser("fit", help="fit an error profile to an estimator's results",
                            description="Estimate, from the diagnosis of an estimator's results, the probability "
                                        "of each error by joint group and bin, as a profile for --profile.")
@@ -728,6 +770,14 @@ def build_parser() -> argparse.ArgumentParser:
     images_arg(f, help="the images (for a format other than coco: file names, sizes)")
     allow_outside_images_arg(f)
     f.set_defaults(func=cmd_synth_fit)
+    fs = fit_sub.add_parser("fit-sequences", help="measure error durations and jitter correlation from an "
+                            "estimator's per-frame results", description="Measure, from an estimator's per-frame "
+                            "COCO results with track_id, the mean duration of its inversions, swaps and misses and "
+                            "its jitter's frame-to-frame correlation, as --sequence-params for synth --sequences.")
+    gt_arg(fs)
+    fs.add_argument("--results", required=True, metavar="RESULTS.json", help="COCO results with track_id")
+    fs.add_argument("--out", required=True, metavar="PARAMS.json")
+    fs.set_defaults(func=cmd_synth_fit_sequences)
 
     g = sub.add_parser("diagnose", help="diagnose an estimator's keypoint errors (Ronchi & Perona)",
                        description="Label every keypoint of every matched detection good / jitter / inversion / "

@@ -28,6 +28,9 @@ class DataConfig:
     train_results: str = ""
     train_results_format: str = "coco"
     train_results_prob: float = 0.5
+    # A dataset directory of `posefix synth --variants N` made from train_annotations: each sample's input is one
+    # of its variants for that person (drawn by (seed, epoch, index)) instead of one synthesized on the fly.
+    train_dataset: str = ""
     # Fraction of the training persons (drawn by train.seed) whose samples train only the two confidence heads:
     # the refinement's own losses leave them out, so the heads learn how often the refiner and the input are
     # right on persons the refiner did not learn from.

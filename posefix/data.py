@@ -21,6 +21,74 @@ from .synth.profile import Profile
 from .synth.synthesize import synthesize
 
 
+def check_generated(path, annotations) -> dict:
+    """The manifest of the dataset directory ``path`` (data.train_dataset), after checking that it is complete,
+    of still images, and made from the file ``annotations`` (its SHA-256)."""
+    from pathlib import Path
+
+    from .errors import InputError
+    from .synth.dataset import file_sha256, read_manifest
+
+    if not (Path(path) / "manifest.json").is_file():
+        raise InputError("data.train_dataset", f"{path} is not a posefix synth dataset directory (no manifest.json)")
+    m = read_manifest(path)
+    if not m.get("complete") or m.get("kind") != "stills":
+        raise InputError("data.train_dataset", f"{path} is not a complete dataset of still images "
+                         "(finish it by running its posefix synth command again)")
+    if m["gt"]["sha256"] != file_sha256(Path(annotations)):
+        raise InputError("data.train_dataset", f"{path} was made from other annotations than "
+                         f"data.train_annotations ({annotations})")
+    return m
+
+
+class GeneratedDataset(torch.utils.data.Dataset):
+    """The records of a ``posefix synth`` dataset directory as a map-style torch Dataset: ``dataset[i]`` is a
+    dict of ``keypoints`` (K, 3) float32, ``outcome`` (K,) int64 (an index into OUTCOMES, -1 where the GT
+    joint is unlabelled), ``image_id``, ``annotation_id`` and ``variant`` (int64 scalars), and, for
+    sequences, ``frame`` and ``track_id``. The records are read once into arrays."""
+
+    def __init__(self, path):
+        from .synth.dataset import load_arrays
+
+        self.arrays = load_arrays(path)
+        self.arrays["keypoints"] = self.arrays["keypoints"].astype(np.float32)
+
+    def __len__(self) -> int:
+        return int(self.arrays["variant"].size)
+
+    def __getitem__(self, i: int) -> dict:
+        out = {k: torch.as_tensor(v[i]) for k, v in self.arrays.items() if k != "outcome"}
+        out["outcome"] = torch.as_tensor(self.arrays["outcome"][i].astype(np.int64))
+        return out
+
+
+class GeneratedInputs:
+    """Each training person's V input poses from a dataset directory: ``pose(person, variant)`` (K, 3) with
+    v = 1, persons in the order of ``annotation_ids``."""
+
+    def __init__(self, path, annotation_ids):
+        from .errors import InputError
+        from .synth.dataset import load_arrays
+
+        a = load_arrays(path)
+        self.variants = int(a["variant"].max()) + 1
+        row = {int(x): r for r, x in enumerate(annotation_ids)}
+        self.poses = np.zeros((len(row), self.variants, a["keypoints"].shape[1], 3), dtype=np.float32)
+        seen = np.zeros((len(row), self.variants), dtype=bool)
+        for k, (ann, v) in enumerate(zip(a["annotation_id"].tolist(), a["variant"].tolist())):
+            r = row.get(ann)
+            if r is not None:
+                self.poses[r, v] = a["keypoints"][k]
+                seen[r, v] = True
+        if not seen.all():
+            r = int(np.argwhere(~seen)[0, 0])
+            raise InputError("data.train_dataset", f"{path} has no input for annotation {int(annotation_ids[r])}")
+        self.poses[..., 2] = 1.0
+
+    def pose(self, person: int, variant: int) -> np.ndarray:
+        return self.poses[person, variant].astype(np.float64)
+
+
 class PersonCrops(torch.utils.data.Dataset):
     """The labelled, non-crowd persons of a COCO person-keypoints file.
 
@@ -45,6 +113,7 @@ class PersonCrops(torch.utils.data.Dataset):
         self.calibration[np.random.default_rng([seed, 7]).permutation(self.persons.size)[:held]] = True
         self.real = real_inputs(self.gt, data.train_results, data.train_results_format, images_dir) \
             if data.train_results else {}
+        self.generated = GeneratedInputs(data.train_dataset, self.gt.ids[self.persons]) if data.train_dataset else None
 
     def __len__(self) -> int:
         return self.persons.size
@@ -55,10 +124,13 @@ class PersonCrops(torch.utils.data.Dataset):
         i = self.persons[index]
         gt = self.gt
         near = self.near[i]
-        res = synthesize(gt.keypoints[i][None], [max(gt.areas[i], MIN_AREA)], rng,
-                         others=gt.keypoints[near][None], others_area=np.maximum(gt.areas[near], MIN_AREA)[None],
-                         ov=self.ov[i:i + 1], profile=self.profile)
-        inp = res.keypoints[0].copy()
+        if self.generated is not None:
+            inp = self.generated.pose(index, int(rng.integers(self.generated.variants)))
+        else:
+            res = synthesize(gt.keypoints[i][None], [max(gt.areas[i], MIN_AREA)], rng,
+                             others=gt.keypoints[near][None], others_area=np.maximum(gt.areas[near], MIN_AREA)[None],
+                             ov=self.ov[i:i + 1], profile=self.profile)
+            inp = res.keypoints[0].copy()
         inp[:, 2] = 1.0
         if self.real and rng.random() < self.data.train_results_prob and i in self.real:
             inp = self.real[i].copy()

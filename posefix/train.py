@@ -77,6 +77,9 @@ def _check_data(cfg: Config):
             raise InputError(f"data.{key}", f"{path} is not a directory")
     if d.train_results and not Path(d.train_results).exists():
         raise InputError("data.train_results", f"{d.train_results} does not exist")
+    if d.train_dataset:
+        from .data import check_generated
+        check_generated(d.train_dataset, d.train_annotations)
     from .formats import FORMATS
     if d.train_results_format not in FORMATS:
         raise InputError("data.train_results_format", f"must be one of {sorted(FORMATS)}, got {d.train_results_format!r}")

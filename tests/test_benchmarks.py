@@ -45,13 +45,19 @@ def test_bench_refine(tmp_path):
 
 def test_bench_synth_cli(tmp_path):
     report, stdout = _run("bench_synth.py", "--no-kernels", "--cli-persons", "300", "--crowd", "40",
-                          "--crowd-persons", "80", "--baseline-tree", str(BENCHMARKS.parent), tmp_path=tmp_path)
+                          "--crowd-persons", "80", "--baseline-tree", str(BENCHMARKS.parent),
+                          "--dataset-sizes", "300x3", "150x2", tmp_path=tmp_path)
     rows = report["cli"]
     assert [r["tree"] for r in rows] == ["baseline", "this tree"] * 2 and all(r["ok"] for r in rows)
     assert rows[0]["persons"] >= 300 and rows[2]["persons"] == 80 and rows[2]["images"] == 2
     for r in rows:
         assert r["persons_per_s"] == pytest.approx(r["persons"] / r["seconds"]) and r["peak_rss_mb"] > 10
     assert "crowd: 40 persons/image x 2" in stdout
+    sets = report["datasets"]
+    assert [(r["variants"], r["ok"]) for r in sets] == [(3, True), (2, True)] and sets[0]["persons"] >= 300
+    for r in sets:
+        assert r["person_variants"] == r["persons"] * r["variants"] and r["peak_rss_mb"] > 10
+        assert r["person_variants_per_s"] == pytest.approx(r["person_variants"] / r["seconds"])
 
 
 def test_bench_offline(tmp_path):

@@ -223,3 +223,52 @@ def test_the_calibration_split_is_the_given_share_drawn_by_the_seed():
     assert a.sum() == round(0.25 * len(ds)) and a.any() and not a.all()
     assert (flags(0, 0.25)[1] == a).all() and (flags(1, 0.25)[1] != a).any()
     assert not flags(0, 0.0)[1].any()
+
+
+def test_training_inputs_from_a_generated_dataset(tmp_path):
+    """With data.train_dataset each sample's input is one of that person's generated variants (back in the image
+    it is that variant's pose), drawn by (seed, epoch, index); the torch Dataset reads the same records."""
+    from posefix.data import GeneratedDataset
+    from posefix.synth.dataset import load_arrays, write_dataset
+    write_dataset(TRAIN10, tmp_path / "d", 3, seed=2)
+    ds = _train10(train_results="", train_dataset=str(tmp_path / "d"))
+    arr = load_arrays(tmp_path / "d")
+    used = set()
+    for epoch in range(4):
+        for index, g in enumerate(ds.persons):
+            s = ds[(epoch, index)]
+            rows = np.flatnonzero(arr["annotation_id"] == ds.gt.ids[g])
+            assert rows.size == 3
+            hits = []
+            for v in range(3):  # back through the crop of variant v's pose (no augmentation), is it that pose?
+                pose = arr["keypoints"][rows[arr["variant"][rows] == v][0]]
+                affine, _ = ds.crop_affine(pose, np.random.default_rng(0))
+                back = codec.apply_affine(s["input"][None].double(), affine)[0].numpy()
+                if np.allclose(back[:, :2], pose[:, :2], atol=1e-3):
+                    hits.append(v)
+            assert len(hits) == 1
+            used.update(hits)
+    assert used == {0, 1, 2}
+    torch_ds = GeneratedDataset(tmp_path / "d")
+    assert len(torch_ds) == arr["variant"].size
+    item = torch_ds[5]
+    assert item["keypoints"].shape == (17, 3) and item["outcome"].shape == (17,)
+    np.testing.assert_allclose(item["keypoints"].numpy(), arr["keypoints"][5], rtol=1e-6)
+
+
+def test_train_from_a_generated_dataset(tmp_path):
+    from posefix.config import load_config
+    from posefix.errors import InputError
+    from posefix.synth.dataset import write_dataset
+    from posefix.train import train
+    write_dataset(TRAIN10, tmp_path / "d", 2, seed=0)
+    write_dataset(SAMPLE_DIR / "person_keypoints_val_sample.json", tmp_path / "other", 1, seed=0)
+    base = [f"data.train_annotations={TRAIN10}", f"data.train_images={SAMPLE_DIR / 'train_images'}",
+            "model.input_size=[64, 64]", "model.sigma=2.0", "model.head_channels=16", "train.batch_size=4",
+            "train.log_every=1", "data.workers=0", "train.lr_milestones=[]", "train.max_steps=2"]
+    cfg = load_config(preset="cpu-small", overrides=base + [f"data.train_dataset={tmp_path / 'd'}"])
+    train(cfg, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "model.safetensors").exists()
+    bad = load_config(preset="cpu-small", overrides=base + [f"data.train_dataset={tmp_path / 'other'}"])
+    with pytest.raises(InputError, match=r"data\.train_dataset"):
+        train(bad, tmp_path / "bad", progress=False)

@@ -1,6 +1,8 @@
 """Synthesis over a whole COCO annotation file."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..fileio import gc_paused
@@ -159,6 +161,52 @@ def synthesize_coco(gt: GroundTruth, rng: np.random.Generator, profile: Profile 
     ``{"gt_id", "image_id", "labels": [K names, "unlabelled" for joints the GT does not label],
     "anchors": [K × [GT annotation id, joint]]}`` (the anchor a joint was planted around).
     """
+    plan = plan_coco(gt, prune_above)
+    draw = draw_coco(plan, rng, profile)
+    persons = plan.persons
+    names = np.array(list(OUTCOMES) + ["unlabelled"], dtype=object)
+    outcome = draw.outcome.astype(np.int64)
+    outcome[outcome == UNLABELLED] = len(OUTCOMES)
+    with gc_paused():  # millions of small lists, no cycles
+        image_ids, gt_ids = gt.image_ids[persons].tolist(), gt.ids[persons].tolist()
+        results = [{"image_id": i, "category_id": 1, "keypoints": k, "score": s}
+                   for i, k, s in zip(image_ids, draw.keypoints.reshape(persons.size, -1).tolist(),
+                                      draw.score.tolist())]
+        labels = [{"gt_id": g, "image_id": i, "labels": lab, "anchors": a}
+                  for g, i, lab, a in zip(gt_ids, image_ids, names[outcome].tolist(),
+                                          np.stack([draw.anchor_id, draw.anchor_joint], axis=-1).tolist())]
+    return results, labels
+
+
+@dataclass(frozen=True)
+class CocoPlan:
+    """What synthesis over a COCO file needs besides the random draws, computed once for any number of draws:
+    ``persons`` (P,) the labelled non-crowd annotations in annotation order, and per group of persons with the
+    same number of other labelled persons in their image, its rows of ``persons`` and its :class:`Others`."""
+
+    gt: GroundTruth
+    persons: np.ndarray
+    ov: np.ndarray
+    areas: np.ndarray
+    groups: tuple  # of (sel (G,), members (nnz,), ptr (G + 1,), flags (nnz,))
+
+
+@dataclass(frozen=True)
+class CocoDraw:
+    """One draw over a :class:`CocoPlan`'s persons: keypoints (P, K, 3), outcome (P, K) int8 (an index into
+    OUTCOMES, UNLABELLED for unlabelled GT joints), anchor_id / anchor_joint (P, K) the GT annotation id
+    and joint each point was planted around, score (P,)."""
+
+    keypoints: np.ndarray
+    outcome: np.ndarray
+    anchor_id: np.ndarray
+    anchor_joint: np.ndarray
+    score: np.ndarray
+    expected: np.ndarray  # (len(OUTCOMES), K) the sum over persons of each outcome's probability per joint
+
+
+def plan_coco(gt: GroundTruth, prune_above: int = PRUNE_ABOVE) -> CocoPlan:
+    """The overlaps and candidate persons of every labelled non-crowd person (see :func:`synthesize_coco`)."""
     labelled = ~gt.crowd & (gt.keypoints[..., 2] > 0).any(-1)
     persons = np.flatnonzero(labelled)
     ov, _, near, near_overlap = _neighbours(gt, prune_above)
@@ -168,32 +216,34 @@ def synthesize_coco(gt: GroundTruth, rng: np.random.Generator, profile: Profile 
     counts = np.bincount(image_of, weights=labelled, minlength=image_of.max(initial=-1) + 1).astype(np.int64)
     group = counts[image_of[persons]] - 1
     lengths = np.array([near[i].size for i in persons], dtype=np.int64)
-    areas = np.maximum(gt.areas, MIN_AREA)
-    kp = np.zeros((persons.size, NUM_KEYPOINTS, 3))
-    outcome = np.zeros((persons.size, NUM_KEYPOINTS), dtype=np.int64)
-    anchor_id = np.zeros((persons.size, NUM_KEYPOINTS), dtype=np.int64)
-    anchor_joint = np.zeros((persons.size, NUM_KEYPOINTS), dtype=np.int64)
-    score = np.zeros(persons.size)
+    groups = []
     for m in np.unique(group):
         sel = np.flatnonzero(group == m)
         who = persons[sel]
         ptr = np.concatenate([[0], np.cumsum(lengths[sel])]).astype(np.int64)
         members = np.concatenate([near[i] for i in who] + [np.zeros(0, dtype=np.int64)])
         flags = np.concatenate([near_overlap[i] for i in who] + [np.zeros(0, dtype=bool)])
+        groups.append((sel, members, ptr, flags))
+    return CocoPlan(gt, persons, ov, np.maximum(gt.areas, MIN_AREA), tuple(groups))
+
+
+def draw_coco(plan: CocoPlan, rng: np.random.Generator, profile: Profile | None = None) -> CocoDraw:
+    """One synthesized input pose per person of ``plan``, every random draw from ``rng``."""
+    gt, persons, areas = plan.gt, plan.persons, plan.areas
+    kp = np.zeros((persons.size, NUM_KEYPOINTS, 3))
+    outcome = np.zeros((persons.size, NUM_KEYPOINTS), dtype=np.int8)
+    anchor_id = np.zeros((persons.size, NUM_KEYPOINTS), dtype=np.int64)
+    anchor_joint = np.zeros((persons.size, NUM_KEYPOINTS), dtype=np.int64)
+    score = np.zeros(persons.size)
+    expected = np.zeros((len(OUTCOMES), NUM_KEYPOINTS))
+    for sel, members, ptr, flags in plan.groups:
+        who = persons[sel]
         others = Others(gt.keypoints, areas, ptr, members, flags)
-        res = synthesize(gt.keypoints[who], areas[who], rng, others=others, ov=ov[who], profile=profile)
+        res = synthesize(gt.keypoints[who], areas[who], rng, others=others, ov=plan.ov[who], profile=profile)
         kp[sel], outcome[sel], score[sel] = res.keypoints, res.outcome, res.score
         entry = np.where(res.anchor_person >= 0, ptr[:-1, None] + res.anchor_person, 0)
         other_ids = gt.ids[members[entry]] if members.size else 0
         anchor_id[sel] = np.where(res.anchor_person < 0, gt.ids[who][:, None], other_ids)
         anchor_joint[sel] = res.anchor_joint
-    names = np.array(list(OUTCOMES) + ["unlabelled"], dtype=object)
-    outcome[outcome == UNLABELLED] = len(OUTCOMES)
-    with gc_paused():  # millions of small lists, no cycles
-        image_ids, gt_ids = gt.image_ids[persons].tolist(), gt.ids[persons].tolist()
-        results = [{"image_id": i, "category_id": 1, "keypoints": k, "score": s}
-                   for i, k, s in zip(image_ids, kp.reshape(persons.size, -1).tolist(), score.tolist())]
-        labels = [{"gt_id": g, "image_id": i, "labels": lab, "anchors": a}
-                  for g, i, lab, a in zip(gt_ids, image_ids, names[outcome].tolist(),
-                                          np.stack([anchor_id, anchor_joint], axis=-1).tolist())]
-    return results, labels
+        expected += res.probabilities.sum(0).T
+    return CocoDraw(kp, outcome, anchor_id, anchor_joint, score, expected)

@@ -68,6 +68,7 @@ class Profile:
     outcomes: dict  # error name -> OutcomeTable, for the four errors
     miss_own_anchor_weight: float
     scores: dict  # outcome name (and "unlabelled") -> (a, b)
+    severity: tuple = (1.0, 1.0, 1.0, 1.0)  # factors on the ERRORS' probabilities (see with_severity)
 
     def probabilities(self, nv, ov):
         """Nominal outcome probabilities before feasibility: (N,) nv, ov → (N, K, 5) in OUTCOMES order."""
@@ -77,8 +78,29 @@ class Profile:
         for e, name in enumerate(ERRORS, start=1):
             t = self.outcomes[name]
             p[..., e] = t.table.T[t.bin_index(nv, is_crowded)]  # (N, K)
+        if self.severity != (1.0, 1.0, 1.0, 1.0):
+            p[..., 1:] *= np.asarray(self.severity)
+            total = p[..., 1:].sum(-1, keepdims=True)
+            p[..., 1:] /= np.maximum(total, 1.0)  # errors beyond certainty share it in proportion
         p[..., GOOD] = 1.0 - p[..., 1:].sum(-1)
+        if self.severity != (1.0, 1.0, 1.0, 1.0):
+            p[..., GOOD] = np.maximum(p[..., GOOD], 0.0)
         return p
+
+    def with_severity(self, factors: dict) -> Profile:
+        """A copy whose error probabilities are scaled: ``factors`` maps error names (jitter, inversion,
+        swap, miss) to non-negative factors, combined with this profile's. Where the scaled errors of a
+        joint sum above 1 they are divided by their sum (no good joint left); as in synthesis, an
+        outcome that is impossible for a joint gives its share to the others in proportion."""
+        sev = list(self.severity)
+        for name, f in factors.items():
+            if name not in ERRORS:
+                raise InputError("severity", f"unknown error {name!r}; one of {list(ERRORS)}")
+            if not (isinstance(f, (int, float)) and not isinstance(f, bool) and np.isfinite(f) and f >= 0):
+                raise InputError(f"severity.{name}", f"must be a finite number >= 0, got {f!r}")
+            sev[ERRORS.index(name)] *= float(f)
+        return Profile(self.name, self.description, self.outcomes, self.miss_own_anchor_weight, dict(self.scores),
+                       tuple(sev))
 
     def to_dict(self) -> dict:
         out = {"format": FORMAT, "name": self.name, "description": self.description, "outcomes": {}}
@@ -107,7 +129,7 @@ class Profile:
             c = None if counts is None else np.asarray(counts[err])
             outcomes[err] = OutcomeTable(t.by, t.bins, t.nv_upper, t.groups, np.asarray(table, float), c)
         prof = Profile(name or self.name, description or self.description, outcomes,
-                       self.miss_own_anchor_weight, dict(self.scores))
+                       self.miss_own_anchor_weight, dict(self.scores), self.severity)
         _check_sums(prof, "profile")
         return prof
 

@@ -56,6 +56,8 @@ class SynthResult:
         ``others`` axis of the person whose joint it was planted around (swaps, some misses).
     anchor_joint: (N, K) int, the joint index of the anchor (the partner for an inversion).
     score: (N,) instance score, the mean confidence of the labelled joints.
+    probabilities: (N, K, 5) each joint's outcome probabilities as drawn (the profile's, the impossible
+        outcomes removed and the rest renormalised; zero for an unlabelled joint).
     """
 
     keypoints: np.ndarray
@@ -63,6 +65,7 @@ class SynthResult:
     anchor_person: np.ndarray
     anchor_joint: np.ndarray
     score: np.ndarray
+    probabilities: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -204,7 +207,9 @@ def synthesize(gt, area, rng: np.random.Generator, others=None, others_area=None
     conf = np.clip(conf, 1e-3, 1.0)
     score = (conf * vis).sum(1) / np.maximum(vis.sum(1), 1)
     keypoints = np.concatenate([out_xy, conf[..., None]], axis=-1)
-    return SynthResult(keypoints, outcome, anchor_person, anchor_joint, score)
+    total = p.sum(-1, keepdims=True)
+    expected = np.where(vis[..., None], p / np.where(total > 0, total, 1.0), 0.0)
+    return SynthResult(keypoints, outcome, anchor_person, anchor_joint, score, expected)
 
 
 def _row_blocks(width, budget):
