@@ -8,10 +8,17 @@ import torch
 
 from posefix.errors import InputError
 from posefix.synth.keypoints import NUM_KEYPOINTS, PARTNER
-from posefix.temporal.learned import (LearnedSmoother, NetConfig, TemporalNet, fill_gaps, load_weights,
-                                      save_weights, window_features)
+from posefix.temporal.learned import (
+    LearnedSmoother,
+    NetConfig,
+    TemporalNet,
+    fill_gaps,
+    load_weights,
+    save_weights,
+    window_features,
+)
 from posefix.temporal.mocap import camera_path, coco_joints, load_bvh, project, world_positions
-from posefix.temporal.training import Sequence, plant_errors, train
+from posefix.temporal.training import Sequence, train
 
 K = NUM_KEYPOINTS
 
@@ -44,9 +51,11 @@ def test_fill_gaps_equals_per_joint_interpolation():
 def test_window_features_equal_a_plain_loop(causal):
     rng = np.random.default_rng(1)
     xy, score, present = _track(rng, t=12)
+    base = xy + rng.normal(0, 3, xy.shape)
     w = 5
-    feats, frames, centre, size = window_features(xy, score, present, w, causal)
+    feats, frames, centre, size = window_features(xy, base, score, present, w, causal)
     filled, _ = fill_gaps(xy, present)
+    base_filled, _ = fill_gaps(base, present)
     for t in range(len(xy)):
         for i in range(w):
             f = t + i - (w - 1 if causal else w // 2)
@@ -56,14 +65,19 @@ def test_window_features_equal_a_plain_loop(causal):
             prev = centre[max(fc - 1, 0)]
             for k in range(K):
                 row = feats[t, k, i]
-                u = (filled[fc, k] - centre[fc]) / size[t]
-                np.testing.assert_allclose(row[0:2], u, rtol=1e-5, atol=1e-5)
-                assert row[2] == pytest.approx(score[fc, k] if inside else 0.0, abs=1e-6)
-                assert row[3] == float(present[fc, k] and inside)
                 p = PARTNER[k]
-                np.testing.assert_allclose(row[4:6], (filled[fc, p] - centre[fc]) / size[t], rtol=1e-5, atol=1e-5)
-                np.testing.assert_allclose(row[7:9], np.clip((centre[fc] - prev) / size[t], -2, 2), atol=1e-5)
-                assert row[9] == float(inside)
+                np.testing.assert_allclose(row[0:2], (base_filled[fc, k] - centre[fc]) / size[t], rtol=1e-5,
+                                           atol=1e-5)
+                np.testing.assert_allclose(row[2:4], np.clip((filled[fc, k] - base_filled[fc, k]) / size[t], -3, 3),
+                                           rtol=1e-5, atol=1e-5)
+                assert row[4] == pytest.approx(score[fc, k] if inside else 0.0, abs=1e-6)
+                assert row[5] == float(present[fc, k] and inside)
+                np.testing.assert_allclose(row[6:8], (base_filled[fc, p] - centre[fc]) / size[t], rtol=1e-5,
+                                           atol=1e-5)
+                assert row[8] == pytest.approx(score[fc, p] if inside else 0.0, abs=1e-6)
+                np.testing.assert_allclose(row[9:11], np.clip((centre[fc] - prev) / size[t], -2, 2), atol=1e-5)
+                assert row[11] == float(inside)
+    np.testing.assert_allclose(centre, base_filled[:, present.any(0)].mean(1))
 
 
 def _net(window=7, seed=0):
@@ -75,23 +89,30 @@ def _net(window=7, seed=0):
     return net.eval()
 
 
-def test_an_untrained_network_returns_the_input_and_fills_gaps():
+def test_an_untrained_network_returns_the_body_smoothers_output():
+    from posefix.temporal import make_smoother, person_scale
+
     rng = np.random.default_rng(2)
     xy, score, present = _track(rng)
     smoother = LearnedSmoother(TemporalNet(NetConfig(window=7, hidden=16, blocks=1)),
                                TemporalNet(NetConfig(window=7, hidden=16, blocks=1)))
-    filled, _ = fill_gaps(xy, present)
     for causal in (False, True):
-        np.testing.assert_allclose(smoother(xy, score, present, None, causal), filled, atol=1e-4)
+        scale = person_scale(xy[None], present[None], causal)[0]
+        body = make_smoother("body")(xy, score, present, scale, causal)
+        out = smoother(xy, score, present, scale, causal)
+        np.testing.assert_allclose(out[present], body[present], atol=1e-4)
+        np.testing.assert_allclose(smoother(xy, score, present, None, causal), out)
 
 
 def test_offline_output_is_the_weighted_mean_of_the_windows_that_hold_a_frame():
     rng = np.random.default_rng(3)
     xy, score, present = _track(rng, t=10)
     net = _net()
-    out = LearnedSmoother(net, net)(xy, score, present, None, False)
+    smoother = LearnedSmoother(net, net)
+    out = smoother(xy, score, present, None, False)
     w = net.config.window
-    feats, frames, centre, size = window_features(xy, score, present, w, False)
+    base = smoother.base_output(xy, score, present, None, False)
+    feats, _, centre, size = window_features(xy, base, score, present, w, False)
     with torch.no_grad():
         u = feats[..., :2] + net(torch.from_numpy(feats)).numpy()
     hann = 0.5 + 0.5 * np.cos(np.linspace(-np.pi, np.pi, w + 2)[1:-1])
@@ -163,16 +184,6 @@ def test_training_is_reproducible_for_a_seed():
     a, b = (train(seqs, cfg, True, steps=5, seed=3, batch=8) for _ in range(2))
     for (_, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y)
-
-
-def test_planted_errors_are_reproducible_and_marked():
-    gt = np.random.default_rng(0).uniform(0, 200, (40, K, 2))
-    lab = np.ones((40, K), bool)
-    a = plant_errors(gt, lab, np.random.default_rng(9))
-    b = plant_errors(gt, lab, np.random.default_rng(9))
-    np.testing.assert_array_equal(a.xy, b.xy)
-    assert (a.score[~a.present] == 0).all() and (a.xy[~a.present] == 0).all()
-    assert not np.array_equal(a.xy[a.present], gt[a.present])
 
 
 BVH = """HIERARCHY

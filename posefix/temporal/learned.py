@@ -236,7 +236,7 @@ def load_weights(path) -> tuple[TemporalNet, TemporalNet]:
                 if not isinstance(cfg, dict) or set(cfg) - {"window", "hidden", "blocks"}:
                     raise InputError(f"{path}: posefix.temporal.{part}", "must hold window, hidden and blocks")
                 net = TemporalNet(NetConfig(**cfg))
-                state = {k[len(part) + 1:]: f.get_tensor(k) for k in f.keys() if k.startswith(part + ".")}
+                state = {k[len(part) + 1:]: f.get_tensor(k) for k in f.keys() if k.startswith(part + ".")}  # noqa: SIM118
                 try:
                     net.load_state_dict(state)
                 except RuntimeError as e:

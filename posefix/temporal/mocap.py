@@ -107,11 +107,14 @@ def load_bvh(path) -> Skeleton:
     rows = [r for r in tokens_by_line[i + 3:] if r]
     if len(rows) < frames:
         raise InputError(str(path), f"declares {frames} frames but holds {len(rows)}")
+    for f, r in enumerate(rows[:frames]):
+        if len(r) != n_channels:
+            raise InputError(f"{path}: motion frame {f}", f"must hold {n_channels} finite numbers, holds {len(r)}")
     try:
-        motion = np.array([[float(v) for v in r] for r in rows[:frames]])
+        motion = np.array([[float(v) for v in r] for r in rows[:frames]]).reshape(frames, n_channels)
     except ValueError:
         raise InputError(str(path), "a motion row holds a value that is not a number") from None
-    if motion.ndim != 2 or motion.shape[1] != n_channels or not np.isfinite(motion).all():
+    if not np.isfinite(motion).all():
         raise InputError(str(path), f"each motion row must hold {n_channels} finite numbers")
     return Skeleton(names, parents, np.array(offsets), channels, end_offsets, motion, frame_time)
 

@@ -19,7 +19,6 @@ from ..synth.keypoints import NUM_KEYPOINTS, PARTNER, SIGMAS
 from .learned import LearnedSmoother, NetConfig, TemporalNet, window_features
 from .mocap import Camera, camera_path, coco_joints, load_bvh, project
 
-
 # A frame whose reported joints lie on average further than this many person sizes from the truth is an input
 # but never a target (see lost_frames).
 LOST = 0.5
@@ -106,57 +105,19 @@ def mirrored(seq: Sequence) -> Sequence:
 # ---------------------------------------------------------------------------------------------- mocap
 
 
-def plant_errors(gt: np.ndarray, labelled: np.ndarray, rng: np.random.Generator) -> Sequence:
-    """Estimator-like errors over time on exact trajectories (T, K, 2): temporally correlated jitter whose size
-    follows COCO's per-joint σ and the person's size, left/right flips and swaps with a neighbour that last a
-    few frames, spikes, and joints lost for a stretch; scores lower where a joint is wrong."""
-    t, k = labelled.shape
-    hi = np.where(labelled[..., None], gt, -np.inf).max(axis=1)
-    lo = np.where(labelled[..., None], gt, np.inf).min(axis=1)
-    ext = np.where(np.isfinite(hi - lo), hi - lo, 0.0)
-    size = np.sqrt(np.maximum(ext[:, 0] * ext[:, 1], 16.0))
-    rho = rng.uniform(0.2, 0.85)
-    amp = rng.uniform(0.3, 2.0)
-    noise = np.zeros((t, k, 2))
-    e = rng.normal(size=(t, k, 2))
-    for i in range(t):
-        noise[i] = e[i] if i == 0 else rho * noise[i - 1] + np.sqrt(1 - rho ** 2) * e[i]
-    xy = gt + noise * amp * SIGMAS[None, :, None] * size[:, None, None]
-    wrong = np.zeros((t, k), bool)
-    for _ in range(rng.poisson(t * rng.uniform(0.0, 0.04))):  # flips of one left/right pair
-        j = rng.integers(1, k)
-        start, length = rng.integers(0, t), rng.integers(1, 7)
-        sl = slice(start, min(t, start + length))
-        p = PARTNER[j]
-        xy[sl, [j, p]] = xy[sl, [p, j]]
-        wrong[sl, [j, p]] = True
-    for _ in range(rng.poisson(t * rng.uniform(0.0, 0.03))):  # spikes
-        j = rng.integers(0, k)
-        start, length = rng.integers(0, t), rng.integers(1, 4)
-        sl = slice(start, min(t, start + length))
-        xy[sl, j] += rng.normal(size=2) * size[sl, None] * rng.uniform(0.2, 0.8)
-        wrong[sl, j] = True
-    present = labelled.copy()
-    for _ in range(rng.poisson(t * rng.uniform(0.0, 0.03))):  # lost for a stretch
-        j = rng.integers(0, k)
-        start, length = rng.integers(0, t), rng.integers(1, 12)
-        present[start:start + length, j] = False
-    score = np.clip(np.where(wrong, rng.uniform(0.0, 0.6, (t, k)), rng.uniform(0.3, 1.0, (t, k))), 0, 1)
-    score[~present] = 0.0
-    xy[~present] = 0.0
-    return Sequence(xy, score, present, gt, labelled)
-
-
 def mocap_sequences(bvh_paths, count: int, length: int, rng: np.random.Generator) -> list[Sequence]:
     """``count`` sequences of ``length`` frames cut from the clips at 30 or 15 fps, each seen by a random
-    camera (view, size, motion) and given planted errors."""
+    camera (view, size, motion), with estimator-like errors over time planted by
+    :func:`posefix.synth.sequences.synthesize_tracks` (the published error profile, the bundled durations)."""
+    from ..synth.sequences import SequenceParams, synthesize_tracks
+
     clips = []
     for path in bvh_paths:
         skeleton = load_bvh(path)
         joints, labelled = coco_joints(skeleton)
         clips.append((joints, labelled, max(1, round(1 / 30 / skeleton.frame_time))))
-    out = []
-    for _ in range(count):
+    gts = np.zeros((count, length, NUM_KEYPOINTS, 3))
+    for i in range(count):
         joints, labelled, step = clips[rng.integers(len(clips))]
         step *= int(rng.choice([1, 1, 2]))
         span = length * step
@@ -167,10 +128,16 @@ def mocap_sequences(bvh_paths, count: int, length: int, rng: np.random.Generator
         cam = Camera(yaw=rng.uniform(-180, 180), pitch=rng.uniform(-5, 25), height_px=rng.uniform(40, 260),
                      distance=rng.uniform(2.5, 8))
         path = camera_path(length, str(rng.choice(["still", "slow", "fast", "shake"])), cam.size, rng)
-        gt = project(seg, labelled, cam, path)
-        lab = np.broadcast_to(labelled, (length, NUM_KEYPOINTS)).copy()
-        out.append(plant_errors(gt, lab, rng))
-    return out
+        gts[i, ..., :2] = project(seg, labelled, cam, path)
+        gts[i, ..., 2] = 2 * labelled
+    lab = gts[..., 2] > 0
+    hi = np.where(lab[..., None], gts[..., :2], -np.inf).max(axis=2)
+    lo = np.where(lab[..., None], gts[..., :2], np.inf).min(axis=2)
+    area = np.maximum(np.prod(hi - lo, axis=-1), 1.0)  # the labelled joints' box
+    planted = synthesize_tracks(gts, area, SequenceParams.default(), rng)
+    kp = planted.keypoints
+    return [Sequence(kp[i, ..., :2], kp[i, ..., 2], kp[i, ..., 2] > 0, gts[i, ..., :2], lab[i])
+            for i in range(count)]
 
 
 # ---------------------------------------------------------------------------------------------- training
