@@ -116,6 +116,11 @@ def person_scale(xy: np.ndarray, present: np.ndarray, causal: bool) -> np.ndarra
     return np.maximum(med, 1e-6)
 
 
+def _norm(v):
+    """The length of 2-vectors along the last axis."""
+    return np.hypot(v[..., 0], v[..., 1])
+
+
 def _centre(xy, score, present):
     w = np.where(present, np.clip(score, 0.05, 1.0), 0.0)
     den = w.sum(-1)
@@ -150,8 +155,8 @@ def correct(xy, score, present, scale, causal: bool, options: TemporalOptions):
         a = np.array([p[0] for p in pairs])
         b = np.array([p[1] for p in pairs])
         da, db, ca, cb = d[..., a, :], d[..., b, :], course[..., a, :], course[..., b, :]
-        same = np.linalg.norm(da - ca, axis=-1) + np.linalg.norm(db - cb, axis=-1)
-        swapped = np.linalg.norm(da - cb, axis=-1) + np.linalg.norm(db - ca, axis=-1)
+        same = _norm(da - ca) + _norm(db - cb)
+        swapped = _norm(da - cb) + _norm(db - ca)
         with np.errstate(invalid="ignore"):
             swap = (same > gate * s) & (swapped < options.swap_ratio * same)
         swap &= present[..., a] & present[..., b]
@@ -166,7 +171,7 @@ def correct(xy, score, present, scale, causal: bool, options: TemporalOptions):
         d[n_, t_, ia], d[n_, t_, ib] = xb - centre[n_, t_], xa - centre[n_, t_]
         corrected[n_, t_, ia] = corrected[n_, t_, ib] = True
     with np.errstate(invalid="ignore"):
-        far = np.linalg.norm(d - course, axis=-1) > options.spike_gate * s
+        far = _norm(d - course) > options.spike_gate * s
     far &= present
     # a spike is a few joints; where many stray at once the body has changed (or the camera), not a joint
     far &= far.sum(-1, keepdims=True) <= options.max_spikes

@@ -135,59 +135,99 @@ def _solve(s, b, degree):
         return (c0[..., None] * b[0] + c1[..., None] * b[1] + c2[..., None] * b[2]) / det[..., None], c0 / det
 
 
+# Joint-frames an adaptive fit works on at once: its many passes then run in the CPU's cache.
+FIT_BLOCK = 16_384
+
+
 def adaptive_poly(y: np.ndarray, w: np.ndarray, sizes: tuple[int, ...], degree: int, causal: bool,
                   gamma: float) -> np.ndarray:
     """A local polynomial fit whose window adapts to the data (the intersection of confidence intervals rule,
     Goldenshluger & Nemirovski 1997; Katkovnik 1999): y (..., T, J, C), w (..., T, J) inverse noise variances
     (0 = not observed). For each frame the fits over windows of increasing ``sizes`` (offline centred on the
     frame, odd sizes; causal ending at it) give estimates ± ``gamma`` standard deviations; the largest window
-    whose interval meets those of all smaller ones is used. Where no window determines a fit, y is kept."""
+    whose interval meets those of all smaller ones is used. Where no window determines a fit, y is kept.
+
+    Computed in blocks of about :data:`FIT_BLOCK` joint-frames (tracks, or stretches of a long track with the
+    frames its windows reach around them); each frame's result is the same as over the whole array."""
+    t, j, c = y.shape[-3:]
+    lead = y.shape[:-3]
+    yb = y.reshape((-1, t, j, c))
+    wb = w.reshape((-1, t, j))
+    if yb.shape[0] * t * j <= FIT_BLOCK:
+        return _adaptive_block(yb, wb, sizes, degree, causal, gamma).reshape(y.shape)
+    out = np.empty(yb.shape)
+    if t * j <= FIT_BLOCK:
+        per = FIT_BLOCK // (t * j)
+        for i in range(0, len(yb), per):
+            out[i:i + per] = _adaptive_block(yb[i:i + per], wb[i:i + per], sizes, degree, causal, gamma)
+        return out.reshape(y.shape)
+    reach = max(sizes)
+    before, after = (reach - 1, 0) if causal else (reach // 2, reach // 2)
+    step = max(FIT_BLOCK // j, 4 * reach)
+    for t0 in range(0, t, step):
+        t1 = min(t0 + step, t)
+        a0, a1 = max(t0 - before, 0), min(t1 + after, t)
+        part = _adaptive_block(yb[:, a0:a1], wb[:, a0:a1], sizes, degree, causal, gamma)
+        out[:, t0:t1] = part[:, t0 - a0:t1 - a0]
+    return out.reshape(lead + (t, j, c))
+
+
+def _adaptive_block(y, w, sizes, degree, causal, gamma):
+    """:func:`adaptive_poly` over one block, y (B, T, J, C), w (B, T, J)."""
     t = y.shape[-3]
     reach = max(sizes)
     before = reach - 1 if causal else reach // 2
     after = 0 if causal else reach // 2
-    widths = [(0, 0)] * y.ndim
-    widths[-3] = (before, after)
-    yp = np.pad(y * w[..., None], widths)
-    wp = np.pad(w, widths[:-1])
+    yp = np.pad(y * w[..., None], ((0, 0), (before, after), (0, 0), (0, 0)))
+    wp = np.pad(w, ((0, 0), (before, after), (0, 0)))
     s = [np.zeros(w.shape) for _ in range(2 * degree + 1)]
     b = [np.zeros(y.shape) for _ in range(degree + 1)]
+    tw, ty = np.empty(w.shape), np.empty(y.shape)
     done: set[int] = set()
     out = y.copy()
     lo = np.full(y.shape, -np.inf)
     hi = np.full(y.shape, np.inf)
     alive = np.ones(w.shape, dtype=bool)
+
+    def add(acc, v, k, m, tmp):
+        if m == 0:
+            acc += v
+        else:
+            np.multiply(v, float(k) ** m, out=tmp)
+            acc += tmp
+
     for size in sorted(sizes):
         offsets = range(-(size - 1), 1) if causal else range(size // 2 + 1)
         for k in offsets:
             if k in done:
                 continue
             done.add(k)
-            wk = wp[..., before + k:before + k + t, :]
-            yk = yp[..., before + k:before + k + t, :, :]
+            wk = wp[:, before + k:before + k + t]
+            yk = yp[:, before + k:before + k + t]
             if causal or k == 0:
                 for m in range(2 * degree + 1):
-                    s[m] += wk * float(k) ** m
+                    add(s[m], wk, k, m, tw)
                 for m in range(degree + 1):
-                    b[m] += yk * float(k) ** m
+                    add(b[m], yk, k, m, ty)
                 continue
             # offline, the offsets ±k together: even powers take the sum, odd ones the difference
-            wn = wp[..., before - k:before - k + t, :]
-            yn = yp[..., before - k:before - k + t, :, :]
+            wn = wp[:, before - k:before - k + t]
+            yn = yp[:, before - k:before - k + t]
             ws, wd = wk + wn, wk - wn
             ys, yd = yk + yn, yk - yn
             for m in range(2 * degree + 1):
-                s[m] += (ws if m % 2 == 0 else wd) * float(k) ** m
+                add(s[m], ws if m % 2 == 0 else wd, k, m, tw)
             for m in range(degree + 1):
-                b[m] += (ys if m % 2 == 0 else yd) * float(k) ** m
-        est, var = _solve(s, b, min(degree, max(size - 1, 0) if causal else min(degree, size - 1)))
+                add(b[m], ys if m % 2 == 0 else yd, k, m, ty)
+        est, var = _solve(s, b, min(degree, size - 1))
         with np.errstate(invalid="ignore"):
             valid = var > 0  # NaN: the window does not determine the fit
             sd = gamma * np.sqrt(var)[..., None]
             # NaN bounds (no fit) leave the intersection as it was: fmax / fmin ignore them
             np.fmax(lo, est - sd, out=lo)
             np.fmin(hi, est + sd, out=hi)
-        alive &= (lo <= hi).all(-1)
+        for ci in range(y.shape[-1]):  # (lo <= hi).all(-1), without a slow reduction over a short last axis
+            alive &= lo[..., ci] <= hi[..., ci]
         np.copyto(out, est, where=(alive & valid)[..., None])
     return out
 
