@@ -152,9 +152,10 @@ def _check(video, frame, track, keypoints):
 BATCH_JOINT_FRAMES = 16_384
 
 
-def _groups(length: np.ndarray, ratio: float = 1.5, budget: int = BATCH_JOINT_FRAMES) -> list[np.ndarray]:
+def _groups(length: np.ndarray, ratio: float = 1.5) -> list[np.ndarray]:
     """Tracks batched by length, so that padding each batch to its longest track wastes little, and each batch
-    holds at most ``budget`` joint-frames (or one track)."""
+    holds at most :data:`BATCH_JOINT_FRAMES` joint-frames (or one track)."""
+    budget = BATCH_JOINT_FRAMES
     order = np.argsort(length, kind="stable")
     groups, start = [], 0
     for i in range(1, len(order) + 1):
