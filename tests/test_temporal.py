@@ -283,6 +283,7 @@ def test_every_registered_smoother_runs_through_the_pipeline():
     (lambda: TemporalOptions(spike_gate=float("nan")), "temporal.spike_gate"),
     (lambda: make_smoother("nope"), "smoother"),
     (lambda: make_smoother("body", gamma="2"), "smoother.gamma"),
+    (lambda: make_smoother("body", causal_gamma=-1.0), "smoother.causal_gamma"),
     (lambda: make_smoother("body", speed=1.0), "smoother.speed"),
     (lambda: make_smoother("sg9", window=0), "smoother.window"),
     (lambda: refine_poses(np.full((2, 17, 3), np.nan), make_smoother("body")), "keypoints[0]"),

@@ -237,7 +237,8 @@ class BodySmoother:
     score p has standard deviation min(``joint_noise`` / p², ``noise_cap``) · s; the whole-body position, where
     the joints' mean score is p̄, min(``body_noise`` / p̄^``body_power``, ``noise_cap``) · s (scores below
     ``floor`` count as ``floor``). ``sizes`` / ``causal_sizes``: the window sizes (frames) the adaptive fits
-    choose from; ``gamma``: their confidence intervals' half-width in standard deviations; ``iterations``: the
+    choose from; ``gamma`` / ``causal_gamma``: their confidence intervals' half-width in standard deviations
+    (causal narrower: a causal fit that extrapolates lags where the motion changes); ``iterations``: the
     alternations of whole-body fit and articulated fit; ``robust``: from the second, an observation further than
     this many standard deviations from the fit is down-weighted (Huber; 0: off).
 
@@ -250,8 +251,9 @@ class BodySmoother:
     def __init__(self, joint_noise: float = 0.005, body_noise: float = 0.0005, noise_cap: float = 1.0,
                  gamma: float = 2.0, sizes: tuple[int, ...] = (3, 5, 7, 9, 13),
                  causal_sizes: tuple[int, ...] = (1, 2, 3, 5, 7, 9), floor: float = 0.05, iterations: int = 3,
-                 robust: float = 2.0, body_power: float = 2.0):
+                 robust: float = 2.0, body_power: float = 2.0, causal_gamma: float = 1.0):
         self.joint_noise, self.body_noise, self.noise_cap, self.gamma = joint_noise, body_noise, noise_cap, gamma
+        self.causal_gamma = causal_gamma
         self.sizes, self.causal_sizes = tuple(sizes), tuple(causal_sizes)
         self.floor, self.iterations, self.robust = floor, iterations, robust
         self.body_power = body_power
@@ -272,6 +274,7 @@ class BodySmoother:
         w = np.where(present, self._inverse_variance(score, self.joint_noise, scale[..., None]), 0.0)
         sizes = self.causal_sizes if causal else self.sizes
         degree = 1 if causal else 2
+        gamma = self.causal_gamma if causal else self.gamma
         z = xy[..., 0] + 1j * xy[..., 1]  # (..., T, J) complex
         wsum = p.sum(-1)
         seen = wsum > 0
@@ -283,7 +286,7 @@ class BodySmoother:
         for it in range(self.iterations):
             raw = (z - c[..., None]) / a[..., None]
             rr = adaptive_poly(np.stack([raw.real, raw.imag], -1), wr * np.abs(a[..., None]) ** 2, sizes, degree,
-                               causal, self.gamma)
+                               causal, gamma)
             r = rr[..., 0] + 1j * rr[..., 1]
             if self.robust and it + 1 < self.iterations:
                 # an observation further than `robust` standard deviations from the fit weighs less (Huber)
@@ -300,17 +303,17 @@ class BodySmoother:
         wc = np.where(seen, self._inverse_variance(pbar, self.body_noise, scale, self.body_power), 0.0)
         # the similarity's factor a (dimensionless) is ~3 times noisier than the centre, relative to the scale
         body = np.stack([c.real, c.imag], -1)[..., None, :]
-        c = adaptive_poly(body, wc[..., None], sizes, degree, causal, self.gamma)[..., 0, :]
+        c = adaptive_poly(body, wc[..., None], sizes, degree, causal, gamma)[..., 0, :]
         c = c[..., 0] + 1j * c[..., 1]
         fa = np.stack([a.real, a.imag], -1)[..., None, :]
-        fa = adaptive_poly(fa, (wc * scale ** 2 / 9.0)[..., None], sizes, degree, causal, self.gamma)[..., 0, :]
+        fa = adaptive_poly(fa, (wc * scale ** 2 / 9.0)[..., None], sizes, degree, causal, gamma)[..., 0, :]
         a = np.where(seen, fa[..., 0] + 1j * fa[..., 1], a)
         out = c[..., None] + a[..., None] * r
         return np.stack([out.real, out.imag], -1)
 
 
 def _make_body(**options) -> Smoother:
-    known = {"joint_noise", "body_noise", "body_power", "noise_cap", "gamma", "floor"}
+    known = {"joint_noise", "body_noise", "body_power", "noise_cap", "gamma", "causal_gamma", "floor"}
     _unknown(options, known)
     d = BodySmoother()
     return BodySmoother(joint_noise=_check_float(options, "joint_noise", d.joint_noise, 1e-6, 100.0),
@@ -318,6 +321,7 @@ def _make_body(**options) -> Smoother:
                         body_power=_check_float(options, "body_power", d.body_power, 0.0, 10.0),
                         noise_cap=_check_float(options, "noise_cap", d.noise_cap, 1e-6, 100.0),
                         gamma=_check_float(options, "gamma", d.gamma, 0.0, 100.0),
+                        causal_gamma=_check_float(options, "causal_gamma", d.causal_gamma, 0.0, 100.0),
                         floor=_check_float(options, "floor", d.floor, 1e-6, 1.0))
 
 
