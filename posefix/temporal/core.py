@@ -30,12 +30,12 @@ class TemporalOptions:
     recent course is taken as an error and filled in from its trajectory, where at most ``max_spikes`` joints
     of the frame are (more: the body moved, not a joint). window: frames of the running median that gives a
     joint's recent course (offline centred on the frame; causal: the medians of the two halves of the window
-    before the frame, extrapolated linearly to it). person_gate (offline only; 0: off): a frame where the person's
-    centre is further than this from its course (the running median of its centre over ``window`` frames) is
-    taken as one where the estimator lost the person: all its joints are taken out, to be filled in from the
-    frames around it (where at most ``max_gap`` frames are). filled_score: a
-    filled joint's score, as a fraction of the lower of
-    the scores it was filled between."""
+    before the frame, extrapolated linearly to it). person_gate (offline only; 0: off): a frame where most of the
+    person's joints are further than this from their course (the running median of the person's centre plus the
+    joint's course relative to it), and whose joints' mean score is below ``lost_score``, is taken as one where
+    the estimator lost the person: all its joints are taken out, to be filled in from the frames around it
+    (where at most ``max_gap`` frames are). A confident jump is kept: a shaking camera moves the whole body for
+    real. filled_score: a filled joint's score, as a fraction of the lower of the scores it was filled between."""
 
     max_gap: int = 5
     max_person_gap: int = 0
@@ -46,11 +46,12 @@ class TemporalOptions:
     window: int = 7
     filled_score: float = 0.5
     person_gate: float = 0.3
+    lost_score: float = 0.3
 
     RANGES: ClassVar[dict[str, tuple[float, float]]] = {
         "max_gap": (0, 300), "max_person_gap": (0, 300), "flip_gate": (0.0, 100.0), "swap_ratio": (0.0, 1.0),
               "spike_gate": (0.0, 100.0), "max_spikes": (0, 17), "window": (3, 301), "filled_score": (0.0, 1.0),
-              "person_gate": (0.0, 100.0)}
+              "person_gate": (0.0, 100.0), "lost_score": (0.0, 1.0)}
 
     def __post_init__(self):
         for name, (lo, hi) in self.RANGES.items():
@@ -169,7 +170,8 @@ def correct(xy, score, present, scale, causal: bool, options: TemporalOptions):
             dev = _norm(d + cc - running_median(cc, options.window, False) - course)
             far_j = (dev > options.person_gate * s) & present
         n = present.sum(-1)
-        lost = (n > 0) & (2 * far_j.sum(-1) > n)
+        mean_score = np.where(present, score, 0.0).sum(-1) / np.maximum(n, 1)
+        lost = (n > 0) & (2 * far_j.sum(-1) > n) & (mean_score < options.lost_score)
     for pairs, gate in ((FLIP_PAIRS, options.flip_gate), (NEIGHBOUR_PAIRS, options.flip_gate)):
         a = np.array([p[0] for p in pairs])
         b = np.array([p[1] for p in pairs])
