@@ -370,9 +370,9 @@ def test_tracks_refined_in_small_batches_equal_one_batch(monkeypatch):
 
 
 def test_frames_where_the_estimator_lost_the_person_are_taken_out_and_filled_offline():
-    """Two frames where the whole body sits 0.6 of its size away from its course with low scores are taken out
-    and filled from the frames around them (offline); the same jump with confident scores (a camera shake) is
-    kept, and a frame whose legs go missing (which moves the joints' centre) is not taken out."""
+    """With person_gate set, two frames where the whole body sits 0.6 of its size away from its course with low
+    scores are taken out and filled from the frames around them (offline); the same jump with confident scores
+    (a camera shake) is kept, and a frame whose legs go missing (which moves the joints' centre) is not."""
     rng = np.random.default_rng(15)
     gt = _person(rng, frames=40) + np.arange(40)[:, None, None] * [2.0, 0.5]
     noisy = gt + rng.normal(0, 0.5, gt.shape)
@@ -383,16 +383,16 @@ def test_frames_where_the_estimator_lost_the_person_are_taken_out_and_filled_off
     score[28, 11:] = 0  # legs missing
     kp = np.concatenate([noisy, score[..., None]], -1)
     frame, track = np.arange(40), np.ones(40, np.int64)
+    gate = TemporalOptions(person_gate=0.3)
     shake = kp.copy()
     shake[18:20, :, 2] = 0.6
-    assert not refine_poses(shake, make_smoother("body"), frame=frame, track=track).corrected[18:20].all()
-    off = refine_poses(kp, make_smoother("body"), frame=frame, track=track)
+    assert not refine_poses(shake, make_smoother("body"), frame=frame, track=track, options=gate).corrected[18:20].all()
+    off = refine_poses(kp, make_smoother("body"), frame=frame, track=track, options=gate)
     assert off.corrected[18:20].all() and not off.corrected[28].any()
     assert np.linalg.norm(off.xy[18:20] - gt[18:20], axis=-1).max() < 3.0  # px; taken as reported: 0.6 · size
     assert not off.corrected[[17, 20, 21]].any()
-    kept = refine_poses(kp, make_smoother("body"), frame=frame, track=track,
-                        options=TemporalOptions(person_gate=0.0))
+    kept = refine_poses(kp, make_smoother("body"), frame=frame, track=track)  # off by default
     assert not kept.corrected[18:20].all()
     assert np.linalg.norm(kept.xy[18:20] - gt[18:20], axis=-1).max() > 0.3 * size
-    causal = refine_poses(kp, make_smoother("body"), frame=frame, track=track, causal=True)
+    causal = refine_poses(kp, make_smoother("body"), frame=frame, track=track, causal=True, options=gate)
     assert not causal.corrected[18:20].all()  # offline only: causally it cannot tell a jump from a move

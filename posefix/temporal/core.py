@@ -30,11 +30,12 @@ class TemporalOptions:
     recent course is taken as an error and filled in from its trajectory, where at most ``max_spikes`` joints
     of the frame are (more: the body moved, not a joint). window: frames of the running median that gives a
     joint's recent course (offline centred on the frame; causal: the medians of the two halves of the window
-    before the frame, extrapolated linearly to it). person_gate (offline only; 0: off): a frame where most of the
-    person's joints are further than this from their course (the running median of the person's centre plus the
-    joint's course relative to it), and whose joints' mean score is below ``lost_score``, is taken as one where
-    the estimator lost the person: all its joints are taken out, to be filled in from the frames around it
-    (where at most ``max_gap`` frames are). A confident jump is kept: a shaking camera moves the whole body for
+    before the frame, extrapolated linearly to it). person_gate (offline only; 0, the default: off): a frame
+    where most of the person's joints are further than this from their course (the running median of the
+    person's centre plus the joint's course relative to it), and whose joints' mean score is below
+    ``lost_score``, is taken as one where the estimator lost the person: all its joints are taken out, to be
+    filled in from the frames around it (where at most ``max_gap`` frames are). A confident jump is kept: a
+    shaking camera moves the whole body for
     real. filled_score: a filled joint's score, as a fraction of the lower of the scores it was filled between."""
 
     max_gap: int = 5
@@ -45,7 +46,7 @@ class TemporalOptions:
     max_spikes: int = 3
     window: int = 7
     filled_score: float = 0.5
-    person_gate: float = 0.3
+    person_gate: float = 0.0
     lost_score: float = 0.3
 
     RANGES: ClassVar[dict[str, tuple[float, float]]] = {
