@@ -35,8 +35,8 @@ class TemporalOptions:
     person's centre plus the joint's course relative to it), and whose joints' mean score is below
     ``lost_score``, is taken as one where the estimator lost the person: all its joints are taken out, to be
     filled in from the frames around it (where at most ``max_gap`` frames are). A confident jump is kept: a
-    shaking camera moves the whole body for
-    real. filled_score: a filled joint's score, as a fraction of the lower of the scores it was filled between."""
+    shaking camera moves the whole body for real. filled_score: a filled joint's score, as a fraction of the
+    lower of the scores it was filled between."""
 
     max_gap: int = 5
     max_person_gap: int = 0

@@ -16,12 +16,12 @@ each of them. Options the command line and the benchmark pass to every factory: 
 
 The classical smoothers (``body``, the default):
 
-- ``body``: the person's per-frame whole-body motion (a score-weighted mean of its joints relative to their
+- ``body``: the person's per-frame whole-body motion (a similarity fitted to its joints relative to their
   smoothed articulated positions, so a joint that goes missing does not move it) is separated from the
-  articulated residual of each joint. The residual changes slowly even when the camera pans fast; it is
-  smoothed by a score-weighted local polynomial (quadratic offline, linear causal: both exact on constant
-  velocity, so a steadily moving joint has no lag) over ``window`` frames. The whole-body motion, averaged
-  over the joints already, is smoothed over ``centre_window`` frames (1: not at all).
+  articulated residual of each joint. The residual changes slowly even when the camera pans fast. Both are
+  smoothed by score-weighted local polynomials (quadratic offline, linear causal: both exact on constant
+  velocity, so a steadily moving joint has no lag) whose window adapts per frame and joint
+  (:func:`adaptive_poly`; :class:`BodySmoother` has the noise model and the options).
 - ``sg9``, ``ma9``: plain per-joint references (Savitzky–Golay window 9, order 2; centred moving average over
   9 frames; causal: a one-sided linear fit, a trailing average).
 - ``none``: the input unchanged.
