@@ -346,6 +346,8 @@ def test_adaptive_fits_in_blocks_equal_one_pass(monkeypatch, causal):
         blocks = sm.adaptive_poly(y, w, sizes, 2 - causal, causal, 2.0)
         monkeypatch.undo()
         np.testing.assert_array_equal(blocks, whole)
+    for shape in ((0, 5, 17), (1, 0, 17), (0, 17)):  # no tracks, no frames, one track of none
+        assert sm.adaptive_poly(np.zeros(shape + (2,)), np.zeros(shape), sizes, 1, causal, 2.0).shape == shape + (2,)
 
 
 def test_tracks_refined_in_small_batches_equal_one_batch(monkeypatch):

@@ -151,8 +151,9 @@ def adaptive_poly(y: np.ndarray, w: np.ndarray, sizes: tuple[int, ...], degree: 
     frames its windows reach around them); each frame's result is the same as over the whole array."""
     t, j, c = y.shape[-3:]
     lead = y.shape[:-3]
-    yb = y.reshape((-1, t, j, c))
-    wb = w.reshape((-1, t, j))
+    n = int(np.prod(lead))
+    yb = y.reshape((n, t, j, c))
+    wb = w.reshape((n, t, j))
     if yb.shape[0] * t * j <= FIT_BLOCK:
         return _adaptive_block(yb, wb, sizes, degree, causal, gamma).reshape(y.shape)
     out = np.empty(yb.shape)
