@@ -283,6 +283,7 @@ def test_every_registered_smoother_runs_through_the_pipeline():
     (lambda: TemporalOptions(spike_gate=float("nan")), "temporal.spike_gate"),
     (lambda: make_smoother("nope"), "smoother"),
     (lambda: make_smoother("body", gamma="2"), "smoother.gamma"),
+    (lambda: make_smoother("body", causal_gamma=-1.0), "smoother.causal_gamma"),
     (lambda: make_smoother("body", speed=1.0), "smoother.speed"),
     (lambda: make_smoother("sg9", window=0), "smoother.window"),
     (lambda: refine_poses(np.full((2, 17, 3), np.nan), make_smoother("body")), "keypoints[0]"),
@@ -327,3 +328,73 @@ def test_the_stream_gives_what_the_causal_refinement_of_the_whole_video_gives(wi
         np.testing.assert_allclose(got.score, whole.score[rows], atol=1e-12)
         np.testing.assert_array_equal(got.filled, whole.filled[rows])
         np.testing.assert_array_equal(got.corrected, whole.corrected[rows])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_adaptive_fits_in_blocks_equal_one_pass(monkeypatch, causal):
+    """Blocks of tracks, and stretches of one long track with the frames around them, give each frame exactly
+    what one pass over the whole array gives."""
+    import posefix.temporal.smoothers as sm
+
+    rng = np.random.default_rng(13)
+    sizes = (1, 2, 3, 5, 7, 9) if causal else (3, 5, 7, 9, 13)
+    for shape in ((7, 50, 17), (2, 400, 17)):
+        y = np.cumsum(rng.normal(0, 2, shape + (2,)), axis=1)
+        w = rng.uniform(0, 4, shape) * (rng.random(shape) > 0.2)
+        whole = sm.adaptive_poly(y, w, sizes, 2 - causal, causal, 2.0)
+        monkeypatch.setattr(sm, "FIT_BLOCK", 17 * 60)  # 1 track of 50 frames per block; 400 frames in stretches
+        blocks = sm.adaptive_poly(y, w, sizes, 2 - causal, causal, 2.0)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(blocks, whole)
+    for shape in ((0, 5, 17), (1, 0, 17), (0, 17)):  # no tracks, no frames, one track of none
+        assert sm.adaptive_poly(np.zeros(shape + (2,)), np.zeros(shape), sizes, 1, causal, 2.0).shape == shape + (2,)
+
+
+def test_tracks_refined_in_small_batches_equal_one_batch(monkeypatch):
+    from posefix.temporal import pipeline
+
+    rng = np.random.default_rng(14)
+    frame, track, kp = [], [], []
+    for n, length in enumerate((30, 31, 45, 12, 60, 29)):
+        xy = _person(rng, length) + np.cumsum(rng.normal(0, 3, (length, 1, 2)), 0) + rng.normal(0, 2, (length, 17, 2))
+        kp.append(np.concatenate([xy, rng.uniform(0.05, 1, (length, 17, 1))], -1))
+        frame.append(np.arange(length) + n)
+        track.append(np.full(length, n + 1))
+    kp, frame, track = np.concatenate(kp), np.concatenate(frame), np.concatenate(track)
+    for causal in (False, True):
+        one = refine_poses(kp, make_smoother("body"), frame=frame, track=track, causal=causal)
+        monkeypatch.setattr(pipeline, "BATCH_JOINT_FRAMES", 17 * 40)
+        assert len(pipeline._groups(np.array([30, 31, 45, 12, 60, 29]))) >= 5
+        small = refine_poses(kp, make_smoother("body"), frame=frame, track=track, causal=causal)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(small.xy, one.xy)
+        np.testing.assert_array_equal(small.corrected, one.corrected)
+
+
+def test_frames_where_the_estimator_lost_the_person_are_taken_out_and_filled_offline():
+    """With person_gate set, two frames where the whole body sits 0.6 of its size away from its course with low
+    scores are taken out and filled from the frames around them (offline); the same jump with confident scores
+    (a camera shake) is kept, and a frame whose legs go missing (which moves the joints' centre) is not."""
+    rng = np.random.default_rng(15)
+    gt = _person(rng, frames=40) + np.arange(40)[:, None, None] * [2.0, 0.5]
+    noisy = gt + rng.normal(0, 0.5, gt.shape)
+    size = np.sqrt(np.prod(np.ptp(gt[0], axis=0)))
+    noisy[18:20] += [0.6 * size, 0.0]
+    score = np.full(gt.shape[:2], 0.6)
+    score[18:20] = 0.2
+    score[28, 11:] = 0  # legs missing
+    kp = np.concatenate([noisy, score[..., None]], -1)
+    frame, track = np.arange(40), np.ones(40, np.int64)
+    gate = TemporalOptions(person_gate=0.3)
+    shake = kp.copy()
+    shake[18:20, :, 2] = 0.6
+    assert not refine_poses(shake, make_smoother("body"), frame=frame, track=track, options=gate).corrected[18:20].all()
+    off = refine_poses(kp, make_smoother("body"), frame=frame, track=track, options=gate)
+    assert off.corrected[18:20].all() and not off.corrected[28].any()
+    assert np.linalg.norm(off.xy[18:20] - gt[18:20], axis=-1).max() < 3.0  # px; taken as reported: 0.6 · size
+    assert not off.corrected[[17, 20, 21]].any()
+    kept = refine_poses(kp, make_smoother("body"), frame=frame, track=track)  # off by default
+    assert not kept.corrected[18:20].all()
+    assert np.linalg.norm(kept.xy[18:20] - gt[18:20], axis=-1).max() > 0.3 * size
+    causal = refine_poses(kp, make_smoother("body"), frame=frame, track=track, causal=True, options=gate)
+    assert not causal.corrected[18:20].all()  # offline only: causally it cannot tell a jump from a move

@@ -30,9 +30,13 @@ class TemporalOptions:
     recent course is taken as an error and filled in from its trajectory, where at most ``max_spikes`` joints
     of the frame are (more: the body moved, not a joint). window: frames of the running median that gives a
     joint's recent course (offline centred on the frame; causal: the medians of the two halves of the window
-    before the frame, extrapolated linearly to it). filled_score: a
-    filled joint's score, as a fraction of the lower of
-    the scores it was filled between."""
+    before the frame, extrapolated linearly to it). person_gate (offline only; 0, the default: off): a frame
+    where most of the person's joints are further than this from their course (the running median of the
+    person's centre plus the joint's course relative to it), and whose joints' mean score is below
+    ``lost_score``, is taken as one where the estimator lost the person: all its joints are taken out, to be
+    filled in from the frames around it (where at most ``max_gap`` frames are). A confident jump is kept: a
+    shaking camera moves the whole body for real. filled_score: a filled joint's score, as a fraction of the
+    lower of the scores it was filled between."""
 
     max_gap: int = 5
     max_person_gap: int = 0
@@ -42,10 +46,13 @@ class TemporalOptions:
     max_spikes: int = 3
     window: int = 7
     filled_score: float = 0.5
+    person_gate: float = 0.0
+    lost_score: float = 0.3
 
     RANGES: ClassVar[dict[str, tuple[float, float]]] = {
         "max_gap": (0, 300), "max_person_gap": (0, 300), "flip_gate": (0.0, 100.0), "swap_ratio": (0.0, 1.0),
-              "spike_gate": (0.0, 100.0), "max_spikes": (0, 17), "window": (3, 301), "filled_score": (0.0, 1.0)}
+              "spike_gate": (0.0, 100.0), "max_spikes": (0, 17), "window": (3, 301), "filled_score": (0.0, 1.0),
+              "person_gate": (0.0, 100.0), "lost_score": (0.0, 1.0)}
 
     def __post_init__(self):
         for name, (lo, hi) in self.RANGES.items():
@@ -116,10 +123,28 @@ def person_scale(xy: np.ndarray, present: np.ndarray, causal: bool) -> np.ndarra
     return np.maximum(med, 1e-6)
 
 
+def _norm(v):
+    """The length of 2-vectors along the last axis."""
+    return np.hypot(v[..., 0], v[..., 1])
+
+
 def _centre(xy, score, present):
     w = np.where(present, np.clip(score, 0.05, 1.0), 0.0)
     den = w.sum(-1)
     return (w[..., None] * xy).sum(-2) / np.where(den > 0, den, 1.0)[..., None], den > 0
+
+
+def _course(d, causal: bool, window: int):
+    """The recent course of values d (N, T, J, 2) (NaN: none): offline the running median over ``window``
+    frames centred on the frame; causal extrapolated to frame t from the medians of the two halves of the window
+    before it (window 7: frames t-3..t-1 and t-6..t-4), so that a limb moving fast is not taken for a spike."""
+    if not causal:
+        return running_median(d, window, False)
+    half = max(window // 2, 1)
+    m1 = running_median(d, half + 1, True)
+    m0 = np.concatenate([np.full_like(m1[:, :half], np.nan), m1[:, :-half]], axis=1) if m1.shape[1] > half \
+        else np.full_like(m1, np.nan)
+    return np.where(np.isnan(m0), m1, m1 + (m1 - m0) * ((half + 1) / 2) / half)
 
 
 def correct(xy, score, present, scale, causal: bool, options: TemporalOptions):
@@ -135,23 +160,25 @@ def correct(xy, score, present, scale, causal: bool, options: TemporalOptions):
     centre, _ = _centre(xy, score, present)
     d = xy - centre[..., None, :]
     d = np.where(present[..., None], d, np.nan)
-    if causal:
-        # the course extrapolated to frame t from the medians of frames t-3..t-1 and t-6..t-4, so that a limb
-        # moving fast is not taken for a spike
-        half = max(options.window // 2, 1)
-        m1 = running_median(d, half + 1, True)
-        m0 = np.concatenate([np.full_like(m1[:, :half], np.nan), m1[:, :-half]], axis=1) if m1.shape[1] > half \
-            else np.full_like(m1, np.nan)
-        course = np.where(np.isnan(m0), m1, m1 + (m1 - m0) * ((half + 1) / 2) / half)
-    else:
-        course = running_median(d, options.window, causal)  # (N, T, 17, 2)
+    course = _course(d, causal, options.window)  # (N, T, 17, 2)
     s = scale[..., None]
+    lost = np.zeros(present.shape[:-1], dtype=bool)
+    if options.person_gate > 0 and not causal:
+        # each joint's distance from its course (the centre's course plus the joint's, so that joints going
+        # missing, which move the centre, do not count); the person is lost where most joints are far
+        cc = np.where((present.any(-1))[..., None], centre, np.nan)[..., None, :]
+        with np.errstate(invalid="ignore"):
+            dev = _norm(d + cc - running_median(cc, options.window, False) - course)
+            far_j = (dev > options.person_gate * s) & present
+        n = present.sum(-1)
+        mean_score = np.where(present, score, 0.0).sum(-1) / np.maximum(n, 1)
+        lost = (n > 0) & (2 * far_j.sum(-1) > n) & (mean_score < options.lost_score)
     for pairs, gate in ((FLIP_PAIRS, options.flip_gate), (NEIGHBOUR_PAIRS, options.flip_gate)):
         a = np.array([p[0] for p in pairs])
         b = np.array([p[1] for p in pairs])
         da, db, ca, cb = d[..., a, :], d[..., b, :], course[..., a, :], course[..., b, :]
-        same = np.linalg.norm(da - ca, axis=-1) + np.linalg.norm(db - cb, axis=-1)
-        swapped = np.linalg.norm(da - cb, axis=-1) + np.linalg.norm(db - ca, axis=-1)
+        same = _norm(da - ca) + _norm(db - cb)
+        swapped = _norm(da - cb) + _norm(db - ca)
         with np.errstate(invalid="ignore"):
             swap = (same > gate * s) & (swapped < options.swap_ratio * same)
         swap &= present[..., a] & present[..., b]
@@ -166,10 +193,11 @@ def correct(xy, score, present, scale, causal: bool, options: TemporalOptions):
         d[n_, t_, ia], d[n_, t_, ib] = xb - centre[n_, t_], xa - centre[n_, t_]
         corrected[n_, t_, ia] = corrected[n_, t_, ib] = True
     with np.errstate(invalid="ignore"):
-        far = np.linalg.norm(d - course, axis=-1) > options.spike_gate * s
+        far = _norm(d - course) > options.spike_gate * s
     far &= present
     # a spike is a few joints; where many stray at once the body has changed (or the camera), not a joint
     far &= far.sum(-1, keepdims=True) <= options.max_spikes
+    far |= lost[..., None] & present
     present &= ~far
     corrected |= far
     return xy, score, present, corrected

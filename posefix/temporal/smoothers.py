@@ -16,12 +16,12 @@ each of them. Options the command line and the benchmark pass to every factory: 
 
 The classical smoothers (``body``, the default):
 
-- ``body``: the person's per-frame whole-body motion (a score-weighted mean of its joints relative to their
+- ``body``: the person's per-frame whole-body motion (a similarity fitted to its joints relative to their
   smoothed articulated positions, so a joint that goes missing does not move it) is separated from the
-  articulated residual of each joint. The residual changes slowly even when the camera pans fast; it is
-  smoothed by a score-weighted local polynomial (quadratic offline, linear causal: both exact on constant
-  velocity, so a steadily moving joint has no lag) over ``window`` frames. The whole-body motion, averaged
-  over the joints already, is smoothed over ``centre_window`` frames (1: not at all).
+  articulated residual of each joint. The residual changes slowly even when the camera pans fast. Both are
+  smoothed by score-weighted local polynomials (quadratic offline, linear causal: both exact on constant
+  velocity, so a steadily moving joint has no lag) whose window adapts per frame and joint
+  (:func:`adaptive_poly`; :class:`BodySmoother` has the noise model and the options).
 - ``sg9``, ``ma9``: plain per-joint references (Savitzky–Golay window 9, order 2; centred moving average over
   9 frames; causal: a one-sided linear fit, a trailing average).
 - ``none``: the input unchanged.
@@ -138,59 +138,100 @@ def _solve(s, b, degree):
         return (c0[..., None] * b[0] + c1[..., None] * b[1] + c2[..., None] * b[2]) / det[..., None], c0 / det
 
 
+# Joint-frames an adaptive fit works on at once: its many passes then run in the CPU's cache.
+FIT_BLOCK = 16_384
+
+
 def adaptive_poly(y: np.ndarray, w: np.ndarray, sizes: tuple[int, ...], degree: int, causal: bool,
                   gamma: float) -> np.ndarray:
     """A local polynomial fit whose window adapts to the data (the intersection of confidence intervals rule,
     Goldenshluger & Nemirovski 1997; Katkovnik 1999): y (..., T, J, C), w (..., T, J) inverse noise variances
     (0 = not observed). For each frame the fits over windows of increasing ``sizes`` (offline centred on the
     frame, odd sizes; causal ending at it) give estimates ± ``gamma`` standard deviations; the largest window
-    whose interval meets those of all smaller ones is used. Where no window determines a fit, y is kept."""
+    whose interval meets those of all smaller ones is used. Where no window determines a fit, y is kept.
+
+    Computed in blocks of about :data:`FIT_BLOCK` joint-frames (tracks, or stretches of a long track with the
+    frames its windows reach around them); each frame's result is the same as over the whole array."""
+    t, j, c = y.shape[-3:]
+    lead = y.shape[:-3]
+    n = int(np.prod(lead))
+    yb = y.reshape((n, t, j, c))
+    wb = w.reshape((n, t, j))
+    if yb.shape[0] * t * j <= FIT_BLOCK:
+        return _adaptive_block(yb, wb, sizes, degree, causal, gamma).reshape(y.shape)
+    out = np.empty(yb.shape)
+    if t * j <= FIT_BLOCK:
+        per = FIT_BLOCK // (t * j)
+        for i in range(0, len(yb), per):
+            out[i:i + per] = _adaptive_block(yb[i:i + per], wb[i:i + per], sizes, degree, causal, gamma)
+        return out.reshape(y.shape)
+    reach = max(sizes)
+    before, after = (reach - 1, 0) if causal else (reach // 2, reach // 2)
+    step = max(FIT_BLOCK // j, 4 * reach)
+    for t0 in range(0, t, step):
+        t1 = min(t0 + step, t)
+        a0, a1 = max(t0 - before, 0), min(t1 + after, t)
+        part = _adaptive_block(yb[:, a0:a1], wb[:, a0:a1], sizes, degree, causal, gamma)
+        out[:, t0:t1] = part[:, t0 - a0:t1 - a0]
+    return out.reshape(lead + (t, j, c))
+
+
+def _adaptive_block(y, w, sizes, degree, causal, gamma):
+    """:func:`adaptive_poly` over one block, y (B, T, J, C), w (B, T, J)."""
     t = y.shape[-3]
     reach = max(sizes)
     before = reach - 1 if causal else reach // 2
     after = 0 if causal else reach // 2
-    widths = [(0, 0)] * y.ndim
-    widths[-3] = (before, after)
-    yp = np.pad(y * w[..., None], widths)
-    wp = np.pad(w, widths[:-1])
+    yp = np.pad(y * w[..., None], ((0, 0), (before, after), (0, 0), (0, 0)))
+    wp = np.pad(w, ((0, 0), (before, after), (0, 0)))
     s = [np.zeros(w.shape) for _ in range(2 * degree + 1)]
     b = [np.zeros(y.shape) for _ in range(degree + 1)]
+    tw, ty = np.empty(w.shape), np.empty(y.shape)
     done: set[int] = set()
     out = y.copy()
     lo = np.full(y.shape, -np.inf)
     hi = np.full(y.shape, np.inf)
     alive = np.ones(w.shape, dtype=bool)
+
+    def add(acc, v, k, m, tmp):
+        if m == 0:
+            acc += v
+        else:
+            np.multiply(v, float(k) ** m, out=tmp)
+            acc += tmp
+
     for size in sorted(sizes):
         offsets = range(-(size - 1), 1) if causal else range(size // 2 + 1)
         for k in offsets:
             if k in done:
                 continue
             done.add(k)
-            wk = wp[..., before + k:before + k + t, :]
-            yk = yp[..., before + k:before + k + t, :, :]
+            wk = wp[:, before + k:before + k + t]
+            yk = yp[:, before + k:before + k + t]
             if causal or k == 0:
                 for m in range(2 * degree + 1):
-                    s[m] += wk * float(k) ** m
+                    add(s[m], wk, k, m, tw)
                 for m in range(degree + 1):
-                    b[m] += yk * float(k) ** m
+                    add(b[m], yk, k, m, ty)
                 continue
             # offline, the offsets ±k together: even powers take the sum, odd ones the difference
-            wn = wp[..., before - k:before - k + t, :]
-            yn = yp[..., before - k:before - k + t, :, :]
+            wn = wp[:, before - k:before - k + t]
+            yn = yp[:, before - k:before - k + t]
             ws, wd = wk + wn, wk - wn
             ys, yd = yk + yn, yk - yn
             for m in range(2 * degree + 1):
-                s[m] += (ws if m % 2 == 0 else wd) * float(k) ** m
+                add(s[m], ws if m % 2 == 0 else wd, k, m, tw)
             for m in range(degree + 1):
-                b[m] += (ys if m % 2 == 0 else yd) * float(k) ** m
-        est, var = _solve(s, b, min(degree, max(size - 1, 0) if causal else min(degree, size - 1)))
+                add(b[m], ys if m % 2 == 0 else yd, k, m, ty)
+        est, var = _solve(s, b, min(degree, size - 1))
         with np.errstate(invalid="ignore"):
             valid = var > 0  # NaN: the window does not determine the fit
             sd = gamma * np.sqrt(var)[..., None]
             # NaN bounds (no fit) leave the intersection as it was: fmax / fmin ignore them
             np.fmax(lo, est - sd, out=lo)
             np.fmin(hi, est + sd, out=hi)
-        alive &= (lo <= hi).all(-1)
+        for ci in range(y.shape[-1]):  # (lo <= hi).all(-1), without a slow reduction over a short last axis
+            alive &= lo[..., ci] <= hi[..., ci]
         np.copyto(out, est, where=(alive & valid)[..., None])
     return out
 
@@ -200,7 +241,8 @@ class BodySmoother:
     score p has standard deviation min(``joint_noise`` / p², ``noise_cap``) · s; the whole-body position, where
     the joints' mean score is p̄, min(``body_noise`` / p̄^``body_power``, ``noise_cap``) · s (scores below
     ``floor`` count as ``floor``). ``sizes`` / ``causal_sizes``: the window sizes (frames) the adaptive fits
-    choose from; ``gamma``: their confidence intervals' half-width in standard deviations; ``iterations``: the
+    choose from; ``gamma`` / ``causal_gamma``: their confidence intervals' half-width in standard deviations
+    (causal narrower: a causal fit that extrapolates lags where the motion changes); ``iterations``: the
     alternations of whole-body fit and articulated fit; ``robust``: from the second, an observation further than
     this many standard deviations from the fit is down-weighted (Huber; 0: off).
 
@@ -213,8 +255,9 @@ class BodySmoother:
     def __init__(self, joint_noise: float = 0.005, body_noise: float = 0.0005, noise_cap: float = 1.0,
                  gamma: float = 2.0, sizes: tuple[int, ...] = (3, 5, 7, 9, 13),
                  causal_sizes: tuple[int, ...] = (1, 2, 3, 5, 7, 9), floor: float = 0.05, iterations: int = 3,
-                 robust: float = 2.0, body_power: float = 2.0):
+                 robust: float = 2.0, body_power: float = 2.0, causal_gamma: float = 1.0):
         self.joint_noise, self.body_noise, self.noise_cap, self.gamma = joint_noise, body_noise, noise_cap, gamma
+        self.causal_gamma = causal_gamma
         self.sizes, self.causal_sizes = tuple(sizes), tuple(causal_sizes)
         self.floor, self.iterations, self.robust = floor, iterations, robust
         self.body_power = body_power
@@ -235,6 +278,7 @@ class BodySmoother:
         w = np.where(present, self._inverse_variance(score, self.joint_noise, scale[..., None]), 0.0)
         sizes = self.causal_sizes if causal else self.sizes
         degree = 1 if causal else 2
+        gamma = self.causal_gamma if causal else self.gamma
         z = xy[..., 0] + 1j * xy[..., 1]  # (..., T, J) complex
         wsum = p.sum(-1)
         seen = wsum > 0
@@ -246,7 +290,7 @@ class BodySmoother:
         for it in range(self.iterations):
             raw = (z - c[..., None]) / a[..., None]
             rr = adaptive_poly(np.stack([raw.real, raw.imag], -1), wr * np.abs(a[..., None]) ** 2, sizes, degree,
-                               causal, self.gamma)
+                               causal, gamma)
             r = rr[..., 0] + 1j * rr[..., 1]
             if self.robust and it + 1 < self.iterations:
                 # an observation further than `robust` standard deviations from the fit weighs less (Huber)
@@ -263,17 +307,17 @@ class BodySmoother:
         wc = np.where(seen, self._inverse_variance(pbar, self.body_noise, scale, self.body_power), 0.0)
         # the similarity's factor a (dimensionless) is ~3 times noisier than the centre, relative to the scale
         body = np.stack([c.real, c.imag], -1)[..., None, :]
-        c = adaptive_poly(body, wc[..., None], sizes, degree, causal, self.gamma)[..., 0, :]
+        c = adaptive_poly(body, wc[..., None], sizes, degree, causal, gamma)[..., 0, :]
         c = c[..., 0] + 1j * c[..., 1]
         fa = np.stack([a.real, a.imag], -1)[..., None, :]
-        fa = adaptive_poly(fa, (wc * scale ** 2 / 9.0)[..., None], sizes, degree, causal, self.gamma)[..., 0, :]
+        fa = adaptive_poly(fa, (wc * scale ** 2 / 9.0)[..., None], sizes, degree, causal, gamma)[..., 0, :]
         a = np.where(seen, fa[..., 0] + 1j * fa[..., 1], a)
         out = c[..., None] + a[..., None] * r
         return np.stack([out.real, out.imag], -1)
 
 
 def _make_body(**options) -> Smoother:
-    known = {"joint_noise", "body_noise", "body_power", "noise_cap", "gamma", "floor"}
+    known = {"joint_noise", "body_noise", "body_power", "noise_cap", "gamma", "causal_gamma", "floor"}
     _unknown(options, known)
     d = BodySmoother()
     return BodySmoother(joint_noise=_check_float(options, "joint_noise", d.joint_noise, 1e-6, 100.0),
@@ -281,6 +325,7 @@ def _make_body(**options) -> Smoother:
                         body_power=_check_float(options, "body_power", d.body_power, 0.0, 10.0),
                         noise_cap=_check_float(options, "noise_cap", d.noise_cap, 1e-6, 100.0),
                         gamma=_check_float(options, "gamma", d.gamma, 0.0, 100.0),
+                        causal_gamma=_check_float(options, "causal_gamma", d.causal_gamma, 0.0, 100.0),
                         floor=_check_float(options, "floor", d.floor, 1e-6, 1.0))
 
 
