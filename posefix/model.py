@@ -314,7 +314,7 @@ class SubpixelDeconv(nn.Module):
                         kx = b + 3 - 2 * v
                         if 0 <= kx < 4:
                             k[:, a, b, :, u, v] = w[:, :, ky, kx].T
-        self.conv = nn.Conv2d(cin, 4 * cout, 3, padding=1, bias=deconv.bias is not None)
+        self.conv = nn.Conv2d(cin, 4 * cout, 3, padding=1, bias=deconv.bias is not None, dtype=w.dtype, device=w.device)
         with torch.no_grad():
             self.conv.weight.copy_(k.reshape(4 * cout, cin, 3, 3))
             if deconv.bias is not None:

@@ -156,6 +156,33 @@ def test_mobile_backbone_fused_stem_equals_the_rendered_path(backbone):
     assert (fused["confidence_logit"] - plain["confidence_logit"]).abs().max() < 1e-4 * scale
 
 
+def test_subpixel_deconv_equals_the_transposed_convolution():
+    """The int8 export's form of a 4×4 stride-2 transposed convolution against torch's own, float64, random
+    weights, bias or none, odd sizes; and a folded model with its head in that form gives the same outputs."""
+    from posefix.model import SubpixelDeconv, subpixel_head
+
+    g = torch.Generator().manual_seed(11)
+    for cin, cout, bias, (h, w) in ((5, 7, True, (6, 5)), (8, 3, False, (1, 9)), (4, 4, True, (7, 7))):
+        deconv = torch.nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1, bias=bias).double()
+        with torch.no_grad():
+            for p in deconv.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+        x = torch.randn(2, cin, h, w, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(SubpixelDeconv(deconv)(x), deconv(x), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="4×4 stride-2"):
+        SubpixelDeconv(torch.nn.ConvTranspose2d(3, 3, 3, stride=2, padding=1))
+    model = _perturbed(SMALL, seed=5, head=0.5).double().eval()
+    folded = fold_batchnorm(model)
+    image, kp, _ = model_inputs(3, SMALL, seed=2)
+    with torch.no_grad():
+        want = folded(image.double(), keypoints=kp.double())
+        got = subpixel_head(copy.deepcopy(folded))(image.double(), keypoints=kp.double())
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in subpixel_head(copy.deepcopy(folded)).modules())
+    torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=1e-9)
+    torch.testing.assert_close(got["coords"], want["coords"], rtol=0, atol=1e-9)
+
+
 def _random_keypoints(g, n, k, size, margin=20.0):
     """Joints in and around an (H, W) map, about a fifth invalid, a few NaN."""
     h, w = size
