@@ -11,15 +11,15 @@ persons, cut as the engine cuts them), in one process one after another:
   latency   ms per person at batch 1 on one thread, the process pinned to one core (``--core``)
   b8, b32   persons/s at batch 8 and 32 on two threads and both cores
   × yard    the batch-1 latency over the yardstick's: a plain torchvision MobileNetV3-Large classifier at
-            224×224, timed on the same core in the same process (torch eager, and ONNX Runtime fp32 for the
-            ONNX rows)
+            224×224, timed on the same core in the same process, call by call in turn with the refiner (torch
+            eager for the torch rows, ONNX Runtime fp32 for the ONNX rows)
   refine/s  ``posefix refine --backend onnxruntime`` end to end (JPEG decoding, cropping, the model, writing
             the JSON), on ``--refine-persons`` persons of the sample's real results cycled over its images,
             two threads: what it prints (its refinement loop) and persons over the subprocess's whole wall time
 
 Backends: ``torch`` (eager fp32, BatchNorm folded, contiguous), ``torch-cl`` (the same, channels_last),
 ``ort-fp32`` and ``ort-int8`` (ONNX Runtime's CPU provider; int8 statically quantised on 64 real crops).
-Each timing is the best of ``--repeat`` calls after a warm-up; the whole table is measured ``--rounds`` times
+Each timing is the best of ``--repeat`` calls (6 × that at batch 1) after a warm-up; the whole table is measured ``--rounds`` times
 and each cell reported as its median over rounds (the host may be shared: ratios within one round are side by
 side, and the JSON keeps every round).
 
@@ -101,21 +101,33 @@ class Yardstick:
             options.log_severity_level = 3
             self.session = ort.InferenceSession(f"{tmp}/yard.onnx", options, providers=["CPUExecutionProvider"])
 
-    def __call__(self, core: int, repeat: int) -> dict:
-        """Its batch-1 latency on one thread pinned to ``core``, in ms."""
-        pinned({core})
-        torch.set_num_threads(1)
+    def torch_call(self):
         with torch.no_grad():
-            t_torch = timed(lambda: self.net(self.x), repeat)
-        t_ort = timed(lambda: self.session.run(None, {"x": self.x.numpy()}), repeat)
-        return {"torch_ms": 1e3 * t_torch, "ort_fp32_ms": 1e3 * t_ort}
+            return self.net(self.x)
+
+    def ort_call(self):
+        return self.session.run(None, {"x": self.x.numpy()})
+
+
+def interleaved(calls: dict, repeat: int) -> dict:
+    """Each call's best time over ``repeat`` rounds in which every call runs once, in turn (after one warm-up
+    each): on a shared host all of them see the same moments of load, so their ratios stay side by side."""
+    for fn in calls.values():
+        fn()
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(repeat):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
 
 
 def one_model(name: str, model: PoseFixNet, fp32: bytes, int8: bytes, image: np.ndarray, kp: np.ndarray,
               yardstick: Yardstick, args, all_cores: set[int]) -> list[dict]:
-    """The yardstick, then the model on each backend: batch 1 on one thread and core, batch 8 and 32 on all."""
-    yard = yardstick(args.core, args.repeat * 4)
-    rows = [{"model": "yardstick", "before": name, **yard}]
+    """The model on each backend: batch 1 on one thread and core, interleaved call by call with the yardstick's
+    torch and ONNX Runtime runs; then batch 8 and 32 on all cores."""
+    rows = []
     for backend in args.backends:
         row = {"model": name, "backbone": model.cfg.backbone, "size": list(model.cfg.input_size),
                "head_channels": model.cfg.head_channels, "backend": backend}
@@ -135,26 +147,66 @@ def one_model(name: str, model: PoseFixNet, fp32: bytes, int8: bytes, image: np.
             for b in batches:
                 pick = np.arange(b) % len(image)
                 x, k = torch.from_numpy(image[pick]), torch.from_numpy(kp[pick])
-                t = timed(lambda x=x, k=k, call=call: call(x, k), args.repeat * (4 if b == 1 else 1))
                 if b == 1:
-                    row["latency_ms"] = 1e3 * t
+                    best = interleaved({"model": lambda x=x, k=k, call=call: call(x, k),
+                                        "yard_torch": yardstick.torch_call, "yard_ort": yardstick.ort_call},
+                                       args.repeat * 6)
+                    row["latency_ms"] = 1e3 * best["model"]
+                    row["yardstick_torch_ms"] = 1e3 * best["yard_torch"]
+                    row["yardstick_ort_fp32_ms"] = 1e3 * best["yard_ort"]
                 else:
-                    row[f"b{b}_per_s"] = b / t
-        row["x_yardstick"] = row["latency_ms"] / yard["ort_fp32_ms" if backend.startswith("ort") else "torch_ms"]
-        row["x_yardstick_torch"] = row["latency_ms"] / yard["torch_ms"]
+                    row[f"b{b}_per_s"] = b / timed(lambda x=x, k=k, call=call: call(x, k), args.repeat)
+        same = row["yardstick_ort_fp32_ms" if backend.startswith("ort") else "yardstick_torch_ms"]
+        row["x_yardstick"] = row["latency_ms"] / same
+        row["x_yardstick_torch"] = row["latency_ms"] / row["yardstick_torch_ms"]
         rows.append(row)
         print(f"{name:28s} {backend:9s} {row['latency_ms']:7.2f} ms {row['x_yardstick']:5.2f}x yard "
-              f"({row['x_yardstick_torch']:.2f}x torch yard {yard['torch_ms']:.2f} ms) {row['b8_per_s']:7.1f}/s "
-              f"{row['b32_per_s']:7.1f}/s", flush=True)
+              f"(yard torch {row['yardstick_torch_ms']:.2f} ms, ORT {row['yardstick_ort_fp32_ms']:.2f} ms) "
+              f"{row['b8_per_s']:7.1f}/s {row['b32_per_s']:7.1f}/s", flush=True)
     pinned(all_cores)
     torch.set_num_threads(len(all_cores))
+    return rows
+
+
+def decoding(repeat: int) -> list[dict]:
+    """JPEG decoding of the sample's images, one thread: torchvision's decoder (deprecated) and posefix's
+    (Pillow) at full size, and Pillow at 1/2 and 1/4 by DCT scaling; median over the images of each one's best
+    of ``repeat``."""
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_image
+
+    from posefix.images import decode_encoded
+
+    files = sorted((SAMPLE_DIR / "images").glob("*.jpg"))
+    torch.set_num_threads(1)
+    ways = {"torchvision full": None, "posefix full": 1, "posefix 1/2": 2, "posefix 1/4": 4}
+    rows = []
+    for name, reduce in ways.items():
+        times = []
+        for path in files:
+            data = path.read_bytes()
+            if reduce is None:
+                buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    times.append(timed(lambda b=buffer: decode_image(b, mode=ImageReadMode.RGB), repeat))
+            else:
+                times.append(timed(lambda d=data, r=reduce: decode_encoded(d, reduce=r), repeat))
+        rows.append({"decoder": name, "median_ms": 1e3 * statistics.median(times), "images": len(files)})
+    full = rows[1]["median_ms"]
+    print("JPEG decoding, one thread, median over the sample's images:")
+    for row in rows:
+        row["x_posefix_full"] = row["median_ms"] / full
+        print(f"  {row['decoder']:18s} {row['median_ms']:7.2f} ms  {row['x_posefix_full']:.2f}x")
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["realtime-cpu", "realtime-cpu-small", "cpu-small",
-                                                   "shufflenet_v2_x1_0@256x192", "regnet_x_400mf@256x192"])
+                                                   "shufflenet_v2_x1_0@256x192"])
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     p.add_argument("--core", type=int, default=0, help="the core batch-1 latency and BlazePose are pinned to")
     p.add_argument("--refine-persons", type=int, default=512, help="posefix refine end to end (0: skip)")
@@ -212,6 +264,7 @@ def main() -> None:
                                                  "wall_per_s": wall, "persons": args.refine_persons})
                         print(f"posefix refine {spec} {backend}: {printed:.1f} persons/s (its loop), "
                               f"{wall:.1f}/s with start-up", flush=True)
+    report["decoding"] = decoding(args.repeat * 4)
     summary = summarise(report)
     report["summary"] = summary
     write(args.json, report)
@@ -228,15 +281,13 @@ def summarise(report: dict) -> list[dict]:
                     cells.setdefault(key, {}).setdefault(k, []).append(v)
     out = []
     print("\nmedian over rounds:")
-    print(f"{'model':34s} {'backend':9s} {'b1 ms':>8s} {'x yard':>7s} {'b8/s':>8s} {'b32/s':>8s}")
+    print(f"{'model':28s} {'backend':9s} {'b1 ms':>8s} {'x yard':>7s} {'yard ms':>8s} {'b8/s':>8s} {'b32/s':>8s}")
     for (name, backend), values in cells.items():
         med = {k: statistics.median(v) for k, v in values.items()}
         out.append({"model": name, "backend": backend, **med})
-        if "latency_ms" in med:
-            print(f"{name:34s} {backend:9s} {med['latency_ms']:8.2f} {med['x_yardstick']:7.2f} "
-                  f"{med['b8_per_s']:8.1f} {med['b32_per_s']:8.1f}")
-        else:
-            print(f"{name:34s} torch {med['torch_ms']:.2f} ms, ONNX Runtime fp32 {med['ort_fp32_ms']:.2f} ms")
+        yard = med["yardstick_ort_fp32_ms" if backend.startswith("ort") else "yardstick_torch_ms"]
+        print(f"{name:28s} {backend:9s} {med['latency_ms']:8.2f} {med['x_yardstick']:7.2f} {yard:8.2f} "
+              f"{med['b8_per_s']:8.1f} {med['b32_per_s']:8.1f}")
     refine: dict[tuple, list] = {}
     for row in report["refine"]:
         refine.setdefault((row["model"], row["backend"]), []).append(row)
