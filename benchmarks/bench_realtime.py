@@ -168,6 +168,30 @@ def one_model(name: str, model: PoseFixNet, fp32: bytes, int8: bytes, image: np.
     return rows
 
 
+def int8_ratios(models: dict, args, all_cores: set[int], batch: int = 32) -> list[dict]:
+    """torch fp32 (channels-last and contiguous), ONNX Runtime fp32 and int8 at ``batch`` on all cores, call by
+    call in turn (``interleaved``): persons/s and each over the better torch fp32."""
+    pinned(all_cores)
+    torch.set_num_threads(len(all_cores))
+    rows = []
+    print(f"int8 against torch fp32, batch {batch}, {len(all_cores)} threads, interleaved:")
+    for name, (model, fp32, int8, image, kp) in models.items():
+        pick = np.arange(batch) % len(image)
+        x, k = torch.from_numpy(image[pick]), torch.from_numpy(kp[pick])
+        cl, plain = Refiner(model, "cpu", channels_last=True), Refiner(model, "cpu")
+        a, b = OnnxModel(fp32), OnnxModel(int8)
+        best = interleaved({"torch-cl": lambda: cl.infer(x, k), "torch": lambda: plain.infer(x, k),  # noqa: B023 (called at once)
+                            "ort-fp32": lambda: a(x, keypoints=k), "ort-int8": lambda: b(x, keypoints=k)},  # noqa: B023
+                           args.repeat * 2)
+        torch_best = min(best["torch-cl"], best["torch"])
+        row = {"model": name, "batch": batch, **{f"{key}_per_s": batch / t for key, t in best.items()},
+               **{f"{key}_x_torch": torch_best / t for key, t in best.items()}}
+        rows.append(row)
+        print(f"  {name:28s} " + "  ".join(f"{key} {batch / t:6.1f}/s ({torch_best / t:.2f}x)"
+                                             for key, t in best.items()), flush=True)
+    return rows
+
+
 def decoding(repeat: int) -> list[dict]:
     """JPEG decoding of the sample's images, one thread: torchvision's decoder (deprecated) and posefix's
     (Pillow) at full size, and Pillow at 1/2 and 1/4 by DCT scaling; median over the images of each one's best
@@ -216,7 +240,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--blazepose-python", default="/work/venv-mp/bin/python")
     p.add_argument("--blazepose-frames", type=int, default=100)
-    p.add_argument("--json", default="benchmarks/results/bench_realtime.json")
+    p.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" / "bench_realtime.json"))
+    p.add_argument("--only-int8-and-decoding", action="store_true",
+                   help="skip the rounds, BlazePose and refine: only the int8 ratios and the decoding rows")
     args = p.parse_args()
     all_cores = os.sched_getaffinity(0)
     if args.core not in all_cores:
@@ -233,7 +259,7 @@ def main() -> None:
         int8 = quantize_int8(export_onnx(model, for_int8=True), crops, points).SerializeToString()
         models[spec] = (model, export_onnx(model).SerializeToString(), int8, crops, points)
     yardstick = Yardstick()
-    for r in range(args.rounds):
+    for r in range(0 if args.only_int8_and_decoding else args.rounds):
         print(f"round {r + 1}/{args.rounds} (latency: batch 1, one thread, core {args.core}; b8, b32: persons/s, "
               f"{len(all_cores)} threads)", flush=True)
         rows = []
@@ -242,7 +268,7 @@ def main() -> None:
         report["rounds"].append(rows)
         report["blazepose"].append(blazepose(args.blazepose_python, args.core, args.blazepose_frames))
         print(f"BlazePose full on core {args.core}: {report['blazepose'][-1]}", flush=True)
-    if args.refine_persons:
+    if args.refine_persons and not args.only_int8_and_decoding:
         with tempfile.TemporaryDirectory(prefix="posefix-realtime-") as tmp:
             tmp = Path(tmp)
             for spec in args.refine_models:
@@ -264,6 +290,7 @@ def main() -> None:
                                                  "wall_per_s": wall, "persons": args.refine_persons})
                         print(f"posefix refine {spec} {backend}: {printed:.1f} persons/s (its loop), "
                               f"{wall:.1f}/s with start-up", flush=True)
+    report["int8"] = int8_ratios(models, args, all_cores)
     report["decoding"] = decoding(args.repeat * 4)
     summary = summarise(report)
     report["summary"] = summary

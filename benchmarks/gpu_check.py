@@ -47,7 +47,7 @@ from posefix import SAMPLE_DIR
 from posefix.model import ModelConfig, PoseFixNet
 
 RESULTS = SAMPLE_DIR / "topdown_keypoints_val4.json"
-TRAIN_GT = SAMPLE_DIR / "person_keypoints_train_sample.json"
+TRAIN_GT = SAMPLE_DIR / "person_keypoints_train10.json"  # the labelled persons of sample/train_images
 
 
 class Plan:
@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # noqa: BLE001 — a failed step is recorded and the others still run
                 result = {"status": "error", "error": f"{type(e).__name__}: {e}"[:500],
                           "traceback": traceback.format_exc()[-2000:]}
+            if any("error" in row for row in result.get("rows", [])):
+                result["status"] = "error"  # a row that failed (its message is in the row)
             result["seconds"] = time.perf_counter() - t0
             report["steps"][name] = result
             print(f"{name}: {result['status']} in {result['seconds']:.1f} s", flush=True)

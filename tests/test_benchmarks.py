@@ -90,3 +90,28 @@ def test_bench_backends(tmp_path):
         assert r["b2_per_s"] > 0 and r["refine_per_s"] > 0
         assert r["x_torch_last_batch"] == pytest.approx(r["b2_per_s"] / rows[0]["b2_per_s"], rel=1e-9)
     assert "ort-int8" in stdout and "CPUExecutionProvider" in report["machine"]["onnxruntime_providers"]
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.py's every step on the CPU at tiny sizes: it runs, and its one results file holds
+    each step's figures (the CUDA tests skipped here, not failed)."""
+    report, stdout = _run("gpu_check.py", "--dry-run", tmp_path=tmp_path)
+    assert report["dry_run"] is True and set(report["steps"]) == {"cuda_tests", "throughput", "onnxruntime",
+                                                                  "refine", "training"}
+    steps = report["steps"]
+    assert all(s["status"] == "ok" for s in steps.values()), {k: s.get("error") for k, s in steps.items()}
+    assert steps["cuda_tests"]["ok"] and steps["cuda_tests"].get("failed", 0) == 0
+    assert [r["batch"] for r in steps["throughput"]["rows"]] == [2, 4]
+    assert all(r["persons_per_s"] > 0 for r in steps["throughput"]["rows"])
+    assert all(r["persons_per_s"] > 0 for r in steps["onnxruntime"]["rows"])
+    assert [(r["row"], r["written"]) for r in steps["refine"]["rows"]] == [("torch", 8), ("onnxruntime", 8)]
+    assert steps["training"]["rows"][0]["samples_per_s"] > 0 and steps["training"]["rows"][0]["steps"] == 3
+    assert "results written to" in stdout
+
+
+def test_gpu_check_without_a_gpu_says_so(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--json", str(tmp_path / "x.json")],
+                          capture_output=True, text=True, timeout=120, check=False)
+    if proc.returncode == 0:
+        pytest.skip("a CUDA device is present")
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr and not (tmp_path / "x.json").exists()
