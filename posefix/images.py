@@ -207,7 +207,8 @@ def decode_encoded(data: bytes, field: str = "image.encoded", reduce: int = 1) -
     reduce: 1, 2, 4 or 8. A JPEG is then decoded at 1/reduce of its size, ceil(H / reduce) × ceil(W / reduce),
     by the decoder's DCT scaling (each output pixel the mean of a reduce × reduce block, its centre at
     ``reduce · i + (reduce - 1) / 2`` in the full image's pixels), at a fraction of the full decode's time; any
-    other format is decoded at full size (see :func:`decoded_scale`)."""
+    other format, and a JPEG under ``reduce`` pixels on a side, is decoded at full size (see
+    :func:`decoded_scale`)."""
     from PIL import Image
 
     kind = image_kind(data)
@@ -224,7 +225,9 @@ def decode_encoded(data: bytes, field: str = "image.encoded", reduce: int = 1) -
             picture = Image.open(io.BytesIO(data), formats=[kind.upper()])
             if reduce > 1 and kind == "JPEG":
                 width, height = picture.size
-                picture.draft("RGB", (math.ceil(width / reduce), math.ceil(height / reduce)))
+                # Pillow takes the largest scale whose size is at least the one asked for: floor(size / reduce)
+                # selects 1/reduce, which gives ceil(size / reduce).
+                picture.draft("RGB", (max(width // reduce, 1), max(height // reduce, 1)))
             picture.load()
             if picture.mode.startswith("I"):  # 16-bit grey ("I;16", "I;16B", "I"): keep the high byte
                 grey = (np.asarray(picture).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
