@@ -115,3 +115,26 @@ def test_gpu_check_without_a_gpu_says_so(tmp_path):
     if proc.returncode == 0:
         pytest.skip("a CUDA device is present")
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr and not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.slow
+def test_bench_realtime(tmp_path):
+    """The real-time table end to end on a tiny model: every backend's row, each ratio its two times' quotient,
+    posefix refine's rows, the int8 and decoding rows, and BlazePose reported unmeasured without its interpreter."""
+    report, stdout = _run("bench_realtime.py", "--models", "mobilenet_v3_small@64x64", "--rounds", "1",
+                          "--refine-persons", "8", "--refine-models", "mobilenet_v3_small@64x64", "--repeat", "1",
+                          "--calibration-persons", "8", "--blazepose-python", str(tmp_path / "none"),
+                          tmp_path=tmp_path)
+    rows = report["rounds"][0]
+    assert [r["backend"] for r in rows] == ["torch", "torch-cl", "ort-fp32", "ort-int8"]
+    for row in rows:
+        yard = row["yardstick_ort_fp32_ms" if row["backend"].startswith("ort") else "yardstick_torch_ms"]
+        assert row["x_yardstick"] == pytest.approx(row["latency_ms"] / yard, rel=1e-9)
+        assert row["b8_per_s"] > 0 and row["b32_per_s"] > 0
+    assert [(r["backend"], r["persons"]) for r in report["refine"]] == [("ort-fp32", 8), ("ort-int8", 8)]
+    int8 = report["int8"][0]
+    assert int8["ort-int8_x_torch"] == pytest.approx(int8["ort-int8_per_s"] / max(int8["torch_per_s"],
+                                                                                 int8["torch-cl_per_s"]), rel=1e-9)
+    assert [r["decoder"] for r in report["decoding"]] == ["torchvision full", "posefix full", "posefix 1/2",
+                                                          "posefix 1/4"]
+    assert "unmeasured" in report["blazepose"][0] and "BlazePose full: unmeasured" in stdout
