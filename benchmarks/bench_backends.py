@@ -113,7 +113,7 @@ def main() -> None:
         model = PoseFixNet(ModelConfig(backbone=backbone, input_size=size, sigma=sigma, head_channels=head))
         fp32 = export_onnx(model)
         image, kp = calibration_crops(Refiner(model), SAMPLE_DIR / "images", RESULTS, args.calibration_persons)
-        int8 = quantize_int8(fp32, image, kp)
+        int8 = quantize_int8(export_onnx(model, for_int8=True), image, kp)
         reference = None
         with tempfile.TemporaryDirectory(prefix="posefix-bench-") as tmp:
             tmp = Path(tmp)

@@ -566,7 +566,7 @@ def cmd_export(args) -> int:
 
         image, keypoints = calibration_crops(Refiner(model), args.calibration_images, args.calibration_poses,
                                              args.calibration_persons, allow_outside=args.allow_outside_images)
-    proto = export_onnx(model, args.opset, batch)
+    proto = export_onnx(model, args.opset, batch, for_int8=args.int8)
     what = "fp32"
     if args.int8:
         proto = quantize_int8(proto, image, keypoints)

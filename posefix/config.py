@@ -88,6 +88,22 @@ PRESETS: dict[str, dict] = {
                   "checkpoint_every": 100},
         "data": {"workers": 1},
     },
+    "realtime-cpu": {
+        "_about": "MobileNetV3-Large at 256×192, σ 7, light head: batch-1 latency on one CPU core near a "
+                  "MobileNetV3-Large classifier's at 224×224 (docs/deployment.md)",
+        "model": {"backbone": "mobilenet_v3_large", "input_size": [256, 192], "sigma": 7.0, "head_channels": 64},
+        "train": {"max_steps": 140 * 4700, "batch_size": 32, "lr": 1e-3},
+    },
+    "realtime-cpu-small": {
+        "_about": "MobileNetV3-Small at 256×192, σ 7, light head: about half realtime-cpu's latency",
+        "model": {"backbone": "mobilenet_v3_small", "input_size": [256, 192], "sigma": 7.0, "head_channels": 64},
+        "train": {"max_steps": 140 * 4700, "batch_size": 32, "lr": 1e-3},
+    },
+    "server-gpu": {
+        "_about": "ResNet-50 at 256×192, σ 7, batch 64: for a GPU server (bf16, channels-last by default on CUDA)",
+        "model": {"backbone": "resnet50", "input_size": [256, 192], "sigma": 7.0},
+        "train": {"max_steps": 140 * 2350, "batch_size": 64},
+    },
     "r50-256x192": {
         "_about": "ResNet-50 at 256×192, σ 7 (a published configuration)",
         "model": {"backbone": "resnet50", "input_size": [256, 192], "sigma": 7.0},

@@ -1,9 +1,11 @@
-"""Images: finding the files, checking PNG and JPEG bytes before decoding, and decoding them with
-torchvision.io (a request's raw pixels by :func:`raw_to_tensor`) into (3, H, W) uint8 RGB tensors."""
+"""Images: finding the files, checking PNG and JPEG bytes before decoding, and decoding them with Pillow
+(a request's raw pixels by :func:`raw_to_tensor`) into (3, H, W) uint8 RGB tensors; a JPEG at 1/2, 1/4 or 1/8
+of its size by DCT scaling where a caller needs no more (:func:`decode_encoded`'s ``reduce``)."""
 from __future__ import annotations
 
+import io
+import math
 import struct
-import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -11,7 +13,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image
 
 from .errors import InputError
 
@@ -194,28 +195,59 @@ def check_png(data: bytes, field: str = "image.encoded") -> None:
                       " (truncated)")
 
 
-def decode_encoded(data: bytes, field: str = "image.encoded") -> torch.Tensor:
-    """A JPEG, PNG, GIF or WebP file's bytes → (3, H, W) uint8 RGB (grey, palette, RGBA and 16-bit converted;
-    the EXIF orientation is not applied, as in :func:`posefix.images.decode`). A PNG is checked by
+JPEG_REDUCTIONS = (1, 2, 4, 8)  # the DCT scalings libjpeg decodes at (Pillow's Image.draft)
+
+
+def decode_encoded(data: bytes, field: str = "image.encoded", reduce: int = 1) -> torch.Tensor:
+    """A JPEG, PNG, GIF or WebP file's bytes → (3, H, W) uint8 RGB (grey, palette, RGBA, CMYK and 16-bit
+    converted; the EXIF orientation is not applied, as in :func:`posefix.images.decode`). A PNG is checked by
     :func:`check_png` first. Other bytes, and a file that does not decode, are an InputError naming ``field``
-    and the kind of file, never quoting its bytes."""
+    and the kind of file, never quoting its bytes.
+
+    reduce: 1, 2, 4 or 8. A JPEG is then decoded at 1/reduce of its size, ceil(H / reduce) × ceil(W / reduce),
+    by the decoder's DCT scaling (each output pixel the mean of a reduce × reduce block, its centre at
+    ``reduce · i + (reduce - 1) / 2`` in the full image's pixels), at a fraction of the full decode's time; any
+    other format, and a JPEG under ``reduce`` pixels on a side, is decoded at full size (see
+    :func:`decoded_scale`)."""
+    from PIL import Image
+
     kind = image_kind(data)
     if kind is None:
         raise InputError(field, "not a JPEG, PNG, GIF or WebP image")
+    if reduce not in JPEG_REDUCTIONS:
+        raise InputError("reduce", f"must be one of {list(JPEG_REDUCTIONS)}, got {reduce!r}")
     if kind == "PNG":
         check_png(data, field)
-    buffer = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
     try:
         with warnings.catch_warnings():
-            # torchvision >= 0.29 announces that its image codecs will move to TorchCodec.
-            warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
-            image = decode_image(buffer, mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError):  # the decoder's own message may quote the file's bytes: not repeated
+            # Pillow's warning on a large image: posefix's own size limits apply before decoding.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            picture = Image.open(io.BytesIO(data), formats=[kind.upper()])
+            if reduce > 1 and kind == "JPEG":
+                width, height = picture.size
+                # Pillow takes the largest scale whose size is at least the one asked for: floor(size / reduce)
+                # selects 1/reduce, which gives ceil(size / reduce).
+                picture.draft("RGB", (max(width // reduce, 1), max(height // reduce, 1)))
+            picture.load()
+            if picture.mode.startswith("I"):  # 16-bit grey ("I;16", "I;16B", "I"): keep the high byte
+                grey = (np.asarray(picture).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+                pixels = np.repeat(grey[:, :, None], 3, axis=2)
+            else:
+                pixels = np.asarray(picture if picture.mode == "RGB" else picture.convert("RGB"))
+    except Image.DecompressionBombError:
+        raise InputError(field, f"a {kind} with more pixels than the decoder allows") from None
+    except (OSError, ValueError, SyntaxError, EOFError):  # Pillow's message may quote the file's bytes: not repeated
         raise InputError(field, f"cannot decode: a corrupt, truncated or unsupported {kind}") from None
-    if image.dtype != torch.uint8:  # a 16-bit PNG: keep the high byte, read in place (no wider copy)
-        high = 1 if sys.byteorder == "little" else 0
-        image = image.contiguous().reshape(-1).view(torch.uint8)[high::2].reshape(image.shape).contiguous()
-    return image
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # one copy, to (3, H, W)
+
+
+def decoded_scale(full_size: tuple[int, int], image: torch.Tensor) -> int:
+    """The reduction an image of ``full_size`` (H, W) was decoded at (1 when at full size), from its shape."""
+    h, w = full_size
+    for r in JPEG_REDUCTIONS:
+        if tuple(image.shape[1:]) == (math.ceil(h / r), math.ceil(w / r)):
+            return r
+    raise ValueError(f"an image of {tuple(image.shape[1:])} is no reduction of {full_size}")
 
 
 def raw_to_tensor(raw: pb2.RawImage) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The refiner: a torchvision ResNet that sees the image and the input pose, and a deconvolution head.
+"""The refiner: a torchvision ResNet (or a mobile-class backbone) that sees the image and the input pose, and a head
+that brings its features back to stride 4.
 
 Glossary: N persons, K = 17 joints, (H, W) the input crop, (h, w) = (H/4, W/4) the output heatmaps.
 Coordinates are (x, y) in pixels with pixel centres at integers; output pixel i covers input pixels
@@ -26,6 +27,11 @@ per-pixel disk classifier (is this output pixel within ``offset_radius`` of the 
 gives each pixel a 2-D offset to the joint, and a joint is decoded as its heatmap's peak plus the offset
 there. Its offsets start at zero, so an untrained offset head returns the input joint's output pixel.
 
+Mobile-class backbones (``MOBILE``: MobileNetV3, ShuffleNetV2, RegNetX) take the same place: their stem
+convolution gets the K heatmap channels as the ResNet stem does, their last 1×1 expansion is left out, and the
+head is three light stages (×2 upsampling, depthwise 3×3, pointwise 1×1) of ``head_channels`` instead of
+4×4 transposed convolutions. Everything after the head is the same.
+
 Given the input pose as keypoints, the K heatmaps are never rendered at full resolution: the stem
 convolution is linear in them and each is a separable Gaussian, so their part of the stem's output
 is computed at the stem's stride from 1-D factors (about a seventh of the arithmetic of convolving
@@ -33,6 +39,7 @@ the rendered maps: 0.21 instead of 1.47 GMAC per person at 384×288), and so is 
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +54,11 @@ from .codec import soft_argmax
 from .errors import InputError
 from .synth.keypoints import NUM_KEYPOINTS
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# Mobile-class torchvision backbones: their stem convolution takes the input pose as the ResNet stem does, their
+# last 1×1 expansion (made for a classifier's pooling) is left out, and a light head brings stride 32 back to 4.
+MOBILE = ("mobilenet_v3_large", "mobilenet_v3_small", "shufflenet_v2_x1_0", "regnet_x_400mf")
+BACKBONES = RESNETS + MOBILE
 HEADS = ("soft_argmax", "offset")
 STRIDE = 4
 PRIOR_EPS = 1e-6
@@ -113,21 +124,54 @@ def _deconv(cin: int, cout: int) -> nn.Sequential:
                          nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
+def _light_up(cin: int, cout: int) -> nn.Sequential:
+    """The mobile backbones' head stage: ×2 nearest upsampling, a depthwise 3×3 and a pointwise convolution
+    (cin·9 + cin·cout multiply-adds per output pixel, against cin·cout·4 for a 4×4 stride-2 deconvolution)."""
+    return nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
+                         nn.Conv2d(cin, cin, 3, padding=1, groups=cin, bias=False), nn.BatchNorm2d(cin),
+                         nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def _torchvision_parts(net: nn.Module, name: str) -> tuple[nn.Sequential, list[nn.Module]]:
+    """A torchvision classifier's stem (conv, norm, activation) and the modules after it up to stride 32
+    (without a classifier's last 1×1 expansion and pooling)."""
+    if name in RESNETS:
+        return (nn.Sequential(net.conv1, net.bn1, net.relu),
+                [net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4])
+    if name.startswith("mobilenet_v3"):
+        return net.features[0], list(net.features[1:-1])
+    if name.startswith("shufflenet"):
+        return net.conv1, [net.maxpool, net.stage2, net.stage3, net.stage4]
+    if name.startswith("regnet"):
+        return net.stem, [net.trunk_output]
+    raise ValueError(f"no parts for backbone {name!r}")
+
+
 class PoseFixNet(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         k = cfg.num_keypoints
-        resnet = getattr(torchvision.models, cfg.backbone)(weights=None)
-        stem = nn.Conv2d(3 + k, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        net = getattr(torchvision.models, cfg.backbone)(weights=None)
+        first, rest = _torchvision_parts(net, cfg.backbone)
+        conv = first[0]
+        stem = nn.Conv2d(3 + k, conv.out_channels, kernel_size=conv.kernel_size, stride=conv.stride,
+                         padding=conv.padding, bias=False)
         with torch.no_grad():
-            stem.weight[:, :3] = resnet.conv1.weight
+            stem.weight[:, :3] = conv.weight
             nn.init.normal_(stem.weight[:, 3:], std=1e-3)
-        self.backbone = nn.Sequential(stem, resnet.bn1, resnet.relu, resnet.maxpool,
-                                      resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
-        feat = resnet.fc.in_features
+        self.backbone = nn.Sequential(stem, first[1], first[2], *rest)
         c = cfg.head_channels
-        self.head = nn.Sequential(_deconv(feat, c), _deconv(c, c), _deconv(c, c))
+        if cfg.backbone in RESNETS:
+            feat = net.fc.in_features
+            self.head = nn.Sequential(_deconv(feat, c), _deconv(c, c), _deconv(c, c))
+        else:
+            with torch.no_grad():
+                feat = self.backbone[1:](torch.zeros(1, conv.out_channels, 32, 32)).shape[1]
+            self.head = nn.Sequential(_light_up(feat, c), _light_up(c, c), _light_up(c, c))
+            for m in self.backbone.modules():  # torchvision's MobileNetV3 keeps 0.01 (TF's); short runs need more
+                if isinstance(m, nn.BatchNorm2d):
+                    m.momentum = 0.1
         self.final = nn.Conv2d(c, k, kernel_size=1)
         nn.init.zeros_(self.final.weight)
         nn.init.zeros_(self.final.bias)
@@ -231,24 +275,72 @@ def fold_batchnorm(model: PoseFixNet) -> PoseFixNet:
             setattr(parent, bn, nn.Identity())
 
     folded = deepcopy(model).eval()
-    fold(folded.backbone, "0", "1")  # the stem and bn1
-    for layer in folded.backbone[4:]:
-        for block in layer:
-            for i in (1, 2, 3):
-                if hasattr(block, f"conv{i}"):
-                    fold(block, f"conv{i}", f"bn{i}")
-            if block.downsample is not None:
-                fold(block.downsample, "0", "1")
-    for deconv in folded.head:
-        fold(deconv, "0", "1", transpose=True)
+    for module in list(folded.modules()):
+        # A ResNet block's convolutions and norms by name (conv1/bn1, ...); everything else (the stem, ResNet's
+        # downsampling, torchvision's Conv2dNormActivation, ShuffleNet's branches, both heads) is a
+        # convolution followed by its BatchNorm in a Sequential.
+        for i in (1, 2, 3):
+            if isinstance(getattr(module, f"conv{i}", None), nn.Conv2d):
+                fold(module, f"conv{i}", f"bn{i}")
+        if isinstance(module, nn.Sequential):
+            names = list(module._modules)
+            for a, b in itertools.pairwise(names):
+                conv = module._modules[a]
+                if isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)) and isinstance(module._modules[b], nn.BatchNorm2d):
+                    fold(module, a, b, transpose=isinstance(conv, nn.ConvTranspose2d))
     return folded
+
+
+class SubpixelDeconv(nn.Module):
+    """A 4×4, stride-2, padding-1 transposed convolution as a 3×3 convolution to 4× the channels and a 2×
+    pixel shuffle: the same function (each output phase (a, b) reads the input at offsets {-1, 0} or {0, 1}),
+    made of operators an int8 runtime quantises (ONNX Runtime's CPU provider has no int8 ConvTranspose)."""
+
+    def __init__(self, deconv: nn.ConvTranspose2d):
+        super().__init__()
+        if not (deconv.kernel_size == (4, 4) and deconv.stride == (2, 2) and deconv.padding == (1, 1)
+                and deconv.groups == 1 and deconv.dilation == (1, 1) and deconv.output_padding == (0, 0)):
+            raise ValueError("only a 4×4 stride-2 padding-1 transposed convolution has this form")
+        w = deconv.weight.detach()  # (cin, cout, 4, 4)
+        cin, cout = w.shape[:2]
+        k = w.new_zeros(cout, 2, 2, cin, 3, 3)  # (o, a, b, c, u, v)
+        for a in (0, 1):
+            for u in range(3):
+                ky = a + 3 - 2 * u
+                if not 0 <= ky < 4:
+                    continue
+                for b in (0, 1):
+                    for v in range(3):
+                        kx = b + 3 - 2 * v
+                        if 0 <= kx < 4:
+                            k[:, a, b, :, u, v] = w[:, :, ky, kx].T
+        self.conv = nn.Conv2d(cin, 4 * cout, 3, padding=1, bias=deconv.bias is not None, dtype=w.dtype, device=w.device)
+        with torch.no_grad():
+            self.conv.weight.copy_(k.reshape(4 * cout, cin, 3, 3))
+            if deconv.bias is not None:
+                self.conv.bias.copy_(deconv.bias.detach().repeat_interleave(4))
+        self.shuffle = nn.PixelShuffle(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shuffle(self.conv(x))
+
+
+def subpixel_head(model: PoseFixNet) -> PoseFixNet:
+    """``model`` (folded, for inference) with every transposed convolution of its head as a
+    :class:`SubpixelDeconv`: the same function, 2.25× the multiply-adds, every one of them int8-quantisable."""
+    for module in model.head.modules():
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.ConvTranspose2d):
+                setattr(module, name, SubpixelDeconv(child))
+    return model
 
 
 def load_pretrained(model: PoseFixNet, pretrained: str | None) -> str:
     """Copy ImageNet weights into the backbone (RGB channels of the stem); returns what was loaded.
 
     ``pretrained``: "none" (or None) for none; "imagenet" for torchvision's weights, which must already
-    be in torch's cache (posefix never downloads); or the path of a torchvision ResNet state dict
+    be in torch's cache (posefix never downloads); or the path of a state dict of the torchvision classifier
+    named by ``model.backbone``
     (.pth, loaded with weights_only=True, or .safetensors).
     """
     if pretrained in (None, "none"):
@@ -270,14 +362,14 @@ def load_pretrained(model: PoseFixNet, pretrained: str | None) -> str:
         state = load_file(str(path))
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    resnet = getattr(torchvision.models, name)(weights=None)
+    net = getattr(torchvision.models, name)(weights=None)
     try:
-        resnet.load_state_dict(state)
+        net.load_state_dict(state)
     except RuntimeError as e:
         raise InputError("model.pretrained", f"{path} is not a {name} state dict: {str(e).splitlines()[0]}") from None
+    first, rest = _torchvision_parts(net, name)
     with torch.no_grad():
-        model.backbone[0].weight[:, :3] = resnet.conv1.weight
-        ours = model.backbone
-        for i, part in enumerate(("bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"), start=1):
-            ours[i].load_state_dict(getattr(resnet, part).state_dict())
+        model.backbone[0].weight[:, :3] = first[0].weight
+        for ours, theirs in zip(list(model.backbone)[1:], [first[1], first[2], *rest]):
+            ours.load_state_dict(theirs.state_dict())
     return str(path)

@@ -29,7 +29,7 @@ from . import __version__
 from .choice import METADATA_KEY as CHOICE_KEY
 from .choice import FittedChoice
 from .errors import InputError
-from .model import ModelConfig, PoseFixNet, fold_batchnorm
+from .model import ModelConfig, PoseFixNet, fold_batchnorm, subpixel_head
 from .protocols import RefinerLike
 
 INPUTS = ("image", "keypoints")
@@ -76,17 +76,22 @@ def metadata(cfg: ModelConfig, outputs: list[str], precision: str, **extra) -> d
     return meta
 
 
-def export_onnx(model: PoseFixNet, opset: int = DEFAULT_OPSET, batch: int | None = None, **extra_meta):
+def export_onnx(model: PoseFixNet, opset: int = DEFAULT_OPSET, batch: int | None = None, for_int8: bool = False,
+                **extra_meta):
     """The refiner (BatchNorm folded) as an ONNX ModelProto, checked with ``onnx.checker``.
 
     batch: None for a dynamic batch axis, else the fixed batch size. Exported with ``torch.onnx.export``'s
     torch.export-based exporter (``dynamo=True``, which needs onnxscript). ``extra_meta`` joins the metadata.
+    for_int8: the head's transposed convolutions as 3×3 convolutions and a pixel shuffle
+    (:func:`~posefix.model.subpixel_head`, the same function), so that :func:`quantize_int8` quantises them too.
     """
     import warnings
 
     onnx = require("onnx", "--onnx")
     require("onnxscript", "--onnx")
     folded = fold_batchnorm(model)
+    if for_int8:
+        folded = subpixel_head(folded)
     cfg = model.cfg
     h, w = cfg.input_size
     n = batch or 2

@@ -96,3 +96,51 @@ def test_bench_backends(tmp_path):
         assert r["b2_per_s"] > 0 and r["refine_per_s"] > 0
         assert r["x_torch_last_batch"] == pytest.approx(r["b2_per_s"] / rows[0]["b2_per_s"], rel=1e-9)
     assert "ort-int8" in stdout and "CPUExecutionProvider" in report["machine"]["onnxruntime_providers"]
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.py's every step on the CPU at tiny sizes: it runs, and its one results file holds
+    each step's figures (the CUDA tests skipped here, not failed)."""
+    report, stdout = _run("gpu_check.py", "--dry-run", tmp_path=tmp_path)
+    assert report["dry_run"] is True and set(report["steps"]) == {"cuda_tests", "throughput", "onnxruntime",
+                                                                  "refine", "training"}
+    steps = report["steps"]
+    assert all(s["status"] == "ok" for s in steps.values()), {k: s.get("error") for k, s in steps.items()}
+    assert steps["cuda_tests"]["ok"] and steps["cuda_tests"].get("failed", 0) == 0
+    assert [r["batch"] for r in steps["throughput"]["rows"]] == [2, 4]
+    assert all(r["persons_per_s"] > 0 for r in steps["throughput"]["rows"])
+    assert all(r["persons_per_s"] > 0 for r in steps["onnxruntime"]["rows"])
+    assert [(r["row"], r["written"]) for r in steps["refine"]["rows"]] == [("torch", 8), ("onnxruntime", 8)]
+    assert steps["training"]["rows"][0]["samples_per_s"] > 0 and steps["training"]["rows"][0]["steps"] == 3
+    assert "results written to" in stdout
+
+
+def test_gpu_check_without_a_gpu_says_so(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--json", str(tmp_path / "x.json")],
+                          capture_output=True, text=True, timeout=120, check=False)
+    if proc.returncode == 0:
+        pytest.skip("a CUDA device is present")
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr and not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.slow
+def test_bench_realtime(tmp_path):
+    """The real-time table end to end on a tiny model: every backend's row, each ratio its two times' quotient,
+    posefix refine's rows, the int8 and decoding rows, and BlazePose reported unmeasured without its interpreter."""
+    report, stdout = _run("bench_realtime.py", "--models", "mobilenet_v3_small@64x64", "--rounds", "1",
+                          "--refine-persons", "8", "--refine-models", "mobilenet_v3_small@64x64", "--repeat", "1",
+                          "--calibration-persons", "8", "--blazepose-python", str(tmp_path / "none"),
+                          tmp_path=tmp_path)
+    rows = report["rounds"][0]
+    assert [r["backend"] for r in rows] == ["torch", "torch-cl", "ort-fp32", "ort-int8"]
+    for row in rows:
+        yard = row["yardstick_ort_fp32_ms" if row["backend"].startswith("ort") else "yardstick_torch_ms"]
+        assert row["x_yardstick"] == pytest.approx(row["latency_ms"] / yard, rel=1e-9)
+        assert row["b8_per_s"] > 0 and row["b32_per_s"] > 0
+    assert [(r["backend"], r["persons"]) for r in report["refine"]] == [("ort-fp32", 8), ("ort-int8", 8)]
+    int8 = report["int8"][0]
+    assert int8["ort-int8_x_torch"] == pytest.approx(int8["ort-int8_per_s"] / max(int8["torch_per_s"],
+                                                                                 int8["torch-cl_per_s"]), rel=1e-9)
+    assert [r["decoder"] for r in report["decoding"]] == ["torchvision full", "posefix full", "posefix 1/2",
+                                                          "posefix 1/4"]
+    assert "unmeasured" in report["blazepose"][0] and "BlazePose full: unmeasured" in stdout

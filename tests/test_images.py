@@ -6,7 +6,7 @@ import torch
 from posefix import SAMPLE_DIR
 from posefix._proto import pb2
 from posefix.errors import InputError
-from posefix.images import check_png, decode, decode_encoded, encoded_size, image_kind, raw_to_tensor
+from posefix.images import check_png, decode, decode_encoded, decoded_scale, encoded_size, image_kind, raw_to_tensor
 from posefix.viz import write_png
 
 JPEGS = sorted((SAMPLE_DIR / "images").glob("*.jpg"))
@@ -67,3 +67,41 @@ def test_a_damaged_png_is_refused_not_crashing_the_process(tmp_path):
             f"try:\n    decode({str(damaged)!r})\nexcept InputError as e:\n    print(e); sys.exit(3)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 3 and "damaged.png: image:" in r.stdout, (r.returncode, r.stdout, r.stderr[-500:])
+
+
+@pytest.mark.parametrize("reduce", [2, 4, 8])
+def test_jpeg_decoded_at_a_reduced_size_is_the_full_image_averaged(reduce):
+    """DCT-scaled decoding against a plain reference: the full decode averaged over reduce × reduce blocks (the
+    last partial block over what it holds); within a few grey levels on average, and the scale read back."""
+    for path in JPEGS[:2]:
+        data = path.read_bytes()
+        full = decode_encoded(data)
+        small = decode_encoded(data, reduce=reduce)
+        h, w = full.shape[1:]
+        assert small.shape == (3, -(-h // reduce), -(-w // reduce)) and small.dtype == torch.uint8
+        reference = torch.nn.functional.avg_pool2d(full[None].float(), reduce, ceil_mode=True)[0]
+        assert (small.float() - reference).abs().mean() < 3.0
+        assert decoded_scale((h, w), small) == reduce and decoded_scale((h, w), full) == 1
+
+
+def test_reduce_leaves_other_formats_whole_and_is_checked(tmp_path):
+    pixels = (torch.rand(3, 21, 30, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    write_png(pixels, tmp_path / "x.png")
+    assert torch.equal(decode_encoded((tmp_path / "x.png").read_bytes(), reduce=4), pixels)
+    with pytest.raises(InputError, match="reduce: must be one of"):
+        decode_encoded(JPEGS[0].read_bytes(), reduce=3)
+    with pytest.raises(ValueError, match="no reduction"):
+        decoded_scale((100, 100), pixels)
+
+
+def test_grey_16_bit_png_keeps_the_high_byte(tmp_path):
+    """A 16-bit grey PNG (written by Pillow) decodes to each sample's high byte in all three channels."""
+    from PIL import Image
+
+    values = np.random.default_rng(2).integers(0, 65536, (9, 13), dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    data = (tmp_path / "g16.png").read_bytes()
+    assert data[24] == 16  # bit depth in IHDR
+    image = decode_encoded(data)
+    expected = torch.from_numpy((values >> 8).astype(np.uint8))
+    assert all(torch.equal(image[c], expected) for c in range(3))

@@ -10,14 +10,14 @@ from posefix import codec
 from posefix.engine import Refiner, export_weights, load_weights
 from posefix.errors import InputError
 from posefix.losses import refiner_loss
-from posefix.model import ModelConfig, PoseFixNet, fold_batchnorm, load_pretrained
+from posefix.model import MOBILE, ModelConfig, PoseFixNet, fold_batchnorm, load_pretrained
 
 from .conftest import SMALL_MODEL, model_inputs
 
 SMALL = SMALL_MODEL
 
 
-@pytest.mark.parametrize("backbone", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", *MOBILE])
 def test_every_backbone_builds_and_runs(backbone):
     cfg = ModelConfig(backbone=backbone, input_size=(64, 64), sigma=2.0, head_channels=16)
     model = PoseFixNet(cfg).eval()
@@ -107,6 +107,80 @@ def test_pretrained_from_a_local_file_and_never_downloaded(tmp_path, monkeypatch
     torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(InputError, match="not a resnet18 state dict"):
         load_pretrained(model, str(tmp_path / "other.pth"))
+
+
+@pytest.mark.parametrize("backbone", MOBILE)
+def test_mobile_backbone_pretrained_from_a_local_file(backbone, tmp_path):
+    """A torchvision classifier's state dict fills the backbone (stem RGB channels and every module after it);
+    another backbone's is refused naming the field."""
+    g = torch.Generator().manual_seed(7)
+    net = getattr(torchvision.models, backbone)(weights=None)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    path = tmp_path / f"{backbone}.pth"
+    torch.save(net.state_dict(), path)
+    model = PoseFixNet(ModelConfig(backbone=backbone, input_size=(64, 64), sigma=2.0, head_channels=16))
+    heat_channels = model.backbone[0].weight[:, 3:].clone()
+    assert load_pretrained(model, str(path)) == str(path)
+    theirs = {k: v for k, v in net.state_dict().items()}
+    stem = next(k for k, v in theirs.items() if v.dim() == 4 and v.shape[1] == 3)
+    assert torch.equal(model.backbone[0].weight[:, :3], theirs[stem])
+    assert torch.equal(model.backbone[0].weight[:, 3:], heat_channels)
+    ours = [v for k, v in model.backbone.state_dict().items() if not k.startswith("0.")]
+    loaded = sum(any(v.shape == w.shape and torch.equal(v, w) for w in theirs.values()) for v in ours)
+    assert loaded == len(ours)  # every backbone tensor after the stem convolution is one of the file's
+    other = "mobilenet_v3_small" if backbone != "mobilenet_v3_small" else "shufflenet_v2_x1_0"
+    torch.save(getattr(torchvision.models, other)(weights=None).state_dict(), tmp_path / "other.pth")
+    with pytest.raises(InputError, match=f"not a {backbone} state dict"):
+        load_pretrained(model, str(tmp_path / "other.pth"))
+
+
+@pytest.mark.parametrize("backbone", MOBILE)
+def test_mobile_backbone_fused_stem_equals_the_rendered_path(backbone):
+    """Each mobile backbone's stem (3×3, stride 2, padding 1) computed from the Gaussians' 1-D factors gives the
+    outputs of rendering the heatmaps and convolving them, on random crops and poses (one far outside)."""
+    cfg = ModelConfig(backbone=backbone, input_size=(96, 64), sigma=2.5, head_channels=16)
+    model = _perturbed(cfg, seed=3, head=0.5).eval()
+    image, kp, _ = model_inputs(4, cfg, seed=8)
+    kp[1, 5] = torch.tensor([-40.0, 300.0, 1.0])
+    heat = codec.render_heatmaps(kp, cfg.input_size, cfg.sigma)
+    with torch.no_grad():
+        fused = model(image, keypoints=kp)
+        plain = model(image, heat)
+    moved = (plain["coords"] - kp[..., :2]).abs().amax()
+    assert moved > 1  # the perturbed head moves joints, so agreement means the same computation
+    scale = max(1.0, plain["logits"].abs().max().item())
+    assert (fused["logits"] - plain["logits"]).abs().max() < 1e-4 * scale
+    assert (fused["coords"] - plain["coords"]).abs().max() < 0.01
+    assert (fused["confidence_logit"] - plain["confidence_logit"]).abs().max() < 1e-4 * scale
+
+
+def test_subpixel_deconv_equals_the_transposed_convolution():
+    """The int8 export's form of a 4×4 stride-2 transposed convolution against torch's own, float64, random
+    weights, bias or none, odd sizes; and a folded model with its head in that form gives the same outputs."""
+    from posefix.model import SubpixelDeconv, subpixel_head
+
+    g = torch.Generator().manual_seed(11)
+    for cin, cout, bias, (h, w) in ((5, 7, True, (6, 5)), (8, 3, False, (1, 9)), (4, 4, True, (7, 7))):
+        deconv = torch.nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1, bias=bias).double()
+        with torch.no_grad():
+            for p in deconv.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+        x = torch.randn(2, cin, h, w, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(SubpixelDeconv(deconv)(x), deconv(x), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="4×4 stride-2"):
+        SubpixelDeconv(torch.nn.ConvTranspose2d(3, 3, 3, stride=2, padding=1))
+    model = _perturbed(SMALL, seed=5, head=0.5).double().eval()
+    folded = fold_batchnorm(model)
+    image, kp, _ = model_inputs(3, SMALL, seed=2)
+    with torch.no_grad():
+        want = folded(image.double(), keypoints=kp.double())
+        got = subpixel_head(copy.deepcopy(folded))(image.double(), keypoints=kp.double())
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in subpixel_head(copy.deepcopy(folded)).modules())
+    torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=1e-9)
+    torch.testing.assert_close(got["coords"], want["coords"], rtol=0, atol=1e-9)
 
 
 def _random_keypoints(g, n, k, size, margin=20.0):
@@ -219,7 +293,7 @@ def test_refiner_precisions_and_layouts_agree():
         Refiner(model, precision="fp8")
 
 
-@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50", *MOBILE])
 def test_folded_batchnorm_is_the_same_function(backbone):
     """Every BatchNorm folded into its convolution: the same outputs (float64 within 1e-9, float32 within
     float rounding), no BatchNorm left, and the model given left untouched."""

@@ -127,6 +127,25 @@ def test_fp32_equals_torch_for_every_backbone(backbone):
             assert_equal_outputs(folded(image, keypoints=kp), session(image, keypoints=kp))
 
 
+@pytest.mark.parametrize("backbone", [
+    "mobilenet_v3_large", *(pytest.param(b, marks=pytest.mark.slow)
+                            for b in ("mobilenet_v3_small", "shufflenet_v2_x1_0", "regnet_x_400mf"))])
+def test_mobile_backbone_exports_and_equals_torch(backbone):
+    """Each mobile-class backbone's graph (fused stem, light head) gives torch's outputs on random crops."""
+    model = moving_model(backbone, (96, 64), 2.5, seed=4)
+    folded = Refiner(model).model
+    proto = export_onnx(model)
+    assert not any(n.op_type in ("ConvTranspose", "Einsum") for n in proto.graph.node)  # all int8-quantisable
+    session = OnnxModel(proto.SerializeToString())
+    assert session.cfg.backbone == backbone
+    for batch in (1, 9):
+        image, kp = random_inputs(model.cfg, batch, seed=batch)
+        with torch.no_grad():
+            expected = folded(image, keypoints=kp)
+        assert (expected["coords"] - kp[..., :2]).nan_to_num().abs().max() > 1  # the random heads move joints
+        assert_equal_outputs(expected, session(image, keypoints=kp))
+
+
 def test_offset_head_exports_and_equals_torch():
     """The G-RMI head's peak + offset decoding inside the graph: the same joints, offsets and confidences."""
     torch.manual_seed(2)
@@ -181,14 +200,23 @@ def test_refiner_gives_the_same_refinement_with_either_backend(files, torch_refi
         np.testing.assert_allclose(got_conf, conf, atol=CONF, rtol=0)
 
 
-def test_int8_within_its_bound_and_ap_of_fp32(files, torch_refiner, real_crops):
+@pytest.mark.parametrize("backbone", ["resnet18", pytest.param("mobilenet_v3_large", marks=pytest.mark.slow)])
+def test_int8_within_its_bound_and_ap_of_fp32(files, torch_refiner, real_crops, backbone):
+    """int8 as ``posefix export --int8`` makes it (the head's transposed convolutions in sub-pixel form, so
+    that they are quantised too) against the plain fp32 export, for the test's ResNet-18 and the real-time
+    preset's backbone."""
     from posefix.synth.coco import synthesize_coco
 
-    fp32 = onnx.load(str(files[1]))
-    int8 = quantize_int8(fp32, *real_crops)
+    if backbone == "resnet18":
+        model, fp32 = moving_model(), files[1]
+    else:
+        model = moving_model(backbone)
+        fp32 = export_onnx(model).SerializeToString()
+    int8 = quantize_int8(export_onnx(model, for_int8=True), *real_crops)
     assert {p.key: p.value for p in int8.metadata_props}["posefix_precision"] == "int8"
     assert sum(n.op_type == "QuantizeLinear" for n in int8.graph.node) > 10
-    a, b = OnnxModel(files[1]), OnnxModel(int8.SerializeToString())
+    assert not any(n.op_type == "ConvTranspose" for n in int8.graph.node)  # every head convolution quantisable
+    a, b = OnnxModel(fp32), OnnxModel(int8.SerializeToString())
     assert b.describe() == "onnxruntime (CPUExecutionProvider, int8)"
     image, kp = random_inputs(torch_refiner.cfg, 16, seed=3)
     real = tuple(torch.from_numpy(x) for x in real_crops)
