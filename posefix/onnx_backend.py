@@ -344,28 +344,72 @@ def triton_config(proto, name: str = "posefix", max_batch_size: int = 64, max_qu
     return "\n".join(lines) + "\n"
 
 
+def triton_model_dir(repo: str | Path, name: str) -> Path:
+    """REPO/NAME, the directory ``--triton REPO --triton-name NAME`` writes, after checking both: NAME a plain
+    name (letters, digits, ``_``, ``-``, ``.``; not starting with ``.``), REPO a directory or not yet there."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}", name):
+        raise InputError("--triton-name", f"must be a plain name (letters, digits, _ - .; not starting with ., "
+                         f"at most 128 characters), got {name!r}")
+    repo = Path(repo)
+    if repo.exists() and not repo.is_dir():
+        raise InputError("--triton", f"{repo} exists and is not a directory")
+    return repo / name
+
+
+def _is_posefix_model_dir(path: Path) -> bool:
+    """Whether ``path`` is a directory holding only what :func:`write_triton_repository` writes (a real one, not
+    a symbolic link), so that replacing it destroys nothing else."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        top = {p.name for p in path.iterdir()}
+        inner = {p.name for p in (path / "1").iterdir()} if (path / "1").is_dir() else set()
+    except OSError:
+        return False
+    if not top <= {"config.pbtxt", "1"} or not inner <= {"model.onnx"} or "config.pbtxt" not in top:
+        return False
+    if (path / "1").is_symlink() or (path / "config.pbtxt").is_symlink():
+        return False
+    try:
+        return 'backend: "onnxruntime"' in (path / "config.pbtxt").read_text(errors="replace")
+    except OSError:
+        return False
+
+
 def write_triton_repository(proto, repo: str | Path, config: str, name: str = "posefix") -> Path:
     """REPO/NAME/config.pbtxt and REPO/NAME/1/model.onnx. The model's directory is built beside its place and
-    moved there whole, replacing an earlier one: Triton, or a reader, never sees half a model."""
+    moved there whole, replacing an earlier one: Triton, or a reader, never sees half a model. An existing
+    REPO/NAME is replaced only when it is such a model directory (nothing else is ever deleted); temporary
+    directories a killed export left beside it are removed."""
     import shutil
     import tempfile
 
-    repo = Path(repo)
+    from .fileio import TMP_SUFFIX, _remove_stale, _umask
+
+    final = triton_model_dir(repo, name)
+    repo = final.parent
+    if (final.exists() or final.is_symlink()) and not _is_posefix_model_dir(final):
+        raise InputError("--triton", f"{final} exists and is not a Triton model directory posefix wrote "
+                         "(config.pbtxt and 1/model.onnx only); refusing to replace it")
     repo.mkdir(parents=True, exist_ok=True)
-    final = repo / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
+    _remove_stale(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=repo))
+    old = None
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's directory is 0700; the model's gets a new directory's mode
         (tmp / "1").mkdir()
         (tmp / "1" / "model.onnx").write_bytes(proto.SerializeToString())
         (tmp / "config.pbtxt").write_text(config)
-        old = None
         if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=repo))
+            old = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=repo))
             os.replace(final, old / name)
         os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return final

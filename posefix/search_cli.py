@@ -58,7 +58,7 @@ def read_poses(path, fmt: str, images_dir=None, coco_images: dict | None = None,
 def cmd_index_build(args) -> int:
     from .cli import _check_outputs
 
-    _check_outputs(args, ("results", "annotations"), ("out",))
+    _check_outputs(args, ("results", "annotations", "images"), ("out",))
     t0 = time.perf_counter()
     _, kp, ids, image_ids, boxes, files = read_poses(args.results, args.format, args.images,
                                                      _coco_images(args.annotations),
@@ -74,7 +74,8 @@ def cmd_index_add(args) -> int:
     from .cli import _check_outputs
 
     out = args.out or args.index
-    _check_outputs(args, ("results", "annotations"), ("out",) if args.out else ())
+    _check_outputs(args, ("results", "annotations", "images") + ("index",) * bool(args.out), ("out",),
+                   extra=() if args.out else [("--index", args.index)])
     index = PoseIndex.load(args.index)
     _, kp, ids, image_ids, boxes, files = read_poses(args.results, args.format, args.images,
                                                      _coco_images(args.annotations),
@@ -123,7 +124,7 @@ def cmd_search(args) -> int:
     from .cli import _check_outputs
     from .fileio import write_json_atomic
 
-    _check_outputs(args, ("index", "query", "checkpoint"), ("out", "sheet"))
+    _check_outputs(args, ("index", "query", "checkpoint", "images", "annotations"), ("out", "sheet"))
     if args.k < 1:
         raise InputError("-k", f"must be at least 1, got {args.k}")
     if args.checkpoint and not args.images:
