@@ -149,7 +149,11 @@ def cmd_search(args) -> int:
     answer = {"index": str(args.index), "poses": len(index), "k": args.k, "mirror": args.mirror,
               "refined": bool(args.checkpoint), "queries": matches_json(index, matches, kp, est.image_keys)}
     if args.sheet:
-        write_sheet(args.sheet, index, matches, kp, files)
+        outside = write_sheet(args.sheet, index, matches, kp, files, args.images, args.allow_outside_images)
+        if outside:
+            print(f"note: {outside} indexed image{'s' * (outside > 1)} outside --images "
+                  f"{'(none given) ' if not args.images else ''}drawn without the image (--allow-outside-images "
+                  "reads them)", file=sys.stderr)
     if args.out:
         write_json_atomic(args.out, answer)
     else:
@@ -203,9 +207,26 @@ def _cell(file: str | None, pose: np.ndarray, box, colour, decoded: dict):
     return draw_poses(tensor, drawn, colour)
 
 
-def write_sheet(path, index: PoseIndex, matches, queries: np.ndarray, query_files) -> None:
+def write_sheet(path, index: PoseIndex, matches, queries: np.ndarray, query_files, images_dir=None,
+                allow_outside: bool = False) -> int:
     """A PNG with a row per query: the query (orange skeleton) and its matches (cyan), nearest first, each
-    captioned with its rank, distance and pose id; written atomically."""
+    captioned with its rank, distance and pose id; written atomically. The image files an index names are read
+    only inside ``images_dir`` (their real paths), or anywhere with ``allow_outside``; the others' poses are
+    drawn on white. Returns how many indexed files were not read for that reason."""
+    import os
+
+    root = os.path.realpath(images_dir) if images_dir else None
+    refused: set = set()
+
+    def confined(file):
+        if file is None or allow_outside:
+            return file
+        real = os.path.realpath(file)
+        if root is not None and os.path.commonpath([real, root]) == root:
+            return file
+        refused.add(file)
+        return None
+
     import torch
     from PIL import Image, ImageDraw
 
@@ -229,12 +250,13 @@ def write_sheet(path, index: PoseIndex, matches, queries: np.ndarray, query_file
             caption = f"{r + 1}: d {matches.distances[q, r]:.3f} id {index.ids[row]}"
             if matches.mirrored[q, r]:
                 caption += " (mirror)"
-            cells.append((_cell(index.file_of(row), pose, index.boxes[row], REFINED_COLOUR, decoded), caption))
+            cells.append((_cell(confined(index.file_of(row)), pose, index.boxes[row], REFINED_COLOUR, decoded), caption))
         for c, (picture, caption) in enumerate(cells):
             left = gap + c * (w + gap)
             sheet.paste(Image.fromarray(picture.permute(1, 2, 0).numpy()), (left, top + LABEL))
             draw.text((left + 2, top + 2), caption, fill=(0, 0, 0))
     write_png(torch.from_numpy(np.asarray(sheet).copy()).permute(2, 0, 1), path)
+    return len(refused)
 
 
 def add_parsers(sub, formats) -> None:
