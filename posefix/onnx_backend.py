@@ -276,7 +276,7 @@ class OnnxModel:
         self.cfg = model_config_from_json(meta["posefix_model_config"], "posefix_model_config", name)
         try:
             self.outputs = json.loads(meta["posefix_outputs"])
-        except ValueError:
+        except (ValueError, RecursionError):
             self.outputs = None
         if not (isinstance(self.outputs, list) and self.outputs and all(isinstance(o, str) for o in self.outputs)):
             raise InputError("posefix_outputs", "must be a JSON list of the model's output names", name)
@@ -287,6 +287,32 @@ class OnnxModel:
         given = {i.name for i in self.session.get_inputs()}
         if given != set(INPUTS):
             raise InputError(field, f"has inputs {sorted(given)}, a posefix model has {list(INPUTS)}", name)
+        self.name, self.field = name, field
+        self._check_signature()
+
+    def _check_signature(self) -> None:
+        """The graph's inputs and outputs against what posefix feeds and reads (names, element types, ranks and
+        every fixed dimension, from the model config): an InputError naming the file and the tensor otherwise."""
+        h, w = self.cfg.input_size
+        k = self.cfg.num_keypoints
+        want_in = {"image": (None, 3, h, w), "keypoints": (None, k, 3)}
+        want_out = {"coords": (None, k, 2), "confidence_logit": (None, k), "input_confidence_logit": (None, k)}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        missing = [o for o in [*want_out, *self.outputs] if o not in outputs]
+        if missing:
+            raise InputError(self.field, f"has no output {missing[0]!r} (outputs: {sorted(outputs)}); export the "
+                             "model with posefix export", self.name)
+        tensors = [("input", t, want_in[t.name]) for t in self.session.get_inputs()]
+        tensors += [("output", outputs[n], shape) for n, shape in want_out.items()]
+        for kind, t, shape in tensors:
+            if t.type != "tensor(float)":
+                raise InputError(self.field, f"{kind} {t.name!r} is {t.type}, posefix needs tensor(float)", self.name)
+            dims = list(t.shape)
+            if len(dims) != len(shape) or any(isinstance(d, int) and want is not None and d != want
+                                              for d, want in zip(dims, shape)):
+                expected = ", ".join("N" if d is None else str(d) for d in shape)
+                raise InputError(self.field, f"{kind} {t.name!r} has shape {dims}, this model's config needs "
+                                 f"({expected})", self.name)
 
     def describe(self) -> str:
         """The backend as GetModelInfo names it: "onnxruntime (CPUExecutionProvider, int8)"."""
@@ -297,7 +323,18 @@ class OnnxModel:
             raise ValueError("an exported model takes the input pose as keypoints")
         feeds = {"image": np.ascontiguousarray(image.detach().float().cpu().numpy()),
                  "keypoints": np.ascontiguousarray(keypoints.detach().float().cpu().numpy())}
-        out = self.session.run(self.outputs, feeds)
+        try:
+            out = self.session.run(self.outputs, feeds)
+        except Exception as e:  # noqa: BLE001 — onnxruntime raises its own exception types
+            raise InputError(self.field, f"ONNX Runtime failed to run the model: {str(e).splitlines()[0][:300]}",
+                             self.name) from None
+        n = feeds["image"].shape[0]
+        shapes = {"coords": (n, self.cfg.num_keypoints, 2), "confidence_logit": (n, self.cfg.num_keypoints),
+                  "input_confidence_logit": (n, self.cfg.num_keypoints)}
+        for name, v in zip(self.outputs, out):
+            if name in shapes and v.shape != shapes[name]:
+                raise InputError(self.field, f"output {name!r} came out of shape {v.shape}, expected "
+                                 f"{shapes[name]}", self.name)
         return {k: torch.from_numpy(v).to(self.device) for k, v in zip(self.outputs, out)}
 
 

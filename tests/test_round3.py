@@ -166,3 +166,103 @@ def test_index_add_writes_through_a_symbolic_link(tmp_path):
     link.symlink_to(index)
     assert main(["index", "add", "--index", str(link), "--results", str(RESULTS)]) == 0
     assert link.is_symlink() and len(PoseIndex.load(index)) == 2 * n
+
+
+# 8. ONNX files whose graph is not what posefix needs: one line naming the file, at load or at the first batch.
+
+@pytest.fixture(scope="module")
+def small_onnx(tmp_path_factory):
+    import torch
+
+    from posefix.engine import export_weights
+    from posefix.model import ModelConfig, PoseFixNet
+
+    d = tmp_path_factory.mktemp("onnx")
+    torch.manual_seed(0)
+    export_weights(PoseFixNet(ModelConfig(backbone="resnet18", input_size=(64, 64), sigma=2.0, head_channels=16)),
+                   d / "good.safetensors", {})
+    assert main(["export", "--checkpoint", str(d / "good.safetensors"), "--onnx", str(d / "good.onnx")]) == 0
+    return d
+
+
+def _mutated(small_onnx, name, change):
+    import onnx
+
+    model = onnx.load(str(small_onnx / "good.onnx"))
+    change(model)
+    path = small_onnx / f"{name}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def _set_meta(model, key, value):
+    next(p for p in model.metadata_props if p.key == key).value = value
+
+
+def test_onnx_models_that_do_not_fit_are_one_line(small_onnx, capsys):
+    import json as json_
+
+    import onnx
+    from onnx import helper
+
+    def config_disagrees(m):
+        cfg = json_.loads(next(p.value for p in m.metadata_props if p.key == "posefix_model_config"))
+        _set_meta(m, "posefix_model_config", json_.dumps({**cfg, "input_size": [96, 64]}))
+
+    def drop_output(m):
+        keep = [o for o in m.graph.output if o.name != "input_confidence_logit"]
+        del m.graph.output[:]
+        m.graph.output.extend(keep)
+        outs = json_.loads(next(p.value for p in m.metadata_props if p.key == "posefix_outputs"))
+        _set_meta(m, "posefix_outputs", json_.dumps([o for o in outs if o != "input_confidence_logit"]))
+
+    def coords_rank(m):  # coords flattened to (N, 34) by a Reshape after the graph's own
+        out = next(o for o in m.graph.output if o.name == "coords")
+        producer = next(n for n in m.graph.node if "coords" in n.output)
+        producer.output[list(producer.output).index("coords")] = "coords_3d"
+        m.graph.initializer.append(helper.make_tensor("flat", onnx.TensorProto.INT64, [2], [0, -1]))
+        m.graph.node.append(helper.make_node("Reshape", ["coords_3d", "flat"], ["coords"]))
+        del out.type.tensor_type.shape.dim[:]
+        out.type.tensor_type.shape.dim.add().dim_param = "N"
+        out.type.tensor_type.shape.dim.add().dim_value = 34
+
+    def huge_constant(m):  # an extra output of 2^40 floats, made at run time
+        m.graph.initializer.append(helper.make_tensor("huge_shape", onnx.TensorProto.INT64, [1], [1 << 40]))
+        m.graph.node.append(helper.make_node("ConstantOfShape", ["huge_shape"], ["huge"],
+                                             value=helper.make_tensor("v", onnx.TensorProto.FLOAT, [1], [1.0])))
+        m.graph.output.append(helper.make_tensor_value_info("huge", onnx.TensorProto.FLOAT, [1 << 40]))
+        outs = json_.loads(next(p.value for p in m.metadata_props if p.key == "posefix_outputs"))
+        _set_meta(m, "posefix_outputs", json_.dumps([*outs, "huge"]))
+
+    cases = {"config": (config_disagrees, "input 'image' has shape"),
+             "missing": (drop_output, "has no output 'input_confidence_logit'"),
+             "rank": (coords_rank, "output 'coords' has shape"),
+             "huge": (huge_constant, "ONNX Runtime failed to run the model")}
+    for name, (change, message) in cases.items():
+        path = _mutated(small_onnx, name, change)
+        refine = ["refine", "--onnx", path, "--images", IMAGES, "--input", RESULTS, "--out",
+                  small_onnx / "out.json", "--quiet"]
+        err = _one_error_line(capsys, refine)
+        assert f"{path}: " in err and message in err, (name, err)
+        assert not (small_onnx / "out.json").exists()
+
+
+# 9. A fitted-choice entry nested too deep is one line, like the model-config entry.
+
+def test_a_deeply_nested_fitted_choice_is_one_line(small_onnx, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from posefix.choice import METADATA_KEY
+
+    good = small_onnx / "good.safetensors"
+    with safe_open(str(good), framework="pt") as f:
+        meta = dict(f.metadata())
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    for n, value in enumerate(["[" * 100_000 + "]" * 100_000, '{"version": 1, "mean": ' + "[" * 100_000 + "]" * 100_000
+                               + "}"]):
+        bad = small_onnx / f"deep{n}.safetensors"
+        save_file(state, str(bad), metadata={**meta, METADATA_KEY: value})
+        err = _one_error_line(capsys, ["refine", "--checkpoint", bad, "--images", IMAGES, "--input", RESULTS,
+                                       "--out", small_onnx / "out.json", "--quiet"])
+        assert f"{bad}: {METADATA_KEY}: " in err, err
