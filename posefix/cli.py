@@ -566,6 +566,9 @@ def allow_outside_images_arg(parser) -> None:
     parser.add_argument("--allow-outside-images", action="store_true",
                         help="read image names that lead out of the image directory (.., absolute paths, "
                              "symbolic links out); refused by default")
+    parser.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                        help="refuse image files whose header declares more than N pixels, before decoding "
+                             "(67108864 = 64 Mi)")
 
 
 def cmd_serve(args) -> int:
@@ -858,6 +861,12 @@ def main(argv: list[str] | None = None) -> int:
         from .runtime import keep_freed_memory
         keep_freed_memory()
     try:
+        if hasattr(args, "max_image_pixels"):
+            from . import images
+
+            if args.max_image_pixels is not None and args.max_image_pixels < 1:
+                raise InputError("--max-image-pixels", f"must be at least 1, got {args.max_image_pixels}")
+            images.max_image_pixels = args.max_image_pixels or images.DEFAULT_MAX_IMAGE_PIXELS
         return args.func(args)
     except PosefixError as e:
         print(f"posefix: error: {e}", file=sys.stderr)

@@ -266,3 +266,45 @@ def test_a_deeply_nested_fitted_choice_is_one_line(small_onnx, capsys):
         err = _one_error_line(capsys, ["refine", "--checkpoint", bad, "--images", IMAGES, "--input", RESULTS,
                                        "--out", small_onnx / "out.json", "--quiet"])
         assert f"{bad}: {METADATA_KEY}: " in err, err
+
+
+# 10. Image files offline: a header declaring more pixels than the limit is refused before decoding.
+
+def _png_header_only(height, width) -> bytes:
+    """A PNG whose IHDR declares height × width (its image data is a few bytes: a decompression bomb's shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_offline_commands_refuse_images_above_the_pixel_limit_before_decoding(tmp_path, checkpoint, capsys,
+                                                                               monkeypatch):
+    import json as json_
+
+    import posefix.images
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "000000000785.jpg").write_bytes(_png_header_only(20_000, 20_000))
+    results = [r for r in json_.loads(RESULTS.read_text()) if r["image_id"] == 785]
+    (tmp_path / "r.json").write_text(json_.dumps(results))
+    decoded = []
+    monkeypatch.setattr(posefix.images, "decode_image", lambda *a, **k: decoded.append(1))
+    refine = ["refine", "--checkpoint", checkpoint, "--images", images, "--input", tmp_path / "r.json",
+              "--out", tmp_path / "out.json", "--quiet"]
+    err = _one_error_line(capsys, refine)
+    assert "000000000785.jpg" in err and "20000×20000 pixels exceed the limit of 67108864" in err, err
+    assert "--max-image-pixels" in err and not decoded and not (tmp_path / "out.json").exists()
+    # The limit is an option: raised, the header passes and the file's data is checked next.
+    err = _one_error_line(capsys, refine + ["--max-image-pixels", str(20_000 * 20_000)])
+    assert "exceed the limit" not in err and "truncated" in err, err
+    # ...and lowered below a real image, the real image is refused.
+    shutil.copy(IMAGES / "000000000785.jpg", images / "000000000785.jpg")
+    monkeypatch.undo()
+    err = _one_error_line(capsys, refine + ["--max-image-pixels", "1000"])
+    assert "exceed the limit of 1000 pixels" in err
+    assert main([str(a) for a in refine]) == 0  # the default again, without the option
