@@ -224,6 +224,8 @@ class PoseIndex:
         index = cls(np.zeros((0, NUM_KEYPOINTS, 3)), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4)),
                     np.zeros(0), [], np.zeros(0, np.int64), bool(rotate), "exact")
         index.add(keypoints, ids, image_ids, boxes, scores, files)
+        if method == "ivf" and len(index) == 0:
+            raise InputError("keypoints", "holds no pose: an approximate (ivf) index needs at least one")
         if method == "ivf" or (method == "auto" and len(index) >= AUTO_EXACT_BELOW):
             index.method = "ivf"
             index._train_ann()

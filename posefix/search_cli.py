@@ -47,7 +47,10 @@ def read_poses(path, fmt: str, images_dir=None, coco_images: dict | None = None,
         if isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v)
                                                            for v in box):
             boxes[i] = box
-        ids.append(pid if isinstance(pid, int) and not isinstance(pid, bool) else None)
+        if pid is not None and not (isinstance(pid, int) and not isinstance(pid, bool)
+                                    and -(1 << 63) <= pid < (1 << 63)):
+            raise InputError(f"{field}[{i}].id", f"must be an integer in the int64 range, got {pid!r}", str(path))
+        ids.append(pid)
     ids = np.array(ids, np.int64) if ids and None not in ids else None
     files = None
     if images_dir is not None:
@@ -63,6 +66,9 @@ def cmd_index_build(args) -> int:
     _, kp, ids, image_ids, boxes, files = read_poses(args.results, args.format, args.images,
                                                      _coco_images(args.annotations),
                                                      allow_outside=args.allow_outside_images)
+    if not len(kp) and args.method == "ivf":
+        raise InputError("--results", "holds no person; an approximate (--method ivf) index needs at least one",
+                         str(args.results))
     index = PoseIndex.build(kp, ids, image_ids, boxes, None, files, rotate=args.rotate, method=args.method)
     index.save(args.out)
     print(f"indexed {len(index)} poses of {args.results} ({index.method} search"

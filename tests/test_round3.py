@@ -308,3 +308,51 @@ def test_offline_commands_refuse_images_above_the_pixel_limit_before_decoding(tm
     err = _one_error_line(capsys, refine + ["--max-image-pixels", "1000"])
     assert "exceed the limit of 1000 pixels" in err
     assert main([str(a) for a in refine]) == 0  # the default again, without the option
+
+
+# 11. Small ones: scores at float64's edge, an empty approximate index, ids beyond int64.
+
+def test_instance_scores_at_float64s_edge_stay_finite_and_equal_a_plain_formula():
+    import numpy as np
+
+    from posefix.refine import instance_scores
+
+    rng = np.random.default_rng(3)
+    conf = rng.random((50, 17))
+    present = rng.random((50, 17)) < 0.8
+    scores = np.concatenate([rng.random(25), rng.uniform(1e307, 1.7e308, 25)])
+    got = instance_scores(scores, conf, present, "raw")
+    plain = np.array([s * (sum(float(c) for c, p in zip(cs, ps) if p) / max(int(ps.sum()), 1))
+                      for s, cs, ps in zip(scores, conf, present)])
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, plain, rtol=1e-12)
+
+
+def test_fit_choice_accepts_the_scores_refine_accepts(tmp_path, checkpoint):
+    import json as json_
+
+    results = json_.loads(RESULTS.read_text())
+    for r in results:
+        r["score"] = 1e308
+    (tmp_path / "r.json").write_text(json_.dumps(results))
+    assert main(["fit-choice", "--checkpoint", str(checkpoint), "--images", str(IMAGES), "--input",
+                 str(tmp_path / "r.json"), "--annotations", str(VAL_GT), "--out", str(tmp_path / "f.safetensors")]) == 0
+    assert main(["refine", "--checkpoint", str(tmp_path / "f.safetensors"), "--images", str(IMAGES), "--input",
+                 str(tmp_path / "r.json"), "--out", str(tmp_path / "out.json"), "--output", "raw", "--quiet"]) == 0
+
+
+def test_index_build_refuses_an_empty_ivf_and_ids_beyond_int64(tmp_path, capsys):
+    import json as json_
+
+    (tmp_path / "empty.json").write_text("[]")
+    err = _one_error_line(capsys, ["index", "build", "--results", tmp_path / "empty.json", "--out",
+                                   tmp_path / "x.index", "--method", "ivf"])
+    assert "--results: " in err and "ivf" in err
+    results = json_.loads(RESULTS.read_text())
+    for i, r in enumerate(results):
+        r["id"] = i
+    results[3]["id"] = 2 ** 70
+    (tmp_path / "ids.json").write_text(json_.dumps(results))
+    err = _one_error_line(capsys, ["index", "build", "--results", tmp_path / "ids.json", "--out", tmp_path / "x.index"])
+    assert "--results[3].id: must be an integer in the int64 range" in err, err
+    assert not (tmp_path / "x.index").exists()
