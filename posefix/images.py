@@ -47,7 +47,10 @@ def check_pixels(data: bytes, limit: int, field: str = "image") -> None:
     its logical screen, WebP by its VP8/VP8L/VP8X header; other bytes are left to the decoder to refuse."""
     kind = image_kind(data)
     if kind in ("JPEG", "PNG"):
-        height, width = encoded_size(data, field)
+        try:
+            height, width = encoded_size(data, field)
+        except InputError as e:
+            raise InputError(field, f"cannot decode: {e.problem}") from None
     elif kind == "GIF" and len(data) >= 10:
         width, height = struct.unpack("<HH", data[6:10])
     elif kind == "WebP":
