@@ -257,6 +257,13 @@ def cmd_train(args) -> int:
         raise InputError("--config/--preset", "give exactly one of them")
     cfg = load_config(args.config, args.preset, args.set or [])
     out = Path(args.out)
+    from .fileio import check_outputs
+
+    data = [(f"data.{k}", getattr(cfg.data, k) or None) for k in ("train_annotations", "train_images",
+                                                                  "val_annotations", "val_images", "profile",
+                                                                  "train_results")]
+    check_outputs([("--config", args.config), *data], [("--out", out / name) for name in (
+        "model.safetensors", "last.pt", "metrics.jsonl", "calibration.json", "config.toml")])
     if not args.resume and (out / "last.pt").exists():
         raise InputError("--out", f"{out} already holds a run; use --resume to continue it or another directory")
     from .train import train

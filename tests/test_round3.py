@@ -77,6 +77,9 @@ def test_no_command_writes_over_or_deletes_its_own_input(workspace, capsys):
         (["export", "--checkpoint", w / "repo" / "m" / "model.safetensors", "--triton", w / "repo",
           "--triton-name", "m"], "--triton"),
         (["export", "--checkpoint", w / "model.safetensors", "--onnx", w / "model.safetensors"], "--onnx"),
+        # a training run written into its own images
+        (["train", "--preset", "cpu-small", "--set", f"data.train_annotations={VAL_GT}", "--set",
+          f"data.train_images={w / 'images'}", "--out", w / "images"], "--out"),
         # an index written among the images it indexes
         (["index", "build", "--results", w / "results.json", "--images", w / "images", "--out",
           w / "images" / "x.index"], "--out"),
