@@ -93,6 +93,8 @@ class FittedChoice:
             doc = json.loads(text)
         except (TypeError, ValueError) as e:
             raise InputError(METADATA_KEY, f"is not JSON: {e}", source) from None
+        except RecursionError:
+            raise InputError(METADATA_KEY, "is not valid JSON (nested too deep)", source) from None
         if not isinstance(doc, dict):
             raise InputError(METADATA_KEY, f"must be a JSON object, got {type(doc).__name__}", source)
         if doc.get("version") != VERSION or doc.get("features") != list(NUMERIC):
@@ -101,8 +103,9 @@ class FittedChoice:
         try:
             return cls(doc["mean"], doc["std"], doc["weights"], doc["intercept"], doc["joint_bias"], doc.get("info"),
                        doc["margin"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise InputError(METADATA_KEY, f"is incomplete or malformed: {e!r}", source) from None
+        except (KeyError, TypeError, ValueError, RecursionError) as e:
+            raise InputError(METADATA_KEY, f"is incomplete or malformed: {type(e).__name__}: {str(e)[:200]}",
+                             source) from None
 
 
 def fit_choice(poses, xy, conf, input_conf, gt, gt_area, l2: float = 1.0) -> FittedChoice:

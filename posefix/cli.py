@@ -29,22 +29,19 @@ def _seed(text: str) -> int:
     return value
 
 
-def _check_outputs(args, inputs: tuple[str, ...], outputs: tuple[str, ...]):
-    """Refuse to write an output over an input or over another output."""
-    given = {}
-    for name in inputs + outputs:
-        path = getattr(args, name, None)
-        if path is None:
-            continue
-        resolved = Path(path).resolve()
-        if resolved in given and name in outputs:
-            raise InputError(f"--{name.replace('_', '-')}", f"{path} is also given as --{given[resolved]}; "
-                             "refusing to overwrite it")
-        given.setdefault(resolved, name.replace("_", "-"))
-    for name in outputs:
-        path = getattr(args, name, None)
+def _check_outputs(args, inputs: tuple[str, ...], outputs: tuple[str, ...], extra=(), trees=()):
+    """Refuse to write an output over (or inside) an input, or over another output (see
+    :func:`posefix.fileio.check_outputs`); ``extra``, ``trees``: (field, path) of more outputs, of directories
+    replaced whole."""
+    from .fileio import check_outputs
+
+    def named(names):
+        return [(f"--{name.replace('_', '-')}", getattr(args, name, None)) for name in names]
+
+    check_outputs(named(inputs), named(outputs) + list(extra), trees)
+    for field, path in named(outputs):
         if path is not None and Path(path).is_dir():
-            raise InputError(f"--{name.replace('_', '-')}", f"{path} is a directory; give a file path")
+            raise InputError(field, f"{path} is a directory; give a file path")
 
 
 def cmd_synth(args) -> int:
@@ -95,7 +92,7 @@ def cmd_synth_fit(args) -> int:
     from .synth.fit import fit_profile
     from .synth.profile import load_profile
 
-    _check_outputs(args, ("gt", "results", "profile"), ("out",))
+    _check_outputs(args, ("gt", "results", "profile", "images"), ("out",))
     gt = load_ground_truth(args.gt)
     if FORMATS[args.format].coco_results:
         results = load_results(args.results, gt)
@@ -138,7 +135,9 @@ def cmd_diagnose(args) -> int:
     from .synth.cocoio import load_ground_truth, load_results
     from .synth.diagnose import diagnose
 
-    _check_outputs(args, ("gt", "results"), ("out",))
+    plots = [("--plots", Path(args.plots) / n) for n in ("keypoint_errors.png", "ap_gains.png", "crowding.png")
+             ] if args.plots else ()
+    _check_outputs(args, ("gt", "results"), ("out",), extra=plots)
     gt = load_ground_truth(args.gt)
     results = load_results(args.results, gt)
     report = diagnose(gt, results, source=str(args.results))
@@ -290,6 +289,13 @@ def cmd_train(args) -> int:
         raise InputError("--config/--preset", "give exactly one of them")
     cfg = load_config(args.config, args.preset, args.set or [])
     out = Path(args.out)
+    from .fileio import check_outputs
+
+    data = [(f"data.{k}", getattr(cfg.data, k) or None) for k in ("train_annotations", "train_images",
+                                                                  "val_annotations", "val_images", "profile",
+                                                                  "train_results")]
+    check_outputs([("--config", args.config), *data], [("--out", out / name) for name in (
+        "model.safetensors", "last.pt", "metrics.jsonl", "calibration.json", "config.toml")])
     if not args.resume and (out / "last.pt").exists():
         raise InputError("--out", f"{out} already holds a run; use --resume to continue it or another directory")
     from .train import train
@@ -334,14 +340,15 @@ def as_coco_results(path, fmt: str, images_dir, gt, allow_outside=False) -> list
 def cmd_refine(args) -> int:
     from tqdm import tqdm
 
-    from .distributed import check_ray_args, image_sources, write_refined
+    from .distributed import check_ray_args, image_sources, shard_paths, write_refined
     from .engine import KEEPS_INPUT_NOTICE, Refiner, has_fitted_choice, keeps_every_input
     from .formats import image_ids, image_sizes, read_estimates
     from .refine import by_image, refine_estimates
     from .synth.cocoio import load_ground_truth
 
-    _check_outputs(args, ("checkpoint", "onnx", "input", "annotations"), ("out",))
     check_ray_args(args)
+    _check_outputs(args, ("checkpoint", "onnx", "input", "annotations", "images"), ("out",),
+                   extra=[("--shards", p) for p in shard_paths(args.out, args.shards)] if args.shards else ())
     if args.ray is not None and (args.backend not in (None, "torch") or args.onnx):
         raise InputError("--ray", "runs the torch backend; give --checkpoint without --backend/--onnx")
     if not (args.ray is not None and "://" in args.images) and not Path(args.images).is_dir():
@@ -450,8 +457,11 @@ def cmd_viz(args) -> int:
         if r["score"] >= args.min_score:
             by_image.setdefault(r["image_id"], []).append(n)
     out = Path(args.out)
+    shown = sorted(by_image)[: args.max_images or None]
+    _check_outputs(args, ("images", "results", "compare", "annotations"), (),
+                   extra=[("--out", out / f"{image_id:012d}.png") for image_id in shown])
     written = 0
-    for image_id in sorted(by_image)[: args.max_images or None]:
+    for image_id in shown:
         entry = entries.get(image_id, {"id": image_id})
         image = decode(coco_image_path(args.images, entry, args.allow_outside_images))
         rows = by_image[image_id]
@@ -543,11 +553,12 @@ def cmd_refine_video(args) -> int:
 
 def cmd_export(args) -> int:
     from .engine import Refiner, load_weights
-    from .onnx_backend import export_onnx, save_model
+    from .onnx_backend import export_onnx, save_model, triton_model_dir
 
     if args.onnx is None and args.triton is None:
         raise InputError("--onnx/--triton", "give at least one: the ONNX file or the Triton repository to write")
-    _check_outputs(args, ("checkpoint", "calibration_poses"), ("onnx",))
+    _check_outputs(args, ("checkpoint", "calibration_poses", "calibration_images"), ("onnx",),
+                   trees=[("--triton", triton_model_dir(args.triton, args.triton_name))] if args.triton else ())
     if args.int8 and (args.calibration_images is None or args.calibration_poses is None):
         raise InputError("--calibration-images/--calibration-poses", "--int8 needs both: images and the "
                          "estimator's poses on them, for the crops the quantiser calibrates on")
@@ -660,6 +671,9 @@ def allow_outside_images_arg(parser) -> None:
     parser.add_argument("--allow-outside-images", action="store_true",
                         help="read image names that lead out of the image directory (.., absolute paths, "
                              "symbolic links out); refused by default")
+    parser.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                        help="refuse image files whose header declares more than N pixels, before decoding "
+                             "(67108864 = 64 Mi)")
 
 
 def cmd_serve(args) -> int:
@@ -682,17 +696,15 @@ def _output_options(parser) -> None:
 
 def cmd_fit_choice(args) -> int:
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     from .choice import METADATA_KEY, fit_choice, matched_truth, raw_refinement, select_margin
-    from .engine import Refiner, choose
-    from .fileio import atomic_path
+    from .engine import Refiner, choose, save_safetensors
     from .formats import image_file, image_ids, image_sizes, read_estimates, write_coco_results
     from .refine import instance_scores
     from .synth.cocoio import load_ground_truth
     from .synth.diagnose import keypoint_ap
 
-    _check_outputs(args, ("checkpoint", "input", "annotations"), ("out",))
+    _check_outputs(args, ("checkpoint", "input", "annotations", "images"), ("out",))
     if not Path(args.images).is_dir():
         raise InputError("--images", f"{args.images} is not a directory")
     gt = load_ground_truth(args.annotations)
@@ -723,8 +735,7 @@ def cmd_fit_choice(args) -> int:
         meta = dict(f.metadata() or {})
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     meta[METADATA_KEY] = rule.to_json()
-    with atomic_path(args.out) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+    save_safetensors(state, args.out, meta)
     i = rule.info
     print(f"fitted the choice on {i['joints']} labelled joints of {i['persons']} persons: the correction is closer "
           f"to the truth on {100 * i['refined_closer']:.0f} % of them and taken on {100 * i['taken']:.0f} %; on "
@@ -995,6 +1006,12 @@ def main(argv: list[str] | None = None) -> int:
         from .runtime import keep_freed_memory
         keep_freed_memory()
     try:
+        if hasattr(args, "max_image_pixels"):
+            from . import images
+
+            if args.max_image_pixels is not None and args.max_image_pixels < 1:
+                raise InputError("--max-image-pixels", f"must be at least 1, got {args.max_image_pixels}")
+            images.max_image_pixels = args.max_image_pixels or images.DEFAULT_MAX_IMAGE_PIXELS
         return args.func(args)
     except PosefixError as e:
         print(f"posefix: error: {e}", file=sys.stderr)

@@ -267,15 +267,21 @@ def kept_input(poses, xy) -> np.ndarray:
 
 def export_weights(model: PoseFixNet, path: str | Path, metadata: dict) -> None:
     """Write the model's weights as safetensors with its ModelConfig (and ``metadata``) in the header."""
-    from safetensors.torch import save_file
-
-    from .fileio import atomic_path
-
     meta = {"posefix_model_config": json.dumps(dataclasses.asdict(model.cfg))}  # input_size: a list in JSON
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+    save_safetensors(state, path, meta)
+
+
+def save_safetensors(state: dict, path: str | Path, metadata: dict) -> None:
+    """Write tensors as a safetensors file atomically, with the mode the umask gives. The bytes are made in
+    memory and written by :func:`posefix.fileio.write_bytes_atomic`: safetensors' own file writer makes a
+    temporary file of its own (mode 0600, named ``.tmpXXXXXX``) that a killed process would leave behind."""
+    from safetensors.torch import save
+
+    from .fileio import write_bytes_atomic
+
+    write_bytes_atomic(path, save(state, metadata=metadata))
 
 
 def load_weights(path: str | Path) -> PoseFixNet:

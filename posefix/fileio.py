@@ -73,7 +73,7 @@ TMP_SUFFIX = ".posefix-tmp"
 
 
 def _remove_stale(path: Path) -> None:
-    """Remove the temporary files that writers of ``path`` left when they were killed: named
+    """Remove the temporary files (and directories) that writers of ``path`` left when they were killed: named
     ``.NAME.PID.*.posefix-tmp``, they are stale once process PID no longer runs."""
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*{TMP_SUFFIX}"):
         pid = stale.name[len(path.name) + 2:].split(".", 1)[0]
@@ -82,7 +82,12 @@ def _remove_stale(path: Path) -> None:
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            stale.unlink(missing_ok=True)
+            if stale.is_dir() and not stale.is_symlink():
+                import shutil
+
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
         except (PermissionError, OSError):
             pass  # a live process of another user
 
@@ -104,8 +109,11 @@ def _umask() -> int:
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on failure removed,
-    so a reader sees the old file or the whole new one, never a partial one."""
+    so a reader sees the old file or the whole new one, never a partial one. A symbolic link is written through
+    (its target replaced, the link kept)."""
     path = Path(path)
+    if path.is_symlink():
+        path = _real(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=path.parent)
@@ -135,3 +143,48 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write bytes atomically (see :func:`atomic_path`)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
+
+
+def _real(path: str | Path) -> Path:
+    """``path`` with every symbolic link resolved (also for a file that does not exist yet)."""
+    return Path(os.path.realpath(path))
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_outputs(inputs, outputs, trees=()) -> None:
+    """Refuse, before anything is written, any output of a command that could replace or delete one of its
+    inputs, however either is named (relative, ``..``, symbolic or hard links). ``inputs``: (field, path) of the
+    files and directories the command reads (None: not given); ``outputs``: (field, path) of the files it
+    writes; ``trees``: (field, path) of the directories it replaces whole. Refused: an output that is an input
+    file (same real path, or the same inode), an output inside an input directory, an input inside a replaced
+    directory (or the directory itself), and two outputs that are one file. An :class:`InputError` names the
+    output's field and the input it would destroy."""
+    given = [(field, _real(p), _inode(_real(p)), os.path.isdir(p)) for field, p in inputs if p is not None]
+    seen: dict[Path, str] = {}
+    for field, path, tree in [(f, p, False) for f, p in outputs if p is not None] + \
+                             [(f, p, True) for f, p in trees if p is not None]:
+        real, node = _real(path), _inode(_real(path))
+        for in_field, in_real, in_node, is_dir in given:
+            if real == in_real or (node is not None and node == in_node):
+                how = "is the same file as"
+            elif is_dir and _inside(real, in_real):
+                how = "is inside"
+            elif tree and _inside(in_real, real):
+                how = "would replace a directory holding"
+            else:
+                continue
+            raise InputError(field, f"{path} {how} the input {in_field} ({in_real}); refusing to overwrite an input")
+        if real in seen:
+            raise InputError(field, f"{path} is also given as {seen[real]}; refusing to overwrite it")
+        seen[real] = field

@@ -20,9 +20,14 @@ if TYPE_CHECKING:
     from ._proto import pb2
 
 
+DEFAULT_MAX_IMAGE_PIXELS = 64 << 20  # height × width of an image file read offline (192 MiB as RGB)
+max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS  # the limit in force (the commands' --max-image-pixels sets it)
+
+
 def decode(path: str | Path) -> torch.Tensor:
     """Decode an image file to (3, H, W) uint8 RGB (see :func:`decode_encoded`); a missing or corrupt
-    file is an InputError naming it."""
+    file, or one whose header declares more than :data:`max_image_pixels` pixels (checked before
+    decoding), is an InputError naming it."""
     path = Path(path)
     if not path.is_file():
         raise InputError("image", "file not found", str(path))
@@ -31,9 +36,45 @@ def decode(path: str | Path) -> torch.Tensor:
     except OSError as e:
         raise InputError("image", f"cannot read: {e.strerror or e}", str(path)) from None
     try:
+        check_pixels(data, max_image_pixels, "image")
         return decode_encoded(data, "image")
     except InputError as e:
         raise InputError("image", e.problem, str(path)) from None
+
+
+def check_pixels(data: bytes, limit: int, field: str = "image") -> None:
+    """Refuse an image file whose header declares more than ``limit`` pixels (height × width), before it is
+    decoded: a small compressed file can declare a huge image. JPEG and PNG by :func:`encoded_size`, GIF by
+    its logical screen, WebP by its VP8/VP8L/VP8X header; other bytes are left to the decoder to refuse."""
+    kind = image_kind(data)
+    if kind in ("JPEG", "PNG"):
+        try:
+            height, width = encoded_size(data, field)
+        except InputError as e:
+            raise InputError(field, f"cannot decode: {e.problem}") from None
+    elif kind == "GIF" and len(data) >= 10:
+        width, height = struct.unpack("<HH", data[6:10])
+    elif kind == "WebP":
+        height, width = _webp_size(data)
+    else:
+        return
+    if height * width > limit:
+        raise InputError(field, f"{height}×{width} pixels exceed the limit of {limit} pixels "
+                         "(--max-image-pixels raises it)")
+
+
+def _webp_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from a WebP file's first chunk; (0, 0) where it cannot be read (the decoder decides)."""
+    chunk = data[12:16]
+    if chunk == b"VP8X" and len(data) >= 30:
+        return 1 + int.from_bytes(data[27:30], "little"), 1 + int.from_bytes(data[24:27], "little")
+    if chunk == b"VP8L" and len(data) >= 25:
+        bits = int.from_bytes(data[21:25], "little")
+        return 1 + ((bits >> 14) & 0x3FFF), 1 + (bits & 0x3FFF)
+    if chunk == b"VP8 " and len(data) >= 30:
+        width, height = struct.unpack("<HH", data[26:30])
+        return height & 0x3FFF, width & 0x3FFF
+    return 0, 0
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

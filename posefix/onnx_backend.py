@@ -281,7 +281,7 @@ class OnnxModel:
         self.cfg = model_config_from_json(meta["posefix_model_config"], "posefix_model_config", name)
         try:
             self.outputs = json.loads(meta["posefix_outputs"])
-        except ValueError:
+        except (ValueError, RecursionError):
             self.outputs = None
         if not (isinstance(self.outputs, list) and self.outputs and all(isinstance(o, str) for o in self.outputs)):
             raise InputError("posefix_outputs", "must be a JSON list of the model's output names", name)
@@ -292,6 +292,32 @@ class OnnxModel:
         given = {i.name for i in self.session.get_inputs()}
         if given != set(INPUTS):
             raise InputError(field, f"has inputs {sorted(given)}, a posefix model has {list(INPUTS)}", name)
+        self.name, self.field = name, field
+        self._check_signature()
+
+    def _check_signature(self) -> None:
+        """The graph's inputs and outputs against what posefix feeds and reads (names, element types, ranks and
+        every fixed dimension, from the model config): an InputError naming the file and the tensor otherwise."""
+        h, w = self.cfg.input_size
+        k = self.cfg.num_keypoints
+        want_in = {"image": (None, 3, h, w), "keypoints": (None, k, 3)}
+        want_out = {"coords": (None, k, 2), "confidence_logit": (None, k), "input_confidence_logit": (None, k)}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        missing = [o for o in [*want_out, *self.outputs] if o not in outputs]
+        if missing:
+            raise InputError(self.field, f"has no output {missing[0]!r} (outputs: {sorted(outputs)}); export the "
+                             "model with posefix export", self.name)
+        tensors = [("input", t, want_in[t.name]) for t in self.session.get_inputs()]
+        tensors += [("output", outputs[n], shape) for n, shape in want_out.items()]
+        for kind, t, shape in tensors:
+            if t.type != "tensor(float)":
+                raise InputError(self.field, f"{kind} {t.name!r} is {t.type}, posefix needs tensor(float)", self.name)
+            dims = list(t.shape)
+            if len(dims) != len(shape) or any(isinstance(d, int) and want is not None and d != want
+                                              for d, want in zip(dims, shape)):
+                expected = ", ".join("N" if d is None else str(d) for d in shape)
+                raise InputError(self.field, f"{kind} {t.name!r} has shape {dims}, this model's config needs "
+                                 f"({expected})", self.name)
 
     def describe(self) -> str:
         """The backend as GetModelInfo names it: "onnxruntime (CPUExecutionProvider, int8)"."""
@@ -302,7 +328,18 @@ class OnnxModel:
             raise ValueError("an exported model takes the input pose as keypoints")
         feeds = {"image": np.ascontiguousarray(image.detach().float().cpu().numpy()),
                  "keypoints": np.ascontiguousarray(keypoints.detach().float().cpu().numpy())}
-        out = self.session.run(self.outputs, feeds)
+        try:
+            out = self.session.run(self.outputs, feeds)
+        except Exception as e:  # noqa: BLE001 — onnxruntime raises its own exception types
+            raise InputError(self.field, f"ONNX Runtime failed to run the model: {str(e).splitlines()[0][:300]}",
+                             self.name) from None
+        n = feeds["image"].shape[0]
+        shapes = {"coords": (n, self.cfg.num_keypoints, 2), "confidence_logit": (n, self.cfg.num_keypoints),
+                  "input_confidence_logit": (n, self.cfg.num_keypoints)}
+        for name, v in zip(self.outputs, out):
+            if name in shapes and v.shape != shapes[name]:
+                raise InputError(self.field, f"output {name!r} came out of shape {v.shape}, expected "
+                                 f"{shapes[name]}", self.name)
         return {k: torch.from_numpy(v).to(self.device) for k, v in zip(self.outputs, out)}
 
 
@@ -349,28 +386,72 @@ def triton_config(proto, name: str = "posefix", max_batch_size: int = 64, max_qu
     return "\n".join(lines) + "\n"
 
 
+def triton_model_dir(repo: str | Path, name: str) -> Path:
+    """REPO/NAME, the directory ``--triton REPO --triton-name NAME`` writes, after checking both: NAME a plain
+    name (letters, digits, ``_``, ``-``, ``.``; not starting with ``.``), REPO a directory or not yet there."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}", name):
+        raise InputError("--triton-name", f"must be a plain name (letters, digits, _ - .; not starting with ., "
+                         f"at most 128 characters), got {name!r}")
+    repo = Path(repo)
+    if repo.exists() and not repo.is_dir():
+        raise InputError("--triton", f"{repo} exists and is not a directory")
+    return repo / name
+
+
+def _is_posefix_model_dir(path: Path) -> bool:
+    """Whether ``path`` is a directory holding only what :func:`write_triton_repository` writes (a real one, not
+    a symbolic link), so that replacing it destroys nothing else."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        top = {p.name for p in path.iterdir()}
+        inner = {p.name for p in (path / "1").iterdir()} if (path / "1").is_dir() else set()
+    except OSError:
+        return False
+    if not top <= {"config.pbtxt", "1"} or not inner <= {"model.onnx"} or "config.pbtxt" not in top:
+        return False
+    if (path / "1").is_symlink() or (path / "config.pbtxt").is_symlink():
+        return False
+    try:
+        return 'backend: "onnxruntime"' in (path / "config.pbtxt").read_text(errors="replace")
+    except OSError:
+        return False
+
+
 def write_triton_repository(proto, repo: str | Path, config: str, name: str = "posefix") -> Path:
     """REPO/NAME/config.pbtxt and REPO/NAME/1/model.onnx. The model's directory is built beside its place and
-    moved there whole, replacing an earlier one: Triton, or a reader, never sees half a model."""
+    moved there whole, replacing an earlier one: Triton, or a reader, never sees half a model. An existing
+    REPO/NAME is replaced only when it is such a model directory (nothing else is ever deleted); temporary
+    directories a killed export left beside it are removed."""
     import shutil
     import tempfile
 
-    repo = Path(repo)
+    from .fileio import TMP_SUFFIX, _remove_stale, _umask
+
+    final = triton_model_dir(repo, name)
+    repo = final.parent
+    if (final.exists() or final.is_symlink()) and not _is_posefix_model_dir(final):
+        raise InputError("--triton", f"{final} exists and is not a Triton model directory posefix wrote "
+                         "(config.pbtxt and 1/model.onnx only); refusing to replace it")
     repo.mkdir(parents=True, exist_ok=True)
-    final = repo / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
+    _remove_stale(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=repo))
+    old = None
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's directory is 0700; the model's gets a new directory's mode
         (tmp / "1").mkdir()
         (tmp / "1" / "model.onnx").write_bytes(proto.SerializeToString())
         (tmp / "config.pbtxt").write_text(config)
-        old = None
         if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=repo))
+            old = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=repo))
             os.replace(final, old / name)
         os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return final

@@ -34,7 +34,11 @@ def instance_scores(scores, conf, present, output: str) -> np.ndarray:
     input's × the mean refined confidence of its present joints. scores (P,), conf (P, K), present (P, K) bool."""
     if output == "choice":
         return np.asarray(scores, dtype=np.float64)
-    return scores * (conf * present).sum(1) / np.maximum(present.sum(1), 1)
+    total, count = (conf * present).sum(1), np.maximum(present.sum(1), 1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        product = scores * total / count
+    # scores near float64's maximum overflow the product; the mean confidence (at most 1) first cannot
+    return np.where(np.isfinite(product) | ~np.isfinite(scores), product, scores * (total / count))
 
 
 def finish(given, scores, xy, conf, output: str, keep_input_below: float | None = None):

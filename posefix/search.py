@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import math
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,11 @@ AUTO_EXACT_BELOW = 50_000  # "auto": an exact index below this many poses, an ap
 CHUNK = 1 << 16  # poses compared with a query at once (bounds the temporary memory)
 SEARCH_EXTRA = "posefix: the approximate pose index needs the search extra: pip install 'posefix[search]'"
 _SHOULDERS, _HIPS = (5, 6), (11, 12)
+HUGE = 1e150  # a pose with a coordinate beyond this is scaled down before it is normalised (no overflow)
+MAX_POSES = 1 << 28  # the most poses an index file may declare
+MAX_FILES = 1 << 24  # the most image file names it may hold
+MAX_NPROBE = 1 << 16  # bounds of an index's stored search settings
+MAX_CANDIDATES = 1 << 10
 
 
 def _faiss():
@@ -95,6 +101,9 @@ def embed(poses, rotate: bool = False) -> Embedding:
     poses = np.asarray(poses, dtype=np.float64).reshape(-1, NUM_KEYPOINTS, 3)
     have = present(poses)
     xy = np.where(have[..., None], np.nan_to_num(poses[..., :2]), 0.0)
+    big = np.abs(xy).max((-2, -1)) > HUGE  # (N,): scaled down first, so that sums cannot overflow
+    if big.any():
+        xy[big] /= np.abs(xy[big]).max((-2, -1))[:, None, None]
     n = have.sum(-1, keepdims=True)  # (N, 1)
     centre = xy.sum(-2) / np.maximum(n, 1)  # (N, 2)
     xy = np.where(have[..., None], xy - centre[:, None], 0.0)
@@ -215,6 +224,8 @@ class PoseIndex:
         index = cls(np.zeros((0, NUM_KEYPOINTS, 3)), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4)),
                     np.zeros(0), [], np.zeros(0, np.int64), bool(rotate), "exact")
         index.add(keypoints, ids, image_ids, boxes, scores, files)
+        if method == "ivf" and len(index) == 0:
+            raise InputError("keypoints", "holds no pose: an approximate (ivf) index needs at least one")
         if method == "ivf" or (method == "auto" and len(index) >= AUTO_EXACT_BELOW):
             index.method = "ivf"
             index._train_ann()
@@ -225,6 +236,7 @@ class PoseIndex:
         everything before changing anything: on an error the index is as it was."""
         kp = check_poses(keypoints, "keypoints", finite=False)
         n = kp.shape[0]
+        kp = _absent_as_zeros(kp)
         have = present(kp)
         emb = embed(kp, self.rotate)
         if ids is None:
@@ -241,6 +253,10 @@ class PoseIndex:
         if scores is None:
             scores = np.where(have, kp[..., 2], 0).sum(-1) / np.maximum(have.sum(-1), 1)
         scores = np.asarray(scores, dtype=np.float64).reshape(n)
+        for name, values in (("boxes", boxes), ("scores", scores)):
+            bad = np.flatnonzero(~np.isfinite(values.reshape(n, -1)).all(-1))
+            if bad.size:
+                raise InputError(f"poses[{int(bad[0])}].{name[:-1]}", "must be finite")
         file_list = list(self.files)
         where = {f: i for i, f in enumerate(file_list)}
         file_index = np.full(n, -1, np.int64)
@@ -299,8 +315,10 @@ class PoseIndex:
         rows = np.zeros((len(q), k), np.int64)
         dist = np.zeros((len(q), k), np.float32)
         flip = np.zeros((len(q), k), bool)
-        cand = None if exact else self._candidates(qe, qm, k)
+        cand = None if exact or self._approximate_k(k) is None else self._candidates(qe, qm, k)
         for i in range(len(q)):
+            if cand is not None and len(cand[i]) < k:  # fewer candidates than asked for: rank every pose
+                cand[i] = np.arange(len(self))
             pool = self.embedding if cand is None else self.embedding[cand[i]]
             d = distances_to(qe[i], pool)
             m = np.zeros(len(d), bool)
@@ -313,11 +331,17 @@ class PoseIndex:
             dist[i], flip[i] = d[best], m[best]
         return Matches(rows, dist, flip)
 
+    def _approximate_k(self, k: int) -> int | None:
+        """The candidates an approximate search of k asks the approximate index for, or None where that is a
+        large part of the index (an exact search then costs no more)."""
+        m = max(300, self.candidates * k)
+        return None if m >= len(self) // 2 else m
+
     def _candidates(self, qe: Embedding, qm: Embedding | None, k: int) -> list[np.ndarray]:
         """Per query, the rows the approximate index proposes (those of the mirror image too), unique."""
         if self._ann is None:
             self._train_ann()
-        m = min(len(self), max(300, self.candidates * k))
+        m = self._approximate_k(k)
         self._ann.nprobe = min(self.nprobe, self._ann.nlist)
         found = [self._ann.search(_ann_vectors(e, self.template), m)[1] for e in (qe, qm) if e is not None]
         rows = np.concatenate(found, axis=1)
@@ -353,49 +377,168 @@ class PoseIndex:
         except OSError as e:
             raise InputError(field_, f"cannot read: {e.strerror or e}", source) from None
         try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as z:
-                arrays = {name: z[name] for name in z.files}
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+            arrays = _read_npz(data)
+        except _Corrupt as e:
+            raise InputError(f"{field_}: {e.field}", e.problem, source) from None
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, zlib.error) as e:
             raise InputError(field_, f"not a posefix pose index, or a corrupt one ({type(e).__name__}: {e})",
                              source) from None
         if str(arrays.get("format", "")) != FORMAT_NAME:
             raise InputError(field_, "not a posefix pose index (no format name)", source)
         version = arrays.get("version")
-        if version is None or version.shape != () or int(version) != VERSION:
+        if version is None or version.shape != () or version.dtype.kind not in "iu" or int(version) != VERSION:
             raise InputError(field_, f"pose index version {version}; this posefix reads version {VERSION} "
                              "(build the index again with posefix index build)", source)
         try:
             index = cls._from_arrays(arrays)
-        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        except _Corrupt as e:
+            raise InputError(f"{field_}: {e.field}", e.problem, source) from None
+        except (KeyError, ValueError, TypeError, RuntimeError, MemoryError, OverflowError) as e:
             raise InputError(field_, f"a corrupt pose index ({type(e).__name__}: {e})", source) from None
         return index
 
     @classmethod
     def _from_arrays(cls, a: dict) -> PoseIndex:
+        """The index the arrays of a file describe, every array checked (shape, type, values) before use; a
+        :class:`_Corrupt` names the first array that is wrong."""
+        need = ("keypoints", "ids", "image_ids", "boxes", "scores", "files", "file_index", "rotate", "method",
+                "nprobe", "candidates")
+        for name in need:
+            if name not in a:
+                raise _Corrupt(name, "is missing")
+        kinds = {"keypoints": "f", "ids": "iu", "image_ids": "iu", "boxes": "f", "scores": "f", "file_index": "iu",
+                 "files": "U", "rotate": "b", "method": "U", "nprobe": "iu", "candidates": "iu", "template": "f",
+                 "ann": "u"}
+        for name, kind in kinds.items():
+            if name in a and a[name].dtype.kind not in kind:
+                raise _Corrupt(name, f"has the wrong type {a[name].dtype}")
         kp = np.asarray(a["keypoints"], np.float64)
+        if kp.ndim == 3 and kp.shape[1:] == (NUM_KEYPOINTS, 3):
+            kp = _absent_as_zeros(kp)
+        if kp.ndim != 3:
+            raise _Corrupt("keypoints", f"has shape {kp.shape}, expected (N, {NUM_KEYPOINTS}, 3)")
         n = kp.shape[0]
         shapes = {"keypoints": (n, NUM_KEYPOINTS, 3), "ids": (n,), "image_ids": (n,), "boxes": (n, 4),
-                  "scores": (n,), "file_index": (n,)}
+                  "scores": (n,), "file_index": (n,), "rotate": (), "method": (), "nprobe": (), "candidates": ()}
         for name, shape in shapes.items():
             if a[name].shape != shape:
-                raise ValueError(f"{name} has shape {a[name].shape}, expected {shape}")
+                raise _Corrupt(name, f"has shape {a[name].shape}, expected {shape}")
+        for name in ("boxes", "scores"):
+            bad = np.argwhere(~np.isfinite(a[name]))
+            if len(bad):
+                raise _Corrupt(f"{name}[{', '.join(map(str, bad[0]))}]", f"must be finite, got {a[name][tuple(bad[0])]}")
+        ids = np.asarray(a["ids"], np.int64)
+        if a["ids"].dtype.kind == "u" and n and int(a["ids"].max()) > np.iinfo(np.int64).max:
+            raise _Corrupt("ids", "out of the int64 range")
+        if n and _repeated(ids).any():
+            raise _Corrupt(f"ids[{int(np.argmax(_repeated(ids)))}]", "repeats an earlier pose id")
         files = [str(f) for f in a["files"].reshape(-1)]
         fi = np.asarray(a["file_index"], np.int64)
         if n and (fi.min() < -1 or fi.max() >= len(files)):
-            raise ValueError("file_index out of range")
+            raise _Corrupt("file_index", f"must lie in [-1, {len(files) - 1}]")
         method = str(a["method"])
         if method not in ("exact", "ivf"):
-            raise ValueError(f"unknown method {method!r}")
-        index = cls(kp, np.asarray(a["ids"], np.int64), np.asarray(a["image_ids"], np.int64),
-                    np.asarray(a["boxes"], np.float64), np.asarray(a["scores"], np.float64), files, fi,
-                    bool(a["rotate"]), method, int(a["nprobe"]), int(a["candidates"]))
+            raise _Corrupt("method", f"must be exact or ivf, got {method!r}")
+        nprobe, candidates = int(a["nprobe"]), int(a["candidates"])
+        if not 1 <= nprobe <= MAX_NPROBE:
+            raise _Corrupt("nprobe", f"must lie in [1, {MAX_NPROBE}], got {nprobe}")
+        if not 1 <= candidates <= MAX_CANDIDATES:
+            raise _Corrupt("candidates", f"must lie in [1, {MAX_CANDIDATES}], got {candidates}")
+        index = cls(kp, ids, np.asarray(a["image_ids"], np.int64), np.asarray(a["boxes"], np.float64),
+                    np.asarray(a["scores"], np.float64), files, fi, bool(a["rotate"]), method, nprobe, candidates)
         if method == "ivf":
-            ann = _faiss().deserialize_index(np.asarray(a["ann"], np.uint8))
-            if ann.ntotal != n or ann.d != 2 * NUM_KEYPOINTS:
-                raise ValueError(f"the approximate index holds {ann.ntotal} vectors of {ann.d} numbers for {n} poses")
-            index._ann = ann
-            index.template = np.asarray(a["template"], np.float32).reshape(NUM_KEYPOINTS, 2)
+            for name in ("ann", "template"):
+                if name not in a:
+                    raise _Corrupt(name, "is missing (an approximate index)")
+            template = a["template"]
+            if template.shape not in ((NUM_KEYPOINTS, 2), (2 * NUM_KEYPOINTS,)) or not np.isfinite(template).all():
+                raise _Corrupt("template", f"must be {NUM_KEYPOINTS} finite (x, y), got shape {template.shape}")
+            index._ann = _checked_ann(np.asarray(a["ann"], np.uint8), n)
+            index.template = np.asarray(template, np.float32).reshape(NUM_KEYPOINTS, 2)
         return index
+
+
+class _Corrupt(Exception):
+    """An array of an index file that is wrong: its name (``field``) and what is wrong (``problem``)."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field, self.problem = field, problem
+
+
+MAX_MEMBER_BYTES = 1 << 36  # no array of an index file may declare more
+
+
+def _read_npz(data: bytes) -> dict:
+    """The arrays of an ``.npz`` held in ``data``, each member's header read and its declared size checked
+    against the member's own stored size before anything is allocated. Members must be stored uncompressed
+    (as :meth:`PoseIndex.save` writes them), so that no member can inflate beyond the file."""
+    out = {}
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        for info in z.infolist():
+            name = info.filename.removesuffix(".npy")
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise _Corrupt(name, "is compressed; posefix writes pose indexes uncompressed (nothing may inflate)")
+            if info.file_size > len(data):
+                raise _Corrupt(name, f"declares {info.file_size} bytes, more than the file holds")
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=10_000)
+                elif version == (2, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=10_000)
+                else:
+                    raise _Corrupt(name, f"has the .npy version {version}, not 1.0 or 2.0")
+                if dtype.hasobject or dtype.fields is not None:
+                    raise _Corrupt(name, f"is of type {dtype}, not a plain number or text array")
+                count = math.prod(shape)
+                declared = count * dtype.itemsize
+                if declared > MAX_MEMBER_BYTES or declared != info.file_size - f.tell():
+                    raise _Corrupt(name, f"declares shape {shape} ({declared} bytes) in a member of "
+                                   f"{info.file_size - f.tell()} bytes")
+                raw = f.read(declared)
+                if len(raw) != declared:
+                    raise _Corrupt(name, "is truncated")
+                array = np.frombuffer(raw, dtype=dtype, count=count)
+                out[name] = array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
+    return out
+
+
+def _checked_ann(blob: np.ndarray, n: int):
+    """The approximate index serialised in ``blob``, checked: an inverted-file index of flat float vectors of
+    2K numbers over an L2 quantizer, holding each of the n poses (ids 0..n-1) exactly once, every number finite."""
+    faiss = _faiss()
+    try:
+        ann = faiss.deserialize_index(blob)
+    except Exception as e:  # noqa: BLE001 (faiss raises RuntimeError, or others for some damaged blobs)
+        raise _Corrupt("ann", f"not a readable approximate index ({type(e).__name__})") from None
+    d = 2 * NUM_KEYPOINTS
+    if not isinstance(ann, faiss.IndexIVFFlat) or ann.d != d or ann.ntotal != n or ann.metric_type != faiss.METRIC_L2:
+        raise _Corrupt("ann", f"must be an IVF-flat L2 index of {n} vectors of {d} numbers")
+    quantizer = faiss.downcast_index(ann.quantizer)
+    if not isinstance(quantizer, faiss.IndexFlatL2) or quantizer.d != d or quantizer.ntotal != ann.nlist \
+            or not 1 <= ann.nlist <= max(n, 1):
+        raise _Corrupt("ann", "its quantizer must be a flat L2 index of one centroid per list")
+    if not np.isfinite(quantizer.reconstruct_n(0, quantizer.ntotal)).all():
+        raise _Corrupt("ann", "its centroids must be finite")
+    seen = np.zeros(n, np.int64)
+    lists = ann.invlists
+    if lists.code_size != 4 * d:
+        raise _Corrupt("ann", "its vectors must be float32")
+    for i in range(ann.nlist):
+        size = lists.list_size(i)
+        if size == 0:
+            continue
+        ids = faiss.rev_swig_ptr(lists.get_ids(i), size).copy()
+        codes = faiss.rev_swig_ptr(lists.get_codes(i), size * lists.code_size).view(np.float32)
+        if ((ids < 0) | (ids >= n)).any():
+            raise _Corrupt("ann", f"list {i} holds a pose id outside [0, {n - 1}]")
+        if not np.isfinite(codes).all():
+            raise _Corrupt("ann", f"list {i} holds a non-finite number")
+        np.add.at(seen, ids, 1)
+    if (seen != 1).any():
+        raise _Corrupt("ann", f"pose {int(np.argmax(seen != 1))} is held {int(seen[np.argmax(seen != 1)])} times")
+    return ann
 
 
 def _ann_vectors(e: Embedding, template: np.ndarray) -> np.ndarray:
@@ -403,6 +546,12 @@ def _ann_vectors(e: Embedding, template: np.ndarray) -> np.ndarray:
     of its confidence (0 for an absent joint), (N, 2K) float32."""
     dev = np.where((e.weight > 0)[..., None], e.xy - template, 0) * np.sqrt(e.weight)[..., None]
     return np.ascontiguousarray(dev.reshape(len(e), -1), dtype=np.float32)
+
+
+def _absent_as_zeros(kp: np.ndarray) -> np.ndarray:
+    """Poses (N, K, 3) with every joint that holds a non-finite number (an absent joint, or one no search can
+    use) as (0, 0, 0), so that the index holds and answers finite numbers only."""
+    return np.where(np.isfinite(kp).all(-1, keepdims=True), kp, 0.0)
 
 
 def _repeated(ids: np.ndarray) -> np.ndarray:

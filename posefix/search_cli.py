@@ -47,7 +47,10 @@ def read_poses(path, fmt: str, images_dir=None, coco_images: dict | None = None,
         if isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v)
                                                            for v in box):
             boxes[i] = box
-        ids.append(pid if isinstance(pid, int) and not isinstance(pid, bool) else None)
+        if pid is not None and not (isinstance(pid, int) and not isinstance(pid, bool)
+                                    and -(1 << 63) <= pid < (1 << 63)):
+            raise InputError(f"{field}[{i}].id", f"must be an integer in the int64 range, got {pid!r}", str(path))
+        ids.append(pid)
     ids = np.array(ids, np.int64) if ids and None not in ids else None
     files = None
     if images_dir is not None:
@@ -58,11 +61,14 @@ def read_poses(path, fmt: str, images_dir=None, coco_images: dict | None = None,
 def cmd_index_build(args) -> int:
     from .cli import _check_outputs
 
-    _check_outputs(args, ("results", "annotations"), ("out",))
+    _check_outputs(args, ("results", "annotations", "images"), ("out",))
     t0 = time.perf_counter()
     _, kp, ids, image_ids, boxes, files = read_poses(args.results, args.format, args.images,
                                                      _coco_images(args.annotations),
                                                      allow_outside=args.allow_outside_images)
+    if not len(kp) and args.method == "ivf":
+        raise InputError("--results", "holds no person; an approximate (--method ivf) index needs at least one",
+                         str(args.results))
     index = PoseIndex.build(kp, ids, image_ids, boxes, None, files, rotate=args.rotate, method=args.method)
     index.save(args.out)
     print(f"indexed {len(index)} poses of {args.results} ({index.method} search"
@@ -74,7 +80,8 @@ def cmd_index_add(args) -> int:
     from .cli import _check_outputs
 
     out = args.out or args.index
-    _check_outputs(args, ("results", "annotations"), ("out",) if args.out else ())
+    _check_outputs(args, ("results", "annotations", "images") + ("index",) * bool(args.out), ("out",),
+                   extra=() if args.out else [("--index", args.index)])
     index = PoseIndex.load(args.index)
     _, kp, ids, image_ids, boxes, files = read_poses(args.results, args.format, args.images,
                                                      _coco_images(args.annotations),
@@ -123,7 +130,7 @@ def cmd_search(args) -> int:
     from .cli import _check_outputs
     from .fileio import write_json_atomic
 
-    _check_outputs(args, ("index", "query", "checkpoint"), ("out", "sheet"))
+    _check_outputs(args, ("index", "query", "checkpoint", "images", "annotations"), ("out", "sheet"))
     if args.k < 1:
         raise InputError("-k", f"must be at least 1, got {args.k}")
     if args.checkpoint and not args.images:
@@ -148,7 +155,11 @@ def cmd_search(args) -> int:
     answer = {"index": str(args.index), "poses": len(index), "k": args.k, "mirror": args.mirror,
               "refined": bool(args.checkpoint), "queries": matches_json(index, matches, kp, est.image_keys)}
     if args.sheet:
-        write_sheet(args.sheet, index, matches, kp, files)
+        outside = write_sheet(args.sheet, index, matches, kp, files, args.images, args.allow_outside_images)
+        if outside:
+            print(f"note: {outside} indexed image{'s' * (outside > 1)} outside --images "
+                  f"{'(none given) ' if not args.images else ''}drawn without the image (--allow-outside-images "
+                  "reads them)", file=sys.stderr)
     if args.out:
         write_json_atomic(args.out, answer)
     else:
@@ -202,9 +213,26 @@ def _cell(file: str | None, pose: np.ndarray, box, colour, decoded: dict):
     return draw_poses(tensor, drawn, colour)
 
 
-def write_sheet(path, index: PoseIndex, matches, queries: np.ndarray, query_files) -> None:
+def write_sheet(path, index: PoseIndex, matches, queries: np.ndarray, query_files, images_dir=None,
+                allow_outside: bool = False) -> int:
     """A PNG with a row per query: the query (orange skeleton) and its matches (cyan), nearest first, each
-    captioned with its rank, distance and pose id; written atomically."""
+    captioned with its rank, distance and pose id; written atomically. The image files an index names are read
+    only inside ``images_dir`` (their real paths), or anywhere with ``allow_outside``; the others' poses are
+    drawn on white. Returns how many indexed files were not read for that reason."""
+    import os
+
+    root = os.path.realpath(images_dir) if images_dir else None
+    refused: set = set()
+
+    def confined(file):
+        if file is None or allow_outside:
+            return file
+        real = os.path.realpath(file)
+        if root is not None and os.path.commonpath([real, root]) == root:
+            return file
+        refused.add(file)
+        return None
+
     import torch
     from PIL import Image, ImageDraw
 
@@ -228,12 +256,13 @@ def write_sheet(path, index: PoseIndex, matches, queries: np.ndarray, query_file
             caption = f"{r + 1}: d {matches.distances[q, r]:.3f} id {index.ids[row]}"
             if matches.mirrored[q, r]:
                 caption += " (mirror)"
-            cells.append((_cell(index.file_of(row), pose, index.boxes[row], REFINED_COLOUR, decoded), caption))
+            cells.append((_cell(confined(index.file_of(row)), pose, index.boxes[row], REFINED_COLOUR, decoded), caption))
         for c, (picture, caption) in enumerate(cells):
             left = gap + c * (w + gap)
             sheet.paste(Image.fromarray(picture.permute(1, 2, 0).numpy()), (left, top + LABEL))
             draw.text((left + 2, top + 2), caption, fill=(0, 0, 0))
     write_png(torch.from_numpy(np.asarray(sheet).copy()).permute(2, 0, 1), path)
+    return len(refused)
 
 
 def add_parsers(sub, formats) -> None:

@@ -39,13 +39,26 @@ def cluster():
         ray.shutdown()
 
 
+def _parent(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
 def _actor_pids() -> list[int]:
-    """The processes of this machine's refining actors, by the title Ray gives them."""
+    """The processes of this test run's refining actors, by the title Ray gives them: only descendants of this
+    process (the Ray the cluster fixture started), never another run's on a shared machine."""
     pids = []
     for entry in Path("/proc").iterdir():
         try:
             if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(ACTOR.encode()):
-                pids.append(int(entry.name))
+                pid = int(entry.name)
+                while pid > 1 and pid != os.getpid():
+                    pid = _parent(pid)
+                if pid == os.getpid():
+                    pids.append(int(entry.name))
         except OSError:
             pass
     return pids
@@ -215,17 +228,28 @@ def test_stopping_the_driver_leaves_no_output(tmp_path, checkpoint, cluster):
                              str(images), "--input", str(path), "--out", str(out), "--ray", cluster, "--actors", "1",
                              "--quiet", "--allow-outside-images"],  # its images are links to the sample's
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stopped = []
     try:
-        deadline = time.monotonic() + 120
-        while not _actor_pids() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.communicate()
+        # A state, not a time: the driver is waiting for the results of an actor that cannot give them (stopped),
+        # so it can be neither starting nor finishing when the signal comes, however loaded the machine is.
+        deadline = time.monotonic() + 300
+        while not stopped and proc.poll() is None and time.monotonic() < deadline:
+            for pid in _actor_pids():
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+            time.sleep(0.1)
+        assert stopped and proc.poll() is None, proc.communicate()
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
     # Exit 130 with "posefix: interrupted"; where Ray's core worker has put SIGINT back to its default first,
     # the signal ends the process (-SIGINT). Either way nothing is written.
     assert proc.returncode in (130, -signal.SIGINT), err

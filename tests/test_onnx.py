@@ -335,11 +335,13 @@ def test_export_bad_input_writes_nothing(files, tmp_path, capsys):
     bad_poses = tmp_path / "poses.json"
     bad_poses.write_text("[]")
     out, repo = tmp_path / "x.onnx", tmp_path / "repo"
+    empty = tmp_path / "empty"  # no images (an output inside an input directory would be refused first)
+    empty.mkdir()
     for extra, message in (
             (["--int8", "--calibration-images", str(IMAGES)], "--calibration-images/--calibration-poses: --int8 needs"),
             (["--int8", "--calibration-images", str(IMAGES), "--calibration-poses", str(bad_poses)],
              "--calibration-poses: "),
-            (["--int8", "--calibration-images", str(tmp_path), "--calibration-poses", str(VAL_RESULTS)],
+            (["--int8", "--calibration-images", str(empty), "--calibration-poses", str(VAL_RESULTS)],
              "--calibration-images: no image"),
             (["--batch", "zero"], "--batch: must be dynamic or a positive integer"),
             (["--batch", "4", "--triton", str(repo)], "--batch: a Triton repository needs --batch dynamic"),
@@ -349,7 +351,7 @@ def test_export_bad_input_writes_nothing(files, tmp_path, capsys):
         assert not out.exists() and not repo.exists()
     code, err = _error(capsys, ["export", "--checkpoint", str(tmp_path / "none.safetensors"), "--onnx", str(out)])
     assert code == 2 and "checkpoint: file not found" in err and not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["poses.json"]  # no temporary file left either
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "poses.json"]  # no temporary file left either
 
 
 def test_refine_video_and_in_memory_export_with_onnxruntime_equal_torch(files, tmp_path):

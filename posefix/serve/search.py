@@ -33,6 +33,8 @@ async def search_poses(servicer, request: pb2.SearchPosesRequest, context) -> pb
         raise InputError("query", "is not set: send the query pose")
     if request.k < 1:
         raise InputError("k", "must be at least 1, got 0 (not set?)")
+    if request.k > servicer.limits.max_search_k:
+        raise InputError("k", f"{request.k} exceeds the limit of {servicer.limits.max_search_k} matches per call")
     if request.k > len(index):
         raise InputError("k", f"{request.k} is more than the {len(index)} poses in the index")
     try:
@@ -45,12 +47,23 @@ async def search_poses(servicer, request: pb2.SearchPosesRequest, context) -> pb
         else:  # no image, no bounds: only the count of keypoints and their finiteness are checked
             native = persons_array([request.query], request.format, (math.inf, math.inf), servicer.limits)
             coco = to_coco17(native, layout)
-        search = functools.partial(index.search, coco, request.k, mirror_too=request.mirror)
-        matches = await asyncio.get_running_loop().run_in_executor(servicer.decoder, search)
+        search = functools.partial(_answer, index, coco, request.k, request.mirror)
+        return await asyncio.get_running_loop().run_in_executor(servicer.decoder, search)
     except InputError as e:
         raise _as_query(e) from None
+
+
+def _answer(index, coco: np.ndarray, k: int, mirror: bool) -> pb2.SearchPosesResponse:
+    """The search and its reply, built in a worker thread (not on the serving loop). Every number in it is
+    finite (the index holds finite numbers only, and distances are finite for any finite query); a reply that
+    were not is an error (INTERNAL), never sent."""
+    matches = index.search(coco, k, mirror_too=mirror)
+    rows = matches.rows[0]
+    numbers = (coco, matches.distances[0], index.boxes[rows], index.keypoints[rows])
+    if not all(np.isfinite(a).all() for a in numbers):
+        raise RuntimeError("a SearchPoses reply would hold a non-finite number")
     response = pb2.SearchPosesResponse(query=[pb2.Keypoint(x=x, y=y, score=s) for x, y, s in coco[0].tolist()])
-    for row, d, m in zip(matches.rows[0].tolist(), matches.distances[0].tolist(), matches.mirrored[0].tolist()):
+    for row, d, m in zip(rows.tolist(), matches.distances[0].tolist(), matches.mirrored[0].tolist()):
         x, y, w, h = index.boxes[row].tolist()
         response.matches.add(pose_id=int(index.ids[row]), image_id=int(index.image_ids[row]),
                              box=pb2.Box(x=x, y=y, width=w, height=h), distance=d, mirrored=m,

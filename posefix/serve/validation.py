@@ -51,6 +51,7 @@ class Limits:
     max_image_side: int = 8192  # pixels, height and width each
     max_image_pixels: int = 4096 * 4096  # height × width; 48 MiB as raw RGB
     max_message_bytes: int = 64 * 1024 * 1024  # a request message, image included
+    max_search_k: int = 1000  # SearchPoses' k: matches in one reply (about 300 bytes each)
 
 
 def parse(message_type, data):
