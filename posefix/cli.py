@@ -312,7 +312,11 @@ def cmd_train_temporal(args) -> int:
     from .temporal.learned import NetConfig
     from .temporal.training import train_temporal, training_sequences
 
+    from .fileio import check_outputs
+
     _check_outputs(args, ("gt",), ("out",))
+    check_outputs([("--results", p) for p in args.results or []] + [("--mocap", p) for p in args.mocap or []],
+                  [("--out", args.out)])
     if args.steps < 1:
         raise InputError("--steps", f"must be at least 1, got {args.steps}")
     config = NetConfig(window=args.window)

@@ -332,3 +332,13 @@ def test_train_temporal_needs_training_data(tmp_path, capsys):
     gt_path, _ = _video_files(tmp_path, np.random.default_rng(1))
     assert main(["train-temporal", "--gt", str(gt_path), "--out", str(tmp_path / "w.safetensors")]) == 2
     assert "--results/--mocap" in capsys.readouterr().err
+
+
+def test_train_temporal_never_writes_over_its_inputs(tmp_path, capsys):
+    from posefix.cli import main
+
+    gt_path, res_path = _video_files(tmp_path, np.random.default_rng(2))
+    before = res_path.read_bytes()
+    assert main(["train-temporal", "--gt", str(gt_path), "--results", str(res_path), "--out", str(res_path),
+                 "--steps", "1"]) == 2
+    assert "--results" in capsys.readouterr().err and res_path.read_bytes() == before

@@ -210,16 +210,13 @@ class LearnedSmoother:
 
 
 def save_weights(path, offline: TemporalNet, causal: TemporalNet, info: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    from ..fileio import atomic_path
+    from ..engine import save_safetensors
 
     tensors = {f"offline.{k}": v.detach().contiguous() for k, v in offline.state_dict().items()}
     tensors.update({f"causal.{k}": v.detach().contiguous() for k, v in causal.state_dict().items()})
     meta = {"posefix.temporal": json.dumps({"offline": asdict(offline.config), "causal": asdict(causal.config),
                                             **(info or {})})}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    save_safetensors(tensors, path, meta)
 
 
 def load_weights(path) -> tuple[TemporalNet, TemporalNet]:
