@@ -1,9 +1,9 @@
 """Exact 2-D keypoint trajectories from motion capture, with estimator-like errors added, and the lag of a
 smoother on their fastest motion.
 
-A BVH clip (CMU Graphics Lab Motion Capture Database, mocap.cs.cmu.edu, ``../shared/data/mocap``) is read,
-its joints placed by forward kinematics, resampled from 120 to 30 frames/s and projected through a pinhole
-camera seen from the side (the performer ~240 px tall in a 640 × 480 frame). COCO joints: shoulders, elbows,
+A BVH clip (CMU Graphics Lab Motion Capture Database, mocap.cs.cmu.edu, ``../shared/data/mocap``) is read and
+its joints placed by forward kinematics (:mod:`posefix.temporal.mocap`), resampled from 120 to 30 frames/s
+and projected through a pinhole camera seen from the side (the performer ~240 px tall in a 640 × 480 frame). COCO joints: shoulders, elbows,
 wrists, hips, knees, ankles and the nose at the Head joint; eyes and ears are left unlabelled. Errors added,
 seeded: per joint a score drawn from the range MoveNet gives here, Gaussian jitter of standard deviation
 0.0025 / score² of the person's size (what MoveNet Thunder's frame-to-frame noise measures on video_sample's
@@ -18,92 +18,19 @@ from pathlib import Path
 
 import numpy as np
 
+from posefix.temporal.mocap import load_bvh, world_positions
+
 # COCO index → BVH joint name (nose at the head; eyes and ears unlabelled)
 COCO_JOINTS = {0: "Head", 5: "LeftShoulder", 6: "RightShoulder", 7: "LeftElbow", 8: "RightElbow", 9: "LeftWrist",
                10: "RightWrist", 11: "LeftHip", 12: "RightHip", 13: "LeftKnee", 14: "RightKnee", 15: "LeftAnkle",
                16: "RightAnkle"}
 
 
-def read_bvh(path):
-    """(names, parents, offsets (J, 3), channels per joint, motion (F, C), frame time in seconds)."""
-    tokens = Path(path).read_text().split()
-    names, parents, offsets, channels = [], [], [], []
-    stack: list[int] = []
-    i = 0
-    pending_end = False
-    while tokens[i] != "MOTION":
-        tok = tokens[i]
-        if tok in ("ROOT", "JOINT"):
-            names.append(tokens[i + 1])
-            parents.append(stack[-1] if stack else -1)
-            i += 2
-        elif tok == "End":
-            pending_end = True
-            i += 2
-        elif tok == "{":
-            if pending_end:
-                stack.append(-2)
-            else:
-                stack.append(len(names) - 1)
-            i += 1
-        elif tok == "}":
-            if stack.pop() == -2:
-                pending_end = False
-            i += 1
-        elif tok == "OFFSET":
-            if not pending_end:
-                offsets.append([float(v) for v in tokens[i + 1:i + 4]])
-            i += 4
-        elif tok == "CHANNELS":
-            n = int(tokens[i + 1])
-            channels.append(tokens[i + 2:i + 2 + n])
-            i += 2 + n
-        else:
-            i += 1
-    frames = int(tokens[i + 2])
-    frame_time = float(tokens[i + 5])
-    values = np.array(tokens[i + 6:], dtype=np.float64)
-    motion = values.reshape(frames, -1)
-    return names, parents, np.array(offsets), channels, motion, frame_time
-
-
-def _rot(axis: str, deg: np.ndarray) -> np.ndarray:
-    a = np.radians(deg)
-    c, s = np.cos(a), np.sin(a)
-    o, z = np.ones_like(a), np.zeros_like(a)
-    if axis == "X":
-        m = [[o, z, z], [z, c, -s], [z, s, c]]
-    elif axis == "Y":
-        m = [[c, z, s], [z, o, z], [-s, z, c]]
-    else:
-        m = [[c, -s, z], [s, c, z], [z, z, o]]
-    return np.moveaxis(np.array(m), (0, 1), (-2, -1))
-
-
 def joint_positions(path) -> tuple[list[str], np.ndarray, float]:
     """Every joint's position (F, J, 3) in the file's units, by forward kinematics, and the frame time."""
-    names, parents, offsets, channels, motion, frame_time = read_bvh(path)
-    f = len(motion)
-    pos = np.zeros((f, len(names), 3))
-    rot = np.zeros((f, len(names), 3, 3))
-    col = 0
-    for j, chans in enumerate(channels):
-        local_t = np.broadcast_to(offsets[j], (f, 3)).copy()
-        local_r = np.broadcast_to(np.eye(3), (f, 3, 3)).copy()
-        for ch in chans:
-            v = motion[:, col]
-            col += 1
-            if ch.endswith("position"):
-                local_t[:, "XYZ".index(ch[0])] += v
-            else:
-                local_r = local_r @ _rot(ch[0], v)
-        p = parents[j]
-        if p < 0:
-            pos[:, j], rot[:, j] = local_t, local_r
-        else:
-            pos[:, j] = pos[:, p] + np.einsum("fij,fj->fi", rot[:, p], local_t)
-            rot[:, j] = rot[:, p] @ local_r
-    return names, pos, frame_time
+    skeleton = load_bvh(path)
+    pos, _ = world_positions(skeleton)
+    return skeleton.names, pos, skeleton.frame_time
 
 
 def project_clip(path, fps: float = 30.0, height_px: float = 240.0, size=(640, 480)):

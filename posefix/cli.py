@@ -309,10 +309,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_train_temporal(args) -> int:
+    from .fileio import check_outputs
     from .temporal.learned import NetConfig
     from .temporal.training import train_temporal, training_sequences
-
-    from .fileio import check_outputs
 
     _check_outputs(args, ("gt",), ("out",))
     check_outputs([("--results", p) for p in args.results or []] + [("--mocap", p) for p in args.mocap or []],
