@@ -214,7 +214,9 @@ def test_no_response_carries_a_non_finite_number(stub, case):
 
 # Overload: deadline-aware admission and the queue's time bound, on the batcher itself.
 
-BATCH_S = 0.05  # seconds a batch of the fake model takes
+# Seconds a batch of the fake model takes: long against the scheduling delays of a loaded 2-core host (tens of
+# ms), so that "in time" and "at once" below keep their meaning when other work shares the cores.
+BATCH_S = 0.2
 
 
 def test_calls_that_cannot_finish_in_time_are_refused_at_once():
@@ -241,17 +243,17 @@ def test_calls_that_cannot_finish_in_time_are_refused_at_once():
             except (QueueFull, DeadlineExpired) as e:
                 outcomes.append((type(e).__name__, timeout, time.monotonic() - t0))
 
-        await asyncio.gather(*(one(0.22) for _ in range(12)))
+        await asyncio.gather(*(one(4.4 * BATCH_S) for _ in range(12)))
         await batcher.stop()
         return outcomes, batcher.stats
 
     outcomes, stats = asyncio.run(asyncio.wait_for(scenario(), TIMEOUT))
     ok = [o for o in outcomes if o[0] == "OK"]
     refused = [o for o in outcomes if o[0] == "QueueFull"]
-    # 0.22 s hold about four 50 ms batches: those are computed in time, the rest refused at once.
+    # The deadline holds about four batches: those are computed in time, the rest refused at once.
     assert 2 <= len(ok) <= 5 and len(ok) + len(refused) == 12, outcomes
     assert all(latency <= timeout for _, timeout, latency in ok), ok
-    assert all(latency < 0.02 for _, _, latency in refused), refused
+    assert all(latency < BATCH_S / 2 for _, _, latency in refused), refused
     assert stats.refused_for_deadline == len(refused) == stats.rejected
     assert len(computed) == 1 + len(ok) and stats.expired == 0
 
