@@ -1,7 +1,7 @@
 """Synthesis over a whole COCO annotation file."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -9,7 +9,7 @@ from ..fileio import gc_paused
 from .cocoio import GroundTruth
 from .keypoints import KS_HIT, NUM_KEYPOINTS, SIGMAS, box_iou, ks_radius
 from .profile import OUTCOMES, Profile
-from .synthesize import UNLABELLED, Others, synthesize
+from .synthesize import UNLABELLED, Others, isolated_joints, synthesize
 
 OVERLAP_IOU = 0.1
 MIN_AREA = 1.0  # px²; keeps the KS scale of degenerate annotations positive
@@ -189,6 +189,7 @@ class CocoPlan:
     ov: np.ndarray
     areas: np.ndarray
     groups: tuple  # of (sel (G,), members (nnz,), ptr (G + 1,), flags (nnz,))
+    isolated: dict = field(default_factory=dict, compare=False, repr=False)  # group → isolated_joints, once made
 
 
 @dataclass(frozen=True)
@@ -236,10 +237,13 @@ def draw_coco(plan: CocoPlan, rng: np.random.Generator, profile: Profile | None 
     anchor_joint = np.zeros((persons.size, NUM_KEYPOINTS), dtype=np.int64)
     score = np.zeros(persons.size)
     expected = np.zeros((len(OUTCOMES), NUM_KEYPOINTS))
-    for sel, members, ptr, flags in plan.groups:
+    for g, (sel, members, ptr, flags) in enumerate(plan.groups):
         who = persons[sel]
         others = Others(gt.keypoints, areas, ptr, members, flags)
-        res = synthesize(gt.keypoints[who], areas[who], rng, others=others, ov=plan.ov[who], profile=profile)
+        if g not in plan.isolated:  # the same for every draw over the plan
+            plan.isolated[g] = isolated_joints(gt.keypoints[who], areas[who], others.checked(who.size))
+        res = synthesize(gt.keypoints[who], areas[who], rng, others=others, ov=plan.ov[who], profile=profile,
+                         isolated=plan.isolated[g])
         kp[sel], outcome[sel], score[sel] = res.keypoints, res.outcome, res.score
         entry = np.where(res.anchor_person >= 0, ptr[:-1, None] + res.anchor_person, 0)
         other_ids = gt.ids[members[entry]] if members.size else 0

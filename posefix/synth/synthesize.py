@@ -126,7 +126,7 @@ def _as_array(x, shape_tail, name, dtype=np.float64):
 
 def synthesize(gt, area, rng: np.random.Generator, others=None, others_area=None, ov=None, nv=None,
                profile: Profile | None = None, estimates=None, others_overlap=None, num_radii: int = 8,
-               chunk_rows: int = 32768, block_elems: int = BLOCK_ELEMS) -> SynthResult:
+               chunk_rows: int = 32768, block_elems: int = BLOCK_ELEMS, isolated=None) -> SynthResult:
     """Draw one erroneous input pose per GT person.
 
     gt: (N, K, 3) GT joints (x, y, v), v > 0 labelled; every person needs a labelled joint.
@@ -146,6 +146,8 @@ def synthesize(gt, area, rng: np.random.Generator, others=None, others_area=None
     chunk_rows: labelled joints drawn for at a time (the random stream depends on it); block_elems: the
         size of the blocks the work of a chunk is done in, so that memory stays bounded (the result does
         not depend on it).
+    isolated: optional (N, K, 2) bool, :func:`isolated_joints` of these persons and others (computed here
+        when not given; several draws over the same persons may share it). The result does not depend on it.
     """
     profile = profile or published_profile()
     gt = _as_array(gt, (NUM_KEYPOINTS, 3), "gt")
@@ -188,10 +190,12 @@ def synthesize(gt, area, rng: np.random.Generator, others=None, others_area=None
     anchor_person = np.full((n, NUM_KEYPOINTS), -1, dtype=np.int64)
     anchor_joint = np.tile(np.arange(NUM_KEYPOINTS), (n, 1))
 
+    if isolated is None:
+        isolated = isolated_joints(gt, area, oth, block_elems)
     rows_n, rows_j = np.nonzero(vis)
     for lo in range(0, rows_n.size, chunk_rows):
         rn, rj = rows_n[lo:lo + chunk_rows], rows_j[lo:lo + chunk_rows]
-        xy, o, ap, aj = _plant(gt, area, oth, p, rn, rj, profile, rng, num_radii, block_elems)
+        xy, o, ap, aj = _plant(gt, area, oth, p, rn, rj, profile, rng, num_radii, block_elems, isolated)
         out_xy[rn, rj], outcome[rn, rj], anchor_person[rn, rj], anchor_joint[rn, rj] = xy, o, ap, aj
 
     placed = ~vis
@@ -287,9 +291,11 @@ def _chosen(weights, u):
     return np.minimum((cum <= u[:, None]).sum(-1), weights.shape[-1] - 1)
 
 
-def _plant(gt, area, oth, p, rn, rj, profile, rng, num_radii, block_elems=BLOCK_ELEMS):
+def _plant(gt, area, oth, p, rn, rj, profile, rng, num_radii, block_elems=BLOCK_ELEMS, isolated=None):
     """Draw an outcome and place a point for each row (labelled joint). Returns xy (R, 2), outcome,
-    anchor person and anchor joint (R,). Candidates are built for blocks of rows at a time."""
+    anchor person and anchor joint (R,). Candidates are built for blocks of rows at a time, for the rows
+    whose anchor is a choice (swaps and misses): a good or jittered point is planted around its own joint,
+    an inversion around its partner (the only anchor of nonzero weight, so the draw picks it whatever u)."""
     r_count = rn.size
     width = 2 + 2 * (oth.ptr[rn + 1] - oth.ptr[rn])  # candidates per row
     prob = p[rn, rj].copy()  # (R, 5)
@@ -310,17 +316,23 @@ def _plant(gt, area, oth, p, rn, rj, profile, rng, num_radii, block_elems=BLOCK_
                 break
         o = _choose(pr, rng)
         u = rng.random(pending.size)
-        c_part = np.empty(pending.size, dtype=np.int64)
-        c_slot = np.empty(pending.size, dtype=np.int64)
-        for lo, hi in _row_blocks(width[pending], block_elems):
-            rows = pending[lo:hi]
+        c_part = (o == INVERSION).astype(np.int64)
+        c_slot = np.full(pending.size, -1, dtype=np.int64)
+        choice = np.flatnonzero((o == SWAP) | (o == MISS))
+        for lo, hi in _row_blocks(width[pending[choice]], block_elems):
+            at = choice[lo:hi]
+            rows = pending[at]
             m, valid, may_centre = _candidates(gt, area, oth, rn[rows], rj[rows], geometry=False)
-            w = _weights(m, valid, may_centre, o[lo:hi], profile)
-            _drop_removed(w, removed, rows, o[lo:hi], m, key_base)
-            c = _chosen(w, u[lo:hi])
-            c_part[lo:hi], c_slot[lo:hi] = c // (m + 1), c % (m + 1) - 1
+            w = _weights(m, valid, may_centre, o[at], profile)
+            _drop_removed(w, removed, rows, o[at], m, key_base)
+            c = _chosen(w, u[at])
+            c_part[at], c_slot[at] = c // (m + 1), c % (m + 1) - 1
+        easy = None
+        if isolated is not None:  # good or jittered around its own joint with no other candidate in reach
+            own = (o == GOOD) | (o == JITTER)
+            easy = own & isolated[rn[pending], rj[pending], np.where(o == JITTER, 1, 0)]
         ok, pts = _place(gt, area, oth, rn[pending], rj[pending], width[pending], o, c_part, c_slot, rng, num_radii,
-                         block_elems)
+                         block_elems, easy)
         done = pending[ok]
         xy[done], outcome[done], part[done], slot[done] = pts[ok], o[ok], c_part[ok], c_slot[ok]
         bad = pending[~ok]
@@ -351,12 +363,14 @@ def _drop_removed(w, removed, rows, o, m, key_base):
     w[at[hit], _index(key // key_base, key % key_base - 1, m)] = 0.0
 
 
-def _place(gt, area, oth, rn, rj, width, o, part, slot, rng, num_radii, block_elems=BLOCK_ELEMS):
+def _place(gt, area, oth, rn, rj, width, o, part, slot, rng, num_radii, block_elems=BLOCK_ELEMS, easy=None):
     """Place one point per row around its centre, candidate (part, slot), for outcome ``o``.
 
     Returns ok (R,) and points (R, 2). Only the anchors whose excluded arc can be non-empty at one of
     the row's radii take part (the others exclude nothing), so the work per row follows the anchors near
-    it; candidates and arcs are computed in blocks of about ``block_elems`` entries.
+    it; candidates and arcs are computed in blocks of about ``block_elems`` entries. ``easy`` (R,) marks
+    rows known to have no such anchor at any radius of their outcome (see :func:`isolated_joints`): they
+    take the whole circle without their candidates being built.
     """
     r_count = rn.size
     rows = np.arange(r_count)
@@ -376,8 +390,9 @@ def _place(gt, area, oth, rn, rj, width, o, part, slot, rng, num_radii, block_el
     whole = TWO_PI - 2.0 * ANGLE_MARGIN  # the one gap of a circle with no arc, as _free_arcs gives it
     free = np.full((r_count, num_radii), whole)
     live_blocks = []
-    for lo, hi in _row_blocks(width, max(1, block_elems // num_radii)):
-        b = slice(lo, hi)
+    hard = np.arange(r_count) if easy is None else np.flatnonzero(~easy)
+    for lo, hi in _row_blocks(width[hard], max(1, block_elems // num_radii)):
+        b = hard[lo:hi]
         m, valid, _, cxy, scale = _candidates(gt, area, oth, rn[b], rj[b])
         c = _index(part[b], slot[b], m)
         d = cxy - centre[b, None]  # (B, A, 2)
@@ -395,7 +410,7 @@ def _place(gt, area, oth, rn, rj, width, o, part, slot, rng, num_radii, block_el
             continue
         w_live = int(near[live].sum(-1).max())
         keep = np.argsort(~near[live], axis=-1, kind="stable")[:, :w_live]  # (L, W) candidate indices
-        arcs = _Arcs(lo + live, np.take_along_axis(dx[live], keep, -1), np.take_along_axis(dy[live], keep, -1),
+        arcs = _Arcs(b[live], np.take_along_axis(dx[live], keep, -1), np.take_along_axis(dy[live], keep, -1),
                      np.where(miss[live], np.take_along_axis(miss_t[live], keep, -1),
                               np.take_along_axis(ratio[live], keep, -1)),
                      miss[live, :, None], np.take_along_axis(near[live], keep, -1), keep > c[live, None])
@@ -422,6 +437,29 @@ def _place(gt, area, oth, rn, rj, width, o, part, slot, rng, num_radii, block_el
             theta[sel] = start[i, g] + (ub - (cum[i, g] - length[i, g]))
     pts = centre + r[:, None] * np.stack([np.cos(theta), np.sin(theta)], axis=-1)
     return ok, pts
+
+
+def isolated_joints(gt, area, others: Others, block_elems: int = BLOCK_ELEMS) -> np.ndarray:
+    """(N, K, 2) bool: whether a good (…, 0) or jittered (…, 1) point around each labelled GT joint has no
+    other candidate anchor in reach at any radius of its outcome's range, so that its whole circle is
+    admissible. It depends on the GT alone, so several draws over the same persons share it. Conservative:
+    a joint marked False may still be isolated (it is then placed the general way, with the same result).
+    ``others`` is :meth:`Others.checked` for these N persons."""
+    n = gt.shape[0]
+    out = np.zeros((n, NUM_KEYPOINTS, 2), dtype=bool)
+    rn, rj = np.nonzero(gt[..., 2] > 0)
+    width = 2 + 2 * (others.ptr[rn + 1] - others.ptr[rn])
+    r_unit = np.sqrt(-np.log([KS_RANGE[GOOD][1], KS_RANGE[JITTER][1]]))  # outermost radius / sqrt(s)
+    for lo, hi in _row_blocks(width, block_elems):
+        _, valid, _, cxy, scale = _candidates(gt, area, others, rn[lo:hi], rj[lo:hi])
+        dist = np.hypot(*np.moveaxis(cxy - cxy[:, :1], -1, 0))  # (B, A) from the own joint
+        reach = 1.0 + np.sqrt(scale / scale[:, :1])  # a candidate at D is in reach at radius r iff D < r · reach
+        valid[:, 0] = False
+        for k in range(2):  # past the slack _in_reach allows at any radius of the range
+            r_max = r_unit[k] * np.sqrt(scale[:, :1])
+            near = valid & (dist < r_max * reach * (1.0 + 1e-5) + 1e-8)
+            out[rn[lo:hi], rj[lo:hi], k] = ~near.any(-1)
+    return out
 
 
 def _in_reach(dist, miss, ratio, miss_t, r_lo, r_hi, active):
