@@ -35,6 +35,7 @@ from ..errors import InputError
 from ..fileio import gc_paused, orjson, read_json, write_bytes_atomic
 from .coco import draw_coco, plan_coco
 from .cocoio import GroundTruth, load_ground_truth
+from .draws import KeyedDraws, person_keys
 from .keypoints import NUM_KEYPOINTS
 from .profile import ERRORS, OUTCOMES, Profile, published_profile
 from .synthesize import UNLABELLED
@@ -204,8 +205,9 @@ def regenerate_shard(gt_path: str | Path, dataset: str | Path, block: int, varia
 
 
 def draw_shard(plan, block: int, variant: int, seed: int, profile: Profile) -> Shard:
-    draw = draw_coco(plan, shard_rng(seed, block, variant), profile)
+    """Shard (block, variant) of stills: each person's input drawn by (seed, annotation id, variant) alone."""
     sub, p = plan.gt, plan.persons
+    draw = draw_coco(plan, KeyedDraws(person_keys(seed, sub.ids[p], variant)), profile)
     raw = encode_lines(sub.image_ids[p], sub.ids[p], variant, draw.keypoints, draw.score, draw.outcome,
                        draw.anchor_id, draw.anchor_joint)
     return Shard(block, variant, gzip_bytes(raw), int(p.size), count_outcomes(draw.outcome), draw.expected)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
+from .draws import ANCHOR, ANGLE, ATTEMPT, CONFIDENCE, OUTCOME, PICK, RADII, RHO, THETA, KeyedDraws, as_draws
 from .keypoints import HEIGHT_PER_SQRT_AREA, KS_HIT, KS_SCALE, NUM_KEYPOINTS, PARTNER, TEMPLATE, ks_radius
 from .profile import GOOD, INVERSION, JITTER, MISS, OUTCOMES, SWAP, Profile, published_profile
 
@@ -124,14 +125,15 @@ def _as_array(x, shape_tail, name, dtype=np.float64):
     return a
 
 
-def synthesize(gt, area, rng: np.random.Generator, others=None, others_area=None, ov=None, nv=None,
+def synthesize(gt, area, rng: np.random.Generator | KeyedDraws, others=None, others_area=None, ov=None, nv=None,
                profile: Profile | None = None, estimates=None, others_overlap=None, num_radii: int = 8,
-               chunk_rows: int = 32768, block_elems: int = BLOCK_ELEMS, isolated=None) -> SynthResult:
+               chunk_rows: int = 32768, block_elems: int = BLOCK_ELEMS, prepared: Prepared | None = None) -> SynthResult:
     """Draw one erroneous input pose per GT person.
 
     gt: (N, K, 3) GT joints (x, y, v), v > 0 labelled; every person needs a labelled joint.
     area: (N,) the persons' areas (the KS scale).
-    rng: the seeded generator every random draw goes through.
+    rng: the seeded generator every random draw goes through, or a :class:`posefix.synth.draws.KeyedDraws`
+        of these N persons (then each person's draws depend on its key alone).
     others: (N, M, K, 3) GT joints of the persons overlapping each person (box IoU >= 0.1), padded
         with v = 0; others_area: (N, M) their areas. Or an :class:`Others`, the same as ragged lists
         (then others_area and others_overlap are not given).
@@ -146,10 +148,12 @@ def synthesize(gt, area, rng: np.random.Generator, others=None, others_area=None
     chunk_rows: labelled joints drawn for at a time (the random stream depends on it); block_elems: the
         size of the blocks the work of a chunk is done in, so that memory stays bounded (the result does
         not depend on it).
-    isolated: optional (N, K, 2) bool, :func:`isolated_joints` of these persons and others (computed here
-        when not given; several draws over the same persons may share it). The result does not depend on it.
+    prepared: optional :func:`prepare` of these persons and others, the work that depends on the GT alone,
+        which several draws over the same persons share (``others`` is then not given). The result does not
+        depend on it.
     """
     profile = profile or published_profile()
+    draws = as_draws(rng)
     gt = _as_array(gt, (NUM_KEYPOINTS, 3), "gt")
     n = gt.shape[0]
     area = _as_array(area, (), "area").reshape(n)
@@ -158,7 +162,13 @@ def synthesize(gt, area, rng: np.random.Generator, others=None, others_area=None
     vis = gt[..., 2] > 0
     if n and not vis.any(axis=1).all():
         raise InputError("gt", f"person {int(np.argmin(vis.any(axis=1)))} has no labelled joint")
-    if isinstance(others, Others):
+    if prepared is not None:
+        if others is not None or others_area is not None or others_overlap is not None:
+            raise InputError("others", "prepared carries the others: give neither")
+        if prepared.isolated.shape[0] != n:
+            raise InputError("prepared", f"was made for {prepared.isolated.shape[0]} persons, not {n}")
+        oth = prepared.others
+    elif isinstance(others, Others):
         if others_area is not None or others_overlap is not None:
             raise InputError("others", "an Others carries its areas and overlap flags: give neither separately")
         oth = others.checked(n)
@@ -190,24 +200,25 @@ def synthesize(gt, area, rng: np.random.Generator, others=None, others_area=None
     anchor_person = np.full((n, NUM_KEYPOINTS), -1, dtype=np.int64)
     anchor_joint = np.tile(np.arange(NUM_KEYPOINTS), (n, 1))
 
-    if isolated is None:
-        isolated = isolated_joints(gt, area, oth, block_elems)
+    isolated = prepared.isolated if prepared is not None else isolated_joints(gt, area, oth, block_elems)
     rows_n, rows_j = np.nonzero(vis)
     for lo in range(0, rows_n.size, chunk_rows):
         rn, rj = rows_n[lo:lo + chunk_rows], rows_j[lo:lo + chunk_rows]
-        xy, o, ap, aj = _plant(gt, area, oth, p, rn, rj, profile, rng, num_radii, block_elems, isolated)
+        xy, o, ap, aj = _plant(gt, area, oth, p, rn, rj, profile, draws, num_radii, block_elems, isolated)
         out_xy[rn, rj], outcome[rn, rj], anchor_person[rn, rj], anchor_joint[rn, rj] = xy, o, ap, aj
 
     placed = ~vis
     if placed.any():
-        out_xy[placed] = place_unlabelled(gt, area, rng, estimates)[placed]
+        fit = prepared.fit if prepared is not None and estimates is None else None
+        out_xy[placed] = place_unlabelled(gt, area, draws, estimates, fit)[placed]
 
     conf = np.empty((n, NUM_KEYPOINTS))
+    row_id = np.arange(n * NUM_KEYPOINTS).reshape(n, NUM_KEYPOINTS)
     for code, name in list(enumerate(OUTCOMES)) + [(UNLABELLED, "unlabelled")]:
         m = outcome == code
         if m.any():
             a, b = profile.scores[name]
-            conf[m] = rng.beta(a, b, size=int(m.sum()))
+            conf[m] = draws.beta(a, b, row_id[m], CONFIDENCE)
     conf = np.clip(conf, 1e-3, 1.0)
     score = (conf * vis).sum(1) / np.maximum(vis.sum(1), 1)
     keypoints = np.concatenate([out_xy, conf[..., None]], axis=-1)
@@ -279,11 +290,6 @@ def _weights(m, valid, may_centre, o, profile):
     return w
 
 
-def _choose(weights, rng):
-    """Index drawn in proportion to non-negative weights along the last axis. (R, C) → (R,)."""
-    return _chosen(weights, rng.random(weights.shape[0]))
-
-
 def _chosen(weights, u):
     """The index that uniform draw u (R,) selects in proportion to weights (R, C)."""
     cum = np.cumsum(weights, axis=-1)
@@ -291,7 +297,7 @@ def _chosen(weights, u):
     return np.minimum((cum <= u[:, None]).sum(-1), weights.shape[-1] - 1)
 
 
-def _plant(gt, area, oth, p, rn, rj, profile, rng, num_radii, block_elems=BLOCK_ELEMS, isolated=None):
+def _plant(gt, area, oth, p, rn, rj, profile, draws, num_radii, block_elems=BLOCK_ELEMS, isolated=None):
     """Draw an outcome and place a point for each row (labelled joint). Returns xy (R, 2), outcome,
     anchor person and anchor joint (R,). Candidates are built for blocks of rows at a time, for the rows
     whose anchor is a choice (swaps and misses): a good or jittered point is planted around its own joint,
@@ -306,6 +312,8 @@ def _plant(gt, area, oth, p, rn, rj, profile, rng, num_radii, block_elems=BLOCK_
     removed = np.zeros((3, 0), dtype=np.int64)  # (row, outcome, part·(M+1) + slot + 1) with no admissible point
     key_base = int(width.max(initial=2)) // 2  # above any slot + 1
     pending = np.arange(r_count)
+    rid = rn * NUM_KEYPOINTS + rj  # the draws' row ids
+    attempt = 0
     while pending.size:
         pr = prob[pending]
         dead = pr.sum(-1) <= 0
@@ -314,8 +322,8 @@ def _plant(gt, area, oth, p, rn, rj, profile, rng, num_radii, block_elems=BLOCK_
             pr = pr[~dead]
             if not pending.size:
                 break
-        o = _choose(pr, rng)
-        u = rng.random(pending.size)
+        o = _chosen(pr, draws.random(rid[pending], OUTCOME + ATTEMPT * attempt))
+        u = draws.random(rid[pending], ANCHOR + ATTEMPT * attempt)
         c_part = (o == INVERSION).astype(np.int64)
         c_slot = np.full(pending.size, -1, dtype=np.int64)
         choice = np.flatnonzero((o == SWAP) | (o == MISS))
@@ -331,8 +339,8 @@ def _plant(gt, area, oth, p, rn, rj, profile, rng, num_radii, block_elems=BLOCK_
         if isolated is not None:  # good or jittered around its own joint with no other candidate in reach
             own = (o == GOOD) | (o == JITTER)
             easy = own & isolated[rn[pending], rj[pending], np.where(o == JITTER, 1, 0)]
-        ok, pts = _place(gt, area, oth, rn[pending], rj[pending], width[pending], o, c_part, c_slot, rng, num_radii,
-                         block_elems, easy)
+        ok, pts = _place(gt, area, oth, rn[pending], rj[pending], width[pending], o, c_part, c_slot, draws,
+                         rid[pending], attempt, num_radii, block_elems, easy)
         done = pending[ok]
         xy[done], outcome[done], part[done], slot[done] = pts[ok], o[ok], c_part[ok], c_slot[ok]
         bad = pending[~ok]
@@ -363,8 +371,10 @@ def _drop_removed(w, removed, rows, o, m, key_base):
     w[at[hit], _index(key // key_base, key % key_base - 1, m)] = 0.0
 
 
-def _place(gt, area, oth, rn, rj, width, o, part, slot, rng, num_radii, block_elems=BLOCK_ELEMS, easy=None):
-    """Place one point per row around its centre, candidate (part, slot), for outcome ``o``.
+def _place(gt, area, oth, rn, rj, width, o, part, slot, draws, rid, attempt, num_radii, block_elems=BLOCK_ELEMS,
+           easy=None):
+    """Place one point per row around its centre, candidate (part, slot), for outcome ``o``, drawing from
+    ``draws`` for row ids ``rid`` (R,) in retry round ``attempt``.
 
     Returns ok (R,) and points (R, 2). Only the anchors whose excluded arc can be non-empty at one of
     the row's radii take part (the others exclude nothing), so the work per row follows the anchors near
@@ -385,7 +395,7 @@ def _place(gt, area, oth, rn, rj, width, o, part, slot, rng, num_radii, block_el
     ks_lo = np.array([KS_RANGE[k][1] for k in range(5)])[o]
     r_min = np.sqrt(-s_c * np.log(ks_hi))
     r_max = np.sqrt(-s_c * np.log(ks_lo))
-    radii = r_min[:, None] + (r_max - r_min)[:, None] * rng.random((r_count, num_radii))  # (R, S)
+    radii = r_min[:, None] + (r_max - r_min)[:, None] * draws.random(rid, RADII + ATTEMPT * attempt, num_radii)  # (R, S)
     r_lo, r_hi = radii.min(-1)[:, None], radii.max(-1)[:, None]
     whole = TWO_PI - 2.0 * ANGLE_MARGIN  # the one gap of a circle with no arc, as _free_arcs gives it
     free = np.full((r_count, num_radii), whole)
@@ -420,9 +430,9 @@ def _place(gt, area, oth, rn, rj, width, o, part, slot, rng, num_radii, block_el
             sel = arcs.rows[a:a + step]
             free[sel] = np.cumsum(arcs.gaps(a, a + step, radii[sel])[1], axis=-1)[..., -1]
     ok = free.max(-1) > 0
-    pick = _choose(np.where(ok[:, None], free, 1.0), rng)
+    pick = _chosen(np.where(ok[:, None], free, 1.0), draws.random(rid, PICK + ATTEMPT * attempt))
     r = radii[rows, pick]
-    u = rng.random(r_count)
+    u = draws.random(rid, THETA + ATTEMPT * attempt)
     theta = ANGLE_MARGIN + u * whole
     for arcs in live_blocks:
         step = max(1, block_elems // (arcs.dx.shape[1] + 1))
@@ -437,6 +447,24 @@ def _place(gt, area, oth, rn, rj, width, o, part, slot, rng, num_radii, block_el
             theta[sel] = start[i, g] + (ub - (cum[i, g] - length[i, g]))
     pts = centre + r[:, None] * np.stack([np.cos(theta), np.sin(theta)], axis=-1)
     return ok, pts
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What :func:`synthesize` computes from the GT alone, for any number of draws over the same persons:
+    the checked others, :func:`isolated_joints` and :func:`fit_unlabelled`."""
+
+    others: Others
+    isolated: np.ndarray
+    fit: np.ndarray
+
+
+def prepare(gt, area, others: Others) -> Prepared:
+    """:class:`Prepared` for N persons (gt (N, K, 3), area (N,)) and their :class:`Others`."""
+    gt = _as_array(gt, (NUM_KEYPOINTS, 3), "gt")
+    area = _as_array(area, (), "area").reshape(gt.shape[0])
+    oth = others.checked(gt.shape[0])
+    return Prepared(oth, isolated_joints(gt, area, oth), fit_unlabelled(gt, area))
 
 
 def isolated_joints(gt, area, others: Others, block_elems: int = BLOCK_ELEMS) -> np.ndarray:
@@ -526,14 +554,26 @@ def _free_arcs(dx, dy, r, t, active, wins):
     return gap_start + ANGLE_MARGIN, np.maximum(gap_len - 2.0 * ANGLE_MARGIN, 0.0)
 
 
-def place_unlabelled(gt, area, rng, estimates=None):
+def place_unlabelled(gt, area, rng, estimates=None, fit=None):
     """Plausible positions for every joint from the labelled ones: (N, K, 2).
 
     The template pose (facing the camera, or facing away, whichever fits better) is fitted to each
     person's labelled joints by a least-squares similarity transform (scale from the area when only
     one joint is labelled), then each position is perturbed uniformly within the KS = 0.5 radius.
-    Where ``estimates`` has a joint (v > 0) it is used instead of the template.
+    Where ``estimates`` has a joint (v > 0) it is used instead of the template. ``fit``: the positions before
+    the perturbation (:func:`fit_unlabelled`), where already known.
     """
+    xy = fit_unlabelled(gt, area, estimates) if fit is None else fit
+    radius = ks_radius(KS_HIT, area)  # (N, K)
+    draws = as_draws(rng)
+    rows = np.arange(radius.size).reshape(radius.shape)
+    rho = radius * np.sqrt(draws.random(rows, RHO))
+    ang = draws.random(rows, ANGLE) * TWO_PI
+    return xy + np.stack([rho * np.cos(ang), rho * np.sin(ang)], axis=-1)
+
+
+def fit_unlabelled(gt, area, estimates=None):
+    """The positions of :func:`place_unlabelled` before its random perturbation: (N, K, 2)."""
     gt = np.asarray(gt, dtype=np.float64)
     vis = (gt[..., 2] > 0).astype(np.float64)
     z = gt[..., 0] + 1j * gt[..., 1]  # (N, K)
@@ -559,7 +599,4 @@ def place_unlabelled(gt, area, rng, estimates=None):
     if estimates is not None:
         est = np.asarray(estimates, dtype=np.float64)
         xy = np.where((est[..., 2] > 0)[..., None], est[..., :2], xy)
-    radius = ks_radius(KS_HIT, area)  # (N, K)
-    rho = radius * np.sqrt(rng.random(radius.shape))
-    ang = rng.random(radius.shape) * TWO_PI
-    return xy + np.stack([rho * np.cos(ang), rho * np.sin(ang)], axis=-1)
+    return xy
