@@ -128,7 +128,7 @@ def _rounded(keypoints, score, anchor_id, anchor_joint):
     kp[..., :2] = np.round(kp[..., :2], XY_DECIMALS)
     kp[..., 2] = np.round(kp[..., 2], SCORE_DECIMALS)
     anchors = np.ascontiguousarray(np.stack([anchor_id, anchor_joint], axis=-1).astype(np.int64))
-    return np.ascontiguousarray(kp.reshape(n, -1)), np.round(score, SCORE_DECIMALS), anchors
+    return np.ascontiguousarray(kp.reshape(n, kp[0].size if n else 0)), np.round(score, SCORE_DECIMALS), anchors
 
 
 def encode_lines_reference(image_id, annotation_id, variant, keypoints, score, outcome, anchor_id, anchor_joint,
