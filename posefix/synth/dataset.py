@@ -170,10 +170,8 @@ def gzip_bytes(data: bytes) -> bytes:
 def count_outcomes(outcome: np.ndarray) -> np.ndarray:
     """(N, K) outcome codes → (len(OUTCOMES), K) counts of each outcome per joint (unlabelled not counted)."""
     o = outcome.reshape(-1, NUM_KEYPOINTS).astype(np.int64)
-    counts = np.zeros((len(OUTCOMES), NUM_KEYPOINTS), dtype=np.int64)
-    for c in range(len(OUTCOMES)):
-        counts[c] = (o == c).sum(0)
-    return counts
+    cell = (o * NUM_KEYPOINTS + np.arange(NUM_KEYPOINTS))[o >= 0]
+    return np.bincount(cell, minlength=len(OUTCOMES) * NUM_KEYPOINTS).reshape(len(OUTCOMES), NUM_KEYPOINTS)
 
 
 @dataclass(frozen=True)

@@ -67,16 +67,16 @@ class KeyedDraws:
 
     def __init__(self, keys: np.ndarray):
         self.keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
+        with np.errstate(over="ignore"):  # each joint's key, rows person · K + joint
+            self._rows = mix64(self.keys[:, None] ^ np.arange(NUM_KEYPOINTS, dtype=np.uint64) * _M1).reshape(-1)
 
     def take(self, persons) -> KeyedDraws:
         """The draws of persons ``persons`` (indices), as persons 0, 1, ... of a call."""
         return KeyedDraws(self.keys[np.asarray(persons)])
 
     def uint64(self, rows: np.ndarray, site: int, count: int | None = None) -> np.ndarray:
-        rows = np.asarray(rows, dtype=np.int64)
         with np.errstate(over="ignore"):
-            base = mix64(self.keys[rows // NUM_KEYPOINTS] ^ (rows % NUM_KEYPOINTS).astype(np.uint64) * _M1)
-            base = base + np.uint64(site) * _GOLDEN
+            base = self._rows[rows] + np.uint64(site) * _GOLDEN
             if count is not None:
                 base = base[..., None] + np.arange(1, count + 1, dtype=np.uint64) * _M2
             return mix64(base)

@@ -210,7 +210,7 @@ def synthesize(gt, area, rng: np.random.Generator | KeyedDraws, others=None, oth
     placed = ~vis
     if placed.any():
         fit = prepared.fit if prepared is not None and estimates is None else None
-        out_xy[placed] = place_unlabelled(gt, area, draws, estimates, fit)[placed]
+        out_xy[placed] = place_unlabelled(gt, area, draws, estimates, fit, placed)
 
     conf = np.empty((n, NUM_KEYPOINTS))
     row_id = np.arange(n * NUM_KEYPOINTS).reshape(n, NUM_KEYPOINTS)
@@ -554,21 +554,25 @@ def _free_arcs(dx, dy, r, t, active, wins):
     return gap_start + ANGLE_MARGIN, np.maximum(gap_len - 2.0 * ANGLE_MARGIN, 0.0)
 
 
-def place_unlabelled(gt, area, rng, estimates=None, fit=None):
+def place_unlabelled(gt, area, rng, estimates=None, fit=None, only=None):
     """Plausible positions for every joint from the labelled ones: (N, K, 2).
 
     The template pose (facing the camera, or facing away, whichever fits better) is fitted to each
     person's labelled joints by a least-squares similarity transform (scale from the area when only
     one joint is labelled), then each position is perturbed uniformly within the KS = 0.5 radius.
     Where ``estimates`` has a joint (v > 0) it is used instead of the template. ``fit``: the positions before
-    the perturbation (:func:`fit_unlabelled`), where already known.
+    the perturbation (:func:`fit_unlabelled`), where already known. ``only``: an (N, K) mask; then the
+    positions of those joints alone, (count, 2), with the same random draws.
     """
     xy = fit_unlabelled(gt, area, estimates) if fit is None else fit
     radius = ks_radius(KS_HIT, area)  # (N, K)
     draws = as_draws(rng)
     rows = np.arange(radius.size).reshape(radius.shape)
-    rho = radius * np.sqrt(draws.random(rows, RHO))
-    ang = draws.random(rows, ANGLE) * TWO_PI
+    u_rho, u_ang = draws.random(rows, RHO), draws.random(rows, ANGLE)
+    if only is not None:
+        xy, radius, u_rho, u_ang = xy[only], radius[only], u_rho[only], u_ang[only]
+    rho = radius * np.sqrt(u_rho)
+    ang = u_ang * TWO_PI
     return xy + np.stack([rho * np.cos(ang), rho * np.sin(ang)], axis=-1)
 
 
