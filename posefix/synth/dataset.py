@@ -8,10 +8,10 @@ A dataset directory holds ``manifest.json``, ``README.md`` (the dataset card) an
 joint] each point was planted around).
 
 Persons are cut into blocks of whole images (whole tracks for sequences) in the GT's image order,
-``block_persons`` at most unless one image has more. Shard (block b, variant v) is drawn from its own
-generator, ``SeedSequence(seed, spawn_key=(v, b))``: it depends on (seed, variant, block) and the GT of
-its block alone, so any shard can be regenerated without the others and every variant is independent of
-how many are asked for. Each shard is written atomically and recorded in the manifest (rewritten after the
+``block_persons`` at most unless one image has more. Each person-variant of stills is drawn by
+(seed, annotation id, variant) alone (:class:`posefix.synth.draws.KeyedDraws`), whatever the blocks; a
+sequences shard (block b, variant v) from its own generator, ``SeedSequence(seed, spawn_key=(v, b))``. So
+any shard can be regenerated without the others and every variant is independent of how many are asked for. Each shard is written atomically and recorded in the manifest (rewritten after the
 first shard, then at most every MANIFEST_EVERY_S); a stopped run, started again with the same arguments,
 keeps the recorded shards (after checking their SHA-256) and makes the others, giving the same bytes as an
 uninterrupted run. Memory holds the GT and one
@@ -53,7 +53,7 @@ def shard_name(block: int, variant: int) -> str:
 
 
 def shard_rng(seed: int, block: int, variant: int) -> np.random.Generator:
-    """The generator of shard (block, variant): keyed on (seed, variant, block) alone."""
+    """The generator of sequences shard (block, variant): keyed on (seed, variant, block) alone."""
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(variant, block)))
 
 

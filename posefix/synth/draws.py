@@ -85,6 +85,12 @@ class KeyedDraws:
         """Uniforms in [0, 1): rows.shape, or rows.shape + (count,)."""
         return (self.uint64(rows, site, count) >> _S11).astype(np.float64) * 2.0 ** -53
 
+    def random_at(self, rows: np.ndarray, site: int, count: int, col: np.ndarray) -> np.ndarray:
+        """``random(rows, site, count)[i, col[i]]`` for each i, without the other columns."""
+        with np.errstate(over="ignore"):
+            z = self._rows[rows] + np.uint64(site) * _GOLDEN + (np.asarray(col) + 1).astype(np.uint64) * _M2
+        return (mix64(z) >> _S11).astype(np.float64) * 2.0 ** -53
+
     def beta(self, a: float, b: float, rows: np.ndarray, site: int) -> np.ndarray:
         q = _beta_quantiles(float(a), float(b))
         t = self.random(rows, site) * (_TABLE_POINTS - 1)

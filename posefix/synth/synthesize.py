@@ -383,7 +383,6 @@ def _place(gt, area, oth, rn, rj, width, o, part, slot, draws, rid, attempt, num
     take the whole circle without their candidates being built.
     """
     r_count = rn.size
-    rows = np.arange(r_count)
     # The centre: the person's own joint or partner, or an other's.
     entry = np.where(slot >= 0, oth.ptr[rn] + slot, 0)
     who = oth.members[entry] if oth.members.size else np.zeros(r_count, dtype=np.int64)
@@ -395,12 +394,20 @@ def _place(gt, area, oth, rn, rj, width, o, part, slot, draws, rid, attempt, num
     ks_lo = np.array([KS_RANGE[k][1] for k in range(5)])[o]
     r_min = np.sqrt(-s_c * np.log(ks_hi))
     r_max = np.sqrt(-s_c * np.log(ks_lo))
-    radii = r_min[:, None] + (r_max - r_min)[:, None] * draws.random(rid, RADII + ATTEMPT * attempt, num_radii)  # (R, S)
-    r_lo, r_hi = radii.min(-1)[:, None], radii.max(-1)[:, None]
-    whole = TWO_PI - 2.0 * ANGLE_MARGIN  # the one gap of a circle with no arc, as _free_arcs gives it
-    free = np.full((r_count, num_radii), whole)
-    live_blocks = []
+    # S radii per row; an easy row's circles are all whole, so only the radius it picks is computed (and, with
+    # keyed draws, drawn).
     hard = np.arange(r_count) if easy is None else np.flatnonzero(~easy)
+    site = RADII + ATTEMPT * attempt
+    u_radii = None if isinstance(draws, KeyedDraws) else draws.random(rid, site, num_radii)  # a stream: all (R, S)
+    radii = np.empty((r_count, num_radii))
+    radii[hard] = r_min[hard, None] + (r_max - r_min)[hard, None] * (
+        draws.random(rid[hard], site, num_radii) if u_radii is None else u_radii[hard])  # (H, S)
+    r_lo, r_hi = radii[hard].min(-1)[:, None], radii[hard].max(-1)[:, None]
+    whole = TWO_PI - 2.0 * ANGLE_MARGIN  # the one gap of a circle with no arc, as _free_arcs gives it
+    free = np.full((hard.size, num_radii), whole)
+    at = np.full(r_count, -1)
+    at[hard] = np.arange(hard.size)  # row → its index among the hard rows
+    live_blocks = []
     for lo, hi in _row_blocks(width[hard], max(1, block_elems // num_radii)):
         b = hard[lo:hi]
         m, valid, _, cxy, scale = _candidates(gt, area, oth, rn[b], rj[b])
@@ -412,7 +419,7 @@ def _place(gt, area, oth, rn, rj, width, o, part, slot, draws, rid, attempt, num
         miss = (o[b] == MISS)[:, None]
         ratio = scale / s_c[b, None]  # (B, A)
         miss_t = scale * LN2
-        near = _in_reach(np.hypot(dx, dy), miss, ratio, miss_t, r_lo[b], r_hi[b], active)
+        near = _in_reach(np.hypot(dx, dy), miss, ratio, miss_t, r_lo[lo:hi], r_hi[lo:hi], active)
         # Rows with such anchors (the others have the whole circle: one gap, [0, 2π] less the margins),
         # each with those anchors first, in candidate order (ties go by it), the rest dropped.
         live = np.flatnonzero(near.any(-1))
@@ -428,10 +435,20 @@ def _place(gt, area, oth, rn, rj, width, o, part, slot, draws, rid, attempt, num
         step = max(1, block_elems // (num_radii * (w_live + 1)))
         for a in range(0, live.size, step):
             sel = arcs.rows[a:a + step]
-            free[sel] = np.cumsum(arcs.gaps(a, a + step, radii[sel])[1], axis=-1)[..., -1]
-    ok = free.max(-1) > 0
-    pick = _chosen(np.where(ok[:, None], free, 1.0), draws.random(rid, PICK + ATTEMPT * attempt))
-    r = radii[rows, pick]
+            free[at[sel]] = np.cumsum(arcs.gaps(a, a + step, radii[sel])[1], axis=-1)[..., -1]
+    ok = np.ones(r_count, dtype=bool)
+    ok[hard] = free.max(-1) > 0
+    u_pick = draws.random(rid, PICK + ATTEMPT * attempt)
+    pick = np.empty(r_count, dtype=np.int64)
+    pick[hard] = _chosen(np.where(ok[hard, None], free, 1.0), u_pick[hard])
+    r = np.empty(r_count)
+    r[hard] = radii[hard, pick[hard]]
+    if easy is not None and easy.any():  # _chosen over S whole circles, by one row of them
+        e = np.flatnonzero(easy)
+        cum = np.cumsum(np.full(num_radii, whole))
+        pick[e] = np.minimum(np.searchsorted(cum, u_pick[e] * cum[-1], side="right"), num_radii - 1)
+        u_e = draws.random_at(rid[e], site, num_radii, pick[e]) if u_radii is None else u_radii[e, pick[e]]
+        r[e] = r_min[e] + (r_max - r_min)[e] * u_e
     u = draws.random(rid, THETA + ATTEMPT * attempt)
     theta = ANGLE_MARGIN + u * whole
     for arcs in live_blocks:
