@@ -24,7 +24,13 @@ are drawn uniformly in the outcome's range and one is taken with probability pro
 admissible arc length, then an angle uniformly in the admissible arcs: in the limit this is the
 uniform-in-(radius, angle) distribution that the reference's rejection sampling produces. An arc that
 excludes nothing takes no part, and only the anchors within reach of a row's circles are computed, so
-persons out of reach leave the result unchanged and the work follows the persons near each joint.
+persons out of reach leave the result unchanged and the work follows the persons near each joint. Most
+labelled joints have no other anchor in reach of any good or jittered circle (:func:`isolated_joints`,
+computed from the GT once for any number of draws, :func:`prepare`): those take the whole circle without
+their candidates being built, with the same numbers.
+
+Random numbers come from a numpy Generator's stream, or per (person, joint) from counter-based
+:class:`posefix.synth.draws.KeyedDraws`, so that a person's draw does not depend on who else is drawn.
 """
 from __future__ import annotations
 
