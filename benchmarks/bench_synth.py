@@ -140,8 +140,9 @@ def crowd_doc(per_image: int, images: int, seed: int = 0) -> dict:
     return doc
 
 
-def run_dataset_cli(gt: Path, out: Path, variants: int, limit_gb: float, timeout: float) -> dict:
-    """``posefix synth --gt GT --out DIR --variants V`` in a subprocess on one core: wall time and peak RSS."""
+def run_dataset_cli(gt: Path, out: Path, variants: int, limit_gb: float, timeout: float, tree: str | None = None) -> dict:
+    """``posefix synth --gt GT --out DIR --variants V`` in a subprocess on one core, from source tree ``tree``
+    (default this one): wall and CPU time, peak RSS."""
     cap = int(limit_gb * 2 ** 30)
     peak = out.parent / "peak.txt"
     peak.unlink(missing_ok=True)
@@ -149,7 +150,7 @@ def run_dataset_cli(gt: Path, out: Path, variants: int, limit_gb: float, timeout
              f"atexit.register(lambda: open({str(peak)!r}, 'w').write(next(line.split()[1] for line "
              "in open('/proc/self/status') if line.startswith('VmHWM')))); sys.argv = ['posefix'] + sys.argv[1:]; "
              "runpy.run_module('posefix', run_name='__main__')")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "PYTHONPATH": str(Path(tree or Path(__file__).resolve().parent.parent).resolve())}
     import resource
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -173,32 +174,39 @@ def run_dataset_cli(gt: Path, out: Path, variants: int, limit_gb: float, timeout
 
 
 def dataset_section(args) -> list[dict]:
-    """`posefix synth --variants` end to end at COCO-train scale, and at other sizes to show memory is flat."""
+    """`posefix synth --variants` end to end at COCO-train scale, and at other sizes to show memory is flat;
+    with ``--baseline-tree``, each size from that tree too, one after the other."""
     import shutil
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         print(f"\n`posefix synth --out DIR --variants V` end to end (subprocess, one core; "
               f"{args.memory_limit_gb:g} GB address-space cap)")
-        print(f"{'persons':>8} | {'variants':>8} | {'person-variants':>15} | {'s':>7} | {'p-v/s':>8} | "
+        trees = [("baseline", args.baseline_tree)] * bool(args.baseline_tree) + [("this", None)]
+        print(f"{'tree':>8} | {'persons':>8} | {'variants':>8} | {'person-variants':>15} | {'s':>7} | {'p-v/s':>8} | "
               f"{'CPU s':>7} | {'p-v/CPU s':>9} | {'peak RSS MB':>11} | {'shards MB':>9}")
-        print("-" * 110)
+        print("-" * 121)
         for persons, variants in args.dataset_sizes:
             doc, n = annotations_doc(persons)
             gt = tmp / "gt.json"
             gt.write_text(json.dumps(doc))
-            out = tmp / "ds"
-            shutil.rmtree(out, ignore_errors=True)
-            r = run_dataset_cli(gt, out, variants, args.memory_limit_gb, args.dataset_timeout)
-            rows.append({"persons": n, "images": len(doc["images"]), "variants": variants, **r})
-            rate = f"{r['person_variants_per_s']:8,.0f}" if r["ok"] else f"{'-':>8}"
-            cpu_rate = f"{r['person_variants_per_cpu_s']:9,.0f}" if r["person_variants_per_cpu_s"] else f"{'-':>9}"
-            rss = f"{r['peak_rss_mb']:11,.0f}" if r["peak_rss_mb"] else f"{'-':>11}"
-            print(f"{n:8d} | {variants:8d} | {r['person_variants']:15,d} | {r['seconds']:7.1f} | {rate} | "
-                  f"{r['cpu_seconds']:7.1f} | {cpu_rate} | {rss} | "
-                  f"{r['shard_mb']:9.1f}{'' if r['ok'] else '  (' + r['error'] + ')'}")
-            shutil.rmtree(out, ignore_errors=True)
+            for label, tree in trees:
+                out = tmp / "ds"
+                shutil.rmtree(out, ignore_errors=True)
+                r = run_dataset_cli(gt, out, variants, args.memory_limit_gb, args.dataset_timeout, tree)
+                rows.append({"tree": label, "persons": n, "images": len(doc["images"]), "variants": variants, **r})
+                _print_dataset_row(label, n, variants, r)
+                shutil.rmtree(out, ignore_errors=True)
     return rows
+
+
+def _print_dataset_row(label, n, variants, r):
+    rate = f"{r['person_variants_per_s']:8,.0f}" if r["ok"] else f"{'-':>8}"
+    cpu_rate = f"{r['person_variants_per_cpu_s']:9,.0f}" if r["person_variants_per_cpu_s"] else f"{'-':>9}"
+    rss = f"{r['peak_rss_mb']:11,.0f}" if r["peak_rss_mb"] else f"{'-':>11}"
+    print(f"{label:>8} | {n:8d} | {variants:8d} | {r['person_variants']:15,d} | {r['seconds']:7.1f} | {rate} | "
+          f"{r['cpu_seconds']:7.1f} | {cpu_rate} | {rss} | "
+          f"{r['shard_mb']:9.1f}{'' if r['ok'] else '  (' + r['error'] + ')'}")
 
 
 def run_cli(tree: str, gt: Path, workdir: Path, limit_gb: float, timeout: float) -> dict:

@@ -54,7 +54,9 @@ def test_bench_synth_cli(tmp_path):
         assert r["persons_per_s"] == pytest.approx(r["persons"] / r["seconds"]) and r["peak_rss_mb"] > 10
     assert "crowd: 40 persons/image x 2" in stdout
     sets = report["datasets"]
-    assert [(r["variants"], r["ok"]) for r in sets] == [(3, True), (2, True)] and sets[0]["persons"] >= 300
+    assert [(r["tree"], r["variants"], r["ok"]) for r in sets] == [
+        ("baseline", 3, True), ("this", 3, True), ("baseline", 2, True), ("this", 2, True)]
+    assert sets[0]["persons"] >= 300 and sets[0]["person_variants"] == sets[1]["person_variants"]
     for r in sets:
         assert r["person_variants"] == r["persons"] * r["variants"] and r["peak_rss_mb"] > 10
         assert r["person_variants_per_s"] == pytest.approx(r["person_variants"] / r["seconds"])

@@ -1,15 +1,16 @@
 """Synthesis over a whole COCO annotation file."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..fileio import gc_paused
 from .cocoio import GroundTruth
+from .draws import KeyedDraws, as_draws
 from .keypoints import KS_HIT, NUM_KEYPOINTS, SIGMAS, box_iou, ks_radius
 from .profile import OUTCOMES, Profile
-from .synthesize import UNLABELLED, Others, synthesize
+from .synthesize import UNLABELLED, Others, prepare, synthesize
 
 OVERLAP_IOU = 0.1
 MIN_AREA = 1.0  # px²; keeps the KS scale of degenerate annotations positive
@@ -189,6 +190,7 @@ class CocoPlan:
     ov: np.ndarray
     areas: np.ndarray
     groups: tuple  # of (sel (G,), members (nnz,), ptr (G + 1,), flags (nnz,))
+    prepared: dict = field(default_factory=dict, compare=False, repr=False)  # group → synthesize.prepare, once made
 
 
 @dataclass(frozen=True)
@@ -227,8 +229,10 @@ def plan_coco(gt: GroundTruth, prune_above: int = PRUNE_ABOVE) -> CocoPlan:
     return CocoPlan(gt, persons, ov, np.maximum(gt.areas, MIN_AREA), tuple(groups))
 
 
-def draw_coco(plan: CocoPlan, rng: np.random.Generator, profile: Profile | None = None) -> CocoDraw:
-    """One synthesized input pose per person of ``plan``, every random draw from ``rng``."""
+def draw_coco(plan: CocoPlan, rng: np.random.Generator | KeyedDraws, profile: Profile | None = None) -> CocoDraw:
+    """One synthesized input pose per person of ``plan``, every random draw from ``rng``: a Generator, or
+    :class:`KeyedDraws` of ``plan.persons`` (each person's draws then depend on its key alone)."""
+    draws = as_draws(rng)
     gt, persons, areas = plan.gt, plan.persons, plan.areas
     kp = np.zeros((persons.size, NUM_KEYPOINTS, 3))
     outcome = np.zeros((persons.size, NUM_KEYPOINTS), dtype=np.int8)
@@ -236,10 +240,12 @@ def draw_coco(plan: CocoPlan, rng: np.random.Generator, profile: Profile | None 
     anchor_joint = np.zeros((persons.size, NUM_KEYPOINTS), dtype=np.int64)
     score = np.zeros(persons.size)
     expected = np.zeros((len(OUTCOMES), NUM_KEYPOINTS))
-    for sel, members, ptr, flags in plan.groups:
+    for g, (sel, members, ptr, flags) in enumerate(plan.groups):
         who = persons[sel]
-        others = Others(gt.keypoints, areas, ptr, members, flags)
-        res = synthesize(gt.keypoints[who], areas[who], rng, others=others, ov=plan.ov[who], profile=profile)
+        if g not in plan.prepared:  # the same for every draw over the plan
+            plan.prepared[g] = prepare(gt.keypoints[who], areas[who], Others(gt.keypoints, areas, ptr, members, flags))
+        res = synthesize(gt.keypoints[who], areas[who], draws.take(sel), ov=plan.ov[who], profile=profile,
+                         prepared=plan.prepared[g])
         kp[sel], outcome[sel], score[sel] = res.keypoints, res.outcome, res.score
         entry = np.where(res.anchor_person >= 0, ptr[:-1, None] + res.anchor_person, 0)
         other_ids = gt.ids[members[entry]] if members.size else 0

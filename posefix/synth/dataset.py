@@ -8,10 +8,10 @@ A dataset directory holds ``manifest.json``, ``README.md`` (the dataset card) an
 joint] each point was planted around).
 
 Persons are cut into blocks of whole images (whole tracks for sequences) in the GT's image order,
-``block_persons`` at most unless one image has more. Shard (block b, variant v) is drawn from its own
-generator, ``SeedSequence(seed, spawn_key=(v, b))``: it depends on (seed, variant, block) and the GT of
-its block alone, so any shard can be regenerated without the others and every variant is independent of
-how many are asked for. Each shard is written atomically and recorded in the manifest (rewritten after the
+``block_persons`` at most unless one image has more. Each person-variant of stills is drawn by
+(seed, annotation id, variant) alone (:class:`posefix.synth.draws.KeyedDraws`), whatever the blocks; a
+sequences shard (block b, variant v) from its own generator, ``SeedSequence(seed, spawn_key=(v, b))``. So
+any shard can be regenerated without the others and every variant is independent of how many are asked for. Each shard is written atomically and recorded in the manifest (rewritten after the
 first shard, then at most every MANIFEST_EVERY_S); a stopped run, started again with the same arguments,
 keeps the recorded shards (after checking their SHA-256) and makes the others, giving the same bytes as an
 uninterrupted run. Memory holds the GT and one
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import time
 import zlib
@@ -30,11 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from isal import igzip
 
 from ..errors import InputError
 from ..fileio import gc_paused, orjson, read_json, write_bytes_atomic
 from .coco import draw_coco, plan_coco
 from .cocoio import GroundTruth, load_ground_truth
+from .draws import KeyedDraws, person_keys
 from .keypoints import NUM_KEYPOINTS
 from .profile import ERRORS, OUTCOMES, Profile, published_profile
 from .synthesize import UNLABELLED
@@ -42,7 +43,7 @@ from .synthesize import UNLABELLED
 FORMAT = "posefix-synth-dataset/1"
 BLOCK_PERSONS = 8192
 MANIFEST_EVERY_S = 1.0
-GZIP_LEVEL = 1  # the fastest: shards are written at the synthesizer's speed; level 6 saves about a fifth more
+GZIP_LEVEL = 1  # ISA-L levels 0-3; 1 compresses as well as zlib's 1 at about 3x its speed
 XY_DECIMALS, SCORE_DECIMALS = 3, 4  # 0.001 px and 1e-4 of confidence, far below any KS boundary's width
 LABEL_NAMES = np.array(list(OUTCOMES) + [None], dtype=object)  # index UNLABELLED (-1) → None
 
@@ -52,7 +53,7 @@ def shard_name(block: int, variant: int) -> str:
 
 
 def shard_rng(seed: int, block: int, variant: int) -> np.random.Generator:
-    """The generator of shard (block, variant): keyed on (seed, variant, block) alone."""
+    """The generator of sequences shard (block, variant): keyed on (seed, variant, block) alone."""
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(variant, block)))
 
 
@@ -87,17 +88,58 @@ def subset(gt: GroundTruth, idx: np.ndarray) -> GroundTruth:
 def encode_lines(image_id, annotation_id, variant, keypoints, score, outcome, anchor_id, anchor_joint,
                  extra: dict | None = None) -> bytes:
     """JSON Lines of N records: arrays (N,), (N, K, 3), (N, K) as in :class:`posefix.synth.coco.CocoDraw`;
-    ``extra`` maps field names to (N,) arrays or lists written after ``variant`` (frame, track_id...)."""
+    ``extra`` maps field names to (N,) arrays or lists written after ``variant`` (frame, track_id...).
+
+    Without ``extra`` (and with orjson) each field is encoded for all records at once and the lines are
+    spliced from the pieces in one join; :func:`encode_lines_reference` (one dict per record) gives the same
+    bytes."""
+    if extra or orjson is None or not keypoints.shape[0]:
+        return encode_lines_reference(image_id, annotation_id, variant, keypoints, score, outcome, anchor_id,
+                                      anchor_joint, extra)
+    n = keypoints.shape[0]
+    flat, score, anchors = _rounded(keypoints, score, anchor_id, anchor_joint)
+    opt = orjson.OPT_SERIALIZE_NUMPY
+    # Each field of all records as one JSON array, cut into the records' pieces: numbers and outcome names
+    # hold no bracket or comma, so the separators below occur only between records.
+    kp = orjson.dumps(flat, option=opt)[2:-2].split(b"],[")
+    lab = orjson.dumps(LABEL_NAMES[outcome].tolist())[2:-2].split(b"],[")
+    anc = orjson.dumps(anchors, option=opt)[3:-3].split(b"]],[[")
+    img = orjson.dumps(np.asarray(image_id).tolist())[1:-1].split(b",")
+    ann = orjson.dumps(np.asarray(annotation_id).tolist())[1:-1].split(b",")
+    sc = orjson.dumps(score.tolist())[1:-1].split(b",")
+    fields = (img, ann, kp, sc, lab, anc)
+    glue = (b'{"image_id":', b',"annotation_id":', b',"variant":' + orjson.dumps(variant, option=opt) + b',"category_id":1,'
+            b'"keypoints":[', b'],"score":', b',"labels":[', b'],"anchors":[[', b"]]}\n")
+    parts = [b""] * (len(glue) + len(fields)) * n
+    step = len(glue) + len(fields)
+    for i, g in enumerate(glue):
+        parts[2 * i::step] = [g] * n
+    for i, f in enumerate(fields):
+        if len(f) != n:  # an empty row (no joints) would not split apart: the plain encoder handles it
+            return encode_lines_reference(image_id, annotation_id, variant, keypoints, score, outcome, anchor_id,
+                                          anchor_joint)
+        parts[2 * i + 1::step] = f
+    return b"".join(parts)
+
+
+def _rounded(keypoints, score, anchor_id, anchor_joint):
     n = keypoints.shape[0]
     kp = keypoints.copy()
     kp[..., :2] = np.round(kp[..., :2], XY_DECIMALS)
     kp[..., 2] = np.round(kp[..., 2], SCORE_DECIMALS)
-    flat = kp.reshape(n, -1)
-    anchors = np.stack([anchor_id, anchor_joint], axis=-1).astype(np.int64)
+    anchors = np.ascontiguousarray(np.stack([anchor_id, anchor_joint], axis=-1).astype(np.int64))
+    return np.ascontiguousarray(kp.reshape(n, kp[0].size if n else 0)), np.round(score, SCORE_DECIMALS), anchors
+
+
+def encode_lines_reference(image_id, annotation_id, variant, keypoints, score, outcome, anchor_id, anchor_joint,
+                           extra: dict | None = None) -> bytes:
+    """:func:`encode_lines` one dict per record (the plain implementation, and the one for ``extra``)."""
+    n = keypoints.shape[0]
+    flat, score, anchors = _rounded(keypoints, score, anchor_id, anchor_joint)
     names = list(extra or {})
     with gc_paused():
         labels = LABEL_NAMES[outcome].tolist()
-        score = np.round(score, SCORE_DECIMALS).tolist()
+        score = score.tolist()
         image_id, annotation_id = np.asarray(image_id).tolist(), np.asarray(annotation_id).tolist()
         cols = [np.asarray(extra[k]).tolist() if not isinstance(extra[k], list) else extra[k] for k in names]
         records = []
@@ -120,20 +162,16 @@ def _dumps_numpy(obj) -> bytes:
 
 
 def gzip_bytes(data: bytes) -> bytes:
-    """gzip with no name and time in its header, so that the same data gives the same bytes."""
-    buf = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=GZIP_LEVEL, mtime=0) as f:
-        f.write(data)
-    return buf.getvalue()
+    """gzip (ISA-L's deflate, level ``GZIP_LEVEL``) with no name and a zero time in its header, so that the
+    same data gives the same bytes; any gzip reader reads it."""
+    return igzip.compress(data, GZIP_LEVEL, mtime=0)
 
 
 def count_outcomes(outcome: np.ndarray) -> np.ndarray:
     """(N, K) outcome codes → (len(OUTCOMES), K) counts of each outcome per joint (unlabelled not counted)."""
     o = outcome.reshape(-1, NUM_KEYPOINTS).astype(np.int64)
-    counts = np.zeros((len(OUTCOMES), NUM_KEYPOINTS), dtype=np.int64)
-    for c in range(len(OUTCOMES)):
-        counts[c] = (o == c).sum(0)
-    return counts
+    cell = (o * NUM_KEYPOINTS + np.arange(NUM_KEYPOINTS))[o >= 0]
+    return np.bincount(cell, minlength=len(OUTCOMES) * NUM_KEYPOINTS).reshape(len(OUTCOMES), NUM_KEYPOINTS)
 
 
 @dataclass(frozen=True)
@@ -165,8 +203,9 @@ def regenerate_shard(gt_path: str | Path, dataset: str | Path, block: int, varia
 
 
 def draw_shard(plan, block: int, variant: int, seed: int, profile: Profile) -> Shard:
-    draw = draw_coco(plan, shard_rng(seed, block, variant), profile)
+    """Shard (block, variant) of stills: each person's input drawn by (seed, annotation id, variant) alone."""
     sub, p = plan.gt, plan.persons
+    draw = draw_coco(plan, KeyedDraws(person_keys(seed, sub.ids[p], variant)), profile)
     raw = encode_lines(sub.image_ids[p], sub.ids[p], variant, draw.keypoints, draw.score, draw.outcome,
                        draw.anchor_id, draw.anchor_joint)
     return Shard(block, variant, gzip_bytes(raw), int(p.size), count_outcomes(draw.outcome), draw.expected)

@@ -24,7 +24,13 @@ are drawn uniformly in the outcome's range and one is taken with probability pro
 admissible arc length, then an angle uniformly in the admissible arcs: in the limit this is the
 uniform-in-(radius, angle) distribution that the reference's rejection sampling produces. An arc that
 excludes nothing takes no part, and only the anchors within reach of a row's circles are computed, so
-persons out of reach leave the result unchanged and the work follows the persons near each joint.
+persons out of reach leave the result unchanged and the work follows the persons near each joint. Most
+labelled joints have no other anchor in reach of any good or jittered circle (:func:`isolated_joints`,
+computed from the GT once for any number of draws, :func:`prepare`): those take the whole circle without
+their candidates being built, with the same numbers.
+
+Random numbers come from a numpy Generator's stream, or per (person, joint) from counter-based
+:class:`posefix.synth.draws.KeyedDraws`, so that a person's draw does not depend on who else is drawn.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
+from .draws import ANCHOR, ANGLE, ATTEMPT, CONFIDENCE, OUTCOME, PICK, RADII, RHO, THETA, KeyedDraws, as_draws
 from .keypoints import HEIGHT_PER_SQRT_AREA, KS_HIT, KS_SCALE, NUM_KEYPOINTS, PARTNER, TEMPLATE, ks_radius
 from .profile import GOOD, INVERSION, JITTER, MISS, OUTCOMES, SWAP, Profile, published_profile
 
@@ -124,14 +131,15 @@ def _as_array(x, shape_tail, name, dtype=np.float64):
     return a
 
 
-def synthesize(gt, area, rng: np.random.Generator, others=None, others_area=None, ov=None, nv=None,
+def synthesize(gt, area, rng: np.random.Generator | KeyedDraws, others=None, others_area=None, ov=None, nv=None,
                profile: Profile | None = None, estimates=None, others_overlap=None, num_radii: int = 8,
-               chunk_rows: int = 32768, block_elems: int = BLOCK_ELEMS) -> SynthResult:
+               chunk_rows: int = 32768, block_elems: int = BLOCK_ELEMS, prepared: Prepared | None = None) -> SynthResult:
     """Draw one erroneous input pose per GT person.
 
     gt: (N, K, 3) GT joints (x, y, v), v > 0 labelled; every person needs a labelled joint.
     area: (N,) the persons' areas (the KS scale).
-    rng: the seeded generator every random draw goes through.
+    rng: the seeded generator every random draw goes through, or a :class:`posefix.synth.draws.KeyedDraws`
+        of these N persons (then each person's draws depend on its key alone).
     others: (N, M, K, 3) GT joints of the persons overlapping each person (box IoU >= 0.1), padded
         with v = 0; others_area: (N, M) their areas. Or an :class:`Others`, the same as ragged lists
         (then others_area and others_overlap are not given).
@@ -146,8 +154,12 @@ def synthesize(gt, area, rng: np.random.Generator, others=None, others_area=None
     chunk_rows: labelled joints drawn for at a time (the random stream depends on it); block_elems: the
         size of the blocks the work of a chunk is done in, so that memory stays bounded (the result does
         not depend on it).
+    prepared: optional :func:`prepare` of these persons and others, the work that depends on the GT alone,
+        which several draws over the same persons share (``others`` is then not given). The result does not
+        depend on it.
     """
     profile = profile or published_profile()
+    draws = as_draws(rng)
     gt = _as_array(gt, (NUM_KEYPOINTS, 3), "gt")
     n = gt.shape[0]
     area = _as_array(area, (), "area").reshape(n)
@@ -156,7 +168,13 @@ def synthesize(gt, area, rng: np.random.Generator, others=None, others_area=None
     vis = gt[..., 2] > 0
     if n and not vis.any(axis=1).all():
         raise InputError("gt", f"person {int(np.argmin(vis.any(axis=1)))} has no labelled joint")
-    if isinstance(others, Others):
+    if prepared is not None:
+        if others is not None or others_area is not None or others_overlap is not None:
+            raise InputError("others", "prepared carries the others: give neither")
+        if prepared.isolated.shape[0] != n:
+            raise InputError("prepared", f"was made for {prepared.isolated.shape[0]} persons, not {n}")
+        oth = prepared.others
+    elif isinstance(others, Others):
         if others_area is not None or others_overlap is not None:
             raise InputError("others", "an Others carries its areas and overlap flags: give neither separately")
         oth = others.checked(n)
@@ -188,22 +206,25 @@ def synthesize(gt, area, rng: np.random.Generator, others=None, others_area=None
     anchor_person = np.full((n, NUM_KEYPOINTS), -1, dtype=np.int64)
     anchor_joint = np.tile(np.arange(NUM_KEYPOINTS), (n, 1))
 
+    isolated = prepared.isolated if prepared is not None else isolated_joints(gt, area, oth, block_elems)
     rows_n, rows_j = np.nonzero(vis)
     for lo in range(0, rows_n.size, chunk_rows):
         rn, rj = rows_n[lo:lo + chunk_rows], rows_j[lo:lo + chunk_rows]
-        xy, o, ap, aj = _plant(gt, area, oth, p, rn, rj, profile, rng, num_radii, block_elems)
+        xy, o, ap, aj = _plant(gt, area, oth, p, rn, rj, profile, draws, num_radii, block_elems, isolated)
         out_xy[rn, rj], outcome[rn, rj], anchor_person[rn, rj], anchor_joint[rn, rj] = xy, o, ap, aj
 
     placed = ~vis
     if placed.any():
-        out_xy[placed] = place_unlabelled(gt, area, rng, estimates)[placed]
+        fit = prepared.fit if prepared is not None and estimates is None else None
+        out_xy[placed] = place_unlabelled(gt, area, draws, estimates, fit, placed)
 
     conf = np.empty((n, NUM_KEYPOINTS))
+    row_id = np.arange(n * NUM_KEYPOINTS).reshape(n, NUM_KEYPOINTS)
     for code, name in list(enumerate(OUTCOMES)) + [(UNLABELLED, "unlabelled")]:
         m = outcome == code
         if m.any():
             a, b = profile.scores[name]
-            conf[m] = rng.beta(a, b, size=int(m.sum()))
+            conf[m] = draws.beta(a, b, row_id[m], CONFIDENCE)
     conf = np.clip(conf, 1e-3, 1.0)
     score = (conf * vis).sum(1) / np.maximum(vis.sum(1), 1)
     keypoints = np.concatenate([out_xy, conf[..., None]], axis=-1)
@@ -275,11 +296,6 @@ def _weights(m, valid, may_centre, o, profile):
     return w
 
 
-def _choose(weights, rng):
-    """Index drawn in proportion to non-negative weights along the last axis. (R, C) → (R,)."""
-    return _chosen(weights, rng.random(weights.shape[0]))
-
-
 def _chosen(weights, u):
     """The index that uniform draw u (R,) selects in proportion to weights (R, C)."""
     cum = np.cumsum(weights, axis=-1)
@@ -287,9 +303,11 @@ def _chosen(weights, u):
     return np.minimum((cum <= u[:, None]).sum(-1), weights.shape[-1] - 1)
 
 
-def _plant(gt, area, oth, p, rn, rj, profile, rng, num_radii, block_elems=BLOCK_ELEMS):
+def _plant(gt, area, oth, p, rn, rj, profile, draws, num_radii, block_elems=BLOCK_ELEMS, isolated=None):
     """Draw an outcome and place a point for each row (labelled joint). Returns xy (R, 2), outcome,
-    anchor person and anchor joint (R,). Candidates are built for blocks of rows at a time."""
+    anchor person and anchor joint (R,). Candidates are built for blocks of rows at a time, for the rows
+    whose anchor is a choice (swaps and misses): a good or jittered point is planted around its own joint,
+    an inversion around its partner (the only anchor of nonzero weight, so the draw picks it whatever u)."""
     r_count = rn.size
     width = 2 + 2 * (oth.ptr[rn + 1] - oth.ptr[rn])  # candidates per row
     prob = p[rn, rj].copy()  # (R, 5)
@@ -300,6 +318,8 @@ def _plant(gt, area, oth, p, rn, rj, profile, rng, num_radii, block_elems=BLOCK_
     removed = np.zeros((3, 0), dtype=np.int64)  # (row, outcome, part·(M+1) + slot + 1) with no admissible point
     key_base = int(width.max(initial=2)) // 2  # above any slot + 1
     pending = np.arange(r_count)
+    rid = rn * NUM_KEYPOINTS + rj  # the draws' row ids
+    attempt = 0
     while pending.size:
         pr = prob[pending]
         dead = pr.sum(-1) <= 0
@@ -308,19 +328,25 @@ def _plant(gt, area, oth, p, rn, rj, profile, rng, num_radii, block_elems=BLOCK_
             pr = pr[~dead]
             if not pending.size:
                 break
-        o = _choose(pr, rng)
-        u = rng.random(pending.size)
-        c_part = np.empty(pending.size, dtype=np.int64)
-        c_slot = np.empty(pending.size, dtype=np.int64)
-        for lo, hi in _row_blocks(width[pending], block_elems):
-            rows = pending[lo:hi]
+        o = _chosen(pr, draws.random(rid[pending], OUTCOME + ATTEMPT * attempt))
+        u = draws.random(rid[pending], ANCHOR + ATTEMPT * attempt)
+        c_part = (o == INVERSION).astype(np.int64)
+        c_slot = np.full(pending.size, -1, dtype=np.int64)
+        choice = np.flatnonzero((o == SWAP) | (o == MISS))
+        for lo, hi in _row_blocks(width[pending[choice]], block_elems):
+            at = choice[lo:hi]
+            rows = pending[at]
             m, valid, may_centre = _candidates(gt, area, oth, rn[rows], rj[rows], geometry=False)
-            w = _weights(m, valid, may_centre, o[lo:hi], profile)
-            _drop_removed(w, removed, rows, o[lo:hi], m, key_base)
-            c = _chosen(w, u[lo:hi])
-            c_part[lo:hi], c_slot[lo:hi] = c // (m + 1), c % (m + 1) - 1
-        ok, pts = _place(gt, area, oth, rn[pending], rj[pending], width[pending], o, c_part, c_slot, rng, num_radii,
-                         block_elems)
+            w = _weights(m, valid, may_centre, o[at], profile)
+            _drop_removed(w, removed, rows, o[at], m, key_base)
+            c = _chosen(w, u[at])
+            c_part[at], c_slot[at] = c // (m + 1), c % (m + 1) - 1
+        easy = None
+        if isolated is not None:  # good or jittered around its own joint with no other candidate in reach
+            own = (o == GOOD) | (o == JITTER)
+            easy = own & isolated[rn[pending], rj[pending], np.where(o == JITTER, 1, 0)]
+        ok, pts = _place(gt, area, oth, rn[pending], rj[pending], width[pending], o, c_part, c_slot, draws,
+                         rid[pending], attempt, num_radii, block_elems, easy)
         done = pending[ok]
         xy[done], outcome[done], part[done], slot[done] = pts[ok], o[ok], c_part[ok], c_slot[ok]
         bad = pending[~ok]
@@ -351,15 +377,18 @@ def _drop_removed(w, removed, rows, o, m, key_base):
     w[at[hit], _index(key // key_base, key % key_base - 1, m)] = 0.0
 
 
-def _place(gt, area, oth, rn, rj, width, o, part, slot, rng, num_radii, block_elems=BLOCK_ELEMS):
-    """Place one point per row around its centre, candidate (part, slot), for outcome ``o``.
+def _place(gt, area, oth, rn, rj, width, o, part, slot, draws, rid, attempt, num_radii, block_elems=BLOCK_ELEMS,
+           easy=None):
+    """Place one point per row around its centre, candidate (part, slot), for outcome ``o``, drawing from
+    ``draws`` for row ids ``rid`` (R,) in retry round ``attempt``.
 
     Returns ok (R,) and points (R, 2). Only the anchors whose excluded arc can be non-empty at one of
     the row's radii take part (the others exclude nothing), so the work per row follows the anchors near
-    it; candidates and arcs are computed in blocks of about ``block_elems`` entries.
+    it; candidates and arcs are computed in blocks of about ``block_elems`` entries. ``easy`` (R,) marks
+    rows known to have no such anchor at any radius of their outcome (see :func:`isolated_joints`): they
+    take the whole circle without their candidates being built.
     """
     r_count = rn.size
-    rows = np.arange(r_count)
     # The centre: the person's own joint or partner, or an other's.
     entry = np.where(slot >= 0, oth.ptr[rn] + slot, 0)
     who = oth.members[entry] if oth.members.size else np.zeros(r_count, dtype=np.int64)
@@ -371,13 +400,22 @@ def _place(gt, area, oth, rn, rj, width, o, part, slot, rng, num_radii, block_el
     ks_lo = np.array([KS_RANGE[k][1] for k in range(5)])[o]
     r_min = np.sqrt(-s_c * np.log(ks_hi))
     r_max = np.sqrt(-s_c * np.log(ks_lo))
-    radii = r_min[:, None] + (r_max - r_min)[:, None] * rng.random((r_count, num_radii))  # (R, S)
-    r_lo, r_hi = radii.min(-1)[:, None], radii.max(-1)[:, None]
+    # S radii per row; an easy row's circles are all whole, so only the radius it picks is computed (and, with
+    # keyed draws, drawn).
+    hard = np.arange(r_count) if easy is None else np.flatnonzero(~easy)
+    site = RADII + ATTEMPT * attempt
+    u_radii = None if isinstance(draws, KeyedDraws) else draws.random(rid, site, num_radii)  # a stream: all (R, S)
+    radii = np.empty((r_count, num_radii))
+    radii[hard] = r_min[hard, None] + (r_max - r_min)[hard, None] * (
+        draws.random(rid[hard], site, num_radii) if u_radii is None else u_radii[hard])  # (H, S)
+    r_lo, r_hi = radii[hard].min(-1)[:, None], radii[hard].max(-1)[:, None]
     whole = TWO_PI - 2.0 * ANGLE_MARGIN  # the one gap of a circle with no arc, as _free_arcs gives it
-    free = np.full((r_count, num_radii), whole)
+    free = np.full((hard.size, num_radii), whole)
+    at = np.full(r_count, -1)
+    at[hard] = np.arange(hard.size)  # row → its index among the hard rows
     live_blocks = []
-    for lo, hi in _row_blocks(width, max(1, block_elems // num_radii)):
-        b = slice(lo, hi)
+    for lo, hi in _row_blocks(width[hard], max(1, block_elems // num_radii)):
+        b = hard[lo:hi]
         m, valid, _, cxy, scale = _candidates(gt, area, oth, rn[b], rj[b])
         c = _index(part[b], slot[b], m)
         d = cxy - centre[b, None]  # (B, A, 2)
@@ -387,7 +425,7 @@ def _place(gt, area, oth, rn, rj, width, o, part, slot, rng, num_radii, block_el
         miss = (o[b] == MISS)[:, None]
         ratio = scale / s_c[b, None]  # (B, A)
         miss_t = scale * LN2
-        near = _in_reach(np.hypot(dx, dy), miss, ratio, miss_t, r_lo[b], r_hi[b], active)
+        near = _in_reach(np.hypot(dx, dy), miss, ratio, miss_t, r_lo[lo:hi], r_hi[lo:hi], active)
         # Rows with such anchors (the others have the whole circle: one gap, [0, 2π] less the margins),
         # each with those anchors first, in candidate order (ties go by it), the rest dropped.
         live = np.flatnonzero(near.any(-1))
@@ -395,7 +433,7 @@ def _place(gt, area, oth, rn, rj, width, o, part, slot, rng, num_radii, block_el
             continue
         w_live = int(near[live].sum(-1).max())
         keep = np.argsort(~near[live], axis=-1, kind="stable")[:, :w_live]  # (L, W) candidate indices
-        arcs = _Arcs(lo + live, np.take_along_axis(dx[live], keep, -1), np.take_along_axis(dy[live], keep, -1),
+        arcs = _Arcs(b[live], np.take_along_axis(dx[live], keep, -1), np.take_along_axis(dy[live], keep, -1),
                      np.where(miss[live], np.take_along_axis(miss_t[live], keep, -1),
                               np.take_along_axis(ratio[live], keep, -1)),
                      miss[live, :, None], np.take_along_axis(near[live], keep, -1), keep > c[live, None])
@@ -403,11 +441,21 @@ def _place(gt, area, oth, rn, rj, width, o, part, slot, rng, num_radii, block_el
         step = max(1, block_elems // (num_radii * (w_live + 1)))
         for a in range(0, live.size, step):
             sel = arcs.rows[a:a + step]
-            free[sel] = np.cumsum(arcs.gaps(a, a + step, radii[sel])[1], axis=-1)[..., -1]
-    ok = free.max(-1) > 0
-    pick = _choose(np.where(ok[:, None], free, 1.0), rng)
-    r = radii[rows, pick]
-    u = rng.random(r_count)
+            free[at[sel]] = np.cumsum(arcs.gaps(a, a + step, radii[sel])[1], axis=-1)[..., -1]
+    ok = np.ones(r_count, dtype=bool)
+    ok[hard] = free.max(-1) > 0
+    u_pick = draws.random(rid, PICK + ATTEMPT * attempt)
+    pick = np.empty(r_count, dtype=np.int64)
+    pick[hard] = _chosen(np.where(ok[hard, None], free, 1.0), u_pick[hard])
+    r = np.empty(r_count)
+    r[hard] = radii[hard, pick[hard]]
+    if easy is not None and easy.any():  # _chosen over S whole circles, by one row of them
+        e = np.flatnonzero(easy)
+        cum = np.cumsum(np.full(num_radii, whole))
+        pick[e] = np.minimum(np.searchsorted(cum, u_pick[e] * cum[-1], side="right"), num_radii - 1)
+        u_e = draws.random_at(rid[e], site, num_radii, pick[e]) if u_radii is None else u_radii[e, pick[e]]
+        r[e] = r_min[e] + (r_max - r_min)[e] * u_e
+    u = draws.random(rid, THETA + ATTEMPT * attempt)
     theta = ANGLE_MARGIN + u * whole
     for arcs in live_blocks:
         step = max(1, block_elems // (arcs.dx.shape[1] + 1))
@@ -422,6 +470,47 @@ def _place(gt, area, oth, rn, rj, width, o, part, slot, rng, num_radii, block_el
             theta[sel] = start[i, g] + (ub - (cum[i, g] - length[i, g]))
     pts = centre + r[:, None] * np.stack([np.cos(theta), np.sin(theta)], axis=-1)
     return ok, pts
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What :func:`synthesize` computes from the GT alone, for any number of draws over the same persons:
+    the checked others, :func:`isolated_joints` and :func:`fit_unlabelled`."""
+
+    others: Others
+    isolated: np.ndarray
+    fit: np.ndarray
+
+
+def prepare(gt, area, others: Others) -> Prepared:
+    """:class:`Prepared` for N persons (gt (N, K, 3), area (N,)) and their :class:`Others`."""
+    gt = _as_array(gt, (NUM_KEYPOINTS, 3), "gt")
+    area = _as_array(area, (), "area").reshape(gt.shape[0])
+    oth = others.checked(gt.shape[0])
+    return Prepared(oth, isolated_joints(gt, area, oth), fit_unlabelled(gt, area))
+
+
+def isolated_joints(gt, area, others: Others, block_elems: int = BLOCK_ELEMS) -> np.ndarray:
+    """(N, K, 2) bool: whether a good (…, 0) or jittered (…, 1) point around each labelled GT joint has no
+    other candidate anchor in reach at any radius of its outcome's range, so that its whole circle is
+    admissible. It depends on the GT alone, so several draws over the same persons share it. Conservative:
+    a joint marked False may still be isolated (it is then placed the general way, with the same result).
+    ``others`` is :meth:`Others.checked` for these N persons."""
+    n = gt.shape[0]
+    out = np.zeros((n, NUM_KEYPOINTS, 2), dtype=bool)
+    rn, rj = np.nonzero(gt[..., 2] > 0)
+    width = 2 + 2 * (others.ptr[rn + 1] - others.ptr[rn])
+    r_unit = np.sqrt(-np.log([KS_RANGE[GOOD][1], KS_RANGE[JITTER][1]]))  # outermost radius / sqrt(s)
+    for lo, hi in _row_blocks(width, block_elems):
+        _, valid, _, cxy, scale = _candidates(gt, area, others, rn[lo:hi], rj[lo:hi])
+        dist = np.hypot(*np.moveaxis(cxy - cxy[:, :1], -1, 0))  # (B, A) from the own joint
+        reach = 1.0 + np.sqrt(scale / scale[:, :1])  # a candidate at D is in reach at radius r iff D < r · reach
+        valid[:, 0] = False
+        for k in range(2):  # past the slack _in_reach allows at any radius of the range
+            r_max = r_unit[k] * np.sqrt(scale[:, :1])
+            near = valid & (dist < r_max * reach * (1.0 + 1e-5) + 1e-8)
+            out[rn[lo:hi], rj[lo:hi], k] = ~near.any(-1)
+    return out
 
 
 def _in_reach(dist, miss, ratio, miss_t, r_lo, r_hi, active):
@@ -488,14 +577,30 @@ def _free_arcs(dx, dy, r, t, active, wins):
     return gap_start + ANGLE_MARGIN, np.maximum(gap_len - 2.0 * ANGLE_MARGIN, 0.0)
 
 
-def place_unlabelled(gt, area, rng, estimates=None):
+def place_unlabelled(gt, area, rng, estimates=None, fit=None, only=None):
     """Plausible positions for every joint from the labelled ones: (N, K, 2).
 
     The template pose (facing the camera, or facing away, whichever fits better) is fitted to each
     person's labelled joints by a least-squares similarity transform (scale from the area when only
     one joint is labelled), then each position is perturbed uniformly within the KS = 0.5 radius.
-    Where ``estimates`` has a joint (v > 0) it is used instead of the template.
+    Where ``estimates`` has a joint (v > 0) it is used instead of the template. ``fit``: the positions before
+    the perturbation (:func:`fit_unlabelled`), where already known. ``only``: an (N, K) mask; then the
+    positions of those joints alone, (count, 2), with the same random draws.
     """
+    xy = fit_unlabelled(gt, area, estimates) if fit is None else fit
+    radius = ks_radius(KS_HIT, area)  # (N, K)
+    draws = as_draws(rng)
+    rows = np.arange(radius.size).reshape(radius.shape)
+    u_rho, u_ang = draws.random(rows, RHO), draws.random(rows, ANGLE)
+    if only is not None:
+        xy, radius, u_rho, u_ang = xy[only], radius[only], u_rho[only], u_ang[only]
+    rho = radius * np.sqrt(u_rho)
+    ang = u_ang * TWO_PI
+    return xy + np.stack([rho * np.cos(ang), rho * np.sin(ang)], axis=-1)
+
+
+def fit_unlabelled(gt, area, estimates=None):
+    """The positions of :func:`place_unlabelled` before its random perturbation: (N, K, 2)."""
     gt = np.asarray(gt, dtype=np.float64)
     vis = (gt[..., 2] > 0).astype(np.float64)
     z = gt[..., 0] + 1j * gt[..., 1]  # (N, K)
@@ -521,7 +626,4 @@ def place_unlabelled(gt, area, rng, estimates=None):
     if estimates is not None:
         est = np.asarray(estimates, dtype=np.float64)
         xy = np.where((est[..., 2] > 0)[..., None], est[..., :2], xy)
-    radius = ks_radius(KS_HIT, area)  # (N, K)
-    rho = radius * np.sqrt(rng.random(radius.shape))
-    ang = rng.random(radius.shape) * TWO_PI
-    return xy + np.stack([rho * np.cos(ang), rho * np.sin(ang)], axis=-1)
+    return xy
