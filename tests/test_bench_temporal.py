@@ -66,44 +66,6 @@ def test_the_bench_sees_jitter_and_the_smoother_removing_it(tmp_path):
     assert raw["AP"] < rows["sg9 offline"]["all"]["AP"] and raw["OKS"] < rows["body offline"]["all"]["OKS"]
 
 
-BVH = """HIERARCHY
-ROOT Hips
-{
-  OFFSET 0 0 0
-  CHANNELS 6 Xposition Yposition Zposition Zrotation Yrotation Xrotation
-  JOINT Spine
-  {
-    OFFSET 0 2 0
-    CHANNELS 3 Zrotation Yrotation Xrotation
-    End Site
-    {
-      OFFSET 0 1 0
-    }
-  }
-  JOINT Leg
-  {
-    OFFSET 1 0 0
-    CHANNELS 3 Zrotation Yrotation Xrotation
-  }
-}
-MOTION
-Frames: 2
-Frame Time: 0.0333333
-0 0 0 0 0 0 0 0 0 0 0 0
-5 0 0 90 0 0 0 0 0 0 0 0
-"""
-
-
-def test_bvh_forward_kinematics(tmp_path):
-    path = tmp_path / "t.bvh"
-    path.write_text(BVH)
-    names, pos, frame_time = mocap_clips.joint_positions(path)
-    assert names == ["Hips", "Spine", "Leg"] and frame_time == pytest.approx(1 / 30, rel=1e-5)
-    np.testing.assert_allclose(pos[0], [[0, 0, 0], [0, 2, 0], [1, 0, 0]], atol=1e-12)
-    # frame 1: moved 5 along x and turned 90° about z: (0, 2, 0) → (-2, 0, 0), (1, 0, 0) → (0, 1, 0)
-    np.testing.assert_allclose(pos[1], [[5, 0, 0], [3, 0, 0], [5, 1, 0]], atol=1e-12)
-
-
 def test_lag_measures_a_known_delay():
     t = np.arange(60, dtype=np.float64)
     gt = np.stack([np.sin(t / 5.0) * 50, np.cos(t / 7.0) * 30], -1)

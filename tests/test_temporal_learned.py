@@ -222,6 +222,47 @@ def test_bvh_forward_kinematics(tmp_path):
     np.testing.assert_allclose(ends[1, 1], [5, 3, 0], atol=1e-12)
 
 
+SIBLINGS = """HIERARCHY
+ROOT Hips
+{
+  OFFSET 0 0 0
+  CHANNELS 6 Xposition Yposition Zposition Zrotation Yrotation Xrotation
+  JOINT Spine
+  {
+    OFFSET 0 2 0
+    CHANNELS 3 Zrotation Yrotation Xrotation
+    End Site
+    {
+      OFFSET 0 1 0
+    }
+  }
+  JOINT Leg
+  {
+    OFFSET 1 0 0
+    CHANNELS 3 Zrotation Yrotation Xrotation
+  }
+}
+MOTION
+Frames: 2
+Frame Time: 0.0333333
+0 0 0 0 0 0 0 0 0 0 0 0
+5 0 0 90 0 0 0 0 0 0 0 0
+"""
+
+
+def test_bvh_forward_kinematics_of_siblings_after_an_end_site(tmp_path):
+    path = tmp_path / "t.bvh"
+    path.write_text(SIBLINGS)
+    sk = load_bvh(path)
+    assert sk.names == ["Hips", "Spine", "Leg"] and sk.parents == [-1, 0, 0]
+    assert sk.frame_time == pytest.approx(1 / 30, rel=1e-5)
+    pos, ends = world_positions(sk)
+    np.testing.assert_allclose(pos[0], [[0, 0, 0], [0, 2, 0], [1, 0, 0]], atol=1e-12)
+    # frame 1: moved 5 along x and turned 90° about z: (0, 2, 0) → (-2, 0, 0), (1, 0, 0) → (0, 1, 0)
+    np.testing.assert_allclose(pos[1], [[5, 0, 0], [3, 0, 0], [5, 1, 0]], atol=1e-12)
+    np.testing.assert_allclose(ends[1, 1], [2, 0, 0], atol=1e-12)
+
+
 @pytest.mark.parametrize("text, where", [
     (BVH.replace("OFFSET 1 0 0", "OFFSET 1 x 0"), "bad.bvh:8"),
     (BVH.replace("Frames: 2", "Frames: 3"), "declares 3 frames"),
