@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import common
 from posefix.synth.keypoints import SIGMAS
 from posefix.temporal import SMOOTHERS, make_smoother, refine_poses
+from posefix.temporal.smoothers import needs_weights
 
 HERE = Path(__file__).resolve().parent
 # ../shared/data beside the repository (or beside the folder of worktrees that holds it)
@@ -192,7 +193,7 @@ def main(argv=None) -> int:
     ap.add_argument("--split", choices=("measure", "train"), default="measure",
                     help="measure: the clips at the folder's root; train: train/")
     ap.add_argument("--estimators", nargs="*", default=None, help="estimator files (default: all _coco.json)")
-    ap.add_argument("--smoothers", nargs="*", default=None, help="registered smoothers (default: all but none)")
+    ap.add_argument("--smoothers", nargs="*", default=None, help="registered smoothers (default: every one, the learned one with --temporal-weights)")
     ap.add_argument("--temporal-weights", metavar="FILE", help="passed to every smoother's factory as weights=")
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results" / "temporal.json"))
@@ -202,7 +203,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     root = Path(args.data) / ("train" if args.split == "train" else "")
     gt, kind = load_split(root)
-    names = args.smoothers if args.smoothers is not None else [n for n in SMOOTHERS if n != "none"] + ["none"]
+    names = args.smoothers if args.smoothers is not None else \
+        [n for n in SMOOTHERS if n != "none" and (args.temporal_weights or not needs_weights(n))] + ["none"]
     files = sorted((root / "estimators" / "tracked").glob("*_coco.json"))
     if args.estimators:
         files = [f for f in files if any(e in f.name for e in args.estimators)]

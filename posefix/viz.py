@@ -1,13 +1,14 @@
 """Drawing poses on images: skeletons before and after refinement, side by side, as PNG files."""
 from __future__ import annotations
 
-import warnings
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
-from .fileio import atomic_path
+from .fileio import write_bytes_atomic
 from .synth.keypoints import NUM_KEYPOINTS, SKELETON
 
 INPUT_COLOUR = (255, 140, 0)  # orange
@@ -17,8 +18,6 @@ REFINED_COLOUR = (0, 200, 255)  # cyan
 def draw_poses(image: torch.Tensor, poses, colour, min_keypoint_score: float = 0.0) -> torch.Tensor:
     """image (3, H, W) uint8; poses (P, K, 3) x, y, score in pixels. Joints with a score at or below
     ``min_keypoint_score`` (or non-finite) are not drawn, nor their bones. Returns a new image."""
-    from PIL import Image, ImageDraw
-
     poses = np.asarray(poses, dtype=np.float64).reshape(-1, NUM_KEYPOINTS, 3)
     picture = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
     draw = ImageDraw.Draw(picture)
@@ -41,11 +40,14 @@ def side_by_side(left: torch.Tensor, right: torch.Tensor, gap: int = 8) -> torch
     return torch.cat([left, spacer, right], dim=2)
 
 
+def encode_png(image: torch.Tensor, compress_level: int = 6) -> bytes:
+    """A (3, H, W) uint8 image as PNG bytes (Pillow)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(buffer, format="PNG",
+                                                                      compress_level=compress_level)
+    return buffer.getvalue()
+
+
 def write_png(image: torch.Tensor, path: str | Path) -> None:
     """Write a (3, H, W) uint8 image as PNG, atomically."""
-    from torchvision.io import write_png as _write
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
-        with atomic_path(path) as tmp:
-            _write(image.contiguous(), str(tmp))
+    write_bytes_atomic(path, encode_png(image))

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import bench_temporal, mocap_clips
 from posefix.temporal import SMOOTHERS
+from posefix.temporal.smoothers import needs_weights
 
 
 def _dataset(root: Path, rng, noise: float):
@@ -44,7 +45,7 @@ def test_the_bench_measures_every_registered_smoother_and_exact_input_scores_per
     assert bench_temporal.main(["--data", str(tmp_path), "--mocap", str(tmp_path / "none"), "--no-speed",
                                 "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["clips"]["toy"]
-    names = {f"{n} {m}" for n in SMOOTHERS for m in ("causal", "offline")}
+    names = {f"{n} {m}" for n in SMOOTHERS if not needs_weights(n) for m in ("causal", "offline")}
     assert names | {"raw", "plain SG9", "plain MA9"} == set(rows)
     raw = rows["raw"]
     for kind in ("all", "slow", "fast"):
@@ -52,6 +53,23 @@ def test_the_bench_measures_every_registered_smoother_and_exact_input_scores_per
         assert raw[kind]["accel"] == pytest.approx(0.0, abs=1e-9) and raw[kind]["KS<0.5"] == 0.0
     # constant velocity: the smoothers leave exact input exact offline
     assert rows["body offline"]["all"]["accel"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_bench_measures_the_learned_smoother_given_its_weights(tmp_path):
+    from posefix.temporal.learned import NetConfig, TemporalNet, save_weights
+
+    _dataset(tmp_path, np.random.default_rng(0), noise=0.0)
+    weights = tmp_path / "w.safetensors"
+    net = TemporalNet(NetConfig(window=5, hidden=8, blocks=0))  # untrained: the body smoother's output
+    save_weights(weights, net, net)
+    out = tmp_path / "r.json"
+    assert bench_temporal.main(["--data", str(tmp_path), "--mocap", str(tmp_path / "none"), "--no-speed",
+                                "--smoothers", "learned", "body", "--temporal-weights", str(weights),
+                                "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["clips"]["toy"]
+    for mode in ("offline", "causal"):
+        for kind in ("all", "slow", "fast"):
+            assert rows[f"learned {mode}"][kind]["AP"] == pytest.approx(rows[f"body {mode}"][kind]["AP"], abs=1e-6)
 
 
 def test_the_bench_sees_jitter_and_the_smoother_removing_it(tmp_path):

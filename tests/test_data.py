@@ -4,7 +4,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from torchvision.io import write_png
 
 from posefix import SAMPLE_DIR, codec
 from posefix.config import DataConfig
@@ -13,6 +12,7 @@ from posefix.engine import Refiner
 from posefix.images import decode
 from posefix.model import ModelConfig, PoseFixNet
 from posefix.synth.keypoints import NUM_KEYPOINTS, PARTNER
+from posefix.viz import write_png
 
 from .conftest import FIGURE
 
@@ -30,7 +30,7 @@ def _dataset(tmp_path, **data):
         if v:
             image[0, round(y) - 2:round(y) + 3, round(x) - 2:round(x) + 3] = 8 + 14 * j
             image[1, round(y) - 2:round(y) + 3, round(x) - 2:round(x) + 3] = 255
-    write_png(image, str(tmp_path / "000000000001.png"))
+    write_png(image, tmp_path / "000000000001.png")
     doc = {"images": [{"id": 1, "file_name": "000000000001.png", "height": h, "width": w}],
            "annotations": [{"id": 10, "image_id": 1, "category_id": 1, "iscrowd": 0, "keypoints": kp.reshape(-1).tolist(),
                             "num_keypoints": 15, "area": 180.0 * 60, "bbox": [100, 50, 120, 180]}],

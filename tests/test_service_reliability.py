@@ -25,7 +25,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.io import encode_png
 
 from posefix import SAMPLE_DIR
 from posefix._proto import pb2, pb2_grpc
@@ -34,6 +33,7 @@ from posefix.engine import Refiner
 from posefix.formats import LAYOUTS
 from posefix.images import check_png, decode, decode_encoded
 from posefix.serve import Limits, create_server
+from posefix.viz import encode_png
 
 from .conftest import IMAGE_785, LoopThread, StandIn, as_array
 
@@ -175,7 +175,7 @@ def fuzz_material(pixels_785, poses_785, refiner):
     hwc = pixels_785.permute(1, 2, 0).numpy()
     height, width = hwc.shape[:2]
     jpeg = IMAGE_785.read_bytes()
-    png = encode_png(pixels_785, compression_level=1).numpy().tobytes()
+    png = encode_png(pixels_785, compress_level=1)
     valid = []
 
     def add(name, image, native, fmt="coco17"):

@@ -212,8 +212,8 @@ class LearnedSmoother:
 def save_weights(path, offline: TemporalNet, causal: TemporalNet, info: dict | None = None) -> None:
     from ..engine import save_safetensors
 
-    tensors = {f"offline.{k}": v.detach().contiguous() for k, v in offline.state_dict().items()}
-    tensors.update({f"causal.{k}": v.detach().contiguous() for k, v in causal.state_dict().items()})
+    tensors = {f"offline.{k}": v.detach().clone() for k, v in offline.state_dict().items()}
+    tensors.update({f"causal.{k}": v.detach().clone() for k, v in causal.state_dict().items()})
     meta = {"posefix.temporal": json.dumps({"offline": asdict(offline.config), "causal": asdict(causal.config),
                                             **(info or {})})}
     save_safetensors(tensors, path, meta)

@@ -376,6 +376,9 @@ def _make_learned(**options) -> Smoother:
     return LearnedSmoother.load(weights)
 
 
+_make_learned.needs_weights = True  # made only with --temporal-weights (listings skip it without)
+
+
 SMOOTHERS: dict[str, Callable[..., Smoother]] = {
     "body": _make_body,
     "sg9": _make_plain(9, 2),
@@ -384,6 +387,11 @@ SMOOTHERS: dict[str, Callable[..., Smoother]] = {
     "learned": _make_learned,
 }
 DEFAULT_SMOOTHER = "body"
+
+
+def needs_weights(name: str) -> bool:
+    """Whether the smoother registered as ``name`` is made only from a weights file."""
+    return getattr(SMOOTHERS[name], "needs_weights", False)
 
 
 def make_smoother(name: str, **options) -> Smoother:
@@ -407,4 +415,5 @@ def run_smoother(smoother: Smoother, xy, score, present, scale, causal: bool) ->
 
 
 __all__ = ["DEFAULT_SMOOTHER", "SMOOTHERS", "BodySmoother", "PlainSmoother", "local_poly", "make_smoother",
+           "needs_weights",
            "observation_weight", "run_smoother"]
