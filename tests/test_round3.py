@@ -288,7 +288,7 @@ def test_offline_commands_refuse_images_above_the_pixel_limit_before_decoding(tm
                                                                                monkeypatch):
     import json as json_
 
-    import posefix.images
+    import PIL.Image
 
     images = tmp_path / "images"
     images.mkdir()
@@ -296,7 +296,7 @@ def test_offline_commands_refuse_images_above_the_pixel_limit_before_decoding(tm
     results = [r for r in json_.loads(RESULTS.read_text()) if r["image_id"] == 785]
     (tmp_path / "r.json").write_text(json_.dumps(results))
     decoded = []
-    monkeypatch.setattr(posefix.images, "decode_image", lambda *a, **k: decoded.append(1))
+    monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: decoded.append(1))  # the decoder
     refine = ["refine", "--checkpoint", checkpoint, "--images", images, "--input", tmp_path / "r.json",
               "--out", tmp_path / "out.json", "--quiet"]
     err = _one_error_line(capsys, refine)
