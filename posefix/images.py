@@ -279,7 +279,9 @@ def decode_encoded(data: bytes, field: str = "image.encoded", reduce: int = 1) -
         raise InputError(field, f"a {kind} with more pixels than the decoder allows") from None
     except (OSError, ValueError, SyntaxError, EOFError):  # Pillow's message may quote the file's bytes: not repeated
         raise InputError(field, f"cannot decode: a corrupt, truncated or unsupported {kind}") from None
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # one copy, to (3, H, W)
+    chw = np.ascontiguousarray(pixels.transpose(2, 0, 1))  # one copy, to (3, H, W)
+    # where the transpose is already contiguous (H or W of 1) no copy was made: Pillow's array is read-only
+    return torch.from_numpy(chw if chw.flags.writeable else chw.copy())
 
 
 def decoded_scale(full_size: tuple[int, int], image: torch.Tensor) -> int:
