@@ -270,11 +270,17 @@ def test_batched_body_smoother_equals_per_track_calls():
             np.testing.assert_allclose(batched[n], sm(xy[n], score[n], present[n], scale[n], causal), atol=1e-9)
 
 
-def test_every_registered_smoother_runs_through_the_pipeline():
+def test_every_registered_smoother_runs_through_the_pipeline(tmp_path):
+    from posefix.temporal.learned import NetConfig, TemporalNet, save_weights
+    from posefix.temporal.smoothers import needs_weights
+
+    weights = tmp_path / "w.safetensors"
+    save_weights(weights, TemporalNet(NetConfig(window=5, hidden=8)), TemporalNet(NetConfig(window=3, hidden=8)))
     rng = np.random.default_rng(11)
     kp = np.concatenate([_person(rng, 12), np.full((12, 17, 1), 0.5)], -1)
     for name in SMOOTHERS:
-        r = refine_poses(kp, make_smoother(name), frame=np.arange(12), track=np.ones(12, np.int64))
+        smoother = make_smoother(name, weights=str(weights)) if needs_weights(name) else make_smoother(name)
+        r = refine_poses(kp, smoother, frame=np.arange(12), track=np.ones(12, np.int64))
         assert r.xy.shape == (12, 17, 2) and np.isfinite(r.xy).all()
 
 
