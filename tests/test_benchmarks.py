@@ -146,3 +146,11 @@ def test_bench_realtime(tmp_path):
     assert [r["decoder"] for r in report["decoding"]] == ["torchvision full", "posefix full", "posefix 1/2",
                                                           "posefix 1/4"]
     assert "unmeasured" in report["blazepose"][0] and "BlazePose full: unmeasured" in stdout
+
+
+def test_bench_hostile(tmp_path):
+    report, stdout = _run("bench_hostile.py", "--trials", "2", "--mib", "1", "--quiet-s", "0.1", tmp_path=tmp_path)
+    assert [t["code"] for t in report["trials"]] == ["INVALID_ARGUMENT"] * 2  # a 0xFF "JPEG" is refused
+    worst = [t["health_worst_ms"] for t in report["trials"]]
+    assert report["health_worst_ms"]["max"] == pytest.approx(max(worst)) and min(worst) > 0
+    assert "longest health check" in stdout
