@@ -224,6 +224,7 @@ def test_stopping_the_driver_leaves_no_output(tmp_path, checkpoint, cluster):
     images, path = _many_images(tmp_path, copies=6)
     out = tmp_path / "out.json"
     out.write_text("[]")  # an earlier output, which must stay as it was
+    earlier = set(_actor_pids())
     proc = subprocess.Popen([sys.executable, "-m", "posefix", "refine", "--checkpoint", str(checkpoint), "--images",
                              str(images), "--input", str(path), "--out", str(out), "--ray", cluster, "--actors", "1",
                              "--quiet", "--allow-outside-images"],  # its images are links to the sample's
@@ -231,13 +232,14 @@ def test_stopping_the_driver_leaves_no_output(tmp_path, checkpoint, cluster):
     stopped = []
     try:
         # A state, not a time: the driver is waiting for the results of an actor that cannot give them (stopped),
-        # so it can be neither starting nor finishing when the signal comes, however loaded the machine is.
+        # so it can be neither starting nor finishing when the signal comes, however loaded the machine is. Only
+        # this driver's actors are stopped: the cluster may still hold earlier tests' actor processes.
         deadline = time.monotonic() + 300
         while not stopped and proc.poll() is None and time.monotonic() < deadline:
-            for pid in _actor_pids():
+            for pid in set(_actor_pids()) - earlier:
                 os.kill(pid, signal.SIGSTOP)
                 stopped.append(pid)
-            time.sleep(0.1)
+            time.sleep(0.05)
         assert stopped and proc.poll() is None, proc.communicate()
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=300)
