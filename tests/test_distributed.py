@@ -47,13 +47,17 @@ def _parent(pid: int) -> int:
     return int(stat.rsplit(")", 1)[1].split()[1])
 
 
-def _actor_pids() -> list[int]:
+def _actor_pids(working: bool = False) -> list[int]:
     """The processes of this test run's refining actors, by the title Ray gives them: only descendants of this
-    process (the Ray the cluster fixture started), never another run's on a shared machine."""
+    process (the Ray the cluster fixture started), never another run's on a shared machine. ``working``: only
+    those past their constructor (whose title no longer ends in ``__init__``)."""
     pids = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(ACTOR.encode()):
+            if not entry.name.isdigit():
+                continue
+            title = (entry / "cmdline").read_bytes().rstrip(b"\0 ")
+            if title.startswith(ACTOR.encode()) and not (working and title.endswith(b"__init__")):
                 pid = int(entry.name)
                 while pid > 1 and pid != os.getpid():
                     pid = _parent(pid)
@@ -221,7 +225,7 @@ def test_a_killed_worker_its_blocks_run_again_every_person_once(tmp_path, checkp
 
 @needs_ray
 def test_stopping_the_driver_leaves_no_output(tmp_path, checkpoint, cluster):
-    images, path = _many_images(tmp_path, copies=6)
+    images, path = _many_images(tmp_path, copies=20)
     out = tmp_path / "out.json"
     out.write_text("[]")  # an earlier output, which must stay as it was
     earlier = set(_actor_pids())
@@ -233,10 +237,11 @@ def test_stopping_the_driver_leaves_no_output(tmp_path, checkpoint, cluster):
     try:
         # A state, not a time: the driver is waiting for the results of an actor that cannot give them (stopped),
         # so it can be neither starting nor finishing when the signal comes, however loaded the machine is. Only
-        # this driver's actors are stopped: the cluster may still hold earlier tests' actor processes.
+        # this driver's actors are stopped (the cluster may still hold earlier tests' actor processes), and only
+        # once past their constructor: a driver waiting on an actor's construction does not see the signal.
         deadline = time.monotonic() + 300
         while not stopped and proc.poll() is None and time.monotonic() < deadline:
-            for pid in set(_actor_pids()) - earlier:
+            for pid in set(_actor_pids(working=True)) - earlier:
                 os.kill(pid, signal.SIGSTOP)
                 stopped.append(pid)
             time.sleep(0.05)
