@@ -229,7 +229,11 @@ def test_stopping_the_driver_leaves_no_output(tmp_path, checkpoint, cluster):
     out = tmp_path / "out.json"
     out.write_text("[]")  # an earlier output, which must stay as it was
     earlier = set(_actor_pids())
-    proc = subprocess.Popen([sys.executable, "-m", "posefix", "refine", "--checkpoint", str(checkpoint), "--images",
+    # The driver takes SIGINT as a terminal's Ctrl-C gives it, even where this test runs in a background job
+    # (which starts its children with SIGINT ignored, and Python then installs no KeyboardInterrupt handler).
+    as_in_a_terminal = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                        "sys.argv[0] = 'posefix'; runpy.run_module('posefix', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", as_in_a_terminal, "refine", "--checkpoint", str(checkpoint), "--images",
                              str(images), "--input", str(path), "--out", str(out), "--ray", cluster, "--actors", "1",
                              "--quiet", "--allow-outside-images"],  # its images are links to the sample's
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
