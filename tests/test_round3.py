@@ -12,17 +12,11 @@ import pytest
 from posefix import SAMPLE_DIR
 from posefix.cli import main
 
+from .test_reliability import _one_error_line
+
 IMAGES = SAMPLE_DIR / "images"
 RESULTS = SAMPLE_DIR / "topdown_keypoints_val4.json"
 VAL_GT = SAMPLE_DIR / "person_keypoints_val_sample.json"
-
-
-def _one_error_line(capsys, argv) -> str:
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])  # an exception escaping main fails the test: no traceback
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("posefix: error: "), (argv, rc, err)
-    return err
 
 
 def _digests(folder: Path) -> dict:
