@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common
-from posefix.synth.keypoints import SIGMAS
+from posefix.keypoints import SIGMAS
 from posefix.temporal import SMOOTHERS, make_smoother, refine_poses
 from posefix.temporal.smoothers import needs_weights
 

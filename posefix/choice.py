@@ -20,7 +20,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from .errors import InputError
-from .synth.keypoints import NUM_KEYPOINTS, ks, present
+from .keypoints import NUM_KEYPOINTS, ks, present
 
 METADATA_KEY = "posefix_choice"
 VERSION = 1

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .synth.keypoints import FLIP_PAIRS, KS_SCALE
+from .keypoints import FLIP_PAIRS, KS_SCALE
 
 # The reference's test-time crop enlarges the min/max box of the input keypoints by this factor.
 KEYPOINT_BOX_ENLARGE = 1.2
@@ -180,7 +180,7 @@ def soft_argmax(logits: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def ks(pred: Tensor, gt: Tensor, area: Tensor) -> Tensor:
-    """Keypoint similarity of each predicted joint to its GT joint: ``posefix.synth.keypoints.ks`` in torch (the same
+    """Keypoint similarity of each predicted joint to its GT joint: ``posefix.keypoints.ks`` in torch (the same
     KS_SCALE): exp(-d² / (A·KS_SCALE)).
 
     pred, gt: (..., K, 2+) pixels, extra columns ignored; area: (...,) pixels². Returns (..., K) in (0, 1] in the

@@ -15,7 +15,7 @@ from .images import coco_image_path, decode
 from .model import ModelConfig
 from .synth.coco import MIN_AREA, overlaps
 from .synth.cocoio import load_ground_truth
-from .synth.keypoints import PARTNER
+from .keypoints import PARTNER
 from .synth.occlusion import ANKLES, KNEES, occlude_rectangles, shorten_legs
 from .synth.profile import Profile
 from .synth.synthesize import synthesize

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, PosefixError
-from .synth.keypoints import NUM_KEYPOINTS
+from .keypoints import NUM_KEYPOINTS
 
 EXTRA = "refining on Ray needs the ray extra: pip install 'posefix[ray]'"
 

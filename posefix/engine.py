@@ -20,7 +20,7 @@ from .devices import resolve_device
 from .errors import InputError
 from .model import ModelConfig, PoseFixNet, fold_batchnorm
 from .protocols import RefinerLike
-from .synth.keypoints import NUM_KEYPOINTS
+from .keypoints import NUM_KEYPOINTS
 
 PRECISIONS = ("fp32", "bf16")
 BACKENDS = ("torch", "onnxruntime")

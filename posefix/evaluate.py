@@ -9,7 +9,7 @@ from .images import coco_image_path, decode
 from .synth.coco import synthesize_coco
 from .synth.cocoio import GroundTruth
 from .synth.diagnose import keypoint_ap
-from .synth.keypoints import KS_HIT, NUM_KEYPOINTS, ks
+from .keypoints import KS_HIT, NUM_KEYPOINTS, ks
 from .synth.profile import Profile
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from . import codec
 from .model import STRIDE
-from .synth.keypoints import KS_HIT
+from .keypoints import KS_HIT
 
 
 def to_output_grid(points: torch.Tensor) -> torch.Tensor:

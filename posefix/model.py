@@ -52,7 +52,7 @@ from torch import nn
 from . import codec
 from .codec import soft_argmax
 from .errors import InputError
-from .synth.keypoints import NUM_KEYPOINTS
+from .keypoints import NUM_KEYPOINTS
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # Mobile-class torchvision backbones: their stem convolution takes the input pose as the ResNet stem does, their

@@ -64,7 +64,7 @@ class _Graph(torch.nn.Module):
 
 
 def metadata(cfg: ModelConfig, outputs: list[str], precision: str, **extra) -> dict[str, str]:
-    from .synth.keypoints import NAMES
+    from .keypoints import NAMES
 
     meta = {"posefix_model_config": json.dumps(dataclasses.asdict(cfg)), "posefix_version": __version__,
             "posefix_outputs": json.dumps(outputs), "posefix_precision": precision,

@@ -37,7 +37,7 @@ import numpy as np
 
 from .errors import InputError
 from .fileio import atomic_path
-from .synth.keypoints import NUM_KEYPOINTS, PARTNER, check_poses, present
+from .keypoints import NUM_KEYPOINTS, PARTNER, check_poses, present
 
 FORMAT_NAME = "posefix-pose-index"
 VERSION = 1

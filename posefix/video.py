@@ -23,7 +23,7 @@ from .engine import Refiner, refine_images
 from .errors import InputError
 from .fileio import atomic_path
 from .formats import Estimates, read_estimates
-from .synth.keypoints import NUM_KEYPOINTS
+from .keypoints import NUM_KEYPOINTS
 from .tracking import OneEuroParams, Tracks
 from .viz import INPUT_COLOUR, REFINED_COLOUR, draw_poses
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .fileio import write_bytes_atomic
-from .synth.keypoints import NUM_KEYPOINTS, SKELETON
+from .keypoints import NUM_KEYPOINTS, SKELETON
 
 INPUT_COLOUR = (255, 140, 0)  # orange
 REFINED_COLOUR = (0, 200, 255)  # cyan

@@ -16,7 +16,7 @@ from posefix.engine import Refiner, export_weights
 from posefix.images import decode
 from posefix.model import ModelConfig, PoseFixNet
 from posefix.serve import create_server
-from posefix.synth.keypoints import NUM_KEYPOINTS
+from posefix.keypoints import NUM_KEYPOINTS
 
 VAL_GT = SAMPLE_DIR / "person_keypoints_val_sample.json"
 TRAIN_GT = SAMPLE_DIR / "person_keypoints_train_sample.json"

@@ -19,8 +19,8 @@ from posefix.codec import (
     soft_argmax,
     warp_crops,
 )
-from posefix.synth import keypoints
-from posefix.synth.keypoints import FLIP_PAIRS, KS_HIT, NUM_KEYPOINTS, PARTNER, SIGMAS
+from posefix import keypoints
+from posefix.keypoints import FLIP_PAIRS, KS_HIT, NUM_KEYPOINTS, PARTNER, SIGMAS
 
 F64 = torch.float64
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

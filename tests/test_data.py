@@ -11,7 +11,7 @@ from posefix.data import PersonCrops, StepBatches
 from posefix.engine import Refiner
 from posefix.images import decode
 from posefix.model import ModelConfig, PoseFixNet
-from posefix.synth.keypoints import NUM_KEYPOINTS, PARTNER
+from posefix.keypoints import NUM_KEYPOINTS, PARTNER
 from posefix.viz import write_png
 
 from .conftest import FIGURE
@@ -150,7 +150,7 @@ def test_an_estimators_results_are_matched_to_their_own_persons():
     each taking the unmatched labelled person of its image of highest OKS, at OKS >= 0.1 (MoveNet Thunder on the
     bundled train images)."""
     from posefix.formats import image_ids, read_estimates
-    from posefix.synth.keypoints import ks
+    from posefix.keypoints import ks
     ds = _train10()
     gt = ds.gt
     images = {im["id"]: im for im in gt.doc["images"]}

@@ -20,7 +20,7 @@ from posefix.synth.plots import write_plots
 from .conftest import TRAIN_GT, VAL_GT, VAL_RESULTS, make_crowd
 
 K = 17
-# posefix-facts.md, typed in independently of posefix.synth.keypoints.
+# posefix-facts.md, typed in independently of posefix.keypoints.
 SIGMA = np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89]) / 10
 PARTNER = [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]
 NAMES = ["good", "jitter", "inversion", "swap", "miss"]

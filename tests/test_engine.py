@@ -14,7 +14,7 @@ from posefix.errors import InputError
 from posefix.images import coco_image_path, decode
 from posefix.model import ModelConfig, PoseFixNet
 from posefix.synth.cocoio import load_ground_truth, load_results
-from posefix.synth.keypoints import PARTNER
+from posefix.keypoints import PARTNER
 
 CFG = ModelConfig(backbone="resnet18", input_size=(128, 96), sigma=3.5, head_channels=32, input_prior=False)
 GT = SAMPLE_DIR / "person_keypoints_val_sample.json"

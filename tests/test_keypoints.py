@@ -1,4 +1,4 @@
-"""What a valid keypoint is (posefix.synth.keypoints' validators), checked where keypoints come in."""
+"""What a valid keypoint is (posefix.keypoints' validators), checked where keypoints come in."""
 import json
 import math
 
@@ -7,7 +7,7 @@ import pytest
 
 from posefix.errors import InputError
 from posefix.synth.cocoio import load_ground_truth, validate_results
-from posefix.synth.keypoints import KEYPOINT_BOUND, NUM_KEYPOINTS, check_poses, is_number, keypoint_list, present
+from posefix.keypoints import KEYPOINT_BOUND, NUM_KEYPOINTS, check_poses, is_number, keypoint_list, present
 
 K = NUM_KEYPOINTS
 

@@ -64,7 +64,7 @@ def test_confidence_parts_against_a_plain_reference(target_kind):
     ("ks"); an absent input joint's target is 0; invalid joints are left out."""
     import math
 
-    from posefix.synth.keypoints import SIGMAS
+    from posefix.keypoints import SIGMAS
     g = torch.Generator().manual_seed(11)
     n, k = 3, 17
     target = torch.rand(n, k, 2, generator=g) * 90

@@ -18,7 +18,7 @@ from posefix.images import decode
 from posefix.search import MISSING_DISTANCE, VERSION, PoseIndex, distances_to, embed, mirror, pose_distance
 from posefix.search_cli import CELL, LABEL
 from posefix.serve import create_server
-from posefix.synth.keypoints import NAMES, SIGMAS
+from posefix.keypoints import NAMES, SIGMAS
 
 from .conftest import FIGURE, IMAGE_785, RESULTS, VAL_GT
 

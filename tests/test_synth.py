@@ -7,7 +7,7 @@ import pytest
 
 from posefix.synth import InputError, parse_profile, published_profile, synthesize
 from posefix.synth.diagnose import classify
-from posefix.synth.keypoints import NUM_KEYPOINTS, PARTNER, SIGMAS
+from posefix.keypoints import NUM_KEYPOINTS, PARTNER, SIGMAS
 from posefix.synth.profile import GOOD, INVERSION, JITTER, MISS, SWAP
 from posefix.synth.reference import synthesize_reference
 from posefix.synth.synthesize import UNLABELLED, place_unlabelled

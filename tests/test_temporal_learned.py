@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from posefix.errors import InputError
-from posefix.synth.keypoints import NUM_KEYPOINTS, PARTNER
+from posefix.keypoints import NUM_KEYPOINTS, PARTNER
 from posefix.temporal.learned import (
     LearnedSmoother,
     NetConfig,

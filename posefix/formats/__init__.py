@@ -11,7 +11,7 @@ maps each format's name to its :class:`Format`.
 
 Glossary:
     P       persons read, in file order (OpenPose: files sorted by name, then ``people`` order).
-    K       17, the COCO joints (``posefix.synth.keypoints.NAMES`` order).
+    K       17, the COCO joints (``posefix.keypoints.NAMES`` order).
     Kf      keypoints of the format's layout: 17 (COCO, MoveNet, PoseNet), 33 (BlazePose), 25 (OpenPose
             BODY_25) or 18 (OpenPose COCO-18).
     layout  a format's keypoint order and, for each COCO joint, its index in that order (:class:`Layout`).
@@ -43,7 +43,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..fileio import read_json
-from ..synth.keypoints import NUM_KEYPOINTS
+from ..keypoints import NUM_KEYPOINTS
 from . import blazepose, coco, movenet, openpose, posenet
 from .common import (
     COCO17,

@@ -8,7 +8,7 @@ import numpy as np
 from ..errors import InputError
 from ..fileio import read_json
 from ..synth.cocoio import validate_results
-from ..synth.keypoints import NUM_KEYPOINTS
+from ..keypoints import NUM_KEYPOINTS
 from .common import COCO17, Estimates, Format, _json_clean, _kind, _numbers, _Reader
 
 LAYOUT = COCO17

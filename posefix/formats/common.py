@@ -13,13 +13,13 @@ import numpy as np
 
 from ..errors import InputError
 from ..fileio import read_json
-from ..synth.keypoints import KEYPOINT_BOUND, NAMES, NUM_KEYPOINTS, is_number
+from ..keypoints import KEYPOINT_BOUND, NAMES, NUM_KEYPOINTS, is_number
 
 
 @dataclass(frozen=True)
 class Layout:
     """A keypoint layout: its keypoint names in order and, for each of the 17 COCO joints (in
-    ``posefix.synth.keypoints.NAMES`` order), that joint's index in this layout."""
+    ``posefix.keypoints.NAMES`` order), that joint's index in this layout."""
 
     name: str
     names: tuple[str, ...]

@@ -10,7 +10,7 @@ import copy
 import numpy as np
 
 from ..errors import InputError
-from ..synth.keypoints import NAMES, NUM_KEYPOINTS
+from ..keypoints import NAMES, NUM_KEYPOINTS
 from . import common
 from .common import COCO17, Estimates, Format, _Reader
 

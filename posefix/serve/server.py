@@ -25,7 +25,7 @@ from ..batcher import DynamicBatcher
 from ..errors import InputError
 from ..formats import LAYOUTS
 from ..protocols import RefinerLike
-from ..synth.keypoints import NUM_KEYPOINTS
+from ..keypoints import NUM_KEYPOINTS
 from .metrics import Metrics
 from .servicer import PoseRefinerServicer
 from .validation import Limits

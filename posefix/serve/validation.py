@@ -19,7 +19,7 @@ from ..batcher import BatcherStopped, DeadlineExpired, QueueFull
 from ..errors import InputError, PosefixError
 from ..formats import LAYOUTS, Layout
 from ..images import encoded_size
-from ..synth.keypoints import check_poses
+from ..keypoints import check_poses
 
 
 class NoIndex(PosefixError):

@@ -8,7 +8,7 @@ import numpy as np
 from ..fileio import gc_paused
 from .cocoio import GroundTruth
 from .draws import KeyedDraws, as_draws
-from .keypoints import KS_HIT, NUM_KEYPOINTS, SIGMAS, box_iou, ks_radius
+from ..keypoints import KS_HIT, NUM_KEYPOINTS, SIGMAS, box_iou, ks_radius
 from .profile import OUTCOMES, Profile
 from .synthesize import UNLABELLED, Others, prepare, synthesize
 

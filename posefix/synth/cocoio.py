@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..fileio import dumps_json, gc_paused, read_json, write_bytes_atomic
-from .keypoints import NUM_KEYPOINTS, is_number, keypoint_list
+from ..keypoints import NUM_KEYPOINTS, is_number, keypoint_list
 
 
 def write_synth_outputs(results_path: str | Path, results: list, labels_path: str | Path | None = None,

@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .keypoints import NUM_KEYPOINTS
+from ..keypoints import NUM_KEYPOINTS
 
 # Sites: what a number decides. A retry round adds ATTEMPT · attempt.
 OUTCOME, ANCHOR, RADII, PICK, THETA, RHO, ANGLE, CONFIDENCE = range(1, 9)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .keypoints import NUM_KEYPOINTS
+from ..keypoints import NUM_KEYPOINTS
 
 OUTCOMES: tuple[str, ...] = ("good", "jitter", "inversion", "swap", "miss")
 GOOD, JITTER, INVERSION, SWAP, MISS = range(5)

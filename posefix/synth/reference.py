@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .keypoints import KS_HIT, KS_SCALE, NUM_KEYPOINTS, PARTNER
+from ..keypoints import KS_HIT, KS_SCALE, NUM_KEYPOINTS, PARTNER
 from .profile import GOOD, INVERSION, JITTER, MISS, Profile, published_profile
 from .synthesize import KS_RANGE, UNLABELLED
 

@@ -13,7 +13,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..errors import InputError
-from ..synth.keypoints import FLIP_PAIRS, NUM_KEYPOINTS
+from ..keypoints import FLIP_PAIRS, NUM_KEYPOINTS
 
 # Joints swapped with a skeleton neighbour: (elbow, wrist) and (knee, ankle) of each side.
 NEIGHBOUR_PAIRS: tuple[tuple[int, int], ...] = ((7, 9), (8, 10), (13, 15), (14, 16))

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..synth.keypoints import NUM_KEYPOINTS, PARTNER
+from ..keypoints import NUM_KEYPOINTS, PARTNER
 
 FEATURES_PER_FRAME = 12  # own u (2), residual (2), score, present; partner u (2), score; centre's step (2); inside
 RESIDUAL_CLIP = 3.0

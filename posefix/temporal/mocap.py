@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..synth.keypoints import NUM_KEYPOINTS
+from ..keypoints import NUM_KEYPOINTS
 
 # COCO-17 index ← BVH joint name (the CMU convention). The face has no joints of its own: the nose is placed at
 # the middle of the head segment, the eyes and ears stay unlabelled.

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
-from ..synth.keypoints import NUM_KEYPOINTS, SIGMAS
+from ..keypoints import NUM_KEYPOINTS, SIGMAS
 from .core import TemporalOptions, frame_scale, refine_tracks
 
 ASSOCIATION_MIN_SIMILARITY = 0.2  # the least keypoint similarity of a person to a track's predicted pose

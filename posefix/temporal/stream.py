@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
-from ..synth.keypoints import NUM_KEYPOINTS
+from ..keypoints import NUM_KEYPOINTS
 from .core import HISTORY, TemporalOptions, refine_tracks
 from .pipeline import Associator
 

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import InputError
 from ..fileio import read_json
-from ..synth.keypoints import NUM_KEYPOINTS, PARTNER, SIGMAS
+from ..keypoints import NUM_KEYPOINTS, PARTNER, SIGMAS
 from .learned import LearnedSmoother, NetConfig, TemporalNet, window_features
 from .mocap import Camera, camera_path, coco_joints, load_bvh, project
 

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from ..errors import InputError
+from .errors import InputError
 
 NAMES: tuple[str, ...] = (
     "nose", "left_eye", "right_eye", "left_ear", "right_ear",
