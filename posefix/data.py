@@ -12,10 +12,10 @@ import torch
 from . import codec
 from .config import DataConfig
 from .images import coco_image_path, decode
+from .keypoints import PARTNER
 from .model import ModelConfig
 from .synth.coco import MIN_AREA, overlaps
 from .synth.cocoio import load_ground_truth
-from .keypoints import PARTNER
 from .synth.occlusion import ANKLES, KNEES, occlude_rectangles, shorten_legs
 from .synth.profile import Profile
 from .synth.synthesize import synthesize

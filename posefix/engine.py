@@ -18,9 +18,9 @@ from . import codec
 from .choice import METADATA_KEY, FittedChoice
 from .devices import resolve_device
 from .errors import InputError
+from .keypoints import NUM_KEYPOINTS
 from .model import ModelConfig, PoseFixNet, fold_batchnorm
 from .protocols import RefinerLike
-from .keypoints import NUM_KEYPOINTS
 
 PRECISIONS = ("fp32", "bf16")
 BACKENDS = ("torch", "onnxruntime")

@@ -6,10 +6,10 @@ import numpy as np
 
 from .engine import Refiner
 from .images import coco_image_path, decode
+from .keypoints import KS_HIT, NUM_KEYPOINTS, ks
 from .synth.coco import synthesize_coco
 from .synth.cocoio import GroundTruth
 from .synth.diagnose import keypoint_ap
-from .keypoints import KS_HIT, NUM_KEYPOINTS, ks
 from .synth.profile import Profile
 
 

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from . import codec
-from .model import STRIDE
 from .keypoints import KS_HIT
+from .model import STRIDE
 
 
 def to_output_grid(points: torch.Tensor) -> torch.Tensor:

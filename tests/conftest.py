@@ -14,9 +14,9 @@ from posefix import SAMPLE_DIR, codec
 from posefix._proto import pb2_grpc
 from posefix.engine import Refiner, export_weights
 from posefix.images import decode
+from posefix.keypoints import NUM_KEYPOINTS
 from posefix.model import ModelConfig, PoseFixNet
 from posefix.serve import create_server
-from posefix.keypoints import NUM_KEYPOINTS
 
 VAL_GT = SAMPLE_DIR / "person_keypoints_val_sample.json"
 TRAIN_GT = SAMPLE_DIR / "person_keypoints_train_sample.json"

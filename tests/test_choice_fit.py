@@ -11,8 +11,8 @@ from posefix.cli import main
 from posefix.engine import Refiner, choose, load_weights
 from posefix.errors import InputError
 from posefix.images import decode
-from posefix.synth.cocoio import load_ground_truth, load_results
 from posefix.keypoints import NUM_KEYPOINTS, ks
+from posefix.synth.cocoio import load_ground_truth, load_results
 
 REAL = SAMPLE_DIR / "real_estimators"
 TRAIN_GT = SAMPLE_DIR / "person_keypoints_train10.json"

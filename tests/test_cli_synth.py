@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from posefix.cli import main
+from posefix.keypoints import SIGMAS
 from posefix.synth.cocoio import load_ground_truth, load_synth_labels
 from posefix.synth.diagnose import classify
-from posefix.keypoints import SIGMAS
 
 from .conftest import VAL_GT, profile_doc_with_misses
 

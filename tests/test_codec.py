@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from posefix import codec
+from posefix import codec, keypoints
 from posefix.codec import (
     apply_affine,
     box_from_keypoints,
@@ -19,7 +19,6 @@ from posefix.codec import (
     soft_argmax,
     warp_crops,
 )
-from posefix import keypoints
 from posefix.keypoints import FLIP_PAIRS, KS_HIT, NUM_KEYPOINTS, PARTNER, SIGMAS
 
 F64 = torch.float64

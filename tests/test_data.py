@@ -10,8 +10,8 @@ from posefix.config import DataConfig
 from posefix.data import PersonCrops, StepBatches
 from posefix.engine import Refiner
 from posefix.images import decode
-from posefix.model import ModelConfig, PoseFixNet
 from posefix.keypoints import NUM_KEYPOINTS, PARTNER
+from posefix.model import ModelConfig, PoseFixNet
 from posefix.viz import write_png
 
 from .conftest import FIGURE

@@ -12,9 +12,9 @@ from posefix.cli import main
 from posefix.engine import Refiner, refine_images, refine_results
 from posefix.errors import InputError
 from posefix.images import coco_image_path, decode
+from posefix.keypoints import PARTNER
 from posefix.model import ModelConfig, PoseFixNet
 from posefix.synth.cocoio import load_ground_truth, load_results
-from posefix.keypoints import PARTNER
 
 CFG = ModelConfig(backbone="resnet18", input_size=(128, 96), sigma=3.5, head_channels=32, input_prior=False)
 GT = SAMPLE_DIR / "person_keypoints_val_sample.json"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from posefix.errors import InputError
-from posefix.synth.cocoio import load_ground_truth, validate_results
 from posefix.keypoints import KEYPOINT_BOUND, NUM_KEYPOINTS, check_poses, is_number, keypoint_list, present
+from posefix.synth.cocoio import load_ground_truth, validate_results
 
 K = NUM_KEYPOINTS
 

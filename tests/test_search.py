@@ -15,10 +15,10 @@ from posefix._proto import pb2, pb2_grpc
 from posefix.cli import main
 from posefix.errors import InputError
 from posefix.images import decode
+from posefix.keypoints import NAMES, SIGMAS
 from posefix.search import MISSING_DISTANCE, VERSION, PoseIndex, distances_to, embed, mirror, pose_distance
 from posefix.search_cli import CELL, LABEL
 from posefix.serve import create_server
-from posefix.keypoints import NAMES, SIGMAS
 
 from .conftest import FIGURE, IMAGE_785, RESULTS, VAL_GT
 

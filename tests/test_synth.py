@@ -5,9 +5,9 @@ import sys
 import numpy as np
 import pytest
 
+from posefix.keypoints import NUM_KEYPOINTS, PARTNER, SIGMAS
 from posefix.synth import InputError, parse_profile, published_profile, synthesize
 from posefix.synth.diagnose import classify
-from posefix.keypoints import NUM_KEYPOINTS, PARTNER, SIGMAS
 from posefix.synth.profile import GOOD, INVERSION, JITTER, MISS, SWAP
 from posefix.synth.reference import synthesize_reference
 from posefix.synth.synthesize import UNLABELLED, place_unlabelled

@@ -9,12 +9,12 @@ import pytest
 
 from posefix.cli import main
 from posefix.errors import InputError
+from posefix.keypoints import PARTNER, SIGMAS
 from posefix.synth import read_dataset
 from posefix.synth.coco import overlaps
 from posefix.synth.cocoio import load_ground_truth
 from posefix.synth.dataset import load_arrays, read_manifest, regenerate_shard, write_dataset
 from posefix.synth.diagnose import diagnose
-from posefix.keypoints import PARTNER, SIGMAS
 from posefix.synth.profile import ERRORS, OUTCOMES, published_profile
 from posefix.synth.sequences import SequenceParams, fit_sequences, synthesize_track, synthesize_tracks
 

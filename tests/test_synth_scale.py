@@ -11,11 +11,11 @@ import pytest
 
 from posefix.errors import InputError
 from posefix.fileio import read_json
+from posefix.keypoints import NUM_KEYPOINTS, box_iou
 from posefix.synth import synthesize
 from posefix.synth.coco import MIN_AREA, OVERLAP_IOU, image_persons, synthesize_coco
 from posefix.synth.cocoio import GroundTruth, _ground_truth
 from posefix.synth.diagnose import classify
-from posefix.keypoints import NUM_KEYPOINTS, box_iou
 from posefix.synth.profile import parse_profile
 from posefix.synth.synthesize import ANGLE_MARGIN, TWO_PI, Others, _free_arcs
 

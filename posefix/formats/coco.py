@@ -7,8 +7,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..fileio import read_json
-from ..synth.cocoio import validate_results
 from ..keypoints import NUM_KEYPOINTS
+from ..synth.cocoio import validate_results
 from .common import COCO17, Estimates, Format, _json_clean, _kind, _numbers, _Reader
 
 LAYOUT = COCO17

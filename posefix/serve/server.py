@@ -24,8 +24,8 @@ from .._proto import FORMAT_LAYOUT, SERVICE_NAME, pb2
 from ..batcher import DynamicBatcher
 from ..errors import InputError
 from ..formats import LAYOUTS
-from ..protocols import RefinerLike
 from ..keypoints import NUM_KEYPOINTS
+from ..protocols import RefinerLike
 from .metrics import Metrics
 from .servicer import PoseRefinerServicer
 from .validation import Limits

@@ -3,8 +3,8 @@
 Needs numpy and scipy only (no torch), so error synthesis and diagnosis run in a light environment.
 """
 from ..errors import InputError, PosefixError
-from .dataset import read_dataset
 from ..keypoints import FLIP_PAIRS, NAMES, NUM_KEYPOINTS, PARTNER, SIGMAS, SKELETON, box_iou, ks, ks_radius, oks
+from .dataset import read_dataset
 from .profile import OUTCOMES, Profile, load_profile, parse_profile, published_profile
 from .synthesize import UNLABELLED, SynthResult, synthesize
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..fileio import gc_paused
+from ..keypoints import KS_HIT, NUM_KEYPOINTS, SIGMAS, box_iou, ks_radius
 from .cocoio import GroundTruth
 from .draws import KeyedDraws, as_draws
-from ..keypoints import KS_HIT, NUM_KEYPOINTS, SIGMAS, box_iou, ks_radius
 from .profile import OUTCOMES, Profile
 from .synthesize import UNLABELLED, Others, prepare, synthesize
 

@@ -33,10 +33,10 @@ from isal import igzip
 
 from ..errors import InputError
 from ..fileio import gc_paused, orjson, read_json, write_bytes_atomic
+from ..keypoints import NUM_KEYPOINTS
 from .coco import draw_coco, plan_coco
 from .cocoio import GroundTruth, load_ground_truth
 from .draws import KeyedDraws, person_keys
-from ..keypoints import NUM_KEYPOINTS
 from .profile import ERRORS, OUTCOMES, Profile, published_profile
 from .synthesize import UNLABELLED
 

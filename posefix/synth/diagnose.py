@@ -16,8 +16,8 @@ import io
 import numpy as np
 
 from ..errors import InputError
-from .cocoio import GroundTruth, validate_results
 from ..keypoints import KS_HIT, NAMES, NUM_KEYPOINTS, PARTNER, ks
+from .cocoio import GroundTruth, validate_results
 from .profile import GOOD, INVERSION, JITTER, MISS, OUTCOMES, SWAP
 
 NO_LABEL = -1  # the GT does not label this joint

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
+from ..keypoints import NUM_KEYPOINTS, PARTNER
 from .coco import overlaps
 from .cocoio import GroundTruth
-from ..keypoints import NUM_KEYPOINTS, PARTNER
 from .profile import ERRORS, OUTCOMES, Profile, crowded, published_profile
 
 SUM_LIMIT = 1.0 - 1e-5  # most a joint's error probabilities may sum to; room for the 6-decimal rounding of to_dict

@@ -30,9 +30,9 @@ from importlib import resources
 import numpy as np
 
 from ..errors import InputError
+from ..keypoints import KS_HIT, NUM_KEYPOINTS, PARTNER, SIGMAS, box_iou
 from .cocoio import GroundTruth
 from .diagnose import classify
-from ..keypoints import KS_HIT, NUM_KEYPOINTS, PARTNER, SIGMAS, box_iou
 from .profile import GOOD, INVERSION, JITTER, MISS, OUTCOMES, SWAP, Profile, published_profile
 from .synthesize import UNLABELLED, place_unlabelled
 

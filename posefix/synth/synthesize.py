@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
-from .draws import ANCHOR, ANGLE, ATTEMPT, CONFIDENCE, OUTCOME, PICK, RADII, RHO, THETA, KeyedDraws, as_draws
 from ..keypoints import HEIGHT_PER_SQRT_AREA, KS_HIT, KS_SCALE, NUM_KEYPOINTS, PARTNER, TEMPLATE, ks_radius
+from .draws import ANCHOR, ANGLE, ATTEMPT, CONFIDENCE, OUTCOME, PICK, RADII, RHO, THETA, KeyedDraws, as_draws
 from .profile import GOOD, INVERSION, JITTER, MISS, OUTCOMES, SWAP, Profile, published_profile
 
 UNLABELLED = -1  # outcome code of an unlabelled GT joint that was placed plausibly
