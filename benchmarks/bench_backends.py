@@ -6,7 +6,7 @@
 
 For each model (backbone and crop size; untrained weights, whose speed is a trained model's) the refiner is
 exported once (``posefix.onnx_backend.export_onnx``) and quantised to int8 on 64 real crops of the bundled
-COCO val sample (the real top-down estimator's persons, cut as the engine cuts them). Then each backend runs
+COCO val sample (the real top-down estimator's persons, cut as the refiner cuts them). Then each backend runs
 the model on the same batches of those real crops (cycled to the batch size), best of ``--repeat`` after a
 warm-up, all in one process one after another, so the ratios are side by side:
 
@@ -39,9 +39,10 @@ import torch
 from common import machine, timed, write
 
 from posefix import SAMPLE_DIR
-from posefix.engine import Refiner, export_weights
 from posefix.model import ModelConfig, PoseFixNet
 from posefix.onnx_backend import OnnxModel, calibration_crops, export_onnx, quantize_int8, save_model
+from posefix.refiner import Refiner
+from posefix.weights import export_weights
 
 MODELS = {"r18-64x64": ("resnet18", (64, 64), 2.0, 32), "r18-128x96": ("resnet18", (128, 96), 3.5, 128), "r50-256x192": ("resnet50", (256, 192), 7.0, 256),
           "r50-384x288": ("resnet50", (384, 288), 9.0, 256), "r152-384x288": ("resnet152", (384, 288), 9.0, 256)}
@@ -54,7 +55,7 @@ def runner(name: str, model: PoseFixNet, fp32: bytes, int8: bytes):
     """(call(image, keypoints), the refine CLI's backend arguments (the files filled in later)) for a backend."""
     if name.startswith("torch"):
         cuda = "cuda" in name
-        refiner = Refiner(model, "cuda" if cuda else "cpu", precision="bf16" if "bf16" in name else "fp32",
+        refiner = Refiner(model, device="cuda" if cuda else "cpu", precision="bf16" if "bf16" in name else "fp32",
                           channels_last=name.endswith("-cl") or cuda)
 
         def call(image, kp):

@@ -121,8 +121,8 @@ def main(argv=None) -> int:
 
     from posefix.cli import main as posefix
     from posefix.config import load_config
-    from posefix.engine import export_weights
     from posefix.model import PoseFixNet
+    from posefix.weights import export_weights
 
     work = Path(tempfile.mkdtemp(prefix="posefix-choice-"))
     synth = work / "synthesized.json"

@@ -14,9 +14,9 @@ by ``posefix.synth.coco.synthesize_coco`` at the published rates (its real neigh
 swaps and misses). It is generated, seeded, in a separate process into a temporary directory, and timed.
 
 The measured path is the one `posefix refine` runs, in process, with a random-weight ``PoseFixNet``
-exported by ``posefix.engine.export_weights``: ``posefix.formats.read_estimates`` reads and validates the
+exported by ``posefix.weights.export_weights``: ``posefix.formats.read_estimates`` reads and validates the
 JSON, ``Refiner.from_checkpoint`` loads the weights, ``posefix.refine.refine_estimates`` refines through
-``posefix.engine.refine_images``, which decodes each image once in background threads and batches persons
+``posefix.refine.refine_images``, which decodes each image once in background threads and batches persons
 across images, and applies the per-joint choice and the instance scores; ``write_coco_results`` and
 ``write_json_atomic`` write the output. The weights do not change the work done. On a device that cannot
 refine every person in ``--seconds`` (120 s by default on a CPU; no limit on a GPU) the images are refined
@@ -182,10 +182,11 @@ def refine_offline(work: Path, checkpoint: Path, args, seconds: float | None) ->
     """`posefix refine --format coco` on work/input.json, stopping new images once ``seconds`` are up."""
     from tqdm import tqdm
 
-    from posefix.engine import Refiner, refine_images
     from posefix.fileio import write_json_atomic
     from posefix.formats import image_file, image_ids, read_estimates, write_coco_results
-    from posefix.refine import by_image, refine_estimates
+    from posefix.options import RefineOptions
+    from posefix.refine import by_image, refine_estimates, refine_images
+    from posefix.refiner import Refiner
     from posefix.runtime import keep_freed_memory
 
     out = {"keep_freed_memory": keep_freed_memory(),  # as the posefix command does for refine
@@ -196,8 +197,9 @@ def refine_offline(work: Path, checkpoint: Path, args, seconds: float | None) ->
     out["rss_after_read_mb"] = _rss_mb()
 
     t0 = time.perf_counter()
-    refiner = Refiner.from_checkpoint(checkpoint, args.device, args.batch_size, False, args.precision,
-                                      args.channels_last)
+    refiner = Refiner.from_checkpoint(checkpoint, RefineOptions(device=args.device, batch_size=args.batch_size,
+                                                                precision=args.precision,
+                                                                channels_last=args.channels_last))
     out["load_s"] = time.perf_counter() - t0
 
     model_s = [0.0]
@@ -377,8 +379,8 @@ def main():
     import torch
 
     from posefix import SAMPLE_DIR
-    from posefix.engine import export_weights
     from posefix.model import ModelConfig, PoseFixNet
+    from posefix.weights import export_weights
 
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")

@@ -6,7 +6,7 @@
 
 For each model (a preset's name, or BACKBONE@HxW with a light head of 64 channels; untrained weights, whose
 speed is a trained model's) on real crops of the bundled COCO val sample (the real top-down estimator's
-persons, cut as the engine cuts them), in one process one after another:
+persons, cut as the refiner cuts them), in one process one after another:
 
   latency   ms per person at batch 1 on one thread, the process pinned to one core (``--core``)
   b8, b32   persons/s at batch 8 and 32 on two threads and both cores
@@ -49,9 +49,10 @@ from common import machine, timed, write
 
 from posefix import SAMPLE_DIR
 from posefix.config import PRESETS, load_config
-from posefix.engine import Refiner, export_weights
 from posefix.model import ModelConfig, PoseFixNet
 from posefix.onnx_backend import OnnxModel, calibration_crops, export_onnx, quantize_int8
+from posefix.refiner import Refiner
+from posefix.weights import export_weights
 
 BACKENDS = ("torch", "torch-cl", "ort-fp32", "ort-int8")
 BLAZEPOSE = Path(__file__).with_name("blazepose_latency.py")
@@ -135,7 +136,7 @@ def one_model(name: str, model: PoseFixNet, fp32: bytes, int8: bytes, image: np.
             pinned({args.core} if threads == 1 else all_cores)
             torch.set_num_threads(threads)
             if backend.startswith("torch"):
-                refiner = Refiner(model, "cpu", channels_last=backend == "torch-cl")
+                refiner = Refiner(model, device="cpu", channels_last=backend == "torch-cl")
 
                 def call(x, k, refiner=refiner):
                     return refiner.infer(x, k)
@@ -178,7 +179,7 @@ def int8_ratios(models: dict, args, all_cores: set[int], batch: int = 32) -> lis
     for name, (model, fp32, int8, image, kp) in models.items():
         pick = np.arange(batch) % len(image)
         x, k = torch.from_numpy(image[pick]), torch.from_numpy(kp[pick])
-        cl, plain = Refiner(model, "cpu", channels_last=True), Refiner(model, "cpu")
+        cl, plain = Refiner(model, device="cpu", channels_last=True), Refiner(model, device="cpu")
         a, b = OnnxModel(fp32), OnnxModel(int8)
         best = interleaved({"torch-cl": lambda: cl.infer(x, k), "torch": lambda: plain.infer(x, k),  # noqa: B023 (called at once)
                             "ort-fp32": lambda: a(x, keypoints=k), "ort-int8": lambda: b(x, keypoints=k)},  # noqa: B023

@@ -5,7 +5,7 @@
 
 The persons are the bundled COCO val sample's annotated persons (their GT with seeded jitter as the input
 pose), cycled over their real JPEG images until a batch is full. For each backbone, crop size, variant and
-batch size, the stages of ``posefix.engine.Refiner`` are timed one after another (the device synchronised
+batch size, the stages of ``posefix.refiner.Refiner`` are timed one after another (the device synchronised
 after each):
 
   decode   the batch's JPEG files → uint8 tensors (torchvision.io, ``posefix.images.decode``);
@@ -43,9 +43,10 @@ from common import machine, write
 from torch.utils.flop_counter import FlopCounterMode
 
 from posefix import SAMPLE_DIR, codec
-from posefix.engine import Refiner, refine_images
 from posefix.images import decode
 from posefix.model import ModelConfig, PoseFixNet
+from posefix.refine import refine_images
+from posefix.refiner import Refiner
 from posefix.runtime import keep_freed_memory
 
 SIGMA = {(256, 192): 7.0, (384, 288): 9.0}
@@ -128,7 +129,7 @@ def build(backbone, size, variant, device, batch_size):
     torch.manual_seed(0)
     model = PoseFixNet(ModelConfig(backbone=backbone, input_size=size, sigma=SIGMA.get(size, 7.0)))
     model.fused_stem = fused
-    refiner = Refiner(model, device, batch_size=batch_size, precision=precision, channels_last=channels_last)
+    refiner = Refiner(model, device=device, batch_size=batch_size, precision=precision, channels_last=channels_last)
     if mode is not None:
         torch._dynamo.reset()  # a fresh compilation per row: no recompile limit reached, no stale CUDA graphs
         refiner.model = torch.compile(refiner.model, mode=mode)
@@ -160,7 +161,7 @@ def stage_times(refiner: Refiner, jobs, sync, repeat: int, fused: bool = True) -
         images = [decode(p) for p in paths]
         t1 = time.perf_counter()
         with torch.no_grad():
-            crops, kp_crop, affine, _ = refiner.prepare(images, index, poses, poses)
+            crops, kp_crop, affine, _ = refiner.crop(images, index, poses, poses)
             if sync:
                 sync()
             t2 = time.perf_counter()
@@ -168,7 +169,7 @@ def stage_times(refiner: Refiner, jobs, sync, repeat: int, fused: bool = True) -
             if sync:
                 sync()
             t3 = time.perf_counter()
-            refiner.back(coords, affine)
+            refiner.to_image(coords, affine)
             conf.cpu()
         t4 = time.perf_counter()
         for k, t in zip(best, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):

@@ -344,13 +344,13 @@ def build_refiner(backbone: str, input_size: tuple[int, int], device: str, seed:
     """A random-weight PoseFixNet (σ scaled with the input height, 7 at 256) in a Refiner, warmed up."""
     import torch
 
-    from posefix.engine import Refiner
     from posefix.model import ModelConfig, PoseFixNet
+    from posefix.refiner import Refiner
 
     torch.manual_seed(seed)
     h, w = input_size
     model = PoseFixNet(ModelConfig(backbone=backbone, input_size=(h, w), sigma=7.0 * h / 256))
-    refiner = Refiner(model, device, batch_size=64)
+    refiner = Refiner(model, device=device, batch_size=64)
     warm = np.zeros((1, 17, 3))
     warm[0, :, :2], warm[0, :, 2] = (w / 2, h / 2), 1.0
     refiner.refine([torch.zeros((3, h, w), dtype=torch.uint8)], np.zeros(1, dtype=np.int64), warm)

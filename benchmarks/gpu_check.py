@@ -112,9 +112,8 @@ def _rate(fn, n: int, device: str, calls: int) -> float:
 
 
 def step_throughput(plan: Plan, tmp: Path) -> dict:
-    from posefix.engine import Refiner
-
-    refiner = Refiner(_model(plan), plan.device, precision="bf16", channels_last=True)
+    from posefix.refiner import Refiner
+    refiner = Refiner(_model(plan), device=plan.device, precision="bf16", channels_last=True)
     rows = []
     for b in plan.batches:
         image, kp = _inputs(plan, b, plan.device)
@@ -161,8 +160,7 @@ def step_onnxruntime(plan: Plan, tmp: Path) -> dict:
 
 
 def step_refine(plan: Plan, tmp: Path) -> dict:
-    from posefix.engine import export_weights
-
+    from posefix.weights import export_weights
     checkpoint = tmp / "model.safetensors"
     export_weights(_model(plan), checkpoint, {})
     results = json.loads(RESULTS.read_text())

@@ -82,10 +82,11 @@ def rates(index, queries: dict, truth: dict, mirror_too=False) -> dict:
 
 
 def refine(checkpoint, gts, queries, images: dict):
-    from posefix.engine import Refiner, refine_images
     from posefix.images import coco_image_path
+    from posefix.refine import refine_images
+    from posefix.refiner import Refiner
 
-    refiner = Refiner.from_checkpoint(checkpoint, "cpu")
+    refiner = Refiner.from_checkpoint(checkpoint, device="cpu")
     out = {}
     for name, q in queries.items():
         if images.get(name) is None:

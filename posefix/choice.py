@@ -8,7 +8,13 @@ rule over a few features of each joint (both confidences, the estimator's own ke
 correction moves the joint relative to the person's size, which joint it is) trained to predict whether the
 refined joint lies closer to the truth than the input joint, each joint weighted by how much KS is at stake
 (|KS refined − KS input|), so the rule maximises the KS gained. The rule travels in the checkpoint's metadata
-(``posefix fit-choice``) and :func:`posefix.engine.choose` applies it wherever the checkpoint is loaded.
+(``posefix fit-choice``) and :func:`choose` applies it wherever the checkpoint is loaded.
+
+This module is the whole per-joint choice: the rule (:func:`choose`, built in or fitted), its margins and
+defaults, the notice for a checkpoint whose choice keeps every input joint, what follows the choice
+(:func:`finish`: ``keep_input_below`` and the instance scores), and the fitting of a rule
+(:func:`fit_choice`, :func:`select_margin`). The refiner applies it (:meth:`posefix.refiner.Refiner.refine`),
+and so does the refinement of files (:mod:`posefix.refine`).
 
 Glossary: P persons, K = 17 joints; F features. numpy and scipy only.
 """
@@ -17,11 +23,20 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from scipy.optimize import minimize
 
 from .errors import InputError
 from .keypoints import NUM_KEYPOINTS, ks, present
+from .synth.diagnose import diagnose
 
+# What a refiner puts out: "choice", per joint the input or the refined one; "raw", every joint as refined.
+OUTPUTS = ("choice", "raw")
+# The default choice margin of a checkpoint without a fitted rule: the refined confidence (at most 1) never
+# exceeds the input joint's estimate by more, so every input joint is kept.
+UNFITTED_MARGIN = 1.0
+# What refine, refine-video and serve say when that default applies.
+KEEPS_INPUT_NOTICE = ("the checkpoint's choice is not fitted to an estimator, so every input joint is kept "
+                      "(posefix fit-choice fits it; --choice-margin 0 takes the heads' own choice, --output raw "
+                      "every correction)")
 METADATA_KEY = "posefix_choice"
 VERSION = 1
 NUMERIC = ("refined_confidence_logit", "input_confidence_logit", "input_score", "input_present", "log_move")
@@ -61,7 +76,7 @@ class FittedChoice:
 
     def __init__(self, mean, std, weights, intercept, joint_bias, info: dict | None = None, margin: float = 0.0):
         self.intercept = float(intercept)
-        self.margin = float(margin)  # the correction is taken where 2p - 1 > margin (see posefix.engine.choose)
+        self.margin = float(margin)  # the correction is taken where 2p - 1 > margin (see choose)
         self.mean = np.asarray(mean, dtype=np.float64)
         self.std = np.asarray(std, dtype=np.float64)
         self.weights = np.asarray(weights, dtype=np.float64)
@@ -120,7 +135,7 @@ def fit_choice(poses, xy, conf, input_conf, gt, gt_area, l2: float = 1.0) -> Fit
     gt = np.asarray(gt, dtype=np.float64)
     labelled = gt[..., 2] > 0
     if labelled.sum() < 20:
-        raise InputError("--annotations", f"only {int(labelled.sum())} labelled joints match the input; at least "
+        raise InputError("annotations", f"only {int(labelled.sum())} labelled joints match the input; at least "
                          "20 are needed to fit the choice")
     given = np.nan_to_num(poses[..., :2], nan=0.0, posinf=0.0, neginf=0.0)
     gain = ks(xy, gt, gt_area) - ks(given, gt, gt_area)  # (P, K) KS won by taking the correction
@@ -146,6 +161,8 @@ def fit_choice(poses, xy, conf, input_conf, gt, gt_area, l2: float = 1.0) -> Fit
         grad = x.T @ (w * (p - y)) / wsum + 2 * l2 * penalised * theta / wsum
         return value, grad
 
+    from scipy.optimize import minimize  # here, not at the top: start-up time of every command that imports the rule
+
     bound = [(-30.0, 30.0)] * x.shape[1]  # the unpenalised intercept runs off where every label is the same
     theta = minimize(loss, np.zeros(x.shape[1]), jac=True, method="L-BFGS-B", bounds=bound).x
     n = len(NUMERIC)
@@ -156,16 +173,6 @@ def fit_choice(poses, xy, conf, input_conf, gt, gt_area, l2: float = 1.0) -> Fit
     rule.info.update(taken=float(take.mean()), ks_gain_fitted=float(np.where(take, gain[labelled], 0.0).mean()),
                      ks_gain_oracle=float(np.maximum(gain[labelled], 0.0).mean()))
     return rule
-
-
-def raw_refinement(refiner, est, files: dict, workers: int = 2):
-    """Refine every person of ``est`` (:class:`posefix.formats.Estimates`) raw with ``refiner`` (a
-    :class:`posefix.engine.Refiner`) through :func:`posefix.refine.refine_estimates`, ``files`` mapping each image
-    key to its file. Returns xy (P, K, 2), confidence (P, K) and input confidence (P, K) in ``est`` order."""
-    from .refine import refine_estimates
-
-    out = refine_estimates(refiner, est, files, output="raw", workers=workers)
-    return out.xy, out.conf, out.input_conf
 
 
 def matched_truth(gt, results: list[dict]):
@@ -181,8 +188,6 @@ def matched_truth(gt, results: list[dict]):
 def matched_person(gt, results: list[dict]) -> list[int | None]:
     """For each result, the index in ``gt`` of the non-crowd GT person COCO's matching (as
     :func:`posefix.synth.diagnose.diagnose`) pairs it with, None where there is none."""
-    from .synth.diagnose import diagnose
-
     index_of = {int(a): i for i, a in enumerate(gt.ids)}
     out = []
     for d in diagnose(gt, results, with_ap=False)["detections"]:
@@ -203,3 +208,74 @@ def select_margin(ap_of, margins=MARGINS, tolerance: float = AP_TOLERANCE) -> tu
     aps = {float(m): float(ap_of(m)) for m in margins}
     best = max(aps.values())
     return max(m for m, a in aps.items() if a >= best - tolerance), aps
+
+
+def choose(poses: np.ndarray, xy: np.ndarray, conf: np.ndarray, input_conf: np.ndarray,
+           margin: float = 0.0, fitted: FittedChoice | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The per-joint choice: poses (P, K, 3) the input (image pixels), xy (P, K, 2) and conf (P, K) the refined
+    joints and their confidence, input_conf (P, K) the input joints' estimated confidence. A joint is the
+    refined one where ``conf > input_conf + margin`` — with a ``fitted`` rule, where its probability p that the
+    refined joint is closer to the truth gives ``2p - 1 > margin`` — or where the input joint is not finite;
+    else the input joint's exact coordinates with ``input_conf``, 0 where the input joint is absent
+    (score <= 0): kept as given, it is no more there than it was. Returns the chosen xy (P, K, 2) and
+    confidence (P, K)."""
+    poses = np.asarray(poses, dtype=np.float64)
+    given = poses[..., :2]
+    if fitted is None:
+        take = conf > input_conf + margin
+    else:
+        take = np.tanh(fitted.logit(poses, xy, conf, input_conf) / 2) > margin  # tanh(t / 2) = 2 sigmoid(t) - 1
+    refined = take | ~np.isfinite(given).all(-1)
+    kept_conf = np.where(poses[..., 2] > 0, input_conf, 0.0)
+    return np.where(refined[..., None], xy, given), np.where(refined, conf, kept_conf)
+
+
+def resolved_margin(choice_margin: float | None, fitted: FittedChoice | None) -> float:
+    """The margin a refiner chooses with: ``choice_margin``, or where it is None the fitted rule's own margin
+    (chosen on its labelled images), else :data:`UNFITTED_MARGIN` (every input joint kept)."""
+    if choice_margin is None:
+        return fitted.margin if fitted is not None else UNFITTED_MARGIN
+    return float(choice_margin)
+
+
+def keeps_every_input(output: str, choice_margin: float | None, fitted: bool) -> bool:
+    """Whether refining with ``output`` and ``choice_margin`` (None: the default) returns every finite input joint
+    exactly, for a checkpoint with (``fitted``) or without a fitted choice."""
+    if output != "choice" or fitted:
+        return False
+    return choice_margin is None or choice_margin >= UNFITTED_MARGIN
+
+
+def kept_input(poses, xy) -> np.ndarray:
+    """(P, K) bool: where the output joint xy (P, K, 2) is the input joint of poses (P, K, 3) exactly."""
+    return (np.asarray(xy, dtype=np.float64) == np.asarray(poses, dtype=np.float64)[..., :2]).all(-1)
+
+
+def instance_scores(scores, conf, present, output: str) -> np.ndarray:
+    """Each refined person's instance score: with the per-joint choice the input's own (an input whose every
+    joint is kept comes back exactly as given, and COCO's ranking of the persons is the estimator's); raw, the
+    input's × the mean refined confidence of its present joints. scores (P,), conf (P, K), present (P, K) bool.
+
+    Files refined offline (``posefix refine``, ``refine-video``) are scored so. The service returns every
+    person's score as it was sent, whatever the output (the contract of ``RefinedPerson.score``): a caller
+    that ranks persons by the refinement computes this score from the keypoints' confidences."""
+    if output == "choice":
+        return np.asarray(scores, dtype=np.float64)
+    total, count = (conf * present).sum(1), np.maximum(present.sum(1), 1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        product = scores * total / count
+    # scores near float64's maximum overflow the product; the mean confidence (at most 1) first cannot
+    return np.where(np.isfinite(product) | ~np.isfinite(scores), product, scores * (total / count))
+
+
+def finish(given, scores, xy, conf, output: str, keep_input_below: float | None = None):
+    """The policy after the per-joint choice: given (P, K, 3) the input poses, scores (P,) their instance scores,
+    xy (P, K, 2) and conf (P, K) the refined (chosen) joints. ``keep_input_below``: the input joint, its score as
+    confidence, wherever the refined confidence is below it and below the input joint's score. Returns xy, conf,
+    kept (P, K) bool (the input joint exactly: ``keypoint_source`` "input") and the instance scores (P,)."""
+    given = np.asarray(given, dtype=np.float64)
+    if keep_input_below is not None:
+        xy, conf = np.array(xy, dtype=np.float64), np.array(conf, dtype=np.float64)
+        keep = (conf < keep_input_below) & (conf < given[..., 2])
+        xy[keep], conf[keep] = given[keep][:, :2], given[keep][:, 2]
+    return xy, conf, kept_input(given, xy), instance_scores(scores, conf, given[..., 2] > 0, output)

@@ -10,45 +10,37 @@ import collections
 import itertools
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
 from . import SAMPLE_DIR, __version__
-from .errors import InputError, PosefixError
-from .formats import FORMATS
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
-    return value
-
-
-def _check_outputs(args, inputs: tuple[str, ...], outputs: tuple[str, ...], extra=(), trees=()):
-    """Refuse to write an output over (or inside) an input, or over another output (see
-    :func:`posefix.fileio.check_outputs`); ``extra``, ``trees``: (field, path) of more outputs, of directories
-    replaced whole."""
-    from .fileio import check_outputs
-
-    def named(names):
-        return [(f"--{name.replace('_', '-')}", getattr(args, name, None)) for name in names]
-
-    check_outputs(named(inputs), named(outputs) + list(extra), trees)
-    for field, path in named(outputs):
-        if path is not None and Path(path).is_dir():
-            raise InputError(field, f"{path} is a directory; give a file path")
+from .choice import KEEPS_INPUT_NOTICE
+from .cliargs import (
+    allow_outside_images_arg,
+    annotations_arg,
+    batch_size_arg,
+    check_command_outputs,
+    checkpoint_arg,
+    device_arg,
+    flip_test_arg,
+    format_arg,
+    gt_arg,
+    images_arg,
+    precision_args,
+    quiet_arg,
+    seed_type,
+    skip_invalid_arg,
+    workers_arg,
+)
+from .errors import InputError, PosefixError, require
+from .formats import FORMATS, as_coco_results
+from .options import RefineOptions
+from .search_cli import add_parsers as add_search_parsers
 
 
 def cmd_synth(args) -> int:
-    from .synth.coco import synthesize_coco
-    from .synth.cocoio import load_ground_truth, write_synth_outputs
-    from .synth.profile import load_profile
-
     for name in ("gt", "out"):
         if getattr(args, name) is None:
             raise InputError(f"--{name}", "is required")
@@ -62,27 +54,36 @@ def cmd_synth(args) -> int:
             raise InputError("--variants", f"must be >= 1, got {args.variants}")
         if args.block_persons is not None and args.block_persons < 1:
             raise InputError("--block-persons", f"must be >= 1, got {args.block_persons}")
-        _check_outputs(args, ("gt", "profile"), ())
+        check_command_outputs(args, ("gt", "profile"), ())
         for line in run_synth_dataset(args.gt, args.out, args.variants, args.seed, args.profile, args.severity,
                                       per_error, args.sequences, args.sequence_params,
                                       args.block_persons or BLOCK_PERSONS):
             print(line)
         return 0
-    _check_outputs(args, ("gt", "profile"), ("out", "labels"))
-    profile = load_profile(args.profile)
-    gt = load_ground_truth(args.gt)
-    rng = np.random.default_rng(args.seed)
+    check_command_outputs(args, ("gt", "profile"), ("out", "labels"))
+    _synthesize(args.gt, args.out, args.labels, args.seed, args.profile)
+    return 0
+
+
+def _synthesize(gt_path, out, labels_path, seed: int, profile_path) -> None:
+    """``posefix synth`` without a dataset directory: one input per labelled person, written, and said."""
+    from .synth.coco import synthesize_coco
+    from .synth.cocoio import load_ground_truth, write_synth_outputs
+    from .synth.profile import load_profile
+
+    profile = load_profile(profile_path)
+    gt = load_ground_truth(gt_path)
+    rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     results, labels = synthesize_coco(gt, rng, profile)
     elapsed = time.perf_counter() - t0
-    write_synth_outputs(args.out, results, args.labels, labels)  # labels after results, naming them by hash
+    write_synth_outputs(out, results, labels_path, labels)  # labels after results, naming them by hash
     counts = collections.Counter(itertools.chain.from_iterable(entry["labels"] for entry in labels))
     planted = ", ".join(f"{k} {counts[k]}" for k in ("good", "jitter", "inversion", "swap", "miss", "unlabelled")
                         if k in counts)
-    print(f"synthesized {len(results)} input poses from {args.gt} in {elapsed:.2f} s "
-          f"(profile {profile.name}, seed {args.seed}) -> {args.out}")
+    print(f"synthesized {len(results)} input poses from {gt_path} in {elapsed:.2f} s "
+          f"(profile {profile.name}, seed {seed}) -> {out}")
     print(f"keypoints: {planted}")
-    return 0
 
 
 def cmd_synth_fit(args) -> int:
@@ -92,7 +93,7 @@ def cmd_synth_fit(args) -> int:
     from .synth.fit import fit_profile
     from .synth.profile import load_profile
 
-    _check_outputs(args, ("gt", "results", "profile", "images"), ("out",))
+    check_command_outputs(args, ("gt", "results", "profile", "images"), ("out",))
     gt = load_ground_truth(args.gt)
     if FORMATS[args.format].coco_results:
         results = load_results(args.results, gt)
@@ -119,7 +120,7 @@ def cmd_synth_fit_sequences(args) -> int:
     from .synth.cocoio import load_ground_truth, validate_results
     from .synth.sequences import fit_sequences
 
-    _check_outputs(args, ("gt", "results"), ("out",))
+    check_command_outputs(args, ("gt", "results"), ("out",))
     gt = load_ground_truth(args.gt)
     results = validate_results(read_json(args.results, "results"), str(args.results), gt)
     params, measured = fit_sequences(gt, results, str(args.results))
@@ -137,7 +138,7 @@ def cmd_diagnose(args) -> int:
 
     plots = [("--plots", Path(args.plots) / n) for n in ("keypoint_errors.png", "ap_gains.png", "crowding.png")
              ] if args.plots else ()
-    _check_outputs(args, ("gt", "results"), ("out",), extra=plots)
+    check_command_outputs(args, ("gt", "results"), ("out",), extra=plots)
     gt = load_ground_truth(args.gt)
     results = load_results(args.results, gt)
     report = diagnose(gt, results, source=str(args.results))
@@ -193,9 +194,11 @@ def cmd_demo(args) -> int:
     inputs on the bundled val images — synthesized ones and real estimators' outputs, each through its own
     --format — raw and with the per-joint choice, and print AP and the error breakdown of each."""
     from .config import load_config
-    from .fileio import write_json_atomic
-    from .synth.cocoio import load_ground_truth, load_results
+    from .fileio import read_json, write_json_atomic
+    from .offline import fit_choice_file, refine_file
+    from .synth.cocoio import load_ground_truth, load_results, validate_results
     from .synth.diagnose import diagnose, keypoint_ap
+    from .viz import write_overlays
 
     out = Path(args.out)
     gt_path = SAMPLE_DIR / "person_keypoints_val_sample.json"
@@ -203,8 +206,7 @@ def cmd_demo(args) -> int:
     train_gt = SAMPLE_DIR / "person_keypoints_train10.json"
     print(f"posefix {__version__} demo on the bundled COCO sample ({SAMPLE_DIR})\n")
     synth_path = out / "synth_results.json"
-    cmd_synth(argparse.Namespace(gt=str(gt_path), out=str(synth_path), labels=str(out / "synth_labels.json"),
-                                 seed=args.seed + 1, profile=None))
+    _synthesize(str(gt_path), str(synth_path), str(out / "synth_labels.json"), args.seed + 1, None)
     checkpoint = args.checkpoint
     if checkpoint is None:
         run = out / f"run-{args.steps}-steps-seed-{args.seed}"
@@ -222,11 +224,10 @@ def cmd_demo(args) -> int:
 
             train(cfg, run, resume=resume)
     gt = load_ground_truth(gt_path)
-    parser = build_parser()
     rows = []
     print()
     train_synth = out / "synth_train_results.json"
-    cmd_synth(argparse.Namespace(gt=str(train_gt), out=str(train_synth), labels=None, seed=args.seed + 2, profile=None))
+    _synthesize(str(train_gt), str(train_synth), None, args.seed + 2, None)
     for name, file, fmt, fit_file in DEMO_INPUTS:
         path = synth_path if file is None else SAMPLE_DIR / file
         stem = Path(path).stem
@@ -236,23 +237,18 @@ def cmd_demo(args) -> int:
             given = as_coco_results(path, fmt, images_dir, gt)
             write_json_atomic(out / f"input_{stem}.json", given)
         files = [("input", given)]
-        for label, flags in (("raw", ["--output", "raw"]), ("heads", ["--choice-margin", "0"])):
-            refined = out / f"refined_{stem}_{label}.json"
-            cmd_refine(parser.parse_args(["refine", "--checkpoint", str(checkpoint), "--images", str(images_dir),
-                                          "--input", str(path), "--out", str(refined), "--annotations", str(gt_path),
-                                          "--format", fmt, "--quiet", *flags]))
-            files.append((label, load_results(refined, gt)))
+        runs = [("raw", checkpoint, RefineOptions(output="raw")), ("heads", checkpoint, RefineOptions(choice_margin=0.0))]
         if fit_file != "":  # the choice fitted on the train images' counterpart of this input, then refined
             fitted = out / f"fitted_{stem}.safetensors"
-            cmd_fit_choice(parser.parse_args([
-                "fit-choice", "--checkpoint", str(checkpoint), "--images", str(SAMPLE_DIR / "train_images"),
-                "--input", str(train_synth if fit_file is None else SAMPLE_DIR / fit_file), "--format", fmt,
-                "--annotations", str(train_gt), "--out", str(fitted)]))
-            refined = out / f"refined_{stem}_fitted.json"
-            cmd_refine(parser.parse_args(["refine", "--checkpoint", str(fitted), "--images", str(images_dir),
-                                          "--input", str(path), "--out", str(refined), "--annotations", str(gt_path),
-                                          "--format", fmt, "--quiet"]))
-            files.append(("fitted", load_results(refined, gt)))
+            runs.append(("fitted", fitted, RefineOptions()))
+        for label, weights, options in runs:
+            if label == "fitted":
+                fit_input = train_synth if fit_file is None else SAMPLE_DIR / fit_file
+                print_fitted(fit_choice_file(checkpoint, fit_input, SAMPLE_DIR / "train_images", train_gt, weights,
+                                             fmt=fmt), weights)
+            refined = out / f"refined_{stem}_{label}.json"
+            print_refined(refine_file(weights, path, images_dir, refined, options, fmt=fmt, annotations=gt_path))
+            files.append((label, load_results(refined, gt)))
         for label, res in files:
             shares = diagnose(gt, res, source=str(path), with_ap=False)["summary"]["keypoints"]["shares"]
             rows.append((name, label, keypoint_ap(gt, res), shares))
@@ -261,10 +257,10 @@ def cmd_demo(args) -> int:
         cells = " ".join(f"{100 * (sh[k] or 0):5.1f}%" for k in ("good", "jitter", "inversion", "swap", "miss"))
         print(f"{name:45s} {label:8s} {ap:6.3f} {cells}")
     overlays = out / "overlays"
-    cmd_viz(argparse.Namespace(images=str(images_dir), results=str(SAMPLE_DIR / "topdown_keypoints_val4.json"),
-                               compare=str(out / "refined_topdown_keypoints_val4_heads.json"),
-                               annotations=str(gt_path), out=str(overlays), min_score=0.2, min_keypoint_score=0.0,
-                               max_images=0, allow_outside_images=False))
+    results = validate_results(read_json(SAMPLE_DIR / "topdown_keypoints_val4.json", "results"))
+    compare = validate_results(read_json(out / "refined_topdown_keypoints_val4_heads.json", "compare"))
+    shown = write_overlays(images_dir, results, compare, {im["id"]: im for im in gt.doc["images"]}, overlays)
+    print(f"wrote {len(shown)} images to {overlays} (input orange, left; refined cyan, right)")
     print(f"\nrefined results, overlays and the run are in {out}/ (checkpoint {checkpoint})")
     print("AP by pycocotools on the val images each input covers; raw: every joint as refined; heads: per joint "
           "the input or the refined joint, whichever the refiner's heads find more likely right (--choice-margin 0); "
@@ -313,7 +309,7 @@ def cmd_train_temporal(args) -> int:
     from .temporal.learned import NetConfig
     from .temporal.training import train_temporal, training_sequences
 
-    _check_outputs(args, ("gt",), ("out",))
+    check_command_outputs(args, ("gt",), ("out",))
     check_outputs([("--results", p) for p in args.results or []] + [("--mocap", p) for p in args.mocap or []],
                   [("--out", args.out)])
     if args.steps < 1:
@@ -328,78 +324,64 @@ def cmd_train_temporal(args) -> int:
     return 0
 
 
-def as_coco_results(path, fmt: str, images_dir, gt, allow_outside=False) -> list[dict]:
-    """An estimator's output in its own format, read as ``posefix refine`` reads it, as validated COCO results
-    on ``gt``'s images (the keypoints and instance scores as given)."""
-    from .formats import image_ids, image_sizes, read_estimates, write_coco_results
-    from .synth.cocoio import validate_results
+def refine_options(args, **changes) -> RefineOptions:
+    """The refiner's options from a command's flags (those it has; the rest at their defaults)."""
+    given = {f.name: getattr(args, f.name) for f in fields(RefineOptions) if getattr(args, f.name, None) is not None}
+    return RefineOptions(**{**given, **changes})
 
-    coco_images = {im["id"]: im for im in gt.doc["images"]}
-    est = read_estimates(path, fmt, image_sizes(path, fmt, images_dir, coco_images, allow_outside))
-    return validate_results(write_coco_results(est, est.keypoints[..., :2], est.keypoints[..., 2], est.scores,
-                                               image_ids(est, coco_images)), str(path), gt)
+
+def _ray_args(args) -> dict | None:
+    """The Ray options of ``posefix refine``: only with ``--ray``, and in range (None without ``--ray``)."""
+    if args.ray is None:
+        for name in ("actors", "num_gpus", "shards"):
+            if getattr(args, name) is not None:
+                raise InputError(f"--{name.replace('_', '-')}", "only goes with --ray")
+        return None
+    if args.backend not in (None, "torch") or args.onnx:
+        raise InputError("--ray", "runs the torch backend; give --checkpoint without --backend/--onnx")
+    return {"actors": args.actors, "num_gpus": args.num_gpus, "address": args.ray or None,
+            "show_progress": not args.quiet}
+
+
+def print_refined(r, quiet_notice: bool = False) -> None:
+    """What ``posefix refine`` says of a :class:`~posefix.refine.FileRefinement`."""
+    kept = f", {r.kept} of {r.present} present keypoints kept from the input"
+    print(f"refined {r.persons} persons on {r.images} images in {r.seconds:.1f} s "
+          f"({r.persons / max(r.seconds, 1e-9):.1f} persons/s){kept} -> {r.where}")
+    if r.skipped_entries:
+        print(f"skipped {len(r.skipped_entries)} invalid entries (--skip-invalid); the first: {r.skipped_entries[0]}")
+    if r.skipped_images:
+        n = len(r.skipped_images)
+        print(f"skipped {n} image{'s' * (n > 1)} that cannot be read (--skip-invalid), their persons left out: "
+              + "; ".join(message for _, message in r.skipped_images[:5]) + ("; ..." if n > 5 else ""))
+    if r.keeps_every_input and not quiet_notice:
+        print(f"note: {KEEPS_INPUT_NOTICE}")
 
 
 def cmd_refine(args) -> int:
     from tqdm import tqdm
 
-    from .distributed import check_ray_args, image_sources, shard_paths, write_refined
-    from .engine import KEEPS_INPUT_NOTICE, Refiner, has_fitted_choice, keeps_every_input
-    from .formats import image_ids, image_sizes, read_estimates
-    from .refine import by_image, refine_estimates
-    from .synth.cocoio import load_ground_truth
+    from .offline import refine_file, shard_paths
 
-    check_ray_args(args)
-    _check_outputs(args, ("checkpoint", "onnx", "input", "annotations", "images"), ("out",),
+    ray = _ray_args(args)
+    if args.ray is not None:
+        require("ray.data", "ray", "refining on Ray")
+    if args.shards is not None and args.shards < 1:
+        raise InputError("--shards", f"must be at least 1, got {args.shards}")
+    check_command_outputs(args, ("checkpoint", "onnx", "input", "annotations", "images"), ("out",),
                    extra=[("--shards", p) for p in shard_paths(args.out, args.shards)] if args.shards else ())
-    if args.ray is not None and (args.backend not in (None, "torch") or args.onnx):
-        raise InputError("--ray", "runs the torch backend; give --checkpoint without --backend/--onnx")
-    if not (args.ray is not None and "://" in args.images) and not Path(args.images).is_dir():
-        raise InputError("--images", f"{args.images} is not a directory")
-    if args.batch_size < 1:
-        raise InputError("--batch-size", f"must be at least 1, got {args.batch_size}")
-    coco_images = None
-    if args.annotations:
-        coco_images = {im["id"]: im for im in load_ground_truth(args.annotations).doc["images"]}
-    sizes = image_sizes(args.input, args.format, args.images, coco_images, args.allow_outside_images)
-    est = read_estimates(args.input, args.format, sizes, skip_invalid=args.skip_invalid)
-    n = len(est.image_keys)
-    groups = by_image(est.image_keys)
-    skipped_images: list = []  # (key, message) of the images not read, with --skip-invalid
-    sources = image_sources(args, groups, coco_images, skipped_images)
-    refiner = run = None
-    if args.ray is None:
-        refiner = Refiner.from_checkpoint(args.checkpoint, args.device, args.batch_size, args.flip_test,
-                                          args.precision, args.channels_last, output=args.output,
-                                          choice_margin=args.choice_margin, backend=args.backend,
-                                          onnx=args.onnx, provider=args.provider)
-    else:
-        from .distributed import ray_options, refine_images_ray
-
-        def run(jobs):
-            return refine_images_ray(args.checkpoint, jobs, **ray_options(args, skipped_images))
-    t0 = time.perf_counter()
-    with tqdm(total=n, unit="person", file=sys.stderr, disable=args.quiet or args.ray is not None or None,
+    options = refine_options(args)
+    with tqdm(unit="person", file=sys.stderr, disable=args.quiet or args.ray is not None or None,
               mininterval=0.5) as bar:
-        out = refine_estimates(refiner, est, sources, output=args.output, keep_input_below=args.keep_input_below,
-                               workers=args.workers, progress=bar.update,
-                               skipped=skipped_images if args.skip_invalid else None, run=run)
-    elapsed = time.perf_counter() - t0
-    n, where = write_refined(args, est, out.xy, out.conf, out.scores, image_ids(est, coco_images), groups,
-                             skipped_images, out.kept)
-    present = (est.keypoints[..., 2] > 0) & out.refined[:, None]  # of the persons written
-    kept = f", {int(out.kept[present].sum())} of {int(present.sum())} present keypoints kept from the input"
-    print(f"refined {n} persons on {len(groups) - len(skipped_images)} images in {elapsed:.1f} s "
-          f"({n / max(elapsed, 1e-9):.1f} persons/s){kept} -> {where}")
-    if est.skipped:
-        print(f"skipped {len(est.skipped)} invalid entries (--skip-invalid); the first: {est.skipped[0]}")
-    if skipped_images:
-        print(f"skipped {len(skipped_images)} image{'s' * (len(skipped_images) > 1)} that cannot be read "
-              "(--skip-invalid), their persons left out: "
-              + "; ".join(message for _, message in skipped_images[:5]) + ("; ..." if len(skipped_images) > 5 else ""))
-    if refiner.keeps_every_input if refiner is not None else keeps_every_input(
-            args.output, args.choice_margin, has_fitted_choice(args.checkpoint)):
-        print(f"note: {KEEPS_INPUT_NOTICE}")
+        def start(total):
+            bar.total = total
+            bar.refresh()
+
+        r = refine_file(args.checkpoint, args.input, args.images, args.out, options, fmt=args.format,
+                        annotations=args.annotations, keep_input_below=args.keep_input_below, workers=args.workers,
+                        skip_invalid=args.skip_invalid, allow_outside_images=args.allow_outside_images,
+                        shards=args.shards, ray=ray, start=start, progress=bar.update)
+    print_refined(r)
     return 0
 
 
@@ -409,7 +391,7 @@ def cmd_eval(args) -> int:
     from .synth.diagnose import diagnose, keypoint_stats
 
     if args.json:
-        _check_outputs(args, ("gt",), ("json",))
+        check_command_outputs(args, ("gt",), ("json",))
     gt = load_ground_truth(args.gt)
     loaded = [(path, load_results(path, gt)) for path in args.results]
     if args.all_images:
@@ -441,9 +423,8 @@ def cmd_eval(args) -> int:
 
 def cmd_viz(args) -> int:
     from .fileio import read_json
-    from .images import coco_image_path, decode
-    from .synth.cocoio import validate_results
-    from .viz import INPUT_COLOUR, REFINED_COLOUR, draw_poses, side_by_side, write_png
+    from .synth.cocoio import load_ground_truth, validate_results
+    from .viz import selected_images, write_overlays
 
     results = validate_results(read_json(args.results, "results"), str(args.results))
     compare = validate_results(read_json(args.compare, "compare"), str(args.compare)) if args.compare else None
@@ -452,43 +433,28 @@ def cmd_viz(args) -> int:
                          "give the refined file of the same input")
     entries = {}
     if args.annotations:
-        from .synth.cocoio import load_ground_truth
-
         entries = {im["id"]: im for im in load_ground_truth(args.annotations).doc["images"]}
-    by_image: dict[int, list[int]] = {}
-    for n, r in enumerate(results):
-        if r["score"] >= args.min_score:
-            by_image.setdefault(r["image_id"], []).append(n)
     out = Path(args.out)
-    shown = sorted(by_image)[: args.max_images or None]
-    _check_outputs(args, ("images", "results", "compare", "annotations"), (),
+    shown = selected_images(results, args.min_score, args.max_images)
+    check_command_outputs(args, ("images", "results", "compare", "annotations"), (),
                    extra=[("--out", out / f"{image_id:012d}.png") for image_id in shown])
-    written = 0
-    for image_id in shown:
-        entry = entries.get(image_id, {"id": image_id})
-        image = decode(coco_image_path(args.images, entry, args.allow_outside_images))
-        rows = by_image[image_id]
-        before = draw_poses(image, [results[n]["keypoints"] for n in rows], INPUT_COLOUR, args.min_keypoint_score)
-        if compare is not None:
-            after = draw_poses(image, [compare[n]["keypoints"] for n in rows], REFINED_COLOUR, args.min_keypoint_score)
-            before = side_by_side(before, after)
-        write_png(before, out / f"{image_id:012d}.png")
-        written += 1
-    print(f"wrote {written} images to {out}" + (" (input orange, left; refined cyan, right)" if compare else ""))
+    written = write_overlays(args.images, results, compare, entries, out, args.min_score, args.min_keypoint_score,
+                             args.max_images, args.allow_outside_images)
+    print(f"wrote {len(written)} images to {out}" + (" (input orange, left; refined cyan, right)" if compare else ""))
     return 0
 
 
 def cmd_refine_video(args) -> int:
     from tqdm import tqdm
 
-    from .engine import KEEPS_INPUT_NOTICE, Refiner
+    from .choice import KEEPS_INPUT_NOTICE, finish
     from .fileio import write_json_atomic
     from .formats import image_sizes, write_coco_results
-    from .refine import finish
+    from .refiner import Refiner
     from .tracking import OneEuroParams
     from .video import VideoWriter, draw_frame, load_poses, probe, refine_video
 
-    _check_outputs(args, ("checkpoint", "onnx", "video", "input", "annotations", "temporal_weights"),
+    check_command_outputs(args, ("checkpoint", "onnx", "video", "input", "annotations", "temporal_weights"),
                    ("out", "render"))
     if args.video is None:
         for name in ("checkpoint", "onnx", "render"):
@@ -509,10 +475,7 @@ def cmd_refine_video(args) -> int:
     info = probe(args.video)
     poses = load_poses(args.input, args.format, image_sizes(args.input, args.format, size=(info.width, info.height)))
     smoothing = OneEuroParams(args.min_cutoff, args.beta, args.d_cutoff) if args.smooth else None
-    refiner = Refiner.from_checkpoint(args.checkpoint, args.device, args.batch_size, args.flip_test,
-                                      args.precision, args.channels_last, output=args.output,
-                                      choice_margin=args.choice_margin, backend=args.backend, onnx=args.onnx,
-                                      provider=args.provider)
+    refiner = Refiner.from_checkpoint(args.checkpoint, refine_options(args))
     writer = VideoWriter(args.render, info.fps, info.width, info.height) if args.render else None
     given = poses.est.keypoints
 
@@ -555,12 +518,13 @@ def cmd_refine_video(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .engine import Refiner, load_weights
     from .onnx_backend import export_onnx, save_model, triton_model_dir
+    from .refiner import Refiner
+    from .weights import load_weights
 
     if args.onnx is None and args.triton is None:
         raise InputError("--onnx/--triton", "give at least one: the ONNX file or the Triton repository to write")
-    _check_outputs(args, ("checkpoint", "calibration_poses", "calibration_images"), ("onnx",),
+    check_command_outputs(args, ("checkpoint", "calibration_poses", "calibration_images"), ("onnx",),
                    trees=[("--triton", triton_model_dir(args.triton, args.triton_name))] if args.triton else ())
     if args.int8 and (args.calibration_images is None or args.calibration_poses is None):
         raise InputError("--calibration-images/--calibration-poses", "--int8 needs both: images and the "
@@ -630,61 +594,11 @@ def _backend_args(parser) -> None:
                         help="ONNX Runtime's execution provider (default: cuda on --device cuda, else cpu)")
 
 
-# Options several commands share, each declared once: ``name_arg(parser, **overrides)`` adds it to a command's
-# parser (keyword arguments replace the shared ones, e.g. required=True or a command's own help).
-FORMAT_NAMES = tuple(FORMATS)  # --format's choices: the registered formats
-
-
-def _option(*names: str, **spec):
-    """The shared option ``names`` (``spec``: its add_argument keywords) as a function that adds it to a parser."""
-    def add(parser, **overrides) -> None:
-        parser.add_argument(*names, **{**spec, **overrides})
-    return add
-
-
-checkpoint_arg = _option("--checkpoint", metavar="CKPT", help="model.safetensors from posefix train (or --onnx)")
-images_arg = _option("--images", metavar="DIR")
-gt_arg = _option("--gt", required=True, metavar="ANNOTATIONS.json", help="COCO person-keypoints annotations")
-annotations_arg = _option("--annotations", metavar="ANNOTATIONS.json", help="COCO annotations: image file names and ids")
-format_arg = _option("--format", default="coco", choices=FORMAT_NAMES)
-flip_test_arg = _option("--flip-test", action="store_true", help="average with the refinement of the mirrored crop")
-batch_size_arg = _option("--batch-size", type=int, default=64, help="persons per model call (64)")
-workers_arg = _option("--workers", type=int, default=2, help="image decoding threads (2)")
-skip_invalid_arg = _option("--skip-invalid", action="store_true", help="leave out malformed entries and the persons "
-                           "of images that cannot be read; refine the rest")
-quiet_arg = _option("--quiet", action="store_true", help="no progress bar")
-
-
-def precision_args(parser) -> None:
-    """``--precision`` and ``--channels-last``, for every command that runs the torch model."""
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                        help="the model's arithmetic (fp32; bf16: bfloat16 autocast, for GPUs)")
-    parser.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster with bf16 on GPUs)")
-
-
-def device_arg(parser, default: str = "cpu") -> None:
-    """``--device``, for every command that runs the model (read by posefix.devices.resolve_device)."""
-    from .devices import DEVICE_HELP
-
-    parser.add_argument("--device", default=default, help=f"{DEVICE_HELP} ({default})")
-
-
-def allow_outside_images_arg(parser) -> None:
-    """``--allow-outside-images``, for every command that reads images by the names an input file gives."""
-    parser.add_argument("--allow-outside-images", action="store_true",
-                        help="read image names that lead out of the image directory (.., absolute paths, "
-                             "symbolic links out); refused by default")
-    parser.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
-                        help="refuse image files whose header declares more than N pixels, before decoding "
-                             "(67108864 = 64 Mi)")
-
-
 def cmd_serve(args) -> int:
-    from dataclasses import fields
-
     from .serve import ServeOptions, serve_main
 
-    return serve_main(ServeOptions(**{f.name: getattr(args, f.name) for f in fields(ServeOptions)}))
+    names = {f.name for f in fields(ServeOptions)} - {"refine"}
+    return serve_main(ServeOptions(refine=refine_options(args), **{name: getattr(args, name) for name in names}))
 
 
 def _output_options(parser) -> None:
@@ -698,54 +612,24 @@ def _output_options(parser) -> None:
 
 
 def cmd_fit_choice(args) -> int:
-    from safetensors import safe_open
+    from .offline import fit_choice_file
 
-    from .choice import METADATA_KEY, fit_choice, matched_truth, raw_refinement, select_margin
-    from .engine import Refiner, choose, save_safetensors
-    from .formats import image_file, image_ids, image_sizes, read_estimates, write_coco_results
-    from .refine import instance_scores
-    from .synth.cocoio import load_ground_truth
-    from .synth.diagnose import keypoint_ap
+    check_command_outputs(args, ("checkpoint", "input", "annotations", "images"), ("out",))
+    rule = fit_choice_file(args.checkpoint, args.input, args.images, args.annotations, args.out,
+                           refine_options(args), fmt=args.format, workers=args.workers,
+                           skip_invalid=args.skip_invalid, allow_outside_images=args.allow_outside_images)
+    print_fitted(rule, args.out)
+    return 0
 
-    _check_outputs(args, ("checkpoint", "input", "annotations", "images"), ("out",))
-    if not Path(args.images).is_dir():
-        raise InputError("--images", f"{args.images} is not a directory")
-    gt = load_ground_truth(args.annotations)
-    coco_images = {im["id"]: im for im in gt.doc["images"]}
-    sizes = image_sizes(args.input, args.format, args.images, coco_images, args.allow_outside_images)
-    est = read_estimates(args.input, args.format, sizes, skip_invalid=args.skip_invalid)
-    refiner = Refiner.from_checkpoint(args.checkpoint, args.device, args.batch_size, output="raw")
-    files = {key: image_file(args.images, key, coco_images, args.allow_outside_images)
-             for key in dict.fromkeys(est.image_keys)}
-    xy, conf, input_conf = raw_refinement(refiner, est, files, args.workers)
-    ids = image_ids(est, coco_images)
-    given = est.keypoints
-    truth, area = matched_truth(gt, write_coco_results(est, given[..., :2], given[..., 2], est.scores, ids))
-    rule = fit_choice(given, xy, conf, input_conf, truth, area)
-    rule.info.update(format=args.format, input=Path(args.input).name, persons=int((truth[..., 2] > 0).any(-1).sum()))
-    present = given[..., 2] > 0
 
-    def ap(pxy, pconf, output):
-        return keypoint_ap(gt, write_coco_results(est, pxy, pconf, instance_scores(est.scores, pconf, present, output),
-                                                  ids))
-
-    rule.margin, by_margin = select_margin(lambda m: ap(*choose(given, xy, conf, input_conf, m, rule), "choice"))
-    rule.info.update(ap_input=keypoint_ap(gt, write_coco_results(est, given[..., :2], given[..., 2], est.scores, ids)),
-                     ap_raw=ap(xy, conf, "raw"), ap_fitted=by_margin[rule.margin], ap_by_margin=by_margin,
-                     taken=float((np.tanh(rule.logit(given, xy, conf, input_conf) / 2) > rule.margin)[
-                         truth[..., 2] > 0].mean()))
-    with safe_open(str(args.checkpoint), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    meta[METADATA_KEY] = rule.to_json()
-    save_safetensors(state, args.out, meta)
+def print_fitted(rule, out) -> None:
+    """What ``posefix fit-choice`` says of the rule it fitted and wrote to ``out``."""
     i = rule.info
     print(f"fitted the choice on {i['joints']} labelled joints of {i['persons']} persons: the correction is closer "
           f"to the truth on {100 * i['refined_closer']:.0f} % of them and taken on {100 * i['taken']:.0f} %; on "
           f"these persons (not held out) AP {i['ap_input']:.3f} input, {i['ap_raw']:.3f} raw, {i['ap_fitted']:.3f} "
           f"with the fitted choice at its margin {rule.margin:g} (the best of {', '.join(map(str, i['ap_by_margin']))}) "
-          f"-> {args.out}")
-    return 0
+          f"-> {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -757,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Synthesize one erroneous input pose per labelled GT person, as COCO results.")
     s.add_argument("--gt", metavar="ANNOTATIONS.json", help="COCO person-keypoints annotations (required)")
     s.add_argument("--out", metavar="RESULTS.json", help="where to write the COCO results (required)")
-    s.add_argument("--seed", type=_seed, default=0, help="random seed; the same seed gives the same output (0)")
+    s.add_argument("--seed", type=seed_type, default=0, help="random seed; the same seed gives the same output (0)")
     s.add_argument("--profile", metavar="PROFILE.json", help="error profile (default: the published PoseFix one)")
     s.add_argument("--labels", metavar="LABELS.json", help="also write what was planted at each keypoint "
                    "(with the SHA-256 of the results they belong to)")
@@ -826,7 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--out", required=True, metavar="WEIGHTS.safetensors", help="the weights file to write")
     tt.add_argument("--steps", type=int, default=800, help="training steps of each network (800)")
     tt.add_argument("--window", type=int, default=15, help="frames the network sees (odd; 15)")
-    tt.add_argument("--seed", type=_seed, default=0, help="the seed (0)")
+    tt.add_argument("--seed", type=seed_type, default=0, help="the seed (0)")
     tt.add_argument("--quiet", action="store_true", help="no progress lines")
     tt.set_defaults(func=cmd_train_temporal)
 
@@ -956,8 +840,6 @@ def build_parser() -> argparse.ArgumentParser:
     _backend_args(sv)
     sv.set_defaults(func=cmd_serve)
 
-    from .search_cli import add_parsers as add_search_parsers
-
     add_search_parsers(sub, tuple(FORMATS))
 
     x = sub.add_parser("export", help="export a refiner to ONNX (fp32 or int8) or a Triton model repository",
@@ -987,11 +869,36 @@ def build_parser() -> argparse.ArgumentParser:
                                    "refine held-out synthesized and real estimators' inputs on the val images, raw "
                                    "and with the per-joint choice, and print the table.")
     d.add_argument("--out", default="posefix-demo", metavar="DIR", help="output directory (posefix-demo)")
-    d.add_argument("--seed", type=_seed, default=0)
-    d.add_argument("--steps", type=_seed, default=150, help="training steps of the CPU preset (150)")
+    d.add_argument("--seed", type=seed_type, default=0)
+    d.add_argument("--steps", type=seed_type, default=150, help="training steps of the CPU preset (150)")
     checkpoint_arg(d, help="refine with these weights instead of training")
     d.set_defaults(func=cmd_demo)
     return p
+
+
+def _flags(parser: argparse.ArgumentParser, argv_command: list[str]) -> dict[str, str]:
+    """{dest: its first option string} of the (sub)command's parser that ``argv_command`` names."""
+    flags = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name in argv_command[:1]:
+                if name in action.choices:
+                    flags.update(_flags(action.choices[name], argv_command[1:]))
+        elif action.option_strings and action.dest not in flags:
+            flags[action.dest] = action.option_strings[-1] if action.option_strings[-1].startswith("--") \
+                else action.option_strings[0]
+    return flags
+
+
+def as_flag(error: InputError, parser: argparse.ArgumentParser, args) -> InputError:
+    """The library's error with its field named as the command's flag, where the field is one of the
+    command's options given no source (``batch_size`` → ``--max-batch-size`` in ``serve``)."""
+    head = error.field.split(".", 1)[0].split("[", 1)[0]
+    if error.source is not None or not head.isidentifier():
+        return error
+    command = [args.command] + [v for k, v in vars(args).items() if k.endswith("_command") and v]
+    flag = _flags(parser, command).get(head)
+    return error if flag is None else InputError(flag + error.field[len(head):], error.problem)
 
 
 # Commands whose model calls have one shape (full batches): freed memory is reused instead of faulted in
@@ -1016,6 +923,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError("--max-image-pixels", f"must be at least 1, got {args.max_image_pixels}")
             images.max_image_pixels = args.max_image_pixels or images.DEFAULT_MAX_IMAGE_PIXELS
         return args.func(args)
+    except InputError as e:
+        print(f"posefix: error: {as_flag(e, parser, args)}", file=sys.stderr)
+        return 2
     except PosefixError as e:
         print(f"posefix: error: {e}", file=sys.stderr)
         return 2

@@ -210,11 +210,11 @@ def _merge(base: dict, over: dict) -> dict:
 def parse_override(text: str) -> tuple[list[str], object]:
     """``section.key=value`` with a TOML value (bare words are strings): (['section', 'key'], value)."""
     if "=" not in text:
-        raise InputError("--set", f"expected key=value, got {text!r}")
+        raise InputError("set", f"expected key=value, got {text!r}")
     key, raw = text.split("=", 1)
     path = key.strip().split(".")
     if len(path) != 2 or not all(path):
-        raise InputError("--set", f"key must be section.name (e.g. train.max_steps), got {key!r}")
+        raise InputError("set", f"key must be section.name (e.g. train.max_steps), got {key!r}")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -226,18 +226,18 @@ def load_config(config: str | None = None, preset: str | None = None, overrides:
     """The resolved config: a preset or a TOML/JSON file, then ``--set`` overrides."""
     if preset is not None:
         if preset not in PRESETS:
-            raise InputError("--preset", f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+            raise InputError("preset", f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
         doc = PRESETS[preset]
     elif config is not None:
         path = Path(config)
         try:
             text = path.read_text()
         except OSError as e:
-            raise InputError("--config", f"cannot read {config}: {e.strerror or e}") from None
+            raise InputError("config", f"cannot read {config}: {e.strerror or e}") from None
         try:
             doc = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-            raise InputError("--config", f"{config} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from None
+            raise InputError("config", f"{config} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from None
     else:
         doc = {}
     for text in overrides:

@@ -1,8 +1,8 @@
-"""Refinement at dataset scale on a Ray cluster: :func:`posefix.engine.refine_images`, run as a Ray Data
+"""Refinement at dataset scale on a Ray cluster: :func:`posefix.refine.refine_images`, run as a Ray Data
 pipeline (``pip install 'posefix[ray]'``).
 
 The driver hands Ray one row per image (the image's path or URI and its persons' poses), a few images to a
-block. A pool of actors, each holding one :class:`~posefix.engine.Refiner` on its device, takes the blocks:
+block. A pool of actors, each holding one :class:`~posefix.refiner.Refiner` on its device, takes the blocks:
 an actor reads and decodes its images itself (a path every node sees, or a URI that pyarrow's file systems
 read, ``s3://``, ``gs://``...), refines their persons with ``refine_images`` and sends back, per image,
 exactly what ``refine_images`` yields for it. Ray restarts an actor whose process dies and runs its blocks
@@ -16,42 +16,36 @@ import logging
 import math
 import pickle
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from .errors import InputError, PosefixError
+from .devices import resolve_device
+from .errors import InputError, PosefixError, require
+from .images import decode, decode_encoded, is_uri
 from .keypoints import NUM_KEYPOINTS
-
-EXTRA = "refining on Ray needs the ray extra: pip install 'posefix[ray]'"
-
-
-class MissingExtra(PosefixError):
-    """An optional dependency is not installed; the message names the extra that brings it."""
+from .options import RefineOptions
+from .refine import refine_images
+from .refiner import Refiner
+from .runtime import keep_freed_memory
+from .weights import load_weights
 
 
 def _ray():
-    try:
-        import ray
-        import ray.data
-    except ImportError:
-        raise MissingExtra(EXTRA) from None
+    require("ray.data", "ray", "refining on Ray")
+    import ray
+
     return ray
-
-
-def is_uri(path) -> bool:
-    """Whether ``path`` is a URI (``s3://bucket/key``, ``file:///dir/x.jpg``) rather than a file path."""
-    return isinstance(path, str) and "://" in path
 
 
 def read_image(source: str):
     """Decode an image file or URI to (3, H, W) uint8 RGB, as :func:`posefix.images.decode` does; a URI is
     read through pyarrow's file systems (the ones Ray Data reads with). An InputError names the source."""
-    from .images import decode, decode_encoded
-
     if not is_uri(source):
         return decode(source)
-    import pyarrow.fs
+    import pyarrow.fs  # with the ray extra
 
     try:
         fs, path = pyarrow.fs.FileSystem.from_uri(source)
@@ -69,23 +63,14 @@ def read_image(source: str):
 class _RefineBlock:
     """One actor of the pool: a Refiner, loaded once, refining a block of images per call."""
 
-    def __init__(self, checkpoint: str, options: dict, workers: int, threads: int | None):
-        import torch
-
-        from .engine import Refiner
-        from .runtime import keep_freed_memory
-
+    def __init__(self, checkpoint: str, options: RefineOptions, workers: int, threads: int | None):
         if threads:
             torch.set_num_threads(threads)
         keep_freed_memory()  # full batches of one shape, as in posefix refine
-        self.refiner = Refiner.from_checkpoint(checkpoint, **options)
+        self.refiner = Refiner.from_checkpoint(checkpoint, options)
         self.workers = max(workers, 1)
 
     def __call__(self, batch: dict) -> dict:
-        from concurrent.futures import ThreadPoolExecutor
-
-        from .engine import refine_images
-
         rows = range(len(batch["job"]))
         results, errors = [b""] * len(rows), [""] * len(rows)
         with ThreadPoolExecutor(self.workers, thread_name_prefix="posefix-read") as pool:
@@ -107,21 +92,20 @@ class _RefineBlock:
                 "error": np.array(errors, dtype=object)}
 
 
-def refine_images_ray(checkpoint, jobs, *, actors: int | None = None, num_gpus: float = 0.0, device: str = "cpu",
-                      batch_size: int = 64, flip_test: bool = False, precision: str = "fp32",
-                      channels_last: bool = False, output: str = "choice", choice_margin: float | None = None,
-                      workers: int = 2, images_per_block: int = 16,
+def refine_images_ray(checkpoint, jobs, options: RefineOptions | None = None, *, actors: int | None = None,
+                      num_gpus: float | None = None, workers: int = 2, images_per_block: int = 16,
                       address: str | None = None, skipped: list | None = None, progress=None,
                       show_progress: bool = True):
-    """:func:`posefix.engine.refine_images` on a Ray cluster: yields what it yields per image, ``(key, xy,
+    """:func:`posefix.refine.refine_images` on a Ray cluster: yields what it yields per image, ``(key, xy,
     confidence, ...)``, in the order the images are done.
 
     jobs: iterable of (key, image path or URI, poses (P, K, 3) image pixels). ``actors`` actors (default: as
     many as the cluster's GPUs or CPUs allow), each with ``num_gpus`` GPUs (a fraction shares one; 0: a CPU
-    actor with the cluster's CPUs split between the actors) and a Refiner built from ``checkpoint`` (a path
-    every node reads) with ``device``, ``batch_size``, ``flip_test``, ``precision`` and ``channels_last``;
-    ``workers`` reading threads per actor; ``images_per_block`` images per block of work. An actor whose
-    process dies is restarted and its blocks run again (Ray Data's actor pools retry without limit).
+    actor with the cluster's CPUs split between the actors; None: 1 on a CUDA device, else 0) and a Refiner
+    built from ``checkpoint`` (a path every node reads) as ``options`` say (an actor sees only the GPUs Ray
+    gives it: device "cuda:N" is "cuda" there, "auto" is decided on this machine); ``workers`` reading threads
+    per actor; ``images_per_block`` images per block of work. An actor whose process dies is restarted and its
+    blocks run again (Ray Data's actor pools retry without limit).
 
     Uses the Ray the process is connected to; if none, starts a local one (``address`` None) or joins the
     cluster at ``address``, and shuts it down when done. An image that cannot be read or decoded raises an
@@ -129,17 +113,16 @@ def refine_images_ray(checkpoint, jobs, *, actors: int | None = None, num_gpus: 
     ``progress(n)`` is called with the number of persons of each image done; ``show_progress``: Ray Data's
     progress bars.
     """
-    from .devices import resolve_device
-    from .engine import load_weights
-
     ray = _ray()
+    options, num_gpus = actor_options(options or RefineOptions(), num_gpus)
+    device = options.device
     if actors is not None and actors < 1:
-        raise InputError("--actors", f"must be at least 1, got {actors}")
+        raise InputError("actors", f"must be at least 1, got {actors}")
     if not (num_gpus >= 0 and math.isfinite(num_gpus)):
-        raise InputError("--num-gpus", f"must be a non-negative number, got {num_gpus}")
+        raise InputError("num_gpus", f"must be a non-negative number, got {num_gpus}")
     if (num_gpus > 0) != (str(device).startswith("cuda")):
-        raise InputError("--num-gpus", f"{num_gpus} GPUs per actor do not go with --device {device}: "
-                         "give --device cuda with --num-gpus above 0, --device cpu with 0")
+        raise InputError("num_gpus", f"{num_gpus} GPUs per actor do not go with device {device}: "
+                         "give device cuda with num_gpus above 0, device cpu with 0")
     if images_per_block < 1:
         raise InputError("images_per_block", f"must be at least 1, got {images_per_block}")
     if num_gpus == 0:
@@ -152,12 +135,19 @@ def refine_images_ray(checkpoint, jobs, *, actors: int | None = None, num_gpus: 
         connect(address)
     try:
         yield from _run(ray, checkpoint, keys, images, poses, images_per_block, actors, num_gpus, workers, skipped,
-                        progress, show_progress, {"device": device, "batch_size": batch_size, "flip_test": flip_test,
-                                                  "precision": precision, "channels_last": channels_last,
-                                                  "output": output, "choice_margin": choice_margin})
+                        progress, show_progress, options)
     finally:
         if started:
             ray.shutdown()
+
+
+def actor_options(options: RefineOptions, num_gpus: float | None = None) -> tuple[RefineOptions, float]:
+    """The options of an actor's refiner and its GPUs: an actor sees only the GPUs Ray gives it, so device
+    "cuda:N" is "cuda" there; "auto" is decided on this machine (the driver need not have a GPU for "cuda").
+    ``num_gpus`` None: 1 on a CUDA device, else 0."""
+    device = resolve_device("auto").type if options.device == "auto" else str(options.device)
+    device = "cuda" if device.startswith("cuda") else device
+    return options.replace(device=device), float(device == "cuda") if num_gpus is None else num_gpus
 
 
 def _batches(ray, ds):
@@ -174,7 +164,7 @@ def connect(address: str | None = None) -> None:
     try:
         ray.init(address=address or None, logging_level=logging.WARNING, include_dashboard=False)
     except Exception as e:  # noqa: BLE001 (ray.init raises bare Exceptions too, e.g. a start that timed out)
-        raise PosefixError(f"--ray: cannot start or join Ray at {address or 'a new local cluster'}: "
+        raise PosefixError(f"ray: cannot start or join Ray at {address or 'a new local cluster'}: "
                            f"{str(e).strip().splitlines()[0]}") from None
 
 
@@ -213,7 +203,7 @@ def _run(ray, checkpoint, keys, images, poses, images_per_block, actors, num_gpu
     if num_gpus > 0:
         have = resources.get("GPU", 0)
         if have < num_gpus:
-            raise InputError("--num-gpus", f"{num_gpus} GPUs per actor, but the Ray cluster has {have:g}")
+            raise InputError("num_gpus", f"{num_gpus} GPUs per actor, but the Ray cluster has {have:g}")
         actors = min(actors or max(int(have // num_gpus), 1), len(keys))  # no more actors than images
         cpus, threads = None, None
     else:
@@ -245,108 +235,3 @@ def _run(ray, checkpoint, keys, images, poses, images_per_block, actors, num_gpu
             yield (keys[job], *outputs)
     if not done.all():
         raise PosefixError(f"Ray returned no result for {int((~done).sum())} of {len(keys)} images")
-
-
-# posefix refine --ray: the command line's part.
-
-def check_ray_args(args) -> None:
-    """The Ray options of ``posefix refine``: only with ``--ray``, and in range."""
-    if args.ray is None:
-        for name in ("actors", "num_gpus", "shards"):
-            if getattr(args, name) is not None:
-                raise InputError(f"--{name.replace('_', '-')}", "only goes with --ray")
-        return
-    _ray()
-    if args.shards is not None and args.shards < 1:
-        raise InputError("--shards", f"must be at least 1, got {args.shards}")
-
-
-def image_sources(args, groups: dict, coco_images, skipped: list) -> dict:
-    """{image key: its file under ``--images``, or its URI there} for the keys of ``groups``. A name leading out
-    of ``--images`` (without ``--allow-outside-images``) is an InputError naming it, or with ``--skip-invalid``
-    appended to ``skipped`` as (key, message) and left out."""
-    import posixpath
-
-    from .formats import OUTSIDE_HINT, image_file
-
-    allow = args.allow_outside_images
-    sources = {}
-    for key in groups:
-        try:
-            if not is_uri(args.images):
-                sources[key] = image_file(args.images, key, coco_images, allow)
-                continue
-            name = image_file("", key, coco_images, allow_outside=True).as_posix()
-            if not allow and (name.startswith("/") or posixpath.normpath(name).split("/")[0] == ".."):
-                raise InputError("image", f"leads outside {args.images} ({OUTSIDE_HINT})", repr(name))
-            sources[key] = args.images.rstrip("/") + "/" + name
-        except InputError as e:
-            if not args.skip_invalid:
-                raise
-            skipped.append((key, str(e)))
-    return sources
-
-
-def ray_options(args, skipped: list) -> dict:
-    """The keyword arguments of :func:`refine_images_ray` for ``posefix refine --ray``."""
-    from .devices import resolve_device
-
-    # An actor sees only the GPUs Ray gives it: cuda:N is "cuda" there; auto is decided on this machine (the
-    # driver need not have a GPU for --device cuda).
-    device = resolve_device("auto").type if args.device == "auto" else args.device
-    device = "cuda" if device.startswith("cuda") else device
-    num_gpus = args.num_gpus if args.num_gpus is not None else float(device == "cuda")
-    return {"actors": args.actors, "num_gpus": num_gpus, "device": device, "batch_size": args.batch_size,
-            "flip_test": args.flip_test, "precision": args.precision, "channels_last": args.channels_last,
-            "output": args.output, "choice_margin": args.choice_margin, "workers": args.workers,
-            "address": args.ray or None, "skipped": skipped if args.skip_invalid else None,
-            "show_progress": not args.quiet}
-
-
-def write_refined(args, est, xy, conf, scores, ids, groups: dict, skipped: list, kept=None) -> tuple[int, str]:
-    """``posefix refine``'s output, with or without ``--ray``: the refined persons as COCO results in ``--out``
-    (or ``--shards`` files beside it, each image's persons in one), the persons of ``skipped`` images left out;
-    every file is written in full before any replaces what was there. Returns (persons written, where)."""
-    from dataclasses import replace
-
-    from .formats import write_coco_results
-
-    keep = np.ones(len(est.image_keys), dtype=bool)
-    for key, _ in skipped:
-        keep[groups[key]] = False
-    rows = np.flatnonzero(keep)
-    if not keep.all():
-        est = replace(est, image_keys=[est.image_keys[i] for i in rows], keypoints=est.keypoints[rows],
-                      scores=est.scores[rows], native=est.native[rows], records=[est.records[i] for i in rows],
-                      sizes=None if est.sizes is None else est.sizes[rows])
-    results = write_coco_results(est, xy[rows], conf[rows], scores[rows], ids[rows],
-                                 None if kept is None else kept[rows])
-    image_of = np.zeros(len(keep), dtype=np.int64)
-    for g, group in enumerate(groups.values()):
-        image_of[group] = g
-    paths = shard_paths(args.out, args.shards)
-    shard = image_of[rows] * len(paths) // max(len(groups), 1)
-    write_json_files(paths, [[results[i] for i in np.flatnonzero(shard == s)] for s in range(len(paths))])
-    return len(results), str(args.out) if args.shards is None else f"{paths[0]} ... {paths[-1].name}"
-
-
-def shard_paths(out, shards: int | None) -> list[Path]:
-    """``out`` itself, or ``shards`` files beside it: ``refined.json`` → ``refined-00000-of-00004.json``..."""
-    out = Path(out)
-    if shards is None:
-        return [out]
-    return [out.with_name(f"{out.stem}-{i:05d}-of-{shards:05d}{out.suffix}") for i in range(shards)]
-
-
-def write_json_files(paths: list[Path], docs: list) -> None:
-    """Write each doc as JSON to its path, atomically as :func:`posefix.fileio.write_json_atomic` does; all
-    are written to temporary files before the first is renamed onto its path."""
-    from contextlib import ExitStack
-
-    from .fileio import atomic_path
-
-    with ExitStack() as stack:
-        for path, doc in zip(paths, docs):
-            tmp = stack.enter_context(atomic_path(path))
-            with open(tmp, "w") as f:
-                json.dump(doc, f, separators=(",", ":"), allow_nan=False)

@@ -19,3 +19,18 @@ class InputError(PosefixError, ValueError):
         self.source = source
         where = f"{source}: " if source else ""
         super().__init__(f"{where}{field}: {problem}")
+
+
+class MissingExtra(PosefixError):
+    """An optional dependency is not installed; the message names the extra that brings it."""
+
+
+def require(module: str, extra: str, purpose: str):
+    """The module ``module`` of the optional extra ``extra``, imported; a :class:`MissingExtra` naming the
+    extra to install where it is not there. ``purpose``: what needs it ("refining on Ray")."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtra(f"{purpose} needs the {extra} extra: pip install 'posefix[{extra}]'") from None

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .engine import Refiner
-from .images import coco_image_path, decode
+from .formats import LAYOUTS, Estimates
+from .images import coco_image_path
 from .keypoints import KS_HIT, NUM_KEYPOINTS, ks
+from .refine import by_image, refine_estimates
+from .refiner import Refiner
 from .synth.coco import synthesize_coco
 from .synth.cocoio import GroundTruth
 from .synth.diagnose import keypoint_ap
@@ -24,12 +26,14 @@ def refine_synthesized(refiner: Refiner, gt: GroundTruth, images_dir, seed: int 
     results, labels = synthesize_coco(gt, np.random.default_rng(seed), profile)
     if max_persons:
         results, labels = results[:max_persons], labels[:max_persons]
-    image_ids = sorted({r["image_id"] for r in results})
     entries = {im["id"]: im for im in gt.doc["images"]}
-    images = [decode(coco_image_path(images_dir, entries[i], allow_outside=True)) for i in image_ids]  # as training
-    where = {img: n for n, img in enumerate(image_ids)}
+    keys = [r["image_id"] for r in results]
     poses = np.array([r["keypoints"] for r in results], dtype=np.float64).reshape(len(results), NUM_KEYPOINTS, 3)
-    xy, conf = refiner.refine(images, [where[r["image_id"]] for r in results], poses)
+    scores = np.array([r["score"] for r in results], dtype=np.float64)
+    est = Estimates("coco", LAYOUTS["coco17"], keys, poses, scores, poses, list(results), False)
+    files = {i: coco_image_path(images_dir, entries[i], allow_outside=True) for i in by_image(keys)}  # as training
+    out = refine_estimates(refiner, est, files)
+    xy, conf = out.xy, out.conf
     refined = [dict(r, keypoints=np.concatenate([xy[n], conf[n][:, None]], axis=1).reshape(-1).tolist())
                for n, r in enumerate(results)]
     row = {int(a): n for n, a in enumerate(gt.ids)}

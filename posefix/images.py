@@ -321,3 +321,8 @@ def coco_image_path(images_dir: str | Path, image: dict, allow_outside: bool = F
 
     name = image.get("file_name") or f"{int(image['id']):012d}.jpg"
     return image_under(images_dir, name, allow_outside)
+
+
+def is_uri(path) -> bool:
+    """Whether ``path`` is a URI (``s3://bucket/key``, ``file:///dir/x.jpg``) rather than a file path."""
+    return isinstance(path, str) and "://" in path

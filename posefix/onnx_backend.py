@@ -1,4 +1,4 @@
-"""The refiner as one ONNX graph, run by ONNX Runtime behind the same :class:`~posefix.engine.Refiner`.
+"""The refiner as one ONNX graph, run by ONNX Runtime behind the same :class:`~posefix.refiner.Refiner`.
 
 Glossary: N persons, K = 17 joints, (H, W) the model's input size.
 
@@ -9,7 +9,7 @@ soft-argmax and the confidence head are all inside, so nothing renders heatmaps 
 outputs are every tensor of the forward's dict, named by the dict's keys (``coords`` (N, K, 2) in crop
 pixels, ``confidence_logit`` (N, K), ``logits`` and ``prob`` (N, K, H/4, W/4), and any other the model
 returns), plus ``confidence`` = sigmoid(confidence_logit). :class:`OnnxModel` is called like the
-PoseFixNet and returns the same dict, so the engine's batching, flip test and decoding are the same code
+PoseFixNet and returns the same dict, so the refiner's batching, flip test and decoding are the same code
 whichever backend runs the model.
 
 The file's metadata (``posefix_*`` keys) holds the model config (input size, σ, backbone), the keypoint
@@ -28,9 +28,15 @@ import torch
 from . import __version__
 from .choice import METADATA_KEY as CHOICE_KEY
 from .choice import FittedChoice
+from .config import model_config_from_json
 from .errors import InputError
+from .fileio import TMP_SUFFIX, _remove_stale, _umask, atomic_path
+from .formats import image_file, load_estimates
+from .images import decode
+from .keypoints import NAMES
 from .model import ModelConfig, PoseFixNet, fold_batchnorm, subpixel_head
 from .protocols import RefinerLike
+from .weights import load_weights
 
 INPUTS = ("image", "keypoints")
 PROVIDERS = {  # --provider → ONNX Runtime execution providers, in order of preference
@@ -64,7 +70,6 @@ class _Graph(torch.nn.Module):
 
 
 def metadata(cfg: ModelConfig, outputs: list[str], precision: str, **extra) -> dict[str, str]:
-    from .keypoints import NAMES
 
     meta = {"posefix_model_config": json.dumps(dataclasses.asdict(cfg)), "posefix_version": __version__,
             "posefix_outputs": json.dumps(outputs), "posefix_precision": precision,
@@ -133,7 +138,6 @@ def _set_metadata(proto, meta: dict[str, str]) -> None:
 
 def save_model(proto, path: str | Path) -> None:
     """Write a ModelProto atomically (a reader sees the old file or the whole new one)."""
-    from .fileio import atomic_path
 
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(proto.SerializeToString())
@@ -150,26 +154,23 @@ TRUNK_OPS = ("Conv", "ConvTranspose", "Add", "Relu", "MaxPool")
 def calibration_crops(refiner: RefinerLike, images_dir: str | Path, poses_path: str | Path, max_persons: int = 128,
                       fmt: str = "coco", allow_outside: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Real crops for calibration: the persons of an estimator's results ``poses_path`` (any format
-    ``posefix refine`` reads) on the images of ``images_dir``, cut as the engine cuts them. Returns image
+    ``posefix refine`` reads) on the images of ``images_dir``, cut as the refiner cuts them. Returns image
     (P, 3, H, W) and keypoints (P, K, 3) float32, P <= max_persons, in the file's order."""
-    from .formats import image_file, image_sizes, read_estimates
-    from .images import decode
-
-    est = read_estimates(poses_path, fmt, image_sizes(poses_path, fmt, images_dir, allow_outside=allow_outside))
+    est = load_estimates(poses_path, fmt, images_dir, allow_outside=allow_outside)
     keep = np.flatnonzero((est.keypoints[..., 2] > 0).sum(-1) > 0)[:max_persons]
     if len(keep) == 0:
-        raise InputError("--calibration-poses", f"{poses_path} has no person with a present keypoint")
+        raise InputError("calibration_poses", f"{poses_path} has no person with a present keypoint")
     keys = [est.image_keys[i] for i in keep]
     order = list(dict.fromkeys(keys))
     images = []
     for key in order:
         path = image_file(images_dir, key, allow_outside=allow_outside)
         if not path.is_file():
-            raise InputError("--calibration-images", f"no image {path.name} in {images_dir} for image {key!r}")
+            raise InputError("calibration_images", f"no image {path.name} in {images_dir} for image {key!r}")
         images.append(decode(path))
     index = np.array([order.index(k) for k in keys])
     poses = torch.as_tensor(est.keypoints[keep], dtype=torch.float64)
-    crops, kp_crop, _, _ = refiner.prepare(images, index, poses, poses)
+    crops, kp_crop, _, _ = refiner.crop(images, index, poses, poses)
     return crops.float().numpy(), kp_crop.float().numpy()
 
 
@@ -251,10 +252,10 @@ class OnnxModel:
         self.device = torch.device(device)
         provider = provider or ("cuda" if self.device.type == "cuda" else "cpu")
         if provider not in PROVIDERS:
-            raise InputError("--provider", f"must be one of {list(PROVIDERS)}, got {provider!r}")
+            raise InputError("provider", f"must be one of {list(PROVIDERS)}, got {provider!r}")
         available = ort.get_available_providers()
         if PROVIDERS[provider][0] not in available:
-            raise InputError("--provider", f"{provider} needs {PROVIDERS[provider][0]}, which this onnxruntime "
+            raise InputError("provider", f"{provider} needs {PROVIDERS[provider][0]}, which this onnxruntime "
                              f"does not have (it has {', '.join(available)})")
         gpu = {"device_id": self.device.index or 0} if self.device.type == "cuda" else {}  # cuda:N: GPU N
         providers = [(p, {**gpu, **({"trt_fp16_enable": True} if fp16 and p.startswith("Tensorrt") else {})})
@@ -276,7 +277,6 @@ class OnnxModel:
         if "posefix_model_config" not in meta or "posefix_outputs" not in meta:
             raise InputError(field, "has no posefix metadata (posefix_model_config); export it with posefix export",
                              name)
-        from .config import model_config_from_json
 
         self.cfg = model_config_from_json(meta["posefix_model_config"], "posefix_model_config", name)
         try:
@@ -348,10 +348,8 @@ def onnx_model(checkpoint, onnx, device, provider=None, fp16=False) -> OnnxModel
     checkpoint exported in memory when no file is given."""
     if onnx is not None:
         return OnnxModel(onnx, device, provider, fp16)
-    from .engine import load_weights
-
     proto = export_onnx(load_weights(checkpoint))
-    return OnnxModel(proto.SerializeToString(), device, provider, fp16, field="--checkpoint")
+    return OnnxModel(proto.SerializeToString(), device, provider, fp16, field="checkpoint")
 
 
 # Triton Inference Server.
@@ -364,7 +362,7 @@ def triton_config(proto, name: str = "posefix", max_batch_size: int = 64, max_qu
     """config.pbtxt for Triton's ONNX Runtime backend: the graph's inputs and outputs without the batch axis,
     dynamic batching (preferred sizes up to ``max_batch_size``, queue delay) and an instance group."""
     if kind not in ("gpu", "cpu"):
-        raise InputError("--instance-kind", f"must be gpu or cpu, got {kind!r}")
+        raise InputError("instance_kind", f"must be gpu or cpu, got {kind!r}")
     lines = [f'name: "{name}"', 'backend: "onnxruntime"', f"max_batch_size: {max_batch_size}"]
 
     def tensor(value_info) -> str:
@@ -392,11 +390,11 @@ def triton_model_dir(repo: str | Path, name: str) -> Path:
     import re
 
     if not re.fullmatch(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}", name):
-        raise InputError("--triton-name", f"must be a plain name (letters, digits, _ - .; not starting with ., "
+        raise InputError("triton_name", f"must be a plain name (letters, digits, _ - .; not starting with ., "
                          f"at most 128 characters), got {name!r}")
     repo = Path(repo)
     if repo.exists() and not repo.is_dir():
-        raise InputError("--triton", f"{repo} exists and is not a directory")
+        raise InputError("triton", f"{repo} exists and is not a directory")
     return repo / name
 
 
@@ -428,12 +426,11 @@ def write_triton_repository(proto, repo: str | Path, config: str, name: str = "p
     import shutil
     import tempfile
 
-    from .fileio import TMP_SUFFIX, _remove_stale, _umask
 
     final = triton_model_dir(repo, name)
     repo = final.parent
     if (final.exists() or final.is_symlink()) and not _is_posefix_model_dir(final):
-        raise InputError("--triton", f"{final} exists and is not a Triton model directory posefix wrote "
+        raise InputError("triton", f"{final} exists and is not a Triton model directory posefix wrote "
                          "(config.pbtxt and 1/model.onnx only); refusing to replace it")
     repo.mkdir(parents=True, exist_ok=True)
     _remove_stale(final)

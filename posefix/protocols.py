@@ -1,7 +1,7 @@
-"""The typed contract of a refiner: what the service, the batcher and the engine's batching call on one.
+"""The typed contract of a refiner: what the service, the batcher and the batching of many images call on one.
 
-:class:`posefix.engine.Refiner` is one on either backend (its model a PoseFixNet, or an ONNX Runtime session,
-:class:`posefix.onnx_backend.OnnxModel`). Glossary as in :mod:`posefix.engine`: P persons, K = 17 joints, (H, W)
+:class:`posefix.refiner.Refiner` is one on either backend (its model a PoseFixNet, or an ONNX Runtime session,
+:class:`posefix.onnx_backend.OnnxModel`). Glossary as in :mod:`posefix.refiner`: P persons, K = 17 joints, (H, W)
 the model's input size.
 """
 from __future__ import annotations

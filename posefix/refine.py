@@ -1,23 +1,35 @@
-"""Refining an estimator's persons over their images, and what is kept and scored: one policy for every path.
+"""Refining many images' persons: batched across images, with one policy for every caller, and the files.
 
-:func:`refine_estimates` refines the persons of an :class:`~posefix.formats.Estimates` on their images, batched
-across images (:func:`posefix.engine.refine_images`), and applies the policy: with ``output="choice"`` each
-joint is the input joint or the refined one (:func:`posefix.engine.choose`, with the refiner's margin and fitted
-rule), with ``"raw"`` every joint as refined; then ``keep_input_below``; then the instance scores
-(:func:`instance_scores`). ``posefix refine`` (``demo`` through it), ``fit-choice``,
-:func:`posefix.engine.refine_results` and the offline benchmark refine through it; ``refine-video``, whose
-frames are refined as they are decoded, applies the same policy to them with :func:`finish`.
+:func:`refine_images` refines the persons of many images, batching persons across images while the images are
+decoded. :func:`refine_estimates` refines the persons of an :class:`~posefix.formats.Estimates` through it and
+applies the policy (:mod:`posefix.choice`): with ``output="choice"`` each joint is the input joint or the
+refined one (:func:`~posefix.choice.choose`, with the refiner's margin and fitted rule), with ``"raw"`` every
+joint as refined; then ``keep_input_below``; then the instance scores. ``posefix refine``, ``fit-choice``,
+``demo``, search's query refinement, the evaluation on synthesized inputs and the offline benchmark refine
+through it; ``refine-video``, whose frames are refined as they are decoded, applies the same policy with
+:func:`~posefix.choice.finish`. :mod:`posefix.offline` refines files through it.
 
-Glossary as in :mod:`posefix.engine`: P persons, K = 17 joints.
+Glossary as in :mod:`posefix.refiner`: P persons, K = 17 joints.
 """
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from .engine import OUTPUTS, choose, kept_input, refine_images
+from .choice import (
+    OUTPUTS,
+    choose,
+    finish,
+)
 from .errors import InputError
+from .formats import Estimates
+from .images import decode
+from .keypoints import NUM_KEYPOINTS
+from .protocols import RefinerLike
 
 
 def by_image(image_keys) -> dict:
@@ -28,30 +40,97 @@ def by_image(image_keys) -> dict:
     return groups
 
 
-def instance_scores(scores, conf, present, output: str) -> np.ndarray:
-    """Each refined person's instance score: with the per-joint choice the input's own (an input whose every
-    joint is kept comes back exactly as given, and COCO's ranking of the persons is the estimator's); raw, the
-    input's × the mean refined confidence of its present joints. scores (P,), conf (P, K), present (P, K) bool."""
-    if output == "choice":
-        return np.asarray(scores, dtype=np.float64)
-    total, count = (conf * present).sum(1), np.maximum(present.sum(1), 1)
-    with np.errstate(over="ignore", invalid="ignore"):
-        product = scores * total / count
-    # scores near float64's maximum overflow the product; the mean confidence (at most 1) first cannot
-    return np.where(np.isfinite(product) | ~np.isfinite(scores), product, scores * (total / count))
+def refine_images(refiner: RefinerLike, jobs, workers: int = 2, lookahead: int = 8, progress=None, skipped=None,
+                  parts: bool = False):
+    """Refine the persons of many images, batching persons across images.
+
+    jobs: iterable of (key, image path or decoded (3, H, W) uint8 tensor, poses (P, K, 3) image pixels). Images
+    are decoded in ``workers`` background threads, up to ``lookahead`` ahead, while the model runs; each is
+    decoded once. Every model call but the last gets exactly ``refiner.batch_size`` persons: an image's persons
+    may be split between two calls. Fixed shapes keep the device busy and let freed memory be reused as it is
+    (see :mod:`posefix.runtime`). Yields (key, xy (P, K, 2), confidence (P, K)) in the order of ``jobs``, each
+    as soon as its persons are done. ``progress(n)`` is called with the number of persons of each call. An
+    image that cannot be read or decoded raises its InputError or, with ``skipped`` a list, is appended to it
+    as (key, message), its persons not refined and not yielded. ``parts``: refine with
+    :meth:`Refiner.refine_parts` instead, yielding (key, xy, confidence, input confidence).
+    """
+    jobs, want_parts = iter(jobs), parts
+    stage = refiner.stage
+    with ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="posefix-decode") as pool:
+        queue: deque[_Job] = deque()  # in the order of jobs, not yet yielded
+
+        def add_one() -> bool:
+            job = next(jobs, None)
+            if job is None:
+                return False
+            key, source, poses = job
+            image = pool.submit(_staged, stage, source)
+            queue.append(_Job(key, image, np.asarray(poses, dtype=np.float64).reshape(-1, NUM_KEYPOINTS, 3)))
+            return True
+
+        def fill():
+            while sum(job.taken == 0 for job in queue) < lookahead and add_one():
+                pass
+
+        while True:
+            fill()
+            parts, need, i = [], refiner.batch_size, 0  # parts: (job, first person, end)
+            while need > 0:
+                if i == len(queue) and not add_one():
+                    break
+                job = queue[i]
+                if skipped is not None and job.taken == 0 and isinstance(job.image.exception(), InputError):
+                    job.taken = len(job.poses)  # its image failed (reported when it leaves the queue)
+                    if progress is not None:
+                        progress(len(job.poses))
+                take = min(len(job.poses) - job.taken, need)
+                if take > 0:
+                    parts.append((job, job.taken, job.taken + take))
+                    job.taken += take
+                    need -= take
+                i += 1
+            if parts:
+                jobs_in = list(dict.fromkeys(job for job, _, _ in parts))
+                images = [job.image.result() for job in jobs_in]
+                where = {id(job): n for n, job in enumerate(jobs_in)}
+                index = np.concatenate([np.full(hi - lo, where[id(job)], dtype=np.int64) for job, lo, hi in parts])
+                poses = np.concatenate([job.poses[lo:hi] for job, lo, hi in parts])
+                out = refiner.refine_parts(images, index, poses) if want_parts else refiner.refine(images, index, poses)
+                start = 0
+                for job, lo, hi in parts:
+                    job.xy[lo:hi], job.conf[lo:hi] = out[0][start:start + hi - lo], out[1][start:start + hi - lo]
+                    if want_parts:
+                        job.input_conf[lo:hi] = out[2][start:start + hi - lo]
+                    start += hi - lo
+                if progress is not None:
+                    progress(len(poses))
+            while queue and queue[0].taken == len(queue[0].poses):
+                job = queue.popleft()
+                error = job.image.exception() if skipped is not None else None
+                if isinstance(error, InputError):
+                    skipped.append((job.key, str(error)))
+                    continue
+                job.image.result()  # an image without persons is still decoded: a broken file is reported
+                yield (job.key, job.xy, job.conf, job.input_conf) if want_parts else (job.key, job.xy, job.conf)
+            if not parts and not queue:
+                return
 
 
-def finish(given, scores, xy, conf, output: str, keep_input_below: float | None = None):
-    """The policy after the per-joint choice: given (P, K, 3) the input poses, scores (P,) their instance scores,
-    xy (P, K, 2) and conf (P, K) the refined (chosen) joints. ``keep_input_below``: the input joint, its score as
-    confidence, wherever the refined confidence is below it and below the input joint's score. Returns xy, conf,
-    kept (P, K) bool (the input joint exactly: ``keypoint_source`` "input") and the instance scores (P,)."""
-    given = np.asarray(given, dtype=np.float64)
-    if keep_input_below is not None:
-        xy, conf = np.array(xy, dtype=np.float64), np.array(conf, dtype=np.float64)
-        keep = (conf < keep_input_below) & (conf < given[..., 2])
-        xy[keep], conf[keep] = given[keep][:, :2], given[keep][:, 2]
-    return xy, conf, kept_input(given, xy), instance_scores(scores, conf, given[..., 2] > 0, output)
+class _Job:
+    """One image of refine_images: its decoding, its poses, how many are in a batch, and their results."""
+
+    __slots__ = ("conf", "image", "input_conf", "key", "poses", "taken", "xy")
+
+    def __init__(self, key, image, poses: np.ndarray):
+        self.key, self.image, self.poses, self.taken = key, image, poses, 0
+        self.xy = poses[..., :2].copy()
+        self.conf = np.zeros(poses.shape[:2])
+        self.input_conf = np.zeros(poses.shape[:2])
+
+
+def _staged(stage, source):
+    """A job's image, decoded when it is a file, staged for the refiner's device."""
+    return stage(source if isinstance(source, torch.Tensor) else decode(source))
 
 
 @dataclass
@@ -77,10 +156,10 @@ def refine_estimates(refiner, est, sources: dict, *, output: str | None = None,
     """Refine the persons of ``est`` (:class:`posefix.formats.Estimates`) on their images, with the policy.
 
     sources: {image key: its file, or its decoded (3, H, W) uint8 tensor}, in the order to refine them; the
-    persons of a key not in it are not refined. ``refiner``: a :class:`~posefix.engine.Refiner` (or what
+    persons of a key not in it are not refined. ``refiner``: a :class:`~posefix.refiner.Refiner` (or what
     stands in for one); its ``output``, ``choice_margin`` and ``fitted_choice`` are the per-joint choice,
     ``output`` ("choice" or "raw") overriding its own. ``workers``, ``progress`` and ``skipped`` are
-    :func:`~posefix.engine.refine_images`' (an unreadable image raises its InputError or, with ``skipped`` a
+    :func:`refine_images`' (an unreadable image raises its InputError or, with ``skipped`` a
     list, is appended to it and its persons not refined). ``run``: what refines instead, a callable from the
     jobs (key, source, poses (p, K, 3)) to what refine_images yields, (key, xy, confidence) per image, the
     choice already made (:func:`posefix.distributed.refine_images_ray`, whose actors' refiners make it);
@@ -117,3 +196,10 @@ def refine_estimates(refiner, est, sources: dict, *, output: str | None = None,
                                             refiner.choice_margin, refiner.fitted_choice)
     xy, conf, kept, scores = finish(given, est.scores, xy, conf, output, keep_input_below)
     return Refinement(xy, conf, kept, scores, input_conf, refined)
+
+
+def raw_refinement(refiner, est: Estimates, files: dict, workers: int = 2):
+    """Refine every person of ``est`` raw with ``refiner`` (:func:`refine_estimates`), ``files`` mapping each
+    image key to its file. Returns xy (P, K, 2), confidence (P, K) and input confidence (P, K) in ``est`` order."""
+    out = refine_estimates(refiner, est, files, output="raw", workers=workers)
+    return out.xy, out.conf, out.input_conf

@@ -1,23 +1,37 @@
 """``posefix index build``, ``posefix index add`` and ``posefix search``: pose similarity search from the command
-line (see :mod:`posefix.search`), and the contact sheet of a search's answer."""
+line (see :mod:`posefix.search`), and the contact sheet of a search's answer.
+
+What needs torch (the refiner, decoding, drawing) is imported inside the functions that use it, for start-up
+time: ``posefix index`` and ``posefix search`` without a checkpoint or sheet run on numpy alone."""
 from __future__ import annotations
 
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from .cliargs import (
+    allow_outside_images_arg,
+    annotations_arg,
+    check_command_outputs,
+    checkpoint_arg,
+    device_arg,
+    format_arg,
+    images_arg,
+)
 from .errors import InputError
-from .search import PoseIndex
+from .fileio import write_json_atomic
+from .formats import FORMATS, image_file, image_ids, load_estimates
+from .search import PoseIndex, _keypoint_boxes, present
+from .synth.cocoio import load_ground_truth
 
 
 def _coco_images(annotations) -> dict | None:
     if not annotations:
         return None
-    from .synth.cocoio import load_ground_truth
-
     return {im["id"]: im for im in load_ground_truth(annotations).doc["images"]}
 
 
@@ -25,14 +39,10 @@ def read_poses(path, fmt: str, images_dir=None, coco_images: dict | None = None,
                allow_outside: bool = False):
     """The persons of an estimator's file (any supported format) as what an index stores: (estimates,
     keypoints (P, 17, 3), ids (P,) or None, image ids (P,), boxes (P, 4), files or None)."""
-    from .formats import FORMATS, image_file, image_ids, image_sizes, read_estimates
-    from .search import _keypoint_boxes, present
-
     if images_dir is not None and not Path(images_dir).is_dir():
         raise InputError("--images", f"{images_dir} is not a directory")
-    sizes = image_sizes(path, fmt, images_dir or ".", coco_images, allow_outside)
     try:
-        est = read_estimates(path, fmt, sizes)
+        est = load_estimates(path, fmt, images_dir or ".", coco_images, allow_outside)
     except InputError as e:
         if e.field in ("input", "results") and e.source == str(path):
             raise InputError(field, e.problem, e.source) from None
@@ -59,9 +69,7 @@ def read_poses(path, fmt: str, images_dir=None, coco_images: dict | None = None,
 
 
 def cmd_index_build(args) -> int:
-    from .cli import _check_outputs
-
-    _check_outputs(args, ("results", "annotations", "images"), ("out",))
+    check_command_outputs(args, ("results", "annotations", "images"), ("out",))
     t0 = time.perf_counter()
     _, kp, ids, image_ids, boxes, files = read_poses(args.results, args.format, args.images,
                                                      _coco_images(args.annotations),
@@ -77,10 +85,8 @@ def cmd_index_build(args) -> int:
 
 
 def cmd_index_add(args) -> int:
-    from .cli import _check_outputs
-
     out = args.out or args.index
-    _check_outputs(args, ("results", "annotations", "images") + ("index",) * bool(args.out), ("out",),
+    check_command_outputs(args, ("results", "annotations", "images") + ("index",) * bool(args.out), ("out",),
                    extra=() if args.out else [("--index", args.index)])
     index = PoseIndex.load(args.index)
     _, kp, ids, image_ids, boxes, files = read_poses(args.results, args.format, args.images,
@@ -95,18 +101,15 @@ def cmd_index_add(args) -> int:
 
 def refine_queries(checkpoint, images_dir, est, kp: np.ndarray, coco_images=None, device: str = "cpu",
                    allow_outside: bool = False):
-    """The queries refined first, as ``posefix refine`` would: (P, 17, 3) with the refined confidences."""
-    from .engine import Refiner, refine_images
-    from .formats import image_file
-    from .refine import by_image
+    """The queries refined first, as ``posefix refine`` refines them (:func:`posefix.refine.refine_estimates`):
+    (P, 17, 3) with the refined confidences."""
+    from .refine import by_image, refine_estimates
+    from .refiner import Refiner
 
-    refiner = Refiner.from_checkpoint(checkpoint, device)
-    groups = by_image(est.image_keys)
-    jobs = [(key, image_file(images_dir, key, coco_images, allow_outside), kp[rows]) for key, rows in groups.items()]
-    out = kp.copy()
-    for key, xy, conf in refine_images(refiner, jobs):
-        out[groups[key], :, :2], out[groups[key], :, 2] = xy, conf
-    return out
+    refiner = Refiner.from_checkpoint(checkpoint, device=device)
+    files = {key: image_file(images_dir, key, coco_images, allow_outside) for key in by_image(est.image_keys)}
+    out = refine_estimates(refiner, replace(est, keypoints=np.asarray(kp, dtype=np.float64)), files)
+    return np.concatenate([out.xy, out.conf[..., None]], -1)
 
 
 def matches_json(index: PoseIndex, matches, queries: np.ndarray, keys) -> list[dict]:
@@ -127,10 +130,7 @@ def matches_json(index: PoseIndex, matches, queries: np.ndarray, keys) -> list[d
 
 
 def cmd_search(args) -> int:
-    from .cli import _check_outputs
-    from .fileio import write_json_atomic
-
-    _check_outputs(args, ("index", "query", "checkpoint", "images", "annotations"), ("out", "sheet"))
+    check_command_outputs(args, ("index", "query", "checkpoint", "images", "annotations"), ("out", "sheet"))
     if args.k < 1:
         raise InputError("-k", f"must be at least 1, got {args.k}")
     if args.checkpoint and not args.images:
@@ -236,7 +236,6 @@ def write_sheet(path, index: PoseIndex, matches, queries: np.ndarray, query_file
     import torch
     from PIL import Image, ImageDraw
 
-    from .search import _keypoint_boxes, present
     from .viz import INPUT_COLOUR, REFINED_COLOUR, write_png
 
     h, w = CELL
@@ -267,7 +266,6 @@ def write_sheet(path, index: PoseIndex, matches, queries: np.ndarray, query_file
 
 def add_parsers(sub, formats) -> None:
     """The ``index`` and ``search`` subcommands on ``sub`` (the parser's subparsers)."""
-    from .cli import allow_outside_images_arg, annotations_arg, checkpoint_arg, device_arg, format_arg, images_arg
 
     ix = sub.add_parser("index", help="build or extend a pose similarity index over refined poses",
                         description="An index of poses for posefix search: translation- and scale-free, "

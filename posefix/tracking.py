@@ -1,7 +1,7 @@
 """What a video carries from frame to frame: per track, the previous refined pose (so that a person's
 crop follows it) and a One-Euro filter over the refined keypoints. Shared by ``posefix refine-video``
 and the service's ``RefinePoseStream``, so both follow and smooth the same way: each frame's persons are
-refined as :meth:`Tracks.prepare` gives them, cropped around its crop poses (``Refiner.refine``'s and the
+refined as :meth:`Tracks.follow_inputs` gives them, cropped around its crop poses (``Refiner.refine``'s and the
 batcher's ``crop_poses``), and the refinement goes through :meth:`Tracks.update`.
 
 Glossary: P persons of a frame, K = 17 COCO joints; poses (P, K, 3) = x, y in image pixels and a score;
@@ -90,7 +90,7 @@ class Tracks:
             seen[tid] = i
         return list(tracks)
 
-    def prepare(self, tracks: list[int], poses: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def follow_inputs(self, tracks: list[int], poses: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Before refinement: the poses to refine (P, K, 3) and the poses to crop around (P, K, 3; None:
         the poses themselves). With ``follow``, a tracked person's absent joints come from its previous
         refined pose (score: the refined confidence) and its crop from that pose; the other persons crop

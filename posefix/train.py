@@ -22,14 +22,15 @@ from . import __version__
 from .config import Config, dump_toml, to_dict
 from .data import PersonCrops, StepBatches
 from .devices import resolve_device
-from .engine import Refiner, export_weights
 from .errors import InputError
 from .evaluate import calibration, refine_synthesized
 from .fileio import atomic_path, write_json_atomic
 from .losses import refiner_loss
 from .model import PoseFixNet, load_pretrained
+from .refiner import Refiner
 from .synth.cocoio import load_ground_truth
 from .synth.profile import load_profile
+from .weights import export_weights
 
 DISTRIBUTED_TIMEOUT = timedelta(hours=2)
 

@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .engine import Refiner, refine_images
 from .errors import InputError
 from .fileio import atomic_path
 from .formats import Estimates, read_estimates
 from .keypoints import NUM_KEYPOINTS
+from .refine import refine_images
+from .refiner import Refiner
 from .tracking import OneEuroParams, Tracks
 from .viz import INPUT_COLOUR, REFINED_COLOUR, draw_poses
 
@@ -137,7 +138,7 @@ def refine_video(refiner: Refiner, video, poses: VideoPoses, follow: bool = Fals
             decoded += 1
             rows = poses.rows.get(index, [])
             ids = [int(poses.track[i]) for i in rows]
-            inp, crop = tracks.prepare(ids, given[rows]) if rows else (given[rows], None)
+            inp, crop = tracks.follow_inputs(ids, given[rows]) if rows else (given[rows], None)
             if rows:
                 fx, fc = refiner.refine([image], np.zeros(len(rows), dtype=np.int64), inp, crop_poses=crop)
                 xy[rows], conf[rows] = tracks.update(ids, inp, fx, fc, t), fc

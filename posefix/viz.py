@@ -9,6 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .fileio import write_bytes_atomic
+from .images import coco_image_path, decode
 from .keypoints import NUM_KEYPOINTS, SKELETON
 
 INPUT_COLOUR = (255, 140, 0)  # orange
@@ -51,3 +52,36 @@ def encode_png(image: torch.Tensor, compress_level: int = 6) -> bytes:
 def write_png(image: torch.Tensor, path: str | Path) -> None:
     """Write a (3, H, W) uint8 image as PNG, atomically."""
     write_bytes_atomic(path, encode_png(image))
+
+
+def selected_images(results: list[dict], min_score: float = 0.2, max_images: int = 0) -> list[int]:
+    """The image ids :func:`write_overlays` draws: those with a person scored at least ``min_score``, in id
+    order, at most ``max_images`` (0: all)."""
+    return sorted({r["image_id"] for r in results if r["score"] >= min_score})[: max_images or None]
+
+
+def write_overlays(images_dir, results: list[dict], compare: list[dict] | None, entries: dict, out,
+                   min_score: float = 0.2, min_keypoint_score: float = 0.0, max_images: int = 0,
+                   allow_outside: bool = False) -> list[Path]:
+    """Draw the persons of COCO ``results`` (validated) scored at least ``min_score`` on their images under
+    ``images_dir`` (``entries``: {image_id: COCO image dict} naming the files), with ``compare`` (the refined
+    results of the same input, in the same order) side by side, one PNG per image ``out/<image_id>.png``.
+    Returns the files written."""
+    by_image: dict[int, list[int]] = {}
+    for n, r in enumerate(results):
+        if r["score"] >= min_score:
+            by_image.setdefault(r["image_id"], []).append(n)
+    out = Path(out)
+    written = []
+    for image_id in selected_images(results, min_score, max_images):
+        entry = entries.get(image_id, {"id": image_id})
+        image = decode(coco_image_path(images_dir, entry, allow_outside))
+        rows = by_image[image_id]
+        before = draw_poses(image, [results[n]["keypoints"] for n in rows], INPUT_COLOUR, min_keypoint_score)
+        if compare is not None:
+            after = draw_poses(image, [compare[n]["keypoints"] for n in rows], REFINED_COLOUR, min_keypoint_score)
+            before = side_by_side(before, after)
+        path = out / f"{image_id:012d}.png"
+        write_png(before, path)
+        written.append(path)
+    return written

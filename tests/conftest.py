@@ -12,11 +12,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from posefix import SAMPLE_DIR, codec
 from posefix._proto import pb2_grpc
-from posefix.engine import Refiner, export_weights
+from posefix.errors import InputError
 from posefix.images import decode
 from posefix.keypoints import NUM_KEYPOINTS
 from posefix.model import ModelConfig, PoseFixNet
+from posefix.refiner import Refiner
 from posefix.serve import create_server
+from posefix.weights import export_weights
 
 VAL_GT = SAMPLE_DIR / "person_keypoints_val_sample.json"
 TRAIN_GT = SAMPLE_DIR / "person_keypoints_train_sample.json"
@@ -75,7 +77,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def refiner(checkpoint):
     """The heads' own choice (margin 0), so the served and offline paths take some joints of each kind."""
-    return Refiner.from_checkpoint(checkpoint, "cpu", batch_size=64, choice_margin=0.0)
+    return Refiner.from_checkpoint(checkpoint, device="cpu", batch_size=64, choice_margin=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +239,22 @@ def handful_run(tmp_path_factory):
                                                      "data.workers=1"])
     train(cfg, tmp / "run", progress=False)
     return gt_path, tmp / "run" / "model.safetensors"
+
+
+def refine_results(refiner, results: list[dict], image_paths: dict) -> list[dict]:
+    """COCO keypoint results (validated) refined as ``posefix refine`` refines them
+    (:func:`posefix.refine.refine_estimates`); ``image_paths`` maps image_id → file."""
+    from posefix.formats import LAYOUTS, Estimates, write_coco_results
+    from posefix.refine import by_image, refine_estimates
+
+    if not results:
+        return []
+    keys = [r["image_id"] for r in results]
+    missing = [i for i in by_image(keys) if i not in image_paths]
+    if missing:
+        raise InputError("image", f"no image file for image_id {missing[0]}")
+    poses = np.array([r["keypoints"] for r in results], dtype=np.float64).reshape(len(results), -1, 3)
+    est = Estimates("coco", LAYOUTS["coco17"], keys, poses, np.array([r["score"] for r in results], dtype=np.float64),
+                    poses, list(results), False)
+    out = refine_estimates(refiner, est, {i: image_paths[i] for i in by_image(keys)})
+    return write_coco_results(est, out.xy, out.conf, out.scores, keys, out.kept)

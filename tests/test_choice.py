@@ -8,13 +8,15 @@ import torch
 
 from posefix import SAMPLE_DIR
 from posefix._proto import pb2
+from posefix.choice import choose, kept_input
 from posefix.cli import main
-from posefix.engine import Refiner, choose, export_weights, kept_input, load_weights
 from posefix.formats import LAYOUTS
 from posefix.images import decode
 from posefix.model import INPUT_CONFIDENCE_INIT, ModelConfig, PoseFixNet
+from posefix.refiner import Refiner
 from posefix.serve.responses import build_response
 from posefix.synth.cocoio import load_ground_truth, load_results
+from posefix.weights import export_weights, load_weights
 
 CFG = ModelConfig(backbone="resnet18", input_size=(128, 96), sigma=3.5, head_channels=32)
 GT = SAMPLE_DIR / "person_keypoints_val_sample.json"
@@ -123,8 +125,7 @@ def test_without_a_fitted_choice_refine_returns_the_input_and_says_so(tmp_path, 
     """A checkpoint whose choice was not fitted to an estimator keeps every input joint by default, and
     refine says why in one line; --choice-margin 0 (the heads' own choice) and a fitted rule take corrections."""
     from posefix.choice import METADATA_KEY, NUMERIC, FittedChoice
-    from posefix.engine import has_fitted_choice
-
+    from posefix.weights import has_fitted_choice
     path = tmp_path / "model.safetensors"
     export_weights(_moving(), path, {"step": 1})
     assert not has_fitted_choice(path)

@@ -6,13 +6,14 @@ import pytest
 from scipy.optimize import approx_fprime
 
 from posefix import SAMPLE_DIR
-from posefix.choice import NUMERIC, FittedChoice, features, fit_choice, person_scale
+from posefix.choice import NUMERIC, FittedChoice, choose, features, fit_choice, person_scale
 from posefix.cli import main
-from posefix.engine import Refiner, choose, load_weights
 from posefix.errors import InputError
 from posefix.images import decode
 from posefix.keypoints import NUM_KEYPOINTS, ks
+from posefix.refiner import Refiner
 from posefix.synth.cocoio import load_ground_truth, load_results
+from posefix.weights import load_weights
 
 REAL = SAMPLE_DIR / "real_estimators"
 TRAIN_GT = SAMPLE_DIR / "person_keypoints_train10.json"

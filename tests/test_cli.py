@@ -9,9 +9,9 @@ from PIL import Image
 
 from posefix import SAMPLE_DIR
 from posefix.cli import main
-from posefix.engine import Refiner
 from posefix.formats import image_file, image_ids, read_estimates, write_coco_results
 from posefix.refine import by_image, refine_estimates
+from posefix.refiner import Refiner
 from posefix.synth.cocoio import load_ground_truth
 
 from .conftest import VAL_GT, VAL_RESULTS

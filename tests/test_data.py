@@ -8,10 +8,10 @@ import torch
 from posefix import SAMPLE_DIR, codec
 from posefix.config import DataConfig
 from posefix.data import PersonCrops, StepBatches
-from posefix.engine import Refiner
 from posefix.images import decode
 from posefix.keypoints import NUM_KEYPOINTS, PARTNER
 from posefix.model import ModelConfig, PoseFixNet
+from posefix.refiner import Refiner
 from posefix.viz import write_png
 
 from .conftest import FIGURE

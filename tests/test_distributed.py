@@ -1,7 +1,6 @@
 """``posefix refine --ray``: the same refinement as ``posefix refine``, through a local Ray cluster, and its faults.
 
 One local Ray (2 CPUs) serves the module; each refinement starts its own pool of actors on it."""
-import argparse
 import importlib.util
 import json
 import os
@@ -16,7 +15,8 @@ import pytest
 
 from posefix import SAMPLE_DIR
 from posefix.cli import main
-from posefix.engine import Refiner, refine_images
+from posefix.refine import refine_images
+from posefix.refiner import Refiner
 
 from .conftest import VAL_GT, VAL_RESULTS
 
@@ -123,26 +123,21 @@ def test_without_ray_it_names_the_extra(tmp_path, checkpoint, monkeypatch, capsy
 def test_image_names_out_of_images_are_refused_for_a_uri_or_a_directory(tmp_path):
     """The images of ``posefix refine`` (with or without --ray): a name leading out of --images is refused by name,
     or with --skip-invalid left out and listed, unless --allow-outside-images."""
-    import argparse
 
-    from posefix.distributed import image_sources
     from posefix.errors import InputError
+    from posefix.offline import image_sources
 
     names = {1: "../x.jpg", 2: "/etc/y.jpg", 3: "a/../b.jpg", 4: "a/../../z.jpg", 5: "c/d.jpg"}
     coco = {k: {"id": k, "file_name": v} for k, v in names.items()}
     groups = {k: [k - 1] for k in [*names, 6]}
     for images in ("s3://bucket/val2017/", str(tmp_path)):
-        def args(images=images, **kw):
-            return argparse.Namespace(**{"images": images, "allow_outside_images": False, "skip_invalid": False,
-                                         **kw})
-
         with pytest.raises(InputError, match="^'../x.jpg': image: leads outside"):
-            image_sources(args(), groups, coco, [])
+            image_sources(images, groups, coco)
         skipped: list = []
-        sources = image_sources(args(skip_invalid=True), groups, coco, skipped)
+        sources = image_sources(images, groups, coco, skipped=skipped)
         assert [k for k, _ in skipped] == [1, 2, 4] and all("leads outside" in m for _, m in skipped)
         assert sorted(sources) == [3, 5, 6]
-        everything = image_sources(args(allow_outside_images=True), groups, coco, [])
+        everything = image_sources(images, groups, coco, allow_outside=True)
         assert sorted(everything) == [1, 2, 3, 4, 5, 6]
         if images.startswith("s3://"):
             assert everything[5] == "s3://bucket/val2017/c/d.jpg"
@@ -194,6 +189,7 @@ def test_a_corrupt_image_is_named_and_the_rest_refined(tmp_path, checkpoint, clu
 @needs_ray
 def test_a_killed_worker_its_blocks_run_again_every_person_once(tmp_path, checkpoint, cluster):
     from posefix.distributed import refine_images_ray
+    from posefix.options import RefineOptions
 
     images, path = _many_images(tmp_path, copies=1)
     results = json.loads(path.read_text())
@@ -211,8 +207,8 @@ def test_a_killed_worker_its_blocks_run_again_every_person_once(tmp_path, checkp
             os.kill(pids[0], signal.SIGKILL)
             killed.append(pids[0])
 
-    got = list(refine_images_ray(checkpoint, jobs, actors=2, batch_size=8, images_per_block=1, progress=kill_one,
-                                 show_progress=False))
+    got = list(refine_images_ray(checkpoint, jobs, RefineOptions(batch_size=8), actors=2, images_per_block=1,
+                                 progress=kill_one, show_progress=False))
     assert killed
     assert sorted(key for key, _, _ in got) == sorted(groups)  # every image once
     want = {key: (xy, conf) for key, xy, conf in refine_images(Refiner.from_checkpoint(checkpoint, batch_size=8),
@@ -275,19 +271,17 @@ def test_ray_options_give_actors_a_device_they_can_see():
     decided on the driver (here without a GPU: the CPU, no GPUs asked for)."""
     import torch
 
-    from posefix.distributed import ray_options
+    from posefix.distributed import actor_options
+    from posefix.options import RefineOptions
 
-    def args(device, num_gpus=None):
-        return argparse.Namespace(device=device, num_gpus=num_gpus, actors=None, batch_size=8, flip_test=False,
-                                  precision="fp32", channels_last=False, output="choice", choice_margin=None,
-                                  workers=1, ray="", skip_invalid=False, quiet=True)
+    def got(device, num_gpus=None):
+        options, gpus = actor_options(RefineOptions(device=device, batch_size=8), num_gpus)
+        assert options.batch_size == 8  # the rest as given
+        return options.device, gpus
 
     for device in ("cuda", "cuda:1"):
-        got = ray_options(args(device), [])
-        assert (got["device"], got["num_gpus"]) == ("cuda", 1.0)
-    assert ray_options(args("cuda:1", 0.5), [])["num_gpus"] == 0.5
-    cpu = ray_options(args("cpu"), [])
-    assert (cpu["device"], cpu["num_gpus"]) == ("cpu", 0.0)
-    auto = ray_options(args("auto"), [])
+        assert got(device) == ("cuda", 1.0)
+    assert got("cuda:1", 0.5)[1] == 0.5
+    assert got("cpu") == ("cpu", 0.0)
     want = "cuda" if torch.cuda.is_available() else "cpu"
-    assert (auto["device"], auto["num_gpus"]) == (want, float(want == "cuda"))
+    assert got("auto") == (want, float(want == "cuda"))

@@ -10,9 +10,10 @@ import torch
 
 from posefix import SAMPLE_DIR
 from posefix.config import load_config
-from posefix.engine import Refiner, refine_images
 from posefix.images import decode
 from posefix.model import ModelConfig, PoseFixNet
+from posefix.refine import refine_images
+from posefix.refiner import Refiner
 from posefix.train import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -54,8 +55,8 @@ def no_tf32():
                          ids=["fp32", "channels_last", "flip"])
 def test_cuda_refines_as_the_cpu_does(model, case, options, no_tf32):
     images, index, poses = case
-    cpu_xy, cpu_conf = Refiner(copy.deepcopy(model), "cpu", output="raw", **options).refine(images, index, poses)
-    xy, conf = Refiner(copy.deepcopy(model), "cuda", output="raw", **options).refine(images, index, poses)
+    cpu_xy, cpu_conf = Refiner(copy.deepcopy(model), device="cpu", output="raw", **options).refine(images, index, poses)
+    xy, conf = Refiner(copy.deepcopy(model), device="cuda", output="raw", **options).refine(images, index, poses)
     assert np.abs(cpu_xy - poses[..., :2]).max() > 1  # the model moves joints
     np.testing.assert_allclose(xy, cpu_xy, atol=0.01)
     np.testing.assert_allclose(conf, cpu_conf, atol=1e-3)
@@ -63,8 +64,8 @@ def test_cuda_refines_as_the_cpu_does(model, case, options, no_tf32):
 
 def test_cuda_bf16_is_the_fp32_answer_within_bf16_precision(model, case):
     images, index, poses = case
-    fp32, _ = Refiner(copy.deepcopy(model), "cuda", output="raw").refine(images, index, poses)
-    bf16, _ = Refiner(copy.deepcopy(model), "cuda", output="raw", precision="bf16",
+    fp32, _ = Refiner(copy.deepcopy(model), device="cuda", output="raw").refine(images, index, poses)
+    bf16, _ = Refiner(copy.deepcopy(model), device="cuda", output="raw", precision="bf16",
                       channels_last=True).refine(images, index, poses)
     moved = np.abs(fp32 - poses[..., :2]).max()
     assert np.abs(bf16 - fp32).max() < 0.25 * moved
@@ -74,7 +75,7 @@ def test_a_batch_is_queued_without_a_device_sync(model, case):
     """From the host's poses to the model's output nothing waits for the GPU (pinned images, as the decoding
     threads stage them): torch's sync debug mode raises on any synchronising call."""
     images, index, poses = case
-    refiner = Refiner(copy.deepcopy(model), "cuda", flip_test=True, precision="bf16")
+    refiner = Refiner(copy.deepcopy(model), device="cuda", flip_test=True, precision="bf16")
     staged = [refiner.stage(image) for image in images]
     poses = torch.as_tensor(poses)
     with torch.no_grad():
@@ -91,7 +92,7 @@ def test_a_batch_is_queued_without_a_device_sync(model, case):
 
 def test_refine_images_on_cuda_equals_one_image_at_a_time(model, case, no_tf32):
     images, index, poses = case
-    refiner = Refiner(copy.deepcopy(model), "cuda", batch_size=4)
+    refiner = Refiner(copy.deepcopy(model), device="cuda", batch_size=4)
     sources = [IMAGE, images[1]]  # a file decoded by refine_images' threads, and a decoded image
     jobs = [(n, sources[n % 2], poses[index == n % 2]) for n in range(5)]
     out = {key: xy for key, xy, _ in refine_images(refiner, jobs)}

@@ -7,10 +7,11 @@ import torch
 import torchvision
 
 from posefix import codec
-from posefix.engine import Refiner, export_weights, load_weights
 from posefix.errors import InputError
 from posefix.losses import refiner_loss
 from posefix.model import MOBILE, ModelConfig, PoseFixNet, fold_batchnorm, load_pretrained
+from posefix.refiner import Refiner
+from posefix.weights import export_weights, load_weights
 
 from .conftest import SMALL_MODEL, model_inputs
 

@@ -13,17 +13,19 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from posefix.cli import main
-from posefix.engine import Refiner, export_weights, refine_results
 from posefix.errors import InputError
 from posefix.images import coco_image_path, decode
 from posefix.model import ModelConfig, PoseFixNet
 from posefix.onnx_backend import OnnxModel, calibration_crops, export_onnx, quantize_int8, triton_config
+from posefix.options import RefineOptions
 from posefix.protocols import RefinerLike
+from posefix.refiner import Refiner
 from posefix.serve import ServeOptions, create_server, serve_main
 from posefix.synth.cocoio import load_ground_truth, load_results
 from posefix.synth.diagnose import keypoint_ap
+from posefix.weights import export_weights
 
-from .conftest import IMAGE_785, VAL_GT, VAL_RESULTS, LoopThread
+from .conftest import IMAGE_785, VAL_GT, VAL_RESULTS, LoopThread, refine_results
 
 IMAGES = VAL_GT.parent / "images"
 PX, CONF = 0.05, 1e-3  # fp32: ONNX Runtime against torch
@@ -326,7 +328,7 @@ def test_bad_onnx_files_and_providers_are_one_line_errors(files, tmp_path, capsy
                                     "--out", str(out)])
         assert code == 2 and err.count("\n") == 0 and message in err and err.startswith("posefix: error:"), (extra, err)
         assert not out.exists()
-    options = ServeOptions(checkpoint=None, onnx=str(foreign), device="cpu", max_batch_size=8)
+    options = ServeOptions(checkpoint=None, refine=RefineOptions(onnx=str(foreign), device="cpu", batch_size=8))
     with pytest.raises(InputError, match="--onnx: has no posefix metadata"):
         serve_main(options)
 

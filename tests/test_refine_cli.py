@@ -10,10 +10,10 @@ import torch
 
 from posefix import SAMPLE_DIR
 from posefix.cli import main
-from posefix.engine import export_weights
 from posefix.model import ModelConfig, PoseFixNet
 from posefix.synth.cocoio import load_ground_truth
 from posefix.synth.diagnose import keypoint_ap
+from posefix.weights import export_weights
 
 GT = SAMPLE_DIR / "person_keypoints_val_sample.json"
 RESULTS = SAMPLE_DIR / "topdown_keypoints_val4.json"

@@ -17,9 +17,9 @@ import torch
 from posefix import SAMPLE_DIR
 from posefix.cli import main
 from posefix.config import load_config
-from posefix.engine import export_weights
 from posefix.model import ModelConfig, PoseFixNet
 from posefix.train import train
+from posefix.weights import export_weights
 
 GT = str(SAMPLE_DIR / "person_keypoints_val_sample.json")
 IMAGES = str(SAMPLE_DIR / "images")

@@ -141,8 +141,8 @@ def test_a_rerun_removes_what_a_killed_writer_left_and_outputs_get_the_umask_mod
 
 
 def test_train_writes_its_weights_with_the_umask_mode(tmp_path):
-    from posefix.engine import export_weights
     from posefix.model import ModelConfig, PoseFixNet
+    from posefix.weights import export_weights
 
     old = os.umask(0o022)
     try:
@@ -171,8 +171,8 @@ def test_index_add_writes_through_a_symbolic_link(tmp_path):
 def small_onnx(tmp_path_factory):
     import torch
 
-    from posefix.engine import export_weights
     from posefix.model import ModelConfig, PoseFixNet
+    from posefix.weights import export_weights
 
     d = tmp_path_factory.mktemp("onnx")
     torch.manual_seed(0)

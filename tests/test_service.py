@@ -18,10 +18,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from posefix._proto import SERVICE_NAME, pb2
 from posefix.client import PoseRefinerClient, image_message, request_message
-from posefix.engine import Refiner
 from posefix.formats import LAYOUTS
 from posefix.images import decode
 from posefix.protocols import RefinerLike
+from posefix.refiner import Refiner
 from posefix.serve import Limits, create_server
 from posefix.tracking import OneEuroFilter, OneEuroParams
 

@@ -29,9 +29,9 @@ from PIL import Image
 from posefix import SAMPLE_DIR
 from posefix._proto import pb2, pb2_grpc
 from posefix.client import request_message
-from posefix.engine import Refiner
 from posefix.formats import LAYOUTS
 from posefix.images import check_png, decode, decode_encoded
+from posefix.refiner import Refiner
 from posefix.serve import Limits, create_server
 from posefix.viz import encode_png
 

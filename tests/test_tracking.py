@@ -36,11 +36,11 @@ def test_follow_fills_absent_joints_and_crops_from_the_previous_pose():
     tracks.update([3], first, refined, np.full((1, 17), 0.8), 0.0)
     second = first.copy()
     second[0, 4:8, 2] = 0  # the estimator lost four joints
-    inp, crop = tracks.prepare([3], second)
+    inp, crop = tracks.follow_inputs([3], second)
     np.testing.assert_allclose(inp[0, 4:8, :2], refined[0, 4:8])
     np.testing.assert_allclose(inp[0, 4:8, 2], 0.8)
     np.testing.assert_allclose(crop[0, :, :2], refined[0])
-    assert tracks.prepare([9], second)[1] is None  # an unknown track crops around its own input
+    assert tracks.follow_inputs([9], second)[1] is None  # an unknown track crops around its own input
 
 
 def test_only_the_followed_persons_crop_elsewhere_and_tracks_absent_from_a_frame_are_forgotten():
@@ -49,10 +49,10 @@ def test_only_the_followed_persons_crop_elsewhere_and_tracks_absent_from_a_frame
     frame[..., :2], frame[..., 2] = np.arange(3)[:, None, None] * 50.0 + 10.0, 0.9
     tracks.update([1, 2, 0], frame, frame[..., :2] + 3.0, np.full((3, 17), 0.7), 0.0)
     assert set(tracks.previous) == {1, 2}  # an untracked person (0) is not remembered
-    poses, crop = tracks.prepare([2, 5, 0], frame)  # track 2 followed; 5 new; 0 untracked
+    poses, crop = tracks.follow_inputs([2, 5, 0], frame)  # track 2 followed; 5 new; 0 untracked
     np.testing.assert_array_equal(poses, frame)  # no joint absent: nothing filled in
     np.testing.assert_allclose(crop[0, :, :2], frame[1, :, :2] + 3.0)  # track 2's previous refined pose
     np.testing.assert_array_equal(crop[1:], frame[1:])  # the others around their own poses
     tracks.update([2], frame[:1], frame[:1, :, :2], np.ones((1, 17)), 0.1)
     assert set(tracks.previous) == {2}  # track 1 missed this frame: forgotten
-    assert tracks.prepare([1], frame[:1])[1] is None
+    assert tracks.follow_inputs([1], frame[:1])[1] is None

@@ -84,10 +84,11 @@ def test_refiner_learns_to_fix_synthesized_errors(handful_run):
     of those persons rises well above the inputs' AP."""
     import numpy as np
 
-    from posefix.engine import Refiner, load_weights
     from posefix.evaluate import refine_synthesized
     from posefix.model import INPUT_CONFIDENCE_INIT
+    from posefix.refiner import Refiner
     from posefix.synth.cocoio import load_ground_truth
+    from posefix.weights import load_weights
 
     gt_path, checkpoint = handful_run
     heads = load_weights(checkpoint)  # both confidence heads trained: the input head left its start

@@ -11,10 +11,11 @@ import torch
 from posefix import SAMPLE_DIR
 from posefix.cli import main
 from posefix.client import PoseRefinerClient
-from posefix.engine import Refiner, export_weights
 from posefix.images import decode
 from posefix.model import ModelConfig, PoseFixNet
+from posefix.refiner import Refiner
 from posefix.video import frames, make_sample_video, probe
+from posefix.weights import export_weights
 
 FRAMES = 16
 

@@ -44,6 +44,7 @@ import numpy as np
 from ..errors import InputError
 from ..fileio import read_json
 from ..keypoints import NUM_KEYPOINTS
+from ..synth.cocoio import validate_results
 from . import blazepose, coco, movenet, openpose, posenet
 from .common import (
     COCO17,
@@ -72,8 +73,8 @@ POSENET_PARTS = posenet.PARTS
 
 __all__ = [
     "BLAZEPOSE_NAMES", "BODY25_NAMES", "COCO18_NAMES", "FORMATS", "LAYOUTS", "OUTSIDE_HINT", "POSENET_PARTS",
-    "Estimates", "Format", "Layout", "from_coco17", "image_file", "image_ids", "image_sizes", "image_under",
-    "openpose_key", "read_estimates", "source_keypoints", "to_coco17", "write_coco_results",
+    "Estimates", "Format", "Layout", "as_coco_results", "from_coco17", "image_file", "image_ids", "image_sizes", "image_under",
+    "load_estimates", "openpose_key", "read_estimates", "source_keypoints", "to_coco17", "write_coco_results",
 ]
 
 
@@ -139,6 +140,15 @@ def image_sizes(path: str | Path, fmt: str, images_dir: str | Path | None = None
     return sizes
 
 
+def load_estimates(path: str | Path, fmt: str, images_dir: str | Path | None = None, coco_images: dict | None = None,
+                   allow_outside: bool = False, size: tuple[int, int] | None = None, *,
+                   skip_invalid: bool = False) -> Estimates:
+    """An estimator's file read as every command reads one: :func:`read_estimates` with the image sizes of
+    :func:`image_sizes` (for the formats with normalised coordinates)."""
+    return read_estimates(path, fmt, image_sizes(path, fmt, images_dir, coco_images, allow_outside, size),
+                          skip_invalid=skip_invalid)
+
+
 def source_keypoints(est: Estimates, i: int, refined) -> object:
     """Person i's keypoints in the format's own JSON form with its COCO joints replaced by ``refined``
     (17, 3) (x, y in pixels, confidence), normalised again for MoveNet and BlazePose; the confidence goes
@@ -200,3 +210,12 @@ def write_coco_results(est: Estimates, refined_xy, refined_conf, instance_scores
             res["source_fields"] = fields
         out.append(res)
     return out
+
+
+def as_coco_results(path, fmt: str, images_dir, gt, allow_outside=False) -> list[dict]:
+    """An estimator's output in its own format, read as ``posefix refine`` reads it, as validated COCO results
+    on ``gt``'s images (the keypoints and instance scores as given)."""
+    coco_images = {im["id"]: im for im in gt.doc["images"]}
+    est = load_estimates(path, fmt, images_dir, coco_images, allow_outside)
+    return validate_results(write_coco_results(est, est.keypoints[..., :2], est.keypoints[..., 2], est.scores,
+                                               image_ids(est, coco_images)), str(path), gt)

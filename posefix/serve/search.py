@@ -39,7 +39,7 @@ async def search_poses(servicer, request: pb2.SearchPosesRequest, context) -> pb
         raise InputError("k", f"{request.k} is more than the {len(index)} poses in the index")
     try:
         if request.HasField("image"):
-            job = await servicer.prepare(pb2.RefinePoseRequest(image=request.image, format=request.format,
+            job = await servicer.decode_request(pb2.RefinePoseRequest(image=request.image, format=request.format,
                                                                persons=[request.query]),
                                          context.time_remaining())
             xy, conf = await servicer.refine(job.image, job.coco, context)

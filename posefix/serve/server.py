@@ -9,8 +9,9 @@ import math
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -22,10 +23,15 @@ from prometheus_client import start_http_server
 from .. import __version__
 from .._proto import FORMAT_LAYOUT, SERVICE_NAME, pb2
 from ..batcher import DynamicBatcher
+from ..choice import KEEPS_INPUT_NOTICE
+from ..devices import resolve_device
 from ..errors import InputError
 from ..formats import LAYOUTS
 from ..keypoints import NUM_KEYPOINTS
+from ..options import RefineOptions
 from ..protocols import RefinerLike
+from ..refiner import Refiner
+from ..search import PoseIndex
 from .metrics import Metrics
 from .servicer import PoseRefinerServicer
 from .validation import Limits
@@ -113,7 +119,7 @@ def create_server(refiner: RefinerLike, host: str = "127.0.0.1", port: int = 0, 
                   limits: Limits | None = None, model_version: str = "", decode_workers: int = 4,
                   max_pinned_bytes: int = 512 * 1024 * 1024, max_queue_wait_s: float | None = None,
                   admission: bool = True, index=None) -> PoseRefinerServer:
-    """A PoseRefiner server for ``refiner`` (a :class:`~posefix.engine.Refiner`, or any
+    """A PoseRefiner server for ``refiner`` (a :class:`~posefix.refiner.Refiner`, or any
     :class:`~posefix.protocols.RefinerLike`), bound to ``host:port`` (port 0: a free port, see ``.port``), not
     started.
 
@@ -206,36 +212,26 @@ def checkpoint_version(path: str | Path) -> str:
 
 @dataclass(frozen=True)
 class ServeOptions:
-    """The options of ``posefix serve`` (its flags, same names and defaults).
+    """The options of ``posefix serve``.
 
-    checkpoint: a model.safetensors from posefix train (or None with ``onnx``); port 0: any free port; device
-    "auto": cuda if available, else cpu ("cpu", "cuda", "cuda:N"); max_batch_size, max_queue_size: persons;
-    max_queue_wait_s: None, no bound; metrics_port: None, no metrics endpoint; flip_test: refine each crop
-    with its mirror too; precision "fp32" or "bf16"; output, choice_margin: the per-joint choice (see
-    :class:`~posefix.engine.Refiner`); grace_s: seconds calls in flight have to finish once stopping;
-    drain_s: seconds to go on taking calls with health NOT_SERVING before that; index: a file of
-    posefix index build, for SearchPoses (None: no pose index); backend, onnx, provider: see
-    :meth:`~posefix.engine.Refiner.from_checkpoint`."""
+    checkpoint: a model.safetensors from posefix train (None: with ``refine.onnx`` an ONNX model, without one
+    no refiner, see :class:`NoRefiner`); refine: how the refiner runs (:class:`~posefix.options.RefineOptions`;
+    its ``batch_size`` is the most persons of one model call, the batcher's); port 0: any free port;
+    max_queue_size: persons; max_queue_wait_s: None, no bound; metrics_port: None, no metrics endpoint;
+    grace_s: seconds calls in flight have to finish once stopping; drain_s: seconds to go on taking calls
+    with health NOT_SERVING before that; index: a file of posefix index build, for SearchPoses (None: no
+    pose index)."""
     checkpoint: str | None = None
+    refine: RefineOptions = field(default_factory=lambda: RefineOptions(device="auto"))
     host: str = "127.0.0.1"
     port: int = 50051
-    device: str = "auto"
-    max_batch_size: int = 64
     max_queue_delay_ms: float = 5.0
     max_queue_size: int = 1024
     max_queue_wait_s: float | None = None
     metrics_port: int | None = None
-    flip_test: bool = False
-    precision: str = "fp32"
-    channels_last: bool = False
-    output: str = "choice"
-    choice_margin: float | None = None
     grace_s: float = 10.0
     drain_s: float = 0.0
     index: str | None = None
-    backend: str | None = None
-    onnx: str | None = None
-    provider: str | None = None
 
 
 class NoRefiner:
@@ -248,8 +244,6 @@ class NoRefiner:
     keeps_every_input = True
 
     def __init__(self, batch_size: int = 64):
-        from types import SimpleNamespace
-
         self.cfg = SimpleNamespace(input_size=(0, 0), backbone="none")  # what GetModelInfo reads
         self.device = torch.device("cpu")
         self.batch_size = batch_size
@@ -272,37 +266,28 @@ class NoRefiner:
 def serve_main(options: ServeOptions) -> int:
     """``posefix serve``: load the checkpoint, warm the model up and serve until SIGTERM/SIGINT. Bad values
     raise InputError naming the option."""
-    from ..devices import resolve_device
-    from ..engine import KEEPS_INPUT_NOTICE, Refiner
-    from ..search import PoseIndex
-
-    o = options
-    device = resolve_device(o.device)
-    if o.max_batch_size < 1:
-        raise InputError("--max-batch-size", f"must be >= 1, got {o.max_batch_size}")
-    for name, value in (("--grace-s", o.grace_s), ("--drain-s", o.drain_s)):
+    o, r = options, options.refine
+    device = resolve_device(r.device)
+    for name, value in (("grace_s", o.grace_s), ("drain_s", o.drain_s)):
         if not (math.isfinite(value) and value >= 0):
             raise InputError(name, f"must be >= 0 seconds, got {value}")
-    index = PoseIndex.load(o.index, "--index") if o.index else None
-    if o.checkpoint is None and o.onnx is None:
+    index = PoseIndex.load(o.index, "index") if o.index else None
+    queue = {"max_batch_size": r.batch_size, "max_queue_delay_ms": o.max_queue_delay_ms,
+             "max_queue_size": o.max_queue_size, "metrics_port": o.metrics_port, "index": index,
+             "max_queue_wait_s": o.max_queue_wait_s}
+    if o.checkpoint is None and r.onnx is None:
         print("posefix serve: note: no --checkpoint: RefinePose gives the input back; RefinePoseStream refines "
               "over time (docs/video.md)", file=sys.stderr, flush=True)
-        serve(NoRefiner(o.max_batch_size), o.host, o.port, grace_s=o.grace_s, drain_s=o.drain_s,
-              max_batch_size=o.max_batch_size, max_queue_delay_ms=o.max_queue_delay_ms,
-              max_queue_size=o.max_queue_size, metrics_port=o.metrics_port, index=index, model_version="",
-              max_queue_wait_s=o.max_queue_wait_s)
+        serve(NoRefiner(r.batch_size), o.host, o.port, grace_s=o.grace_s, drain_s=o.drain_s, model_version="",
+              **queue)
         return 0
-    refiner = Refiner.from_checkpoint(o.checkpoint, device, batch_size=o.max_batch_size, flip_test=o.flip_test,
-                                      precision=o.precision, channels_last=o.channels_last, output=o.output,
-                                      choice_margin=o.choice_margin, backend=o.backend, onnx=o.onnx,
-                                      provider=o.provider)
+    refiner = Refiner.from_checkpoint(o.checkpoint, r.replace(device=str(device)))
     if refiner.keeps_every_input:
         print(f"posefix serve: note: {KEEPS_INPUT_NOTICE}", file=sys.stderr, flush=True)
     h, w = refiner.cfg.input_size
     warm = np.zeros((1, NUM_KEYPOINTS, 3))
     warm[0, :, :2], warm[0, :, 2] = (w / 2, h / 2), 1.0
     refiner.refine([torch.zeros((3, h, w), dtype=torch.uint8)], np.zeros(1, dtype=np.int64), warm)
-    serve(refiner, o.host, o.port, grace_s=o.grace_s, drain_s=o.drain_s, max_batch_size=o.max_batch_size,
-          max_queue_delay_ms=o.max_queue_delay_ms, max_queue_size=o.max_queue_size, metrics_port=o.metrics_port,
-          index=index, model_version=checkpoint_version(o.onnx or o.checkpoint), max_queue_wait_s=o.max_queue_wait_s)
+    serve(refiner, o.host, o.port, grace_s=o.grace_s, drain_s=o.drain_s,
+          model_version=checkpoint_version(r.onnx or o.checkpoint), **queue)
     return 0

@@ -20,7 +20,7 @@ import torch
 
 from .._proto import pb2, pb2_grpc
 from ..batcher import DynamicBatcher
-from ..engine import kept_input
+from ..choice import kept_input
 from ..errors import InputError
 from ..formats import Layout, to_coco17
 from ..images import decode_encoded, raw_to_tensor
@@ -67,12 +67,12 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
 
     # The steps of a call.
 
-    async def prepare(self, request: pb2.RefinePoseRequest, timeout: float | None) -> _Request:
+    async def decode_request(self, request: pb2.RefinePoseRequest, timeout: float | None) -> _Request:
         """Validate and decode the request in a decoder thread (nothing a client sends is scanned on the
         event loop); a call the batcher cannot finish within ``timeout`` is refused before its decoding."""
-        return await asyncio.get_running_loop().run_in_executor(self.decoder, self._prepare_sync, request, timeout)
+        return await asyncio.get_running_loop().run_in_executor(self.decoder, self._decode_request_sync, request, timeout)
 
-    def _prepare_sync(self, request: pb2.RefinePoseRequest, timeout: float | None) -> _Request:
+    def _decode_request_sync(self, request: pb2.RefinePoseRequest, timeout: float | None) -> _Request:
         layout, data, native = check_request(request, self.limits)
         image = None
         if len(native):
@@ -144,7 +144,7 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
 
     async def RefinePose(self, request: pb2.RefinePoseRequest | bytes, context) -> pb2.RefinePoseResponse:
         async def answer(request: pb2.RefinePoseRequest) -> pb2.RefinePoseResponse:
-            job = await self.prepare(request, context.time_remaining())
+            job = await self.decode_request(request, context.time_remaining())
             xy, conf = await self.refine(job.image, job.coco, context)
             return build_response(request, job.layout, job.native, xy, conf, kept_input(job.coco, xy))
 
@@ -168,12 +168,12 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
                     t = video.clock(message.timestamp_us)
                     try:
                         tracks = video.track_ids(message.frame.persons)
-                        job = await self.prepare(message.frame, context.time_remaining())
+                        job = await self.decode_request(message.frame, context.time_remaining())
                     except InputError as e:
                         raise InputError(f"frame.{e.field}", e.problem) from None
                 except InputError as e:
                     raise InputError(e.field, e.problem, f"stream message {index}") from None
-                coco, crop = video.tracks.prepare(tracks, job.coco)
+                coco, crop = video.tracks.follow_inputs(tracks, job.coco)
                 xy, conf = await self.refine(job.image, coco, context, crop)
                 kept = kept_input(job.coco, xy)  # before smoothing, which moves kept joints too
                 xy = video.tracks.update(tracks, coco, xy, conf, t)

@@ -210,8 +210,7 @@ class LearnedSmoother:
 
 
 def save_weights(path, offline: TemporalNet, causal: TemporalNet, info: dict | None = None) -> None:
-    from ..engine import save_safetensors
-
+    from ..weights import save_safetensors
     tensors = {f"offline.{k}": v.detach().clone() for k, v in offline.state_dict().items()}
     tensors.update({f"causal.{k}": v.detach().clone() for k, v in causal.state_dict().items()})
     meta = {"posefix.temporal": json.dumps({"offline": asdict(offline.config), "causal": asdict(causal.config),

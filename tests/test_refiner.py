@@ -9,12 +9,15 @@ from torch.utils._pytree import tree_flatten
 
 from posefix import SAMPLE_DIR
 from posefix.cli import main
-from posefix.engine import Refiner, refine_images, refine_results
 from posefix.errors import InputError
 from posefix.images import coco_image_path, decode
 from posefix.keypoints import PARTNER
 from posefix.model import ModelConfig, PoseFixNet
+from posefix.refine import refine_images
+from posefix.refiner import Refiner
 from posefix.synth.cocoio import load_ground_truth, load_results
+
+from .conftest import refine_results
 
 CFG = ModelConfig(backbone="resnet18", input_size=(128, 96), sigma=3.5, head_channels=32, input_prior=False)
 GT = SAMPLE_DIR / "person_keypoints_val_sample.json"
@@ -28,7 +31,7 @@ def refiner():
     with torch.no_grad():  # a refiner that is not the identity, so that the checks below can fail
         model.final.weight.normal_(std=0.5)
         model.confidence.weight.normal_(std=0.05)
-    return Refiner(model, "cpu", batch_size=8, output="raw")  # the correction itself, every joint
+    return Refiner(model, device="cpu", batch_size=8, output="raw")  # the correction itself, every joint
 
 
 def _sample():
@@ -67,14 +70,14 @@ def test_prepared_crops_and_poses_equal_the_plain_way(refiner):
     index = np.array([0, 1, 0])
     poses = np.concatenate([rng.uniform(5, 55, (3, 17, 2)), (rng.random((3, 17, 1)) > 0.3)], axis=-1)
     given = torch.as_tensor(poses)
-    crops, kp_crop, affine, ok = refiner.prepare(images, index, given, given)
+    crops, kp_crop, affine, ok = refiner.crop(images, index, given, given)
     h, w = CFG.input_size
     for n, b in enumerate(index):
         plain = codec.warp_crops(images[b].double()[None] / 255, torch.zeros(1, dtype=torch.long), affine[n:n + 1],
                                  (h, w))
         np.testing.assert_allclose(crops[n].numpy(), plain[0].numpy(), atol=2e-5)  # float32 sampling grid
     present = poses[..., 2] > 0
-    np.testing.assert_allclose(refiner.back(kp_crop[..., :2].double(), affine)[present], poses[..., :2][present],
+    np.testing.assert_allclose(refiner.to_image(kp_crop[..., :2].double(), affine)[present], poses[..., :2][present],
                                atol=1e-3)
     assert ok.all()
 
@@ -101,7 +104,7 @@ def test_flip_test_equals_refining_the_mirrored_image(refiner):
     m_xy, m_conf = refiner.refine([image.flip(-1)], np.zeros(3, dtype=int), mirrored)
     back = m_xy[:, PARTNER].copy()
     back[..., 0] = width - 1 - back[..., 0]
-    flip = Refiner(refiner.model, "cpu", batch_size=8, flip_test=True, output="raw")
+    flip = Refiner(refiner.model, device="cpu", batch_size=8, flip_test=True, output="raw")
     xy, conf = flip.refine([image], np.zeros(3, dtype=int), poses)
     np.testing.assert_allclose(xy, (plain_xy + back) / 2, atol=2e-2)
     np.testing.assert_allclose(conf, (plain_conf + m_conf[:, PARTNER]) / 2, atol=1e-3)
@@ -201,10 +204,10 @@ def test_the_device_is_only_given_work_until_the_results_come_back(flip_test, in
     images.append(torch.zeros(3, 10, 10, dtype=torch.uint8))  # an image without persons is not copied
     poses = torch.as_tensor(np.concatenate([rng.uniform(10, 60, (5, 17, 2)), np.ones((5, 17, 1))], -1))
     index = np.array(index)
-    cpu = Refiner(model, "cpu", flip_test=flip_test).prepare(images, index, poses, poses)
-    meta = Refiner(PoseFixNet(CFG), "meta", flip_test=flip_test)
+    cpu = Refiner(model, device="cpu", flip_test=flip_test).crop(images, index, poses, poses)
+    meta = Refiner(PoseFixNet(CFG), device="meta", flip_test=flip_test)
     with torch.no_grad(), _Transfers() as seen:
-        crops, kp_crop, affine, ok = meta.prepare(images, index, poses, poses)
+        crops, kp_crop, affine, ok = meta.crop(images, index, poses, poses)
         coords, conf = meta.infer(crops, kp_crop)
     assert crops.device.type == kp_crop.device.type == coords.device.type == conf.device.type == "meta"
     assert coords.shape == (5, 17, 2) and conf.shape == (5, 17)
@@ -219,13 +222,12 @@ def test_the_device_is_only_given_work_until_the_results_come_back(flip_test, in
 
 
 def test_devices_that_cannot_be_used_are_named(tmp_path, capsys):
-    from posefix.engine import export_weights
-
+    from posefix.weights import export_weights
     missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
     weights = tmp_path / "model.safetensors"
     export_weights(PoseFixNet(CFG), weights, {})
-    with pytest.raises(InputError, match="--device"):
-        Refiner.from_checkpoint(weights, missing)
+    with pytest.raises(InputError, match="device"):
+        Refiner.from_checkpoint(weights, device=missing)
     if not torch.cuda.is_available():  # the command line names the device in one line and writes nothing
         out = tmp_path / "out.json"
         code = main(["refine", "--checkpoint", str(weights), "--images", str(SAMPLE_DIR / "images"), "--input",
@@ -236,7 +238,7 @@ def test_devices_that_cannot_be_used_are_named(tmp_path, capsys):
 
 def test_a_batch_without_persons_prepares_nothing(refiner):
     image = torch.zeros(3, 20, 30, dtype=torch.uint8)
-    crops, kp_crop, affine, ok = refiner.prepare([image], np.zeros(0, dtype=np.int64),
+    crops, kp_crop, affine, ok = refiner.crop([image], np.zeros(0, dtype=np.int64),
                                                  torch.zeros(0, 17, 3, dtype=torch.float64),
                                                  torch.zeros(0, 17, 3, dtype=torch.float64))
     assert crops.shape == (0, 3, *CFG.input_size) and kp_crop.shape == (0, 17, 3) and affine.shape == (0, 2, 3)
