@@ -1,7 +1,11 @@
 """The ``posefix`` command line: a thin layer over the library.
 
-Every command reports bad input as one line ``posefix: error: ...`` and exits with status 2;
+Every command reports bad input as one line ``posefix: error: ...`` and exits with status 2 (an error of the
+library names its own field; where that field is one of the command's options, the message names the flag);
 outputs are written atomically, and never over one of the command's own inputs.
+
+Each command imports the library modules it runs inside its function, for start-up time: ``posefix --help``
+and the commands that need numpy alone (synth, diagnose, eval) do not load torch.
 """
 from __future__ import annotations
 
@@ -821,7 +825,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1; 0.0.0.0 for other machines)")
     sv.add_argument("--port", type=int, default=50051, help="gRPC port (50051; 0: any free port)")
     device_arg(sv, "auto")
-    sv.add_argument("--max-batch-size", type=int, default=64, metavar="PERSONS", help="persons per model call (64)")
+    sv.add_argument("--max-batch-size", dest="batch_size", type=int, default=64, metavar="PERSONS",
+                    help="persons per model call (64)")
     sv.add_argument("--max-queue-delay-ms", type=float, default=5.0, metavar="MS",
                     help="how long the oldest waiting call waits for others to batch with (5)")
     sv.add_argument("--max-queue-size", type=int, default=1024, metavar="PERSONS",
