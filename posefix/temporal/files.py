@@ -151,7 +151,7 @@ def refined_results(poses: VideoPoseFile, r: PoseRefinement, instance_scores=Non
 
 def temporal_setup(smoother: str, weights=None, max_gap: int = 5, max_person_gap: int = 0):
     """The smoother and options a command line asks for, with errors naming its options."""
-    from .smoothers import make_smoother
+    from .registry import make_smoother
 
     try:
         options = TemporalOptions(max_gap=max_gap, max_person_gap=max_person_gap)
