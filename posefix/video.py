@@ -10,7 +10,6 @@ frame indices are 0-based, in decoding order; times in seconds.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -22,7 +21,7 @@ import torch
 from .engine import Refiner, refine_images
 from .errors import InputError
 from .fileio import atomic_path
-from .formats import Estimates, read_estimates
+from .formats import Estimates, frame_index, read_estimates
 from .keypoints import NUM_KEYPOINTS
 from .tracking import OneEuroParams, Tracks
 from .viz import INPUT_COLOUR, REFINED_COLOUR, draw_poses
@@ -77,19 +76,6 @@ def frames(path) -> Iterator[tuple[int, float, torch.Tensor]]:
             raise InputError("video", f"cannot decode frame {count}: {e}", str(path)) from None
     if info.frames and count < info.frames:
         raise InputError("video", f"truncated: decoded {count} of the {info.frames} frames it declares", str(path))
-
-
-def frame_index(key, field: str) -> int:
-    """A pose file's image key as a frame index: an integer, or the number a name ends with
-    (OpenPose's ``<video>_000000000012``)."""
-    if isinstance(key, int) and not isinstance(key, bool):
-        if key < 0:
-            raise InputError(field, f"frame index {key} is negative")
-        return key
-    match = re.search(r"(\d+)$", Path(str(key)).stem)
-    if not match:
-        raise InputError(field, f"{key!r} names no frame (expected a frame index)")
-    return int(match.group(1))
 
 
 @dataclass

@@ -53,6 +53,7 @@ from .common import (
     Layout,
     _kind,
     _Reader,
+    frame_index,
     from_coco17,
     image_file,
     image_ids,
@@ -72,7 +73,7 @@ POSENET_PARTS = posenet.PARTS
 
 __all__ = [
     "BLAZEPOSE_NAMES", "BODY25_NAMES", "COCO18_NAMES", "FORMATS", "LAYOUTS", "OUTSIDE_HINT", "POSENET_PARTS",
-    "Estimates", "Format", "Layout", "from_coco17", "image_file", "image_ids", "image_sizes", "image_under",
+    "Estimates", "Format", "Layout", "frame_index", "from_coco17", "image_file", "image_ids", "image_sizes", "image_under",
     "openpose_key", "read_estimates", "source_keypoints", "to_coco17", "write_coco_results",
 ]
 
