@@ -22,10 +22,13 @@ from prometheus_client import start_http_server
 from .. import __version__
 from .._proto import FORMAT_LAYOUT, SERVICE_NAME, pb2
 from ..batcher import DynamicBatcher
+from ..devices import resolve_device
+from ..engine import KEEPS_INPUT_NOTICE, Refiner
 from ..errors import InputError
 from ..formats import LAYOUTS
 from ..keypoints import NUM_KEYPOINTS
 from ..protocols import RefinerLike
+from ..search import PoseIndex
 from .metrics import Metrics
 from .servicer import PoseRefinerServicer
 from .validation import Limits
@@ -272,10 +275,6 @@ class NoRefiner:
 def serve_main(options: ServeOptions) -> int:
     """``posefix serve``: load the checkpoint, warm the model up and serve until SIGTERM/SIGINT. Bad values
     raise InputError naming the option."""
-    from ..devices import resolve_device
-    from ..engine import KEEPS_INPUT_NOTICE, Refiner
-    from ..search import PoseIndex
-
     o = options
     device = resolve_device(o.device)
     if o.max_batch_size < 1:

@@ -32,10 +32,11 @@ import numpy as np
 from ..errors import InputError
 from ..fileio import orjson, read_json, write_bytes_atomic
 from ..keypoints import NUM_KEYPOINTS
+from .card import dataset_card
 from .coco import draw_coco, plan_coco
 from .cocoio import GroundTruth, load_ground_truth
 from .draws import KeyedDraws, person_keys
-from .profile import ERRORS, OUTCOMES, Profile, published_profile
+from .profile import ERRORS, OUTCOMES, Profile, load_profile, parse_profile, published_profile
 from .sequences import SequenceParams, make_sequence_shard, track_layout
 from .shards import Shard, count_outcomes, encode_lines, gzip_bytes
 from .synthesize import UNLABELLED
@@ -80,8 +81,6 @@ def subset(gt: GroundTruth, idx: np.ndarray) -> GroundTruth:
 def regenerate_shard(gt_path: str | Path, dataset: str | Path, block: int, variant: int) -> bytes:
     """The bytes of shard (block, variant) of the dataset at ``dataset``, made again from its manifest's
     parameters and the GT alone, without the other shards."""
-    from .profile import parse_profile
-
     m = read_manifest(dataset)
     gt = load_ground_truth(gt_path)
     prof = parse_profile(m["profile"], "manifest.profile").with_severity(m["severity"])
@@ -211,7 +210,6 @@ def write_dataset(gt_path: str | Path, out_dir: str | Path, variants: int, seed:
     manifest = _manifest(ident, shards, len(todo))
     write_bytes_atomic(manifest_path, json.dumps(manifest, indent=1).encode())
     if manifest["complete"]:
-        from .card import dataset_card
         write_bytes_atomic(out / "README.md", dataset_card(manifest).encode())
     return manifest
 
@@ -286,16 +284,11 @@ def load_arrays(path: str | Path, variants=None) -> dict:
     return out
 
 
-
-
 def run_synth_dataset(gt: str, out: str, variants: int | None, seed: int, profile_path: str | None,
                       severity: float | None, per_error: dict, sequences: bool, sequence_params: str | None,
                       block_persons: int, stop_after: int | None = None) -> list[str]:
     """``posefix synth`` writing a dataset directory: the arguments as the CLI gives them (None where not
     given); returns the lines to print."""
-
-    from .profile import load_profile
-
     for name, f in [("--severity", severity)] + [(f"--severity-{e}", per_error.get(e)) for e in ERRORS]:
         if f is not None and not (np.isfinite(f) and f >= 0):
             raise InputError(name, f"must be a finite number >= 0, got {f}")

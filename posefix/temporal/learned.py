@@ -208,7 +208,7 @@ class LearnedSmoother:
 
 
 def save_weights(path, offline: TemporalNet, causal: TemporalNet, info: dict | None = None) -> None:
-    from ..engine import save_safetensors
+    from ..engine import save_safetensors  # start-up time: the engine (torchvision, scipy) only when weights are saved
 
     tensors = {f"offline.{k}": v.detach().clone() for k, v in offline.state_dict().items()}
     tensors.update({f"causal.{k}": v.detach().clone() for k, v in causal.state_dict().items()})
