@@ -1,5 +1,7 @@
-"""The errors posefix raises for bad input. Every message names the offending field."""
+"""The errors posefix raises: bad input (every message names the offending field), a missing optional extra."""
 from __future__ import annotations
+
+import importlib
 
 
 class PosefixError(Exception):
@@ -19,3 +21,16 @@ class InputError(PosefixError, ValueError):
         self.source = source
         where = f"{source}: " if source else ""
         super().__init__(f"{where}{field}: {problem}")
+
+
+class MissingExtra(PosefixError):
+    """An optional dependency is not installed; the message names the extra that brings it."""
+
+
+def require(module: str, extra: str, purpose: str):
+    """Import and return ``module`` (an optional dependency, in the extra ``extra``), or raise
+    :class:`MissingExtra` with one line naming what needs it (``purpose``) and the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtra(f"{purpose} needs the {extra} extra: pip install 'posefix[{extra}]'") from None

@@ -29,6 +29,7 @@ from . import __version__
 from .choice import METADATA_KEY as CHOICE_KEY
 from .choice import FittedChoice
 from .errors import InputError
+from .errors import require as require_extra
 from .model import ModelConfig, PoseFixNet, fold_batchnorm, subpixel_head
 from .protocols import RefinerLike
 
@@ -42,13 +43,8 @@ DEFAULT_OPSET = 18
 
 
 def require(module: str, what: str):
-    """Import ``module`` (onnx, onnxruntime, onnxscript) or raise a one-line error naming the extra."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise InputError(what, f"needs {module}, in the onnx extra: pip install 'posefix[onnx]'") from None
+    """Import ``module`` (onnx, onnxruntime, onnxscript) or raise a one-line MissingExtra naming the extra."""
+    return require_extra(module, "onnx", what)
 
 
 class _Graph(torch.nn.Module):
