@@ -356,7 +356,7 @@ def test_export_bad_input_writes_nothing(files, tmp_path, capsys):
 
 def test_refine_video_and_in_memory_export_with_onnxruntime_equal_torch(files, tmp_path):
     """``--backend onnxruntime`` with only ``--checkpoint`` (exported in memory) on refine and refine-video."""
-    from posefix.video import make_sample_video
+    from .videos import make_sample_video
 
     image = decode(IMAGE_785)
     offsets = make_sample_video(image, tmp_path / "clip.mp4", num_frames=4, size=(320, 240), fps=10.0)

@@ -14,7 +14,9 @@ from posefix.client import PoseRefinerClient
 from posefix.engine import Refiner, export_weights
 from posefix.images import decode
 from posefix.model import ModelConfig, PoseFixNet
-from posefix.video import frames, make_sample_video, probe
+from posefix.video import frames, probe
+
+from .videos import make_sample_video
 
 FRAMES = 16
 
