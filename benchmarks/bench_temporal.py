@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import common
 from posefix.keypoints import SIGMAS
 from posefix.temporal import SMOOTHERS, make_smoother, refine_poses
-from posefix.temporal.smoothers import needs_weights
+from posefix.temporal.registry import needs_weights
 
 HERE = Path(__file__).resolve().parent
 # ../shared/data beside the repository (or beside the folder of worktrees that holds it)

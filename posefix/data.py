@@ -6,16 +6,22 @@ reproduced, whatever the number of workers or processes.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from . import codec
+from .choice import matched_person
 from .config import DataConfig
+from .errors import InputError
+from .formats import image_ids, image_sizes, read_estimates, write_coco_results
 from .images import coco_image_path, decode
 from .keypoints import PARTNER
 from .model import ModelConfig
 from .synth.coco import MIN_AREA, overlaps
 from .synth.cocoio import load_ground_truth
+from .synth.dataset import file_sha256, load_arrays, read_manifest
 from .synth.occlusion import ANKLES, KNEES, occlude_rectangles, shorten_legs
 from .synth.profile import Profile
 from .synth.synthesize import synthesize
@@ -24,11 +30,6 @@ from .synth.synthesize import synthesize
 def check_generated(path, annotations) -> dict:
     """The manifest of the dataset directory ``path`` (data.train_dataset), after checking that it is complete,
     of still images, and made from the file ``annotations`` (its SHA-256)."""
-    from pathlib import Path
-
-    from .errors import InputError
-    from .synth.dataset import file_sha256, read_manifest
-
     if not (Path(path) / "manifest.json").is_file():
         raise InputError("data.train_dataset", f"{path} is not a posefix synth dataset directory (no manifest.json)")
     m = read_manifest(path)
@@ -48,8 +49,6 @@ class GeneratedDataset(torch.utils.data.Dataset):
     sequences, ``frame`` and ``track_id``. The records are read once into arrays."""
 
     def __init__(self, path):
-        from .synth.dataset import load_arrays
-
         self.arrays = load_arrays(path)
         self.arrays["keypoints"] = self.arrays["keypoints"].astype(np.float32)
 
@@ -67,9 +66,6 @@ class GeneratedInputs:
     v = 1, persons in the order of ``annotation_ids``."""
 
     def __init__(self, path, annotation_ids):
-        from .errors import InputError
-        from .synth.dataset import load_arrays
-
         a = load_arrays(path)
         self.variants = int(a["variant"].max()) + 1
         row = {int(x): r for r, x in enumerate(annotation_ids)}
@@ -192,9 +188,6 @@ def real_inputs(gt, path, fmt: str, images_dir) -> dict[int, np.ndarray]:
     """An estimator's results on the training images (``path`` in format ``fmt``), matched to the GT persons of
     ``gt`` as COCO evaluation matches them: {GT person index: (K, 3) pose in image pixels, v = 1 where the
     estimator gave the joint, else 0}, for the persons with a labelled joint. An unmatched result is left out."""
-    from .choice import matched_person
-    from .formats import image_ids, image_sizes, read_estimates, write_coco_results
-
     coco_images = {im["id"]: im for im in gt.doc["images"]}
     est = read_estimates(path, fmt, image_sizes(path, fmt, images_dir, coco_images, allow_outside=True))
     given = est.keypoints

@@ -1,5 +1,7 @@
-"""The errors posefix raises for bad input. Every message names the offending field."""
+"""The errors posefix raises: bad input (every message names the offending field), a missing optional extra."""
 from __future__ import annotations
+
+import importlib
 
 
 class PosefixError(Exception):
@@ -26,10 +28,8 @@ class MissingExtra(PosefixError):
 
 
 def require(module: str, extra: str, purpose: str):
-    """The module ``module`` of the optional extra ``extra``, imported; a :class:`MissingExtra` naming the
-    extra to install where it is not there. ``purpose``: what needs it ("refining on Ray")."""
-    import importlib
-
+    """Import and return ``module`` (an optional dependency, in the extra ``extra``), or raise
+    :class:`MissingExtra` with one line naming what needs it (``purpose``) and the extra to install."""
     try:
         return importlib.import_module(module)
     except ImportError:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .formats import image_under
 
 if TYPE_CHECKING:
     from ._proto import pb2
@@ -317,8 +318,6 @@ def image_kind(data: bytes) -> str | None:
 def coco_image_path(images_dir: str | Path, image: dict, allow_outside: bool = False) -> Path:
     """Path of a COCO ``images`` entry: its ``file_name`` under the directory, else COCO's %012d.jpg (see
     :func:`posefix.formats.image_under`)."""
-    from .formats import image_under
-
     name = image.get("file_name") or f"{int(image['id']):012d}.jpg"
     return image_under(images_dir, name, allow_outside)
 

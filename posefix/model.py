@@ -7,7 +7,7 @@ Coordinates are (x, y) in pixels with pixel centres at integers; output pixel i 
 
 As in PoseFix: the stem takes RGB + K input-pose heatmaps, three 4×4 transposed convolutions bring
 stride 32 back to stride 4, a 1×1 convolution gives K heatmaps, and soft-argmax gives coordinates
-with gradients. Two changes:
+with gradients. Three changes:
 
 - The logits are the head's output plus log(input-pose heatmap pooled to the output grid + 1e-6),
   and the last convolution starts at zero: an untrained refiner returns its input pose, and training
@@ -18,9 +18,12 @@ with gradients. Two changes:
   binary cross-entropy.
 - An input-confidence head: for each joint, the probability that the *input* joint lies within
   KS >= 0.5 of the truth, read from the head's features under the input joint's pooled heatmap and
-  learned the same way. The engine keeps, per joint, whichever of input and refined is more likely
-  right. Its weights start at zero and its bias at ``INPUT_CONFIDENCE_INIT``, so an untrained model
-  trusts every input joint more than its own correction and returns the input exactly.
+  learned the same way. Its weights start at zero and its bias at ``INPUT_CONFIDENCE_INIT``, so an
+  untrained model trusts every input joint more than its own correction and returns the input exactly.
+  The refiner's default output, "choice" (:class:`posefix.refiner.Refiner`, :mod:`posefix.choice`), gives
+  per joint the input or the refined one: the refined one where the checkpoint's fitted rule (``posefix fit-choice``) takes it,
+  or, without a fitted rule, where the refined confidence exceeds this head's estimate by more than the
+  choice margin, which then defaults to 1.0 and so keeps every input joint.
 
 A second head (``head = "offset"``), after G-RMI (Papandreou et al., CVPR 2017): the same logits are a
 per-pixel disk classifier (is this output pixel within ``offset_radius`` of the joint?), a 1×1 convolution
@@ -113,10 +116,6 @@ class ModelConfig:
                 and 1 <= self.offset_radius <= 64):
             raise InputError("model.offset_radius", f"must be a number from 1 to 64 (output pixels), "
                              f"got {self.offset_radius!r}")
-
-    @property
-    def output_size(self) -> tuple[int, int]:
-        return self.input_size[0] // STRIDE, self.input_size[1] // STRIDE
 
 
 def _deconv(cin: int, cout: int) -> nn.Sequential:

@@ -30,6 +30,7 @@ from .choice import METADATA_KEY as CHOICE_KEY
 from .choice import FittedChoice
 from .config import model_config_from_json
 from .errors import InputError
+from .errors import require as require_extra
 from .fileio import TMP_SUFFIX, _remove_stale, _umask, atomic_path
 from .formats import image_file, load_estimates
 from .images import decode
@@ -48,13 +49,8 @@ DEFAULT_OPSET = 18
 
 
 def require(module: str, what: str):
-    """Import ``module`` (onnx, onnxruntime, onnxscript) or raise a one-line error naming the extra."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise InputError(what, f"needs {module}, in the onnx extra: pip install 'posefix[onnx]'") from None
+    """Import ``module`` (onnx, onnxruntime, onnxscript) or raise a one-line MissingExtra naming the extra."""
+    return require_extra(module, "onnx", what)
 
 
 class _Graph(torch.nn.Module):

@@ -18,11 +18,11 @@ if TYPE_CHECKING:
 @runtime_checkable
 class RefinerLike(Protocol):
     """A refiner. ``refine`` is what the batcher runs (:data:`posefix.batcher.RefineFn`) and ``refine_images``
-    batches; ``stage`` is called in decoding threads; ``prepare``/``infer``/``back`` are ``refine``'s stages
+    batches; ``stage`` is called in decoding threads; ``crop``/``infer``/``to_image`` are ``refine``'s stages
     (calibration crops for int8, the benchmarks)."""
 
     cfg: ModelConfig  # input_size (H, W) and backbone: the crops, GetModelInfo
-    device: torch.device  # where prepare's crops and infer's outputs are
+    device: torch.device  # where crop's crops and infer's outputs are
     batch_size: int  # persons per model call of refine and refine_images
     flip_test: bool  # each crop refined with its mirror too (GetModelInfo)
     backend: str  # what runs the model: "torch" or "onnxruntime"
@@ -42,16 +42,16 @@ class RefinerLike(Protocol):
         """``refine`` before the per-joint choice: xy (P, K, 2), confidence (P, K), input confidence (P, K)."""
         ...
 
-    def prepare(self, images: list[torch.Tensor], image_index, poses: torch.Tensor, crop_poses: torch.Tensor):
+    def crop(self, images: list[torch.Tensor], image_index, poses: torch.Tensor, crop_poses: torch.Tensor):
         """Crops (P, 3, H, W), keypoints in crop pixels (P, K, 3) on the device, affine (P, 2, 3) crop → image,
         ok (P,) bool."""
         ...
 
     def infer(self, crops: torch.Tensor, kp_crop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model on prepared crops: coords (P, K, 2) in crop pixels and confidence (P, K), on the device."""
+        """The model on the crops of ``crop``: coords (P, K, 2) in crop pixels and confidence (P, K), on the device."""
         ...
 
-    def back(self, coords: torch.Tensor, affine: torch.Tensor) -> np.ndarray:
+    def to_image(self, coords: torch.Tensor, affine: torch.Tensor) -> np.ndarray:
         """Crop-pixel coords (P, K, 2) → image pixels (P, K, 2)."""
         ...
 

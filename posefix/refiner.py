@@ -41,7 +41,7 @@ class Refiner:
     """
 
     def __init__(self, model: PoseFixNet, options: RefineOptions | None = None, **changes):
-        options = (options or RefineOptions()).replace(**changes) if changes else (options or RefineOptions())
+        options = _options(options, changes)
         self.options = options
         self.device = resolve_device(options.device)
         # The backend that executes the model: "torch", or another called like a PoseFixNet that returns its
@@ -80,7 +80,7 @@ class Refiner:
         to them, e.g. ``device="cuda"``). With the onnxruntime backend ONNX Runtime runs the model, from the
         file ``options.onnx`` or, without one, ``path`` exported in memory, on the execution ``provider``
         (see :mod:`posefix.onnx_backend`)."""
-        options = (options or RefineOptions()).replace(**changes) if changes else (options or RefineOptions())
+        options = _options(options, changes)
         device = resolve_device(options.device)
         if options.onnx is None and path is None:
             raise InputError("checkpoint", "is required (or an onnx file with the onnxruntime backend)")
@@ -194,3 +194,12 @@ class Refiner:
     def to_image(coords, affine) -> np.ndarray:
         """Crop-pixel coords (P, K, 2) on the device → image pixels (P, K, 2), a numpy array."""
         return codec.apply_affine(coords.cpu(), affine).numpy()
+
+
+def _options(options: RefineOptions | None, changes: dict) -> RefineOptions:
+    """``options`` (None: the defaults) with ``changes``."""
+    if options is not None and not isinstance(options, RefineOptions):
+        raise TypeError(f"options must be a RefineOptions, got {type(options).__name__} (device and the other "
+                        "options are keyword arguments)")
+    options = options or RefineOptions()
+    return options.replace(**changes) if changes else options

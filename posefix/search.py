@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, require
 from .fileio import atomic_path
 from .keypoints import NUM_KEYPOINTS, PARTNER, check_poses, present
 
@@ -45,7 +45,6 @@ MISSING_DISTANCE = 1.0  # a joint one pose has and the other lacks: one RMS radi
 METHODS = ("auto", "exact", "ivf")
 AUTO_EXACT_BELOW = 50_000  # "auto": an exact index below this many poses, an approximate one from there
 CHUNK = 1 << 16  # poses compared with a query at once (bounds the temporary memory)
-SEARCH_EXTRA = "posefix: the approximate pose index needs the search extra: pip install 'posefix[search]'"
 _SHOULDERS, _HIPS = (5, 6), (11, 12)
 HUGE = 1e150  # a pose with a coordinate beyond this is scaled down before it is normalised (no overflow)
 MAX_POSES = 1 << 28  # the most poses an index file may declare
@@ -55,11 +54,7 @@ MAX_CANDIDATES = 1 << 10
 
 
 def _faiss():
-    try:
-        import faiss
-    except ImportError:
-        raise InputError("method", SEARCH_EXTRA.removeprefix("posefix: ")) from None
-    return faiss
+    return require("faiss", "search", "the approximate pose index")
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,12 @@ import torch.distributed as dist
 
 from . import __version__
 from .config import Config, dump_toml, to_dict
-from .data import PersonCrops, StepBatches
+from .data import PersonCrops, StepBatches, check_generated
 from .devices import resolve_device
 from .errors import InputError
 from .evaluate import calibration, refine_synthesized
 from .fileio import atomic_path, write_json_atomic
+from .formats import FORMATS
 from .losses import refiner_loss
 from .model import PoseFixNet, load_pretrained
 from .refiner import Refiner
@@ -79,9 +80,7 @@ def _check_data(cfg: Config):
     if d.train_results and not Path(d.train_results).exists():
         raise InputError("data.train_results", f"{d.train_results} does not exist")
     if d.train_dataset:
-        from .data import check_generated
         check_generated(d.train_dataset, d.train_annotations)
-    from .formats import FORMATS
     if d.train_results_format not in FORMATS:
         raise InputError("data.train_results_format", f"must be one of {sorted(FORMATS)}, got {d.train_results_format!r}")
     if not 0 <= d.train_results_prob <= 1:
@@ -266,7 +265,7 @@ def _loop(cfg, model, ddp, optimizer, scheduler, loader, device, bf16, channels_
 
 
 def _validate(model, cfg: Config, device, profile):
-    refiner = Refiner(model, device, batch_size=max(cfg.train.batch_size, 16), choice_margin=0.0)  # the heads' choice
+    refiner = Refiner(model, device=device, batch_size=max(cfg.train.batch_size, 16), choice_margin=0.0)  # the heads' choice
     gt = load_ground_truth(cfg.data.val_annotations)
     rows = refine_synthesized(refiner, gt, cfg.data.val_images, seed=cfg.train.seed, profile=profile,
                               max_persons=cfg.data.val_max_persons or None)

@@ -10,7 +10,6 @@ frame indices are 0-based, in decoding order; times in seconds.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -21,7 +20,7 @@ import torch
 
 from .errors import InputError
 from .fileio import atomic_path
-from .formats import Estimates, read_estimates
+from .formats import Estimates, frame_index, read_estimates
 from .keypoints import NUM_KEYPOINTS
 from .refine import refine_images
 from .refiner import Refiner
@@ -78,19 +77,6 @@ def frames(path) -> Iterator[tuple[int, float, torch.Tensor]]:
             raise InputError("video", f"cannot decode frame {count}: {e}", str(path)) from None
     if info.frames and count < info.frames:
         raise InputError("video", f"truncated: decoded {count} of the {info.frames} frames it declares", str(path))
-
-
-def frame_index(key, field: str) -> int:
-    """A pose file's image key as a frame index: an integer, or the number a name ends with
-    (OpenPose's ``<video>_000000000012``)."""
-    if isinstance(key, int) and not isinstance(key, bool):
-        if key < 0:
-            raise InputError(field, f"frame index {key} is negative")
-        return key
-    match = re.search(r"(\d+)$", Path(str(key)).stem)
-    if not match:
-        raise InputError(field, f"{key!r} names no frame (expected a frame index)")
-    return int(match.group(1))
 
 
 @dataclass
@@ -215,24 +201,3 @@ def draw_frame(image: torch.Tensor, given: np.ndarray, refined: np.ndarray) -> t
     """A frame with the input poses (orange) and the refined ones (cyan) drawn over it."""
     return draw_poses(draw_poses(image, given, INPUT_COLOUR), refined, REFINED_COLOUR)
 
-
-def make_sample_video(image: torch.Tensor, path, num_frames: int = 24, size=(240, 320), fps: float = 12.0,
-                      step: float = 4.0) -> np.ndarray:
-    """A short video made from one image: a (H, W) = ``size`` window panning by ``step`` pixels per
-    frame. Returns each frame's offset (F, 2) = (x, y) of the window in the image, so that poses of the
-    image map to frame f by subtracting offset[f]."""
-    h, w = size
-    _, ih, iw = image.shape
-    offsets = np.zeros((num_frames, 2))
-    writer = VideoWriter(path, fps, w, h)
-    try:
-        for f in range(num_frames):
-            x0 = int(min(max(0.0, (iw - w) / 2 + step * (f - num_frames / 2)), iw - w))
-            y0 = int(max(0, (ih - h) // 2))
-            offsets[f] = (x0, y0)
-            writer.write(image[:, y0:y0 + h, x0:x0 + w].contiguous())
-    except BaseException as e:
-        writer.close(e)
-        raise
-    writer.close()
-    return offsets

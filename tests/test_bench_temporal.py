@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import bench_temporal, mocap_clips
 from posefix.temporal import SMOOTHERS
-from posefix.temporal.smoothers import needs_weights
+from posefix.temporal.registry import needs_weights
 
 
 def _dataset(root: Path, rng, noise: float):

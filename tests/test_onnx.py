@@ -318,7 +318,7 @@ def test_bad_onnx_files_and_providers_are_one_line_errors(files, tmp_path, capsy
         (["--onnx", str(corrupt)], "--onnx: not an ONNX model"),
         (["--onnx", str(foreign)], "--onnx: has no posefix metadata"),
         (["--onnx", str(files[1]), "--provider", "tensorrt"], "--provider: tensorrt needs TensorrtExecutionProvider"),
-        (["--onnx", str(files[1]), "--backend", "torch"], "--onnx: is run by --backend onnxruntime"),
+        (["--onnx", str(files[1]), "--backend", "torch"], "--onnx: is run by the onnxruntime backend, not torch"),
         (["--onnx", str(files[1]), "--precision", "bf16"], "--precision: bf16 is for the torch backend"),
         ([], "--checkpoint: is required"),
     ]
@@ -358,7 +358,7 @@ def test_export_bad_input_writes_nothing(files, tmp_path, capsys):
 
 def test_refine_video_and_in_memory_export_with_onnxruntime_equal_torch(files, tmp_path):
     """``--backend onnxruntime`` with only ``--checkpoint`` (exported in memory) on refine and refine-video."""
-    from posefix.video import make_sample_video
+    from .videos import make_sample_video
 
     image = decode(IMAGE_785)
     offsets = make_sample_video(image, tmp_path / "clip.mp4", num_frames=4, size=(320, 240), fps=10.0)

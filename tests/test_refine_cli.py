@@ -358,7 +358,8 @@ def test_shared_options_are_the_same_in_every_command():
     type, choices and action, whatever the command's own help or requiredness."""
     import argparse
 
-    from posefix.cli import FORMAT_NAMES, build_parser
+    from posefix.cli import build_parser
+    from posefix.cliargs import FORMAT_NAMES
 
     def commands(parser, prefix=""):
         for action in parser._actions:

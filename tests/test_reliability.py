@@ -138,7 +138,7 @@ def bad_models(tmp_path_factory):
     """A good checkpoint's tensors under each bad metadata, random bytes, and inputs for every command."""
     from safetensors.torch import load_file, save_file
 
-    from posefix.video import make_sample_video
+    from .videos import make_sample_video
 
     d = tmp_path_factory.mktemp("bad_models")
     torch.manual_seed(0)

@@ -312,7 +312,7 @@ def test_offline_commands_refuse_images_above_the_pixel_limit_before_decoding(tm
 def test_instance_scores_at_float64s_edge_stay_finite_and_equal_a_plain_formula():
     import numpy as np
 
-    from posefix.refine import instance_scores
+    from posefix.choice import instance_scores
 
     rng = np.random.default_rng(3)
     conf = rng.random((50, 17))

@@ -13,7 +13,7 @@ import pytest
 
 from posefix._proto import pb2, pb2_grpc
 from posefix.cli import main
-from posefix.errors import InputError
+from posefix.errors import InputError, MissingExtra
 from posefix.images import decode
 from posefix.keypoints import NAMES, SIGMAS
 from posefix.search import MISSING_DISTANCE, VERSION, PoseIndex, distances_to, embed, mirror, pose_distance
@@ -221,7 +221,7 @@ def test_the_index_file_round_trips_and_refuses_other_versions_and_corrupt_files
 
 def test_the_approximate_index_without_faiss_names_the_extra(monkeypatch, poses):
     monkeypatch.setitem(sys.modules, "faiss", None)
-    with pytest.raises(InputError, match=r"pip install 'posefix\[search\]'"):
+    with pytest.raises(MissingExtra, match=r"^the approximate pose index needs the search extra: pip install 'posefix\[search\]'$"):
         PoseIndex.build(poses, method="ivf")
     assert PoseIndex.build(poses[:100], method="auto").search(poses[:1], 1).rows[0, 0] == 0
 

@@ -250,7 +250,7 @@ def test_profile_is_data_and_user_profiles_are_validated():
 def test_synth_imports_no_torch():
     code = ("import sys, posefix.synth, posefix.synth.diagnose, posefix.synth.occlusion, posefix.synth.coco, "
             "posefix.synth.reference, posefix.synth.cocoio, posefix.synth.fit, posefix.synth.dataset, "
-            "posefix.synth.sequences, posefix.synth.card; "
+            "posefix.synth.sequences, posefix.synth.shards, posefix.synth.card; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 

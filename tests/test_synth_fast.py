@@ -10,9 +10,10 @@ from scipy import stats
 
 from posefix.synth import read_dataset
 from posefix.synth.cocoio import load_ground_truth
-from posefix.synth.dataset import encode_lines, encode_lines_reference, gzip_bytes, load_arrays, write_dataset
+from posefix.synth.dataset import load_arrays, write_dataset
 from posefix.synth.draws import KeyedDraws, person_keys
 from posefix.synth.profile import GOOD, INVERSION, JITTER, MISS, OUTCOMES, SWAP, published_profile
+from posefix.synth.shards import encode_lines, encode_lines_reference, gzip_bytes
 from posefix.synth.synthesize import (
     Others,
     Prepared,

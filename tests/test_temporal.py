@@ -272,7 +272,7 @@ def test_batched_body_smoother_equals_per_track_calls():
 
 def test_every_registered_smoother_runs_through_the_pipeline(tmp_path):
     from posefix.temporal.learned import NetConfig, TemporalNet, save_weights
-    from posefix.temporal.smoothers import needs_weights
+    from posefix.temporal.registry import needs_weights
 
     weights = tmp_path / "w.safetensors"
     save_weights(weights, TemporalNet(NetConfig(window=5, hidden=8)), TemporalNet(NetConfig(window=3, hidden=8)))

@@ -14,8 +14,10 @@ from posefix.client import PoseRefinerClient
 from posefix.images import decode
 from posefix.model import ModelConfig, PoseFixNet
 from posefix.refiner import Refiner
-from posefix.video import frames, make_sample_video, probe
+from posefix.video import frames, probe
 from posefix.weights import export_weights
+
+from .videos import make_sample_video
 
 FRAMES = 16
 

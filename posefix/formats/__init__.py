@@ -54,6 +54,7 @@ from .common import (
     Layout,
     _kind,
     _Reader,
+    frame_index,
     from_coco17,
     image_file,
     image_ids,
@@ -73,8 +74,9 @@ POSENET_PARTS = posenet.PARTS
 
 __all__ = [
     "BLAZEPOSE_NAMES", "BODY25_NAMES", "COCO18_NAMES", "FORMATS", "LAYOUTS", "OUTSIDE_HINT", "POSENET_PARTS",
-    "Estimates", "Format", "Layout", "as_coco_results", "from_coco17", "image_file", "image_ids", "image_sizes", "image_under",
-    "load_estimates", "openpose_key", "read_estimates", "source_keypoints", "to_coco17", "write_coco_results",
+    "Estimates", "Format", "Layout", "as_coco_results", "frame_index", "from_coco17", "image_file", "image_ids",
+    "image_sizes", "image_under", "load_estimates", "openpose_key", "read_estimates", "source_keypoints", "to_coco17",
+    "write_coco_results",
 ]
 
 

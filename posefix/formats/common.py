@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,6 +321,19 @@ def image_file(images_dir: str | Path, key, coco_images: dict | None = None, all
         if candidate.is_file():
             return candidate
     return under(key + _IMAGE_SUFFIXES[0])
+
+
+def frame_index(key, field: str) -> int:
+    """A pose file's image key as a frame index: an integer, or the number a name ends with
+    (OpenPose's ``<video>_000000000012``)."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        if key < 0:
+            raise InputError(field, f"frame index {key} is negative")
+        return key
+    match = re.search(r"(\d+)$", Path(str(key)).stem)
+    if not match:
+        raise InputError(field, f"{key!r} names no frame (expected a frame index)")
+    return int(match.group(1))
 
 
 def image_ids(est: Estimates, coco_images: dict | None = None) -> np.ndarray:

@@ -10,6 +10,8 @@ from fractions import Fraction
 
 from .._proto import pb2
 from ..errors import InputError
+from ..temporal import DEFAULT_SMOOTHER, TemporalOptions, make_smoother
+from ..temporal.stream import TemporalStream
 from ..tracking import OneEuroParams, Tracks
 
 FRAME_RATE_HZ = (1e-3, 1e6)  # StreamOptions.frame_rate_hz's range
@@ -62,9 +64,6 @@ class VideoState:
 def temporal_stream(t: pb2.TemporalOptions):
     """The :class:`posefix.temporal.stream.TemporalStream` of StreamOptions.temporal; bad values are InputErrors
     naming their field."""
-    from ..temporal import DEFAULT_SMOOTHER, TemporalOptions, make_smoother
-    from ..temporal.stream import TemporalStream
-
     name = t.smoother or DEFAULT_SMOOTHER
     try:
         options = TemporalOptions(max_gap=t.max_gap if t.HasField("max_gap") else TemporalOptions.max_gap)

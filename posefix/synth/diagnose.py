@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..keypoints import KS_HIT, NAMES, NUM_KEYPOINTS, PARTNER, ks
+from .coco import overlaps
 from .cocoio import GroundTruth, validate_results
 from .profile import GOOD, INVERSION, JITTER, MISS, OUTCOMES, SWAP
 
@@ -283,8 +284,6 @@ def crowding_breakdown(gt: GroundTruth, matched, labels) -> dict:
     Returns ``{"overlap_bins", "visible_bins", "cells": {overlap bin: {visible bin: counts}}}``, each
     cell ``{"detections", "labelled", "good", "jitter", "inversion", "swap", "miss"}``.
     """
-    from .coco import overlaps
-
     ov, _ = overlaps(gt)
     rows = np.flatnonzero((labels >= 0).any(-1))
     g = matched[rows]

@@ -34,6 +34,7 @@ from ..keypoints import KS_HIT, NUM_KEYPOINTS, PARTNER, SIGMAS, box_iou
 from .cocoio import GroundTruth
 from .diagnose import classify
 from .profile import GOOD, INVERSION, JITTER, MISS, OUTCOMES, SWAP, Profile, published_profile
+from .shards import Shard, count_outcomes, encode_lines, gzip_bytes, shard_rng
 from .synthesize import UNLABELLED, place_unlabelled
 
 GROSS = (INVERSION, SWAP, MISS)
@@ -373,8 +374,6 @@ def _track_arrays(gt: GroundTruth, tracks: Tracks, idx: np.ndarray):
 def make_sequence_shard(gt: GroundTruth, tracks: Tracks, block_idx, block: int, variant: int, seed: int,
                         profile: Profile, params: SequenceParams):
     """Shard (block, variant) of a sequences dataset: one record per (track, frame) in track, frame order."""
-    from .dataset import Shard, count_outcomes, encode_lines, gzip_bytes, shard_rng
-
     _, ann, g, area, valid, others, others_area, ov, others_ann, overlap = _track_arrays(gt, tracks,
                                                                                           np.asarray(block_idx))
     res = synthesize_tracks(g, area, params, shard_rng(seed, block, variant), profile, valid, others, others_area, ov,

@@ -14,12 +14,13 @@ joints were filled in or corrected, and the persons filled in where a track miss
 Per track the arrays are xy float64 (T, 17, 2) pixels, score (T, 17), present bool (T, 17) and scale (T,):
 the person's size in pixels, the running median over 15 frames of sqrt(area of the box around its present
 joints) (:func:`posefix.temporal.core.person_scale`). Smoothers (:mod:`posefix.temporal.smoothers`) are
-registered by name in :data:`SMOOTHERS` as factories ``make(**options) -> smoother``; ``posefix refine-video
---smoother NAME --temporal-weights FILE`` makes one with ``weights=FILE``.
+registered by name in :data:`SMOOTHERS` (:mod:`posefix.temporal.registry`) as factories
+``make(**options) -> smoother``; ``posefix refine-video --smoother NAME --temporal-weights FILE`` makes one
+with ``weights=FILE``.
 """
 from .core import HISTORY, TemporalOptions, TrackRefinement, correct, fill_gaps, person_scale, refine_tracks
 from .pipeline import PoseRefinement, associate, refine_poses
-from .smoothers import DEFAULT_SMOOTHER, SMOOTHERS, make_smoother
+from .registry import DEFAULT_SMOOTHER, SMOOTHERS, make_smoother
 
 __all__ = ["DEFAULT_SMOOTHER", "HISTORY", "SMOOTHERS", "PoseRefinement", "TemporalOptions", "TrackRefinement",
            "associate", "correct", "fill_gaps", "make_smoother", "person_scale", "refine_poses", "refine_tracks"]

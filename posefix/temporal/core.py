@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..keypoints import FLIP_PAIRS, NUM_KEYPOINTS
+from .smoothers import run_smoother
 
 # Joints swapped with a skeleton neighbour: (elbow, wrist) and (knee, ankle) of each side.
 NEIGHBOUR_PAIRS: tuple[tuple[int, int], ...] = ((7, 9), (8, 10), (13, 15), (14, 16))
@@ -266,8 +267,6 @@ def refine_tracks(xy, score, present, smoother, causal: bool, options: TemporalO
                   ) -> TrackRefinement:
     """The temporal refinement of tracks stacked as (N, T, 17, ...): scale, corrections, gap filling, then
     ``smoother`` (:mod:`posefix.temporal.smoothers`). Joints neither present nor filled keep their input."""
-    from .smoothers import run_smoother
-
     options = options or TemporalOptions()
     xy = np.asarray(xy, dtype=np.float64)
     score = np.asarray(score, dtype=np.float64)

@@ -1,7 +1,7 @@
 """Temporal refinement of an estimator's output file, as ``posefix refine-video`` does it.
 
 Frames: without annotations, each entry's image key is the frame index of one video (an integer, or a name
-ending in one, as :func:`posefix.video.frame_index` reads it). With annotations (a COCO-style JSON whose
+ending in one, as :func:`posefix.formats.frame_index` reads it). With annotations (a COCO-style JSON whose
 ``images`` carry ``id``, ``vid_id`` and ``frame_id``, as PoseTrack's do; many videos in one file), each
 entry's ``image_id`` is one of those images.
 
@@ -23,14 +23,17 @@ Offline, persons that a track missed for at most ``max_person_gap`` frames follo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError
-from ..fileio import read_json
-from ..formats import Estimates, read_estimates
+from ..fileio import read_json, write_json_atomic
+from ..formats import Estimates, frame_index, read_estimates, write_coco_results
+from ..formats import image_sizes as sizes_of
 from .core import TemporalOptions
 from .pipeline import PoseRefinement, refine_poses
+from .registry import make_smoother
 
 
 @dataclass
@@ -78,16 +81,12 @@ def _tracks(est: Estimates) -> np.ndarray:
 
 def read_video_poses(path, fmt: str = "coco", annotations=None, image_sizes: dict | None = None) -> VideoPoseFile:
     """Read an estimator's per-frame output (module docstring); ``annotations``: a path or None."""
-    from ..video import frame_index
-
     if annotations is None:
         est = read_estimates(path, fmt, image_sizes)
         frame = np.array([frame_index(k, f"poses[{i}].image") for i, k in enumerate(est.image_keys)], dtype=np.int64)
         return VideoPoseFile(est, np.zeros(len(frame), dtype=np.int64), frame, _tracks(est), None)
     images = read_annotations(annotations)
     if image_sizes is None:
-        from ..formats import image_sizes as sizes_of
-
         image_sizes = sizes_of(path, fmt, coco_images=images)
     est = read_estimates(path, fmt, image_sizes)
     video = np.zeros(len(est.records), dtype=np.int64)
@@ -120,8 +119,6 @@ def _labels(filled, corrected, present):
 def refined_results(poses: VideoPoseFile, r: PoseRefinement, instance_scores=None,
                     given: np.ndarray | None = None) -> list[dict]:
     """The output results (module docstring). ``given``: the keypoints refined (default the file's)."""
-    from ..formats import write_coco_results
-
     est = poses.est
     given = est.keypoints if given is None else given
     inst = est.scores if instance_scores is None else instance_scores
@@ -151,17 +148,12 @@ def refined_results(poses: VideoPoseFile, r: PoseRefinement, instance_scores=Non
 
 def temporal_setup(smoother: str, weights=None, max_gap: int = 5, max_person_gap: int = 0):
     """The smoother and options a command line asks for, with errors naming its options."""
-    from .smoothers import make_smoother
-
     try:
         options = TemporalOptions(max_gap=max_gap, max_person_gap=max_person_gap)
     except InputError as e:
         raise InputError("--" + e.field.split(".")[-1].replace("_", "-"), e.problem) from None
-    if weights is not None:
-        from pathlib import Path
-
-        if not Path(weights).is_file():
-            raise InputError("--temporal-weights", "file not found", str(weights))
+    if weights is not None and not Path(weights).is_file():
+        raise InputError("--temporal-weights", "file not found", str(weights))
     try:
         return make_smoother(smoother, weights=weights), options
     except InputError as e:
@@ -188,12 +180,9 @@ def refine_video_file(path, out, fmt: str = "coco", annotations=None, causal: bo
     """``posefix refine-video`` without a video: read, refine over time, write ``out`` atomically. Returns
     counts: persons, tracks, videos, filled and corrected joints, filled persons. ``frame_size`` "WxH": every
     frame's size, for formats with normalised coordinates (without annotations that give it)."""
-    from ..fileio import write_json_atomic
-    from ..formats import image_sizes
-
     sm, options = temporal_setup(smoother, weights, max_gap, max_person_gap)
     size = parse_size(frame_size)
-    sizes = image_sizes(path, fmt, size=size) if size is not None else None
+    sizes = sizes_of(path, fmt, size=size) if size is not None else None
     poses = read_video_poses(path, fmt, annotations, sizes)
     r = refine_file(poses, sm, causal, options)
     results = refined_results(poses, r)

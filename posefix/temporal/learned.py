@@ -27,6 +27,8 @@ from torch import nn
 
 from ..errors import InputError
 from ..keypoints import NUM_KEYPOINTS, PARTNER
+from .core import person_scale
+from .smoothers import BodySmoother
 
 FEATURES_PER_FRAME = 12  # own u (2), residual (2), score, present; partner u (2), score; centre's step (2); inside
 RESIDUAL_CLIP = 3.0
@@ -158,8 +160,6 @@ class LearnedSmoother:
     ``body`` smoother's output corrected by the network (an untrained network leaves it as it is)."""
 
     def __init__(self, offline: TemporalNet, causal: TemporalNet, batch: int = 4096):
-        from .smoothers import BodySmoother
-
         self.nets = {False: offline.eval(), True: causal.eval()}
         self.base = BodySmoother()
         self.batch = batch
@@ -173,8 +173,6 @@ class LearnedSmoother:
         """The ``body`` smoother's output the network corrects; ``scale`` None: the person's scale as the
         pipeline measures it."""
         if scale is None:
-            from .core import person_scale
-
             scale = person_scale(xy[None], present[None], causal)[0]
         return self.base(xy, score, present, scale, causal)
 
@@ -210,7 +208,8 @@ class LearnedSmoother:
 
 
 def save_weights(path, offline: TemporalNet, causal: TemporalNet, info: dict | None = None) -> None:
-    from ..weights import save_safetensors
+    from ..weights import save_safetensors  # start-up time: the refiner's model (torchvision) only when saving
+
     tensors = {f"offline.{k}": v.detach().clone() for k, v in offline.state_dict().items()}
     tensors.update({f"causal.{k}": v.detach().clone() for k, v in causal.state_dict().items()})
     meta = {"posefix.temporal": json.dumps({"offline": asdict(offline.config), "causal": asdict(causal.config),

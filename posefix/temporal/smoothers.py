@@ -1,4 +1,4 @@
-"""Trajectory smoothers: the registry :data:`SMOOTHERS` and the classical ones.
+"""Trajectory smoothers: what a smoother is, and the classical ones.
 
 A smoother is a callable ``smoother(xy, score, present, scale, causal) -> xy_out`` over one track's arrays:
 xy float64 (T, 17, 2) pixels, score float64 (T, 17), present bool (T, 17) (the joint is reported there, or
@@ -6,13 +6,7 @@ filled), scale float64 (T,) the person's size in pixels (:func:`posefix.temporal
 output frame may use only that frame and earlier ones. It returns xy_out (T, 17, 2); a frame's output for a
 joint that is not present there is not used. A smoother whose ``batched`` attribute is true also takes any
 number of leading track dimensions ((N, T, 17, 2) ...), and the pipeline then calls it once for all tracks.
-
-:data:`SMOOTHERS` maps a name to a factory ``make(**options) -> smoother``; ``posefix refine-video
---smoother NAME``, the stream (StreamOptions.temporal.smoother) and ``benchmarks/bench_temporal.py`` list it,
-so a smoother registered here (in this dict, at import; a factory may import its module lazily) appears in
-each of them. Options the command line and the benchmark pass to every factory: ``weights`` (the path given as
-``--temporal-weights``, None when not given; a factory that needs none ignores it). A factory raises
-:class:`posefix.errors.InputError` naming the option (``smoother.NAME``) for a bad one.
+Smoothers are made by name from the registry, :mod:`posefix.temporal.registry`.
 
 The classical smoothers (``body``, the default):
 
@@ -34,8 +28,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-
-from ..errors import InputError
 
 Smoother = Callable[..., np.ndarray]
 
@@ -90,27 +82,6 @@ def local_poly(y: np.ndarray, w: np.ndarray, offsets: range, degree: int, kernel
         a2 = (c0 * b[0] + c1 * b[1] + c2 * b[2]) / np.where(ok2, det2, 1.0)[..., None]
         out = np.where(ok2[..., None], a2, out)
     return out
-
-
-def _check_int(options: dict, name: str, default: int, lo: int, hi: int) -> int:
-    value = options.get(name, default)
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not lo <= value <= hi:
-        raise InputError(f"smoother.{name}", f"must be an integer in [{lo}, {hi}], got {value!r}")
-    return int(value)
-
-
-def _check_float(options: dict, name: str, default: float, lo: float, hi: float) -> float:
-    value = options.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
-            or not lo <= float(value) <= hi:  # NaN included
-        raise InputError(f"smoother.{name}", f"must be a number in [{lo:g}, {hi:g}], got {value!r}")
-    return float(value)
-
-
-def _unknown(options: dict, known: set[str]) -> None:
-    for name in options:
-        if name not in known | {"weights"}:
-            raise InputError(f"smoother.{name}", f"unknown option; known: {sorted(known)}")
 
 
 def observation_weight(score: np.ndarray, present: np.ndarray, floor: float) -> np.ndarray:
@@ -316,19 +287,6 @@ class BodySmoother:
         return np.stack([out.real, out.imag], -1)
 
 
-def _make_body(**options) -> Smoother:
-    known = {"joint_noise", "body_noise", "body_power", "noise_cap", "gamma", "causal_gamma", "floor"}
-    _unknown(options, known)
-    d = BodySmoother()
-    return BodySmoother(joint_noise=_check_float(options, "joint_noise", d.joint_noise, 1e-6, 100.0),
-                        body_noise=_check_float(options, "body_noise", d.body_noise, 1e-6, 100.0),
-                        body_power=_check_float(options, "body_power", d.body_power, 0.0, 10.0),
-                        noise_cap=_check_float(options, "noise_cap", d.noise_cap, 1e-6, 100.0),
-                        gamma=_check_float(options, "gamma", d.gamma, 0.0, 100.0),
-                        causal_gamma=_check_float(options, "causal_gamma", d.causal_gamma, 0.0, 100.0),
-                        floor=_check_float(options, "floor", d.floor, 1e-6, 1.0))
-
-
 class PlainSmoother:
     """A per-joint reference: a uniform-kernel local polynomial over ``window`` frames of the present joints
     (``degree`` 2, window 9: Savitzky–Golay; degree 0: a moving average). Causal: trailing, degree ≤ 1."""
@@ -353,54 +311,6 @@ class NoSmoother:
         return np.array(xy, dtype=np.float64)
 
 
-def _make_plain(window: int, degree: int):
-    def make(**options) -> Smoother:
-        _unknown(options, {"window"})
-        return PlainSmoother(_check_int(options, "window", window, 1, 301), degree)
-    return make
-
-
-def _make_none(**options) -> Smoother:
-    _unknown(options, set())
-    return NoSmoother()
-
-
-def _make_learned(**options) -> Smoother:
-    _unknown(options, {"weights"})
-    weights = options.get("weights")
-    if weights is None:
-        raise InputError("weights", "the learned smoother needs its weights (--temporal-weights FILE from "
-                         "posefix train-temporal)")
-    from .learned import LearnedSmoother  # torch is imported only when a learned smoother is made
-
-    return LearnedSmoother.load(weights)
-
-
-_make_learned.needs_weights = True  # made only with --temporal-weights (listings skip it without)
-
-
-SMOOTHERS: dict[str, Callable[..., Smoother]] = {
-    "body": _make_body,
-    "sg9": _make_plain(9, 2),
-    "ma9": _make_plain(9, 0),
-    "none": _make_none,
-    "learned": _make_learned,
-}
-DEFAULT_SMOOTHER = "body"
-
-
-def needs_weights(name: str) -> bool:
-    """Whether the smoother registered as ``name`` is made only from a weights file."""
-    return getattr(SMOOTHERS[name], "needs_weights", False)
-
-
-def make_smoother(name: str, **options) -> Smoother:
-    """The smoother registered as ``name``, made with ``options``; an unknown name is an InputError."""
-    if name not in SMOOTHERS:
-        raise InputError("smoother", f"unknown smoother {name!r}; one of {sorted(SMOOTHERS)}")
-    return SMOOTHERS[name](**options)
-
-
 def run_smoother(smoother: Smoother, xy, score, present, scale, causal: bool) -> np.ndarray:
     """Call ``smoother`` over tracks stacked as (N, T, ...): once where it is batched, else per track."""
     if getattr(smoother, "batched", False):
@@ -414,6 +324,4 @@ def run_smoother(smoother: Smoother, xy, score, present, scale, causal: bool) ->
     return out
 
 
-__all__ = ["DEFAULT_SMOOTHER", "SMOOTHERS", "BodySmoother", "PlainSmoother", "local_poly", "make_smoother",
-           "needs_weights",
-           "observation_weight", "run_smoother"]
+__all__ = ["BodySmoother", "PlainSmoother", "local_poly", "observation_weight", "run_smoother"]

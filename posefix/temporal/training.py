@@ -16,7 +16,9 @@ import torch
 from ..errors import InputError
 from ..fileio import read_json
 from ..keypoints import NUM_KEYPOINTS, PARTNER, SIGMAS
-from .learned import LearnedSmoother, NetConfig, TemporalNet, window_features
+from ..synth.sequences import SequenceParams, synthesize_tracks
+from .core import TemporalOptions, correct, fill_gaps, person_scale
+from .learned import LearnedSmoother, NetConfig, TemporalNet, save_weights, window_features
 from .mocap import Camera, camera_path, coco_joints, load_bvh, project
 
 # A frame whose reported joints lie on average further than this many person sizes from the truth is an input
@@ -109,8 +111,6 @@ def mocap_sequences(bvh_paths, count: int, length: int, rng: np.random.Generator
     """``count`` sequences of ``length`` frames cut from the clips at 30 or 15 fps, each seen by a random
     camera (view, size, motion), with estimator-like errors over time planted by
     :func:`posefix.synth.sequences.synthesize_tracks` (the published error profile, the bundled durations)."""
-    from ..synth.sequences import SequenceParams, synthesize_tracks
-
     clips = []
     for path in bvh_paths:
         skeleton = load_bvh(path)
@@ -146,8 +146,6 @@ def mocap_sequences(bvh_paths, count: int, length: int, rng: np.random.Generator
 def prepared(seq: Sequence, window: int, causal: bool, smoother: LearnedSmoother):
     """One sequence as the smoother meets it in :func:`posefix.temporal.core.refine_tracks` (corrected, gaps
     filled): its windows' features, the truth's u and the labelled mask, each (T, K, W, ...)."""
-    from .core import TemporalOptions, correct, fill_gaps, person_scale
-
     options = TemporalOptions()
     xy, score, present = seq.xy[None], seq.score[None], seq.present[None]
     scale = person_scale(xy, present, causal)
@@ -247,8 +245,6 @@ def training_sequences(gt_path, results_paths, mocap_paths, mocap_count: int, se
 
 def train_temporal(out, seqs: list[Sequence], config: NetConfig, steps: int, seed: int, log=None) -> LearnedSmoother:
     """Train the offline and the causal network and write both to ``out`` (safetensors, atomically)."""
-    from .learned import save_weights
-
     smoother = train_smoother(seqs, config, steps, seed, log=log)
     save_weights(out, smoother.nets[False], smoother.nets[True],
                  {"steps": steps, "seed": seed, "sequences": len(seqs)})
