@@ -279,6 +279,7 @@ def refine_ray(work: Path, checkpoint: Path, args, actors: int) -> dict:
 
     from posefix.distributed import refine_images_ray
     from posefix.formats import image_file, read_estimates
+    from posefix.options import RefineOptions
 
     est = read_estimates(work / "input.json", "coco")
     groups: dict = {}
@@ -294,8 +295,9 @@ def refine_ray(work: Path, checkpoint: Path, args, actors: int) -> dict:
         points.append((time.perf_counter() - t_start, (points[-1][1] if points else 0) + k))
 
     images, block = 0, max(1, min(16, len(jobs) // (8 * actors)))  # 8 blocks an actor at least
-    for _ in refine_images_ray(checkpoint, jobs, actors=actors, images_per_block=block, num_gpus=gpus, device=args.device,
-                               batch_size=args.batch_size, precision=args.precision, channels_last=args.channels_last,
+    options = RefineOptions(device=args.device, batch_size=args.batch_size, precision=args.precision,
+                            channels_last=args.channels_last)
+    for _ in refine_images_ray(checkpoint, jobs, options, actors=actors, images_per_block=block, num_gpus=gpus,
                                workers=args.workers, progress=progress, show_progress=False):
         images += 1
     elapsed = time.perf_counter() - t_start

@@ -897,12 +897,10 @@ def _flags(parser: argparse.ArgumentParser, argv_command: list[str]) -> dict[str
 
 def as_flag(error: InputError, parser: argparse.ArgumentParser, args) -> InputError:
     """The library's error with its field named as the command's flag, where the field is one of the
-    command's options, given no source or the option's own file (``batch_size`` → ``--max-batch-size`` in
-    ``serve``)."""
+    command's options and the error names no file (``batch_size`` → ``--max-batch-size`` in ``serve``)."""
     head = error.field.split(".", 1)[0].split("[", 1)[0]
-    if not head.isidentifier() or (error.source is not None and not (
-            error.field == head and error.source == str(getattr(args, head, None)))):
-        return error  # a field inside a file, or of another file than the option's
+    if error.source is not None or not head.isidentifier():
+        return error  # a field of a file, named with the file
     command = [args.command] + [v for k, v in vars(args).items() if k.endswith("_command") and v]
     flag = _flags(parser, command).get(head)
     return error if flag is None else InputError(flag + error.field[len(head):], error.problem, error.source)

@@ -66,7 +66,7 @@ def test_targets_land_on_their_joints_in_the_crop(tmp_path, epoch):
 
 
 def test_without_augmentation_training_crops_as_inference(tmp_path, monkeypatch):
-    """A sample without augmentation is the crop Refiner.prepare takes around the same input pose: the same
+    """A sample without augmentation is the crop Refiner.crop takes around the same input pose: the same
     affine, the same pixels and the same input keypoints in crop pixels."""
     ds, _ = _dataset(tmp_path, rotation_prob=1.0, flip_prob=1.0, scale_factor=0.3)
     ds.augment = False
@@ -77,7 +77,7 @@ def test_without_augmentation_training_crops_as_inference(tmp_path, monkeypatch)
     pose = torch.from_numpy(poses[0])[None]  # the synthesized input pose, in image pixels
     refiner = Refiner(PoseFixNet(ds.model))
     image = decode(tmp_path / "000000000001.png")
-    crops, kp_crop, affine, ok = refiner.prepare([image], np.zeros(1, dtype=np.int64), pose, pose)
+    crops, kp_crop, affine, ok = refiner.crop([image], np.zeros(1, dtype=np.int64), pose, pose)
     assert ok.all()
     torch.testing.assert_close(crop_affine(poses[0], np.random.default_rng(0))[0], affine, rtol=0, atol=0)
     torch.testing.assert_close(sample["image"], crops[0], rtol=0, atol=1e-5)
@@ -94,7 +94,7 @@ def test_crop_affines_of_training_and_inference_agree_on_any_pose(tmp_path):
     refiner = Refiner(PoseFixNet(ds.model))
     images = [torch.zeros(3, 240, 320, dtype=torch.uint8)]
     kp = torch.from_numpy(poses)
-    inference = refiner.prepare(images, np.zeros(6, dtype=np.int64), kp, kp)[2]
+    inference = refiner.crop(images, np.zeros(6, dtype=np.int64), kp, kp)[2]
     h, w = ds.model.input_size
     centre = torch.tensor([[[(w - 1) / 2, (h - 1) / 2]]], dtype=torch.float64)
     for n, pose in enumerate(poses):

@@ -371,7 +371,7 @@ def test_serve_refuses_a_bad_index_before_listening(tmp_path, checkpoint, capsys
     bad = tmp_path / "bad.index"
     bad.write_bytes(b"PK\x03\x04 not really")
     err = _cli_error(capsys, ["serve", "--checkpoint", str(checkpoint), "--port", "0", "--index", str(bad)])
-    assert "--index: " in err and "listening" not in capsys.readouterr().out
+    assert "bad.index: index: " in err and "listening" not in capsys.readouterr().out
 
 
 def test_the_sample_gt_persons_find_themselves():
