@@ -294,9 +294,10 @@ def refine_ray(work: Path, checkpoint: Path, args, actors: int) -> dict:
         points.append((time.perf_counter() - t_start, (points[-1][1] if points else 0) + k))
 
     images, block = 0, max(1, min(16, len(jobs) // (8 * actors)))  # 8 blocks an actor at least
-    for _ in refine_images_ray(checkpoint, jobs, actors=actors, images_per_block=block, num_gpus=gpus, device=args.device,
-                               batch_size=args.batch_size, precision=args.precision, channels_last=args.channels_last,
-                               workers=args.workers, progress=progress, show_progress=False):
+    for _ in refine_images_ray(checkpoint, jobs, actors=actors, images_per_block=block, num_gpus=gpus,
+                               device=args.device, batch_size=args.batch_size, precision=args.precision,
+                               channels_last=args.channels_last, workers=args.workers, progress=progress,
+                               show_progress=False):
         images += 1
     elapsed = time.perf_counter() - t_start
     return {"actors": actors, "persons": int(points[-1][1]), "images": images, "images_per_block": block,
@@ -336,7 +337,8 @@ def compare_ray(work: Path, checkpoint: Path, args) -> dict:
               f"{r['persons_per_s']:10.1f} {r['persons_per_s_after_first']:10.1f} "
               f"{r['ratio_to_in_process']:13.2f}x {r['load_average_before']:5.1f}")
     print(f"\nRay started in {start_s:.1f} s (not in the runs' seconds); 'first': seconds to the first refined "
-          "image (the actors' start included); 'after 1st': persons/s after the first result (a model call in process, a block of images on Ray)")
+          "image (the actors' start included); 'after 1st': persons/s after the first result (a model call in "
+          "process, a block of images on Ray)")
     return {"rows": rows, "ray_start_s": start_s, "ray": ray.__version__}
 
 
@@ -446,7 +448,8 @@ def main():
         (f"refine {done:,} persons on {run['images_refined']:,} images", run["refine_s"],
          f"{rate:.1f} persons/s; {steady:.1f} after the first batch ({p1} persons, {t1:.1f} s)"),
         ("  in Refiner.refine (crops, heatmaps, model)", run["refine_calls_s"],
-         f"{len(run['batches'])} model calls (full batches but the last), {done / len(run['batches']):.1f} persons on average "
+         f"{len(run['batches'])} model calls (full batches but the last), "
+         f"{done / len(run['batches']):.1f} persons on average "
          + f"(at most {args.batch_size})"),
         ("  elsewhere (waiting for decoded images...)", run["refine_s"] - run["refine_calls_s"],
          f"decoding takes {dec_ms:.1f} ms/image on one thread, in {args.workers} threads beside the model"),
