@@ -44,7 +44,8 @@ from posefix.onnx_backend import OnnxModel, calibration_crops, export_onnx, quan
 from posefix.refiner import Refiner
 from posefix.weights import export_weights
 
-MODELS = {"r18-64x64": ("resnet18", (64, 64), 2.0, 32), "r18-128x96": ("resnet18", (128, 96), 3.5, 128), "r50-256x192": ("resnet50", (256, 192), 7.0, 256),
+MODELS = {"r18-64x64": ("resnet18", (64, 64), 2.0, 32), "r18-128x96": ("resnet18", (128, 96), 3.5, 128),
+          "r50-256x192": ("resnet50", (256, 192), 7.0, 256),
           "r50-384x288": ("resnet50", (384, 288), 9.0, 256), "r152-384x288": ("resnet152", (384, 288), 9.0, 256)}
 CPU_BACKENDS = ["torch-cl", "ort-fp32", "ort-int8"]
 GPU_BACKENDS = ["torch-cuda-bf16", "ort-cuda-fp32", "ort-trt-fp16"]

@@ -9,8 +9,9 @@ For each seed, the ``cpu-small`` preset is trained as ``posefix train --preset c
 data.train_annotations=TRAIN.json --set data.train_images=TRAIN_DIR --set train.seed=SEED`` does (a run
 already in ``--runs`` is reused). Each checkpoint then refines, with ``posefix refine`` in ``--output raw``
 (every joint as refined), with ``--choice-margin 0`` (the heads' own choice, column "heads") and as it is
-by default (column "default": without a fitted choice every input joint is kept), held-out inputs on the validation images: inputs synthesized by the published
-error tables from VAL.json (``posefix synth --seed 1``), and every real estimator's native output found in
+by default (column "default": without a fitted choice every input joint is kept), held-out inputs on the
+validation images: inputs synthesized by the published error tables from VAL.json (``posefix synth --seed 1``),
+and every real estimator's native output found in
 EST_DIR (``movenet_*_native.json`` through ``--format movenet``, ``blazepose_*_native.json`` through
 ``--format blazepose``). Every file is scored by pycocotools keypoint AP on the images it covers, with the
 error breakdown of ``posefix diagnose`` (the shares of good and jitter keypoints). A row "untrained" refines

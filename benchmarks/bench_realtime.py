@@ -19,9 +19,9 @@ persons, cut as the refiner cuts them), in one process one after another:
 
 Backends: ``torch`` (eager fp32, BatchNorm folded, contiguous), ``torch-cl`` (the same, channels_last),
 ``ort-fp32`` and ``ort-int8`` (ONNX Runtime's CPU provider; int8 statically quantised on 64 real crops).
-Each timing is the best of ``--repeat`` calls (6 × that at batch 1) after a warm-up; the whole table is measured ``--rounds`` times
-and each cell reported as its median over rounds (the host may be shared: ratios within one round are side by
-side, and the JSON keeps every round).
+Each timing is the best of ``--repeat`` calls (6 × that at batch 1) after a warm-up; the whole table is measured
+``--rounds`` times and each cell reported as its median over rounds (the host may be shared: ratios within one
+round are side by side, and the JSON keeps every round).
 
 BlazePose full (MediaPipe's pose landmarker, ``model_complexity=1``) runs in a subprocess of
 ``--blazepose-python`` — a separate virtual environment with ``mediapipe`` installed, since mediapipe pins its

@@ -272,7 +272,8 @@ class LoadGenerator:
         lat_ms = 1e3 * latencies[ok]
         client_cores = [r["cpu_s"] / r["wall_s"] if r["wall_s"] else 0.0 for r in records]
         server_cores = (last["cpu"] - first["cpu"]) / window
-        others = None if first["busy"] is None else (last["busy"] - first["busy"]) / window - server_cores - sum(client_cores)
+        others = (None if first["busy"] is None
+                  else (last["busy"] - first["busy"]) / window - server_cores - sum(client_cores))
         return {
             "clients": clients, "window_s": window, "warmup_s": t0 - started,
             "calls": int(inside.sum()), "ok": int(ok.sum()),
@@ -490,9 +491,12 @@ def print_tables(rows: list[dict]) -> None:
     for r in rows:
         s, ip, ipw = r["server"], r["inprocess"], r["inprocess_worker_thread"]
         mode = f"on ({r['max_batch_size']})" if r["max_batch_size"] > 1 else "off (1)"
-        print(f"{mode:>9} {r['clients']:7d} | {100 * s['model_busy']:9.1f}% {_fmt(s['compute_ms_per_batch'], '.1f', 8)} "
-              f"| {ip['ms_per_batch']:19.1f} {ipw['ms_per_batch']:15.1f} | {_fmt(s['queue_ms_per_call'], '.1f', 13)} | "
-              f"{s['cpu_cores']:12.2f} {sum(r['client_cpu_cores']):12.2f} {_fmt(_clamp(r['other_cpu_cores']), '.2f', 15)}")
+        print(f"{mode:>9} {r['clients']:7d} | {100 * s['model_busy']:9.1f}% "
+              f"{_fmt(s['compute_ms_per_batch'], '.1f', 8)} "
+              f"| {ip['ms_per_batch']:19.1f} {ipw['ms_per_batch']:15.1f} | "
+              f"{_fmt(s['queue_ms_per_call'], '.1f', 13)} | "
+              f"{s['cpu_cores']:12.2f} {sum(r['client_cpu_cores']):12.2f} "
+              f"{_fmt(_clamp(r['other_cpu_cores']), '.2f', 15)}")
 
 
 def run(args) -> dict:
@@ -544,7 +548,8 @@ def run(args) -> dict:
     batches = {1} | {max(1, round(r["server"]["mean_batch"])) for r in rows if r["server"]["mean_batch"]}
     inprocess, inprocess_worker = {}, {}
     for b in sorted(batches):
-        for where, table, worker_thread in (("this thread", inprocess, False), ("a worker thread", inprocess_worker, True)):
+        for where, table, worker_thread in (("this thread", inprocess, False),
+                                            ("a worker thread", inprocess_worker, True)):
             ip = table[b] = inprocess_rate(refiner, image, pose, b, args.inprocess_seconds, worker_thread)
             print(f"  in-process from {where}, batch {b}: {ip['persons_per_s']:.1f} persons/s, "
                   f"{ip['ms_per_batch']:.1f} ms per batch, {ip['cpu_cores']:.2f} cores busy "
@@ -574,8 +579,8 @@ def run(args) -> dict:
               "(add --client-processes)")
     report = {
         "benchmark": "service",
-        "config": {"backbone": backbone, "torch_threads": torch.get_num_threads(), "input_size": list(input_size), "device": device,
-                   "clients": clients, "seconds": args.seconds, "warmup_s": args.warmup,
+        "config": {"backbone": backbone, "torch_threads": torch.get_num_threads(), "input_size": list(input_size),
+                   "device": device, "clients": clients, "seconds": args.seconds, "warmup_s": args.warmup,
                    "max_requests": args.max_requests, "max_batch_size": args.max_batch_size,
                    "max_queue_delay_ms": args.max_queue_delay_ms, "persons_per_call": 1,
                    "image": IMAGE.name, "image_bytes": len(jpeg), "request_bytes": len(request)},

@@ -50,7 +50,8 @@ def sample_persons():
         for i in np.flatnonzero(~gt.crowd & (gt.keypoints[..., 2] > 0).any(-1)):
             m = near[i].size
             groups.setdefault(min(m, 3), []).append((gt.keypoints[i], max(gt.areas[i], MIN_AREA),
-                                                     gt.keypoints[near[i][:3]], np.maximum(gt.areas[near[i][:3]], MIN_AREA), ov[i]))
+                                                     gt.keypoints[near[i][:3]],
+                                                     np.maximum(gt.areas[near[i][:3]], MIN_AREA), ov[i]))
     return groups
 
 
@@ -140,7 +141,8 @@ def crowd_doc(per_image: int, images: int, seed: int = 0) -> dict:
     return doc
 
 
-def run_dataset_cli(gt: Path, out: Path, variants: int, limit_gb: float, timeout: float, tree: str | None = None) -> dict:
+def run_dataset_cli(gt: Path, out: Path, variants: int, limit_gb: float, timeout: float,
+                    tree: str | None = None) -> dict:
     """``posefix synth --gt GT --out DIR --variants V`` in a subprocess on one core, from source tree ``tree``
     (default this one): wall and CPU time, peak RSS."""
     cap = int(limit_gb * 2 ** 30)
@@ -318,7 +320,8 @@ def kernels(args) -> dict:
 
     groups = sample_persons()
     rows = []
-    print(f"{'overlapping persons':>20} | {'plain sampler ms/person':>23} | {'vectorised ms/person':>20} | {'speed-up':>8}")
+    print(f"{'overlapping persons':>20} | {'plain sampler ms/person':>23} | "
+          f"{'vectorised ms/person':>20} | {'speed-up':>8}")
     print("-" * 82)
     for m in sorted(groups):
         n_ref = args.reference_persons

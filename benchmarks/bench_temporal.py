@@ -193,7 +193,8 @@ def main(argv=None) -> int:
     ap.add_argument("--split", choices=("measure", "train"), default="measure",
                     help="measure: the clips at the folder's root; train: train/")
     ap.add_argument("--estimators", nargs="*", default=None, help="estimator files (default: all _coco.json)")
-    ap.add_argument("--smoothers", nargs="*", default=None, help="registered smoothers (default: every one, the learned one with --temporal-weights)")
+    ap.add_argument("--smoothers", nargs="*", default=None,
+                    help="registered smoothers (default: every one, the learned one with --temporal-weights)")
     ap.add_argument("--temporal-weights", metavar="FILE", help="passed to every smoother's factory as weights=")
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results" / "temporal.json"))

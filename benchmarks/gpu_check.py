@@ -74,7 +74,8 @@ def env() -> dict:
 
 
 def step_cuda_tests(plan: Plan, tmp: Path) -> dict:
-    tests = ["tests/test_gpu.py"] if plan.dry else ["tests/test_gpu.py", "tests/test_onnx.py::test_cuda_provider_equals_torch"]
+    tests = (["tests/test_gpu.py"] if plan.dry
+             else ["tests/test_gpu.py", "tests/test_onnx.py::test_cuda_provider_equals_torch"])
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=ROOT,
                           env=env(), capture_output=True, text=True, timeout=240, check=False)
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr.strip()[-300:]

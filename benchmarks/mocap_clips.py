@@ -3,11 +3,11 @@ smoother on their fastest motion.
 
 A BVH clip (CMU Graphics Lab Motion Capture Database, mocap.cs.cmu.edu, ``../shared/data/mocap``) is read and
 its joints placed by forward kinematics (:mod:`posefix.temporal.mocap`), resampled from 120 to 30 frames/s
-and projected through a pinhole camera seen from the side (the performer ~240 px tall in a 640 × 480 frame). COCO joints: shoulders, elbows,
-wrists, hips, knees, ankles and the nose at the Head joint; eyes and ears are left unlabelled. Errors added,
-seeded: per joint a score drawn from the range MoveNet gives here, Gaussian jitter of standard deviation
-0.0025 / score² of the person's size (what MoveNet Thunder's frame-to-frame noise measures on video_sample's
-train clips), and 1 % of joints replaced by a spike of 0.2-0.5 person sizes.
+and projected through a pinhole camera seen from the side (the performer ~240 px tall in a 640 × 480 frame).
+COCO joints: shoulders, elbows, wrists, hips, knees, ankles and the nose at the Head joint; eyes and ears are
+left unlabelled. Errors added, seeded: per joint a score drawn from the range MoveNet gives here, Gaussian
+jitter of standard deviation 0.0025 / score² of the person's size (what MoveNet Thunder's frame-to-frame noise
+measures on video_sample's train clips), and 1 % of joints replaced by a spike of 0.2-0.5 person sizes.
 
 "The data used in this project was obtained from mocap.cs.cmu.edu. The database was created with funding from
 NSF EIA-0196217."
@@ -95,7 +95,8 @@ def mocap_table(folder, names, seed: int = 0, fastest: int = 5, weights=None) ->
     from posefix.temporal import make_smoother, refine_poses
 
     rows = {}
-    print("\n| mocap clip | method | lag mean (frames) | lag worst | accel ×100 | error ×100 |\n| --- | --- | --- | --- | --- | --- |")
+    print("\n| mocap clip | method | lag mean (frames) | lag worst | accel ×100 | error ×100 |\n"
+          "| --- | --- | --- | --- | --- | --- |")
     for path in sorted(Path(folder).glob("*.bvh")):
         gt = project_clip(path)
         rng = np.random.default_rng(seed)
@@ -115,8 +116,8 @@ def mocap_table(folder, names, seed: int = 0, fastest: int = 5, weights=None) ->
             if name is None:
                 out = noisy[..., :2]
             else:
-                out = refine_poses(noisy, make_smoother(name, weights=weights), frame=frame, track=np.ones(len(gt), np.int64),
-                                   causal=causal).xy
+                out = refine_poses(noisy, make_smoother(name, weights=weights), frame=frame,
+                                   track=np.ones(len(gt), np.int64), causal=causal).xy
             lags = [lag_frames(out[:, j], gt[:, j, :2], c) for _, c, j in peaks]
             a_o = out[2:] - 2 * out[1:-1] + out[:-2]
             a_g = gt[2:, :, :2] - 2 * gt[1:-1, :, :2] + gt[:-2, :, :2]

@@ -12,9 +12,9 @@ the first 5. Queries:
 - mirrored: the every-joint jitter query mirrored (x flipped, left and right swapped), searched without and
   with ``mirror`` (with it, the original must be found; without it, a mirror image is another pose);
 - published errors: the published profile whole (jitter, inversions, swaps with overlapping persons, misses),
-  and with inversions and swaps three times as likely (at most 0.3 a joint), searched as synthesized and, given ``--checkpoint``,
-  refined first on their images (``--val-images``, ``--train-images``; a sample without images is left out of
-  the refined figures).
+  and with inversions and swaps three times as likely (at most 0.3 a joint), searched as synthesized and, given
+  ``--checkpoint``, refined first on their images (``--val-images``, ``--train-images``; a sample without images
+  is left out of the refined figures).
 
     python benchmarks/search_quality.py [--checkpoint model.safetensors --train-images DIR] [--json out.json]
 """

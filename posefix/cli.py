@@ -241,7 +241,8 @@ def cmd_demo(args) -> int:
             given = as_coco_results(path, fmt, images_dir, gt)
             write_json_atomic(out / f"input_{stem}.json", given)
         files = [("input", given)]
-        runs = [("raw", checkpoint, RefineOptions(output="raw")), ("heads", checkpoint, RefineOptions(choice_margin=0.0))]
+        runs = [("raw", checkpoint, RefineOptions(output="raw")),
+                ("heads", checkpoint, RefineOptions(choice_margin=0.0))]
         if fit_file != "":  # the choice fitted on the train images' counterpart of this input, then refined
             fitted = out / f"fitted_{stem}.safetensors"
             runs.append(("fitted", fitted, RefineOptions()))
@@ -632,7 +633,8 @@ def print_fitted(rule, out) -> None:
     print(f"fitted the choice on {i['joints']} labelled joints of {i['persons']} persons: the correction is closer "
           f"to the truth on {100 * i['refined_closer']:.0f} % of them and taken on {100 * i['taken']:.0f} %; on "
           f"these persons (not held out) AP {i['ap_input']:.3f} input, {i['ap_raw']:.3f} raw, {i['ap_fitted']:.3f} "
-          f"with the fitted choice at its margin {rule.margin:g} (the best of {', '.join(map(str, i['ap_by_margin']))}) "
+          f"with the fitted choice at its margin {rule.margin:g} "
+          f"(the best of {', '.join(map(str, i['ap_by_margin']))}) "
           f"-> {out}")
 
 
@@ -743,7 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
     ray = r.add_argument_group("on a Ray cluster (pip install 'posefix[ray]')")
     ray.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                      help="refine as a Ray Data pipeline: on a new local Ray, or on the cluster at ADDRESS")
-    ray.add_argument("--actors", type=int, help="refiners, one per actor (the cluster's GPUs / --num-gpus, or its CPUs)")
+    ray.add_argument("--actors", type=int,
+                     help="refiners, one per actor (the cluster's GPUs / --num-gpus, or its CPUs)")
     ray.add_argument("--num-gpus", type=float, help="GPUs per actor, a fraction shares one (1 with --device cuda)")
     ray.add_argument("--shards", type=int, help="write the output as N files REFINED-00000-of-0000N.json, "
                      "the images split between them in input order")
@@ -804,8 +807,10 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("--follow", action="store_true",
                     help="a tracked person's crop follows its previous refined pose (needs track_id)")
     rv.add_argument("--smooth", action="store_true", help="One-Euro filter over each track's refined keypoints")
-    rv.add_argument("--min-cutoff", type=float, default=1.0, help="One-Euro minimum cutoff in Hz (1.0; lower: smoother)")
-    rv.add_argument("--beta", type=float, default=0.007, help="One-Euro speed coefficient in 1/px (0.007; higher: less lag)")
+    rv.add_argument("--min-cutoff", type=float, default=1.0,
+                    help="One-Euro minimum cutoff in Hz (1.0; lower: smoother)")
+    rv.add_argument("--beta", type=float, default=0.007,
+                    help="One-Euro speed coefficient in 1/px (0.007; higher: less lag)")
     rv.add_argument("--d-cutoff", type=float, default=1.0, help="One-Euro cutoff of the speed estimate in Hz (1.0)")
     _temporal_args(rv)
     flip_test_arg(rv)

@@ -50,7 +50,8 @@ def _option(*names: str, **spec):
 checkpoint_arg = _option("--checkpoint", metavar="CKPT", help="model.safetensors from posefix train (or --onnx)")
 images_arg = _option("--images", metavar="DIR")
 gt_arg = _option("--gt", required=True, metavar="ANNOTATIONS.json", help="COCO person-keypoints annotations")
-annotations_arg = _option("--annotations", metavar="ANNOTATIONS.json", help="COCO annotations: image file names and ids")
+annotations_arg = _option("--annotations", metavar="ANNOTATIONS.json",
+                          help="COCO annotations: image file names and ids")
 format_arg = _option("--format", default="coco", choices=FORMAT_NAMES)
 flip_test_arg = _option("--flip-test", action="store_true", help="average with the refinement of the mirrored crop")
 batch_size_arg = _option("--batch-size", type=int, default=64, help="persons per model call (64)")

@@ -237,7 +237,8 @@ def load_config(config: str | None = None, preset: str | None = None, overrides:
         try:
             doc = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-            raise InputError("config", f"{config} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from None
+            raise InputError("config",
+                             f"{config} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from None
     else:
         doc = {}
     for text in overrides:

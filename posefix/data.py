@@ -90,8 +90,8 @@ class PersonCrops(torch.utils.data.Dataset):
 
     ``dataset[(epoch, index)]`` gives a dict: ``image`` (3, H, W) float in [0, 1], ``input`` (K, 3)
     the input pose in crop pixels (v = 1 where present): synthesized, or with ``data.train_results`` the
-    estimator's pose matched to the person, with probability ``data.train_results_prob``, ``target`` (K, 2) the GT joints
-    in crop pixels, ``target_valid`` (K,) bool (labelled and inside the crop), ``area`` () the
+    estimator's pose matched to the person, with probability ``data.train_results_prob``, ``target`` (K, 2) the
+    GT joints in crop pixels, ``target_valid`` (K,) bool (labelled and inside the crop), ``area`` () the
     person's COCO area in crop pixels², ``calibration`` () bool: the person is one of the
     ``data.calibration_split`` share (drawn by ``seed``) that trains only the confidence heads.
     """
@@ -151,8 +151,8 @@ class PersonCrops(torch.utils.data.Dataset):
         inside = (tgt_c[:, 0] >= 0) & (tgt_c[:, 0] <= w - 1) & (tgt_c[:, 1] >= 0) & (tgt_c[:, 1] <= h - 1)
         scale = float(torch.linalg.det(to_crop[0, :, :2]).abs().item())  # crop px² per image px²
         return {"image": crop, "input": torch.from_numpy(inp_c).float(), "target": torch.from_numpy(tgt_c).float(),
-                "target_valid": torch.from_numpy(labelled & inside), "area": torch.tensor(max(gt.areas[i], MIN_AREA) * scale,
-                                                                                          dtype=torch.float32),
+                "target_valid": torch.from_numpy(labelled & inside),
+                "area": torch.tensor(max(gt.areas[i], MIN_AREA) * scale, dtype=torch.float32),
                 "calibration": torch.tensor(bool(self.calibration[index]))}
 
     def crop_affine(self, pose: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, bool]:
@@ -208,7 +208,8 @@ class StepBatches(torch.utils.data.Sampler):
     batch: epoch e visits the persons in the order of a permutation seeded by (seed, e)."""
 
     def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0, world: int = 1):
-        self.n, self.batch, self.seed, self.start, self.stop, self.rank, self.world = n, batch_size, seed, start, stop, rank, world
+        (self.n, self.batch, self.seed, self.start, self.stop, self.rank,
+         self.world) = n, batch_size, seed, start, stop, rank, world
         self._perms: dict[int, np.ndarray] = {}
 
     def _key(self, position: int):

@@ -63,4 +63,5 @@ def calibration(confidence, hit, bins: int = 10) -> dict:
         rows.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": n, "mean_confidence": mean_c,
                      "hit_rate": rate})
     brier = float(((confidence - hit) ** 2).mean()) if confidence.size else None
-    return {"bins": rows, "ece": float(ece) if confidence.size else None, "brier": brier, "joints": int(confidence.size)}
+    return {"bins": rows, "ece": float(ece) if confidence.size else None, "brier": brier,
+            "joints": int(confidence.size)}

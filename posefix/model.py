@@ -21,9 +21,9 @@ with gradients. Three changes:
   learned the same way. Its weights start at zero and its bias at ``INPUT_CONFIDENCE_INIT``, so an
   untrained model trusts every input joint more than its own correction and returns the input exactly.
   The refiner's default output, "choice" (:class:`posefix.refiner.Refiner`, :mod:`posefix.choice`), gives
-  per joint the input or the refined one: the refined one where the checkpoint's fitted rule (``posefix fit-choice``) takes it,
-  or, without a fitted rule, where the refined confidence exceeds this head's estimate by more than the
-  choice margin, which then defaults to 1.0 and so keeps every input joint.
+  per joint the input or the refined one: the refined one where the checkpoint's fitted rule
+  (``posefix fit-choice``) takes it, or, without a fitted rule, where the refined confidence exceeds this head's
+  estimate by more than the choice margin, which then defaults to 1.0 and so keeps every input joint.
 
 A second head (``head = "offset"``), after G-RMI (Papandreou et al., CVPR 2017): the same logits are a
 per-pixel disk classifier (is this output pixel within ``offset_radius`` of the joint?), a 1×1 convolution

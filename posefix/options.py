@@ -58,8 +58,8 @@ class RefineOptions:
         if self.resolved_backend == "torch" and self.onnx is not None:
             raise InputError("onnx", "is run by the onnxruntime backend, not torch")
         if self.resolved_backend != "torch" and self.precision != "fp32":
-            raise InputError("precision", f"{self.precision} is for the torch backend; the {self.resolved_backend} model's "
-                             "arithmetic is its file's")
+            raise InputError("precision", f"{self.precision} is for the torch backend; the "
+                             f"{self.resolved_backend} model's arithmetic is its file's")
 
     @property
     def resolved_backend(self) -> str:

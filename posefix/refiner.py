@@ -33,9 +33,9 @@ class Refiner:
     refined one where the checkpoint's fitted rule (``posefix fit-choice``) takes it — ``2p - 1`` above the
     margin — or, without a fitted rule, where the refined joint's confidence exceeds the input-confidence
     head's estimate for the input joint by more than the margin. ``choice_margin`` None (the default): the
-    fitted rule's own margin, else :data:`posefix.choice.UNFITTED_MARGIN`, which keeps every input joint (the heads learn on
-    synthesized errors, and on real estimators' outputs their comparison alone lowered AP); 0 is the heads'
-    own comparison. A kept input joint is the input's exact coordinates, with the input-confidence as its
+    fitted rule's own margin, else :data:`posefix.choice.UNFITTED_MARGIN`, which keeps every input joint (the heads
+    learn on synthesized errors, and on real estimators' outputs their comparison alone lowered AP); 0 is the
+    heads' own comparison. A kept input joint is the input's exact coordinates, with the input-confidence as its
     confidence (0 for an absent input joint); an input joint with non-finite coordinates is never kept. An
     untrained model returns the input exactly. "raw": every joint refined, as the model puts it out.
     """
@@ -165,8 +165,8 @@ class Refiner:
         return self.stage(t).to(self.device, non_blocking=True)
 
     def infer(self, crops, kp_crop):
-        """The model on the crops of :meth:`crop`: refined coords (P, K, 2) float64 in crop pixels and confidence (P, K),
-        both on the device. With ``flip_test``, averaged with the mirrored crop's, mapped back."""
+        """The model on the crops of :meth:`crop`: refined coords (P, K, 2) float64 in crop pixels and confidence
+        (P, K), both on the device. With ``flip_test``, averaged with the mirrored crop's, mapped back."""
         return self._forward(crops, kp_crop)[:2]
 
     def _forward(self, crops, kp_crop):
@@ -187,7 +187,8 @@ class Refiner:
                 out_f = self.model(crops.flip(-1), keypoints=codec.flip_keypoints(kp_crop, w))
                 coords = (coords + codec.flip_keypoints(out_f["coords"].double(), w)) / 2
                 conf = (conf + codec.swap_partners(torch.sigmoid(out_f["confidence_logit"].float()), 1)) / 2
-                input_conf = (input_conf + codec.swap_partners(torch.sigmoid(out_f["input_confidence_logit"].float()), 1)) / 2
+                input_conf = (input_conf
+                              + codec.swap_partners(torch.sigmoid(out_f["input_confidence_logit"].float()), 1)) / 2
         return coords, conf, input_conf
 
     @staticmethod

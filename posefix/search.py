@@ -421,7 +421,8 @@ class PoseIndex:
         for name in ("boxes", "scores"):
             bad = np.argwhere(~np.isfinite(a[name]))
             if len(bad):
-                raise _Corrupt(f"{name}[{', '.join(map(str, bad[0]))}]", f"must be finite, got {a[name][tuple(bad[0])]}")
+                raise _Corrupt(f"{name}[{', '.join(map(str, bad[0]))}]",
+                               f"must be finite, got {a[name][tuple(bad[0])]}")
         ids = np.asarray(a["ids"], np.int64)
         if a["ids"].dtype.kind == "u" and n and int(a["ids"].max()) > np.iinfo(np.int64).max:
             raise _Corrupt("ids", "out of the int64 range")

@@ -255,7 +255,8 @@ def write_sheet(path, index: PoseIndex, matches, queries: np.ndarray, query_file
             caption = f"{r + 1}: d {matches.distances[q, r]:.3f} id {index.ids[row]}"
             if matches.mirrored[q, r]:
                 caption += " (mirror)"
-            cells.append((_cell(confined(index.file_of(row)), pose, index.boxes[row], REFINED_COLOUR, decoded), caption))
+            cells.append((_cell(confined(index.file_of(row)), pose, index.boxes[row], REFINED_COLOUR, decoded),
+                          caption))
         for c, (picture, caption) in enumerate(cells):
             left = gap + c * (w + gap)
             sheet.paste(Image.fromarray(picture.permute(1, 2, 0).numpy()), (left, top + LABEL))

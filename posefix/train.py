@@ -82,7 +82,8 @@ def _check_data(cfg: Config):
     if d.train_dataset:
         check_generated(d.train_dataset, d.train_annotations)
     if d.train_results_format not in FORMATS:
-        raise InputError("data.train_results_format", f"must be one of {sorted(FORMATS)}, got {d.train_results_format!r}")
+        raise InputError("data.train_results_format",
+                         f"must be one of {sorted(FORMATS)}, got {d.train_results_format!r}")
     if not 0 <= d.train_results_prob <= 1:
         raise InputError("data.train_results_prob", f"must be in [0, 1], got {d.train_results_prob}")
     if not 0 <= d.calibration_split < 1:
@@ -265,7 +266,8 @@ def _loop(cfg, model, ddp, optimizer, scheduler, loader, device, bf16, channels_
 
 
 def _validate(model, cfg: Config, device, profile):
-    refiner = Refiner(model, device=device, batch_size=max(cfg.train.batch_size, 16), choice_margin=0.0)  # the heads' choice
+    refiner = Refiner(model, device=device, batch_size=max(cfg.train.batch_size, 16),
+                      choice_margin=0.0)  # the heads' choice
     gt = load_ground_truth(cfg.data.val_annotations)
     rows = refine_synthesized(refiner, gt, cfg.data.val_images, seed=cfg.train.seed, profile=profile,
                               max_persons=cfg.data.val_max_persons or None)

@@ -93,7 +93,8 @@ def test_bench_backends(tmp_path):
     report, stdout = _run("bench_backends.py", "--models", "r18-64x64", "--batches", "2", "--backends", "torch-cl",
                           "ort-fp32", "ort-int8", "--refine-persons", "8", "--repeat", "1", tmp_path=tmp_path)
     rows = report["rows"]
-    assert [r["backend"] for r in rows] == ["torch-cl", "ort-fp32", "ort-int8"] and not any("unavailable" in r for r in rows)
+    assert ([r["backend"] for r in rows] == ["torch-cl", "ort-fp32", "ort-int8"]
+            and not any("unavailable" in r for r in rows))
     for r in rows:
         assert r["b2_per_s"] > 0 and r["refine_per_s"] > 0
         assert r["x_torch_last_batch"] == pytest.approx(r["b2_per_s"] / rows[0]["b2_per_s"], rel=1e-9)

@@ -408,7 +408,8 @@ def test_person_crop_affine_is_the_box_grown_scaled_and_turned():
     out_size = (64, 48)
     center, size = center_scale(box_from_keypoints(kp), 48 / 64)
     torch.testing.assert_close(person_crop_affine(kp, out_size), crop_affine(center, size, out_size), rtol=0, atol=0)
-    scale, rotation = torch.tensor([0.7, 1.0, 1.3, 0.9, 1.1], dtype=F64), torch.tensor([0.0, 30, -45, 10, 80], dtype=F64)
+    scale, rotation = (torch.tensor([0.7, 1.0, 1.3, 0.9, 1.1], dtype=F64),
+                       torch.tensor([0.0, 30, -45, 10, 80], dtype=F64))
     expected = _crop_affine_loop(center, size * scale[:, None], out_size, rotation)
     np.testing.assert_allclose(person_crop_affine(kp, out_size, scale, rotation).numpy(), expected, atol=1e-9)
     np.testing.assert_allclose(person_crop_affine(kp, out_size, 1.3, -45.0)[2].numpy(), expected[2], atol=1e-9)

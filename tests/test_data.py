@@ -32,7 +32,8 @@ def _dataset(tmp_path, **data):
             image[1, round(y) - 2:round(y) + 3, round(x) - 2:round(x) + 3] = 255
     write_png(image, tmp_path / "000000000001.png")
     doc = {"images": [{"id": 1, "file_name": "000000000001.png", "height": h, "width": w}],
-           "annotations": [{"id": 10, "image_id": 1, "category_id": 1, "iscrowd": 0, "keypoints": kp.reshape(-1).tolist(),
+           "annotations": [{"id": 10, "image_id": 1, "category_id": 1, "iscrowd": 0,
+                            "keypoints": kp.reshape(-1).tolist(),
                             "num_keypoints": 15, "area": 180.0 * 60, "bbox": [100, 50, 120, 180]}],
            "categories": [{"id": 1, "name": "person"}]}
     (tmp_path / "gt.json").write_text(json.dumps(doc))
@@ -103,7 +104,8 @@ def test_crop_affines_of_training_and_inference_agree_on_any_pose(tmp_path):
         ds.augment = True
         augmented = ds.crop_affine(pose, rng)[0]
         assert not torch.allclose(augmented[0], inference[n])
-        torch.testing.assert_close(codec.apply_affine(centre, augmented), codec.apply_affine(centre, inference[n:n + 1]))
+        torch.testing.assert_close(codec.apply_affine(centre, augmented),
+                                   codec.apply_affine(centre, inference[n:n + 1]))
 
 
 def test_samples_are_reproducible_and_vary_by_epoch(tmp_path):

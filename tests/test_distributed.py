@@ -152,7 +152,8 @@ def test_same_output_as_refine_through_two_actors(tmp_path, checkpoint, cluster,
                    "--batch-size", "16", "--flip-test", "--choice-margin", "0") == 0
     out = tmp_path / "ray.json"
     assert _refine("--checkpoint", checkpoint, "--images", IMAGES, "--input", VAL_RESULTS, "--out", out,
-                   "--batch-size", "16", "--flip-test", "--choice-margin", "0", "--ray", "--actors", "2", "--shards", "3") == 0
+                   "--batch-size", "16", "--flip-test", "--choice-margin", "0", "--ray", "--actors", "2",
+                   "--shards", "3") == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "persons/s" in line and "ray-00000-of-00003.json" in line
     assert not out.exists()
@@ -229,9 +230,10 @@ def test_stopping_the_driver_leaves_no_output(tmp_path, checkpoint, cluster):
     # (which starts its children with SIGINT ignored, and Python then installs no KeyboardInterrupt handler).
     as_in_a_terminal = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
                         "sys.argv[0] = 'posefix'; runpy.run_module('posefix', run_name='__main__')")
-    proc = subprocess.Popen([sys.executable, "-c", as_in_a_terminal, "refine", "--checkpoint", str(checkpoint), "--images",
-                             str(images), "--input", str(path), "--out", str(out), "--ray", cluster, "--actors", "1",
-                             "--quiet", "--allow-outside-images"],  # its images are links to the sample's
+    proc = subprocess.Popen([sys.executable, "-c", as_in_a_terminal, "refine", "--checkpoint", str(checkpoint),
+                             "--images", str(images), "--input", str(path), "--out", str(out), "--ray", cluster,
+                             "--actors", "1", "--quiet",
+                             "--allow-outside-images"],  # its images are links to the sample's
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stopped = []
     try:

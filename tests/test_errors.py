@@ -21,5 +21,6 @@ def test_a_missing_module_names_the_extra_and_what_needs_it(monkeypatch):
 def test_the_onnx_helper_names_the_onnx_extra(monkeypatch):
     onnx_backend = pytest.importorskip("posefix.onnx_backend")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(MissingExtra, match=r"^--backend onnxruntime needs the onnx extra: pip install 'posefix\[onnx\]'$"):
+    with pytest.raises(MissingExtra,
+                       match=r"^--backend onnxruntime needs the onnx extra: pip install 'posefix\[onnx\]'$"):
         onnx_backend.require("onnxruntime", "--backend onnxruntime")

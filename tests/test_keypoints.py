@@ -79,7 +79,8 @@ def test_check_poses():
     big = poses.copy()
     big[1, 0, 2] = 2e9
     check_poses(big, "p")
-    with pytest.raises(InputError, match=r"^p\[1\]\.keypoints\[0\]\.score: must be finite \(within ±1e9\), got 2000000000.0$"):
+    with pytest.raises(InputError,
+                       match=r"^p\[1\]\.keypoints\[0\]\.score: must be finite \(within ±1e9\), got 2000000000.0$"):
         check_poses(big, "p", bound=KEYPOINT_BOUND)
 
 

@@ -38,7 +38,8 @@ def test_offset_head_loss_is_zero_only_for_the_exact_offsets_and_trains():
     assert float(off) < 1e-6 and float(heat) > 0
     _, off_moved = offset_head_loss(logits, exact + 0.5, target, valid, 2.0)
     assert float(off_moved) == pytest.approx(2 * 0.5 / 2.0, rel=1e-5)  # |dx| + |dy| in radii
-    inside = ((xs - target[..., 0, None, None]) ** 2 + (ys - target[..., 1, None, None]) ** 2 <= 4) & valid[..., None, None]
+    inside = (((xs - target[..., 0, None, None]) ** 2 + (ys - target[..., 1, None, None]) ** 2 <= 4)
+              & valid[..., None, None])
     disk_logits = torch.where(inside, 20.0, -20.0)  # the disk exactly: the BCE all but vanishes
     assert float(offset_head_loss(disk_logits, exact, target, valid, 2.0)[0]) < 1e-6
     torch.manual_seed(0)
@@ -98,7 +99,8 @@ def test_confidence_parts_against_a_plain_reference(target_kind):
 
 
 def test_the_ks_target_is_learned_as_the_expected_ks():
-    """Under the "ks" target the BCE's minimum over the logit is at sigmoid(logit) = KS (its gradient vanishes there)."""
+    """Under the "ks" target the BCE's minimum over the logit is at sigmoid(logit) = KS (its gradient vanishes
+    there)."""
     from posefix.codec import ks
     target = torch.full((1, 17, 2), 10.0)
     coords = target + torch.tensor([1.0, 1.5])

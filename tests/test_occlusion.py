@@ -36,8 +36,10 @@ def test_shorten_legs(seed):
     out = shorten_legs(img, kp, np.random.default_rng(seed))
     assert np.array_equal(kp, kp_before) and np.array_equal(img, img_before)  # inputs untouched
     for hip, knee, ankle in zip(HIPS, KNEES, ANKLES):
-        thigh = np.linalg.norm(out.keypoints[knee, :2] - out.keypoints[hip, :2]) / np.linalg.norm(kp[knee, :2] - kp[hip, :2])
-        shin = np.linalg.norm(out.keypoints[ankle, :2] - out.keypoints[knee, :2]) / np.linalg.norm(kp[ankle, :2] - kp[knee, :2])
+        thigh = (np.linalg.norm(out.keypoints[knee, :2] - out.keypoints[hip, :2])
+                 / np.linalg.norm(kp[knee, :2] - kp[hip, :2]))
+        shin = (np.linalg.norm(out.keypoints[ankle, :2] - out.keypoints[knee, :2])
+                / np.linalg.norm(kp[ankle, :2] - kp[knee, :2]))
         assert 0.5 - 1e-9 <= thigh <= 0.8 + 1e-9 and 0.5 - 1e-9 <= shin <= 0.8 + 1e-9
     assert np.array_equal(out.keypoints[:11], kp[:11])  # upper body unchanged
     covered = _covered(img.shape, out.boxes)

@@ -90,8 +90,8 @@ def test_export_is_one_checked_graph_with_posefix_metadata(files):
     proto = onnx.load(str(files[1]))
     onnx.checker.check_model(proto)
     assert [i.name for i in proto.graph.input] == ["image", "keypoints"]
-    assert [o.name for o in proto.graph.output] == ["logits", "prob", "coords", "confidence_logit", "input_confidence_logit",
-                                                  "confidence"]
+    assert [o.name for o in proto.graph.output] == ["logits", "prob", "coords", "confidence_logit",
+                                                  "input_confidence_logit", "confidence"]
     assert all(i.type.tensor_type.shape.dim[0].dim_param for i in proto.graph.input)  # a dynamic batch axis
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["posefix_model_config"])["input_size"] == [128, 96]
@@ -250,7 +250,8 @@ def test_export_int8_and_triton_repository_by_the_cli(files, tmp_path):
     assert config.max_batch_size == 32 and config.backend == "onnxruntime"
     assert config.dynamic_batching.max_queue_delay_microseconds == 2000
     assert list(config.dynamic_batching.preferred_batch_size) == [8, 16, 32]
-    assert (config.instance_group[0].count, config.instance_group[0].kind) == (2, model_config_pb2.ModelInstanceGroup.KIND_CPU)
+    assert ((config.instance_group[0].count, config.instance_group[0].kind)
+            == (2, model_config_pb2.ModelInstanceGroup.KIND_CPU))
     for ours, theirs in ((config.input, session.get_inputs()), (config.output, session.get_outputs())):
         assert [(t.name, list(t.dims)) for t in ours] == [(t.name, t.shape[1:]) for t in theirs]
         assert all(t.data_type == model_config_pb2.TYPE_FP32 for t in ours)

@@ -41,7 +41,8 @@ def test_committed_generated_code_is_up_to_date(tmp_path):
                  if p.is_file() and p.suffix in (".py", ".pyi") and p != COMMITTED / "__init__.py"}
     hint = "run: python scripts/gen_proto.py"
     assert fresh == committed, f"generated files differ from the committed ones ({hint}): " \
-                               f"missing {sorted(map(str, fresh - committed))}, stale {sorted(map(str, committed - fresh))}"
+                               f"missing {sorted(map(str, fresh - committed))}, " \
+                               f"stale {sorted(map(str, committed - fresh))}"
     for rel in sorted(fresh):
         new, old = _normalised(tmp_path / rel), _normalised(COMMITTED / rel)
         if new != old:

@@ -46,7 +46,8 @@ def embed_one(pose, rotate=False):
     r = math.sqrt(sum((p[0] - cx) ** 2 + (p[1] - cy) ** 2 for p in pts) / len(pts)) or 1.0
     xy = [((x - cx) / r, (y - cy) / r) if s > 0 else (0.0, 0.0) for x, y, s in pose]
     if rotate and all(pose[j][2] > 0 for j in (5, 6, 11, 12)):
-        sx, sy = (xy[5][0] + xy[6][0]) / 2 - (xy[11][0] + xy[12][0]) / 2, (xy[5][1] + xy[6][1]) / 2 - (xy[11][1] + xy[12][1]) / 2
+        sx, sy = ((xy[5][0] + xy[6][0]) / 2 - (xy[11][0] + xy[12][0]) / 2,
+                  (xy[5][1] + xy[6][1]) / 2 - (xy[11][1] + xy[12][1]) / 2)
         a = math.atan2(sx, -sy)
         xy = [(math.cos(-a) * x - math.sin(-a) * y, math.sin(-a) * x + math.cos(-a) * y) for x, y in xy]
     w = [min(max(s, 0.0), 1.0) if s > 0 else 0.0 for _, _, s in pose]
@@ -221,7 +222,8 @@ def test_the_index_file_round_trips_and_refuses_other_versions_and_corrupt_files
 
 def test_the_approximate_index_without_faiss_names_the_extra(monkeypatch, poses):
     monkeypatch.setitem(sys.modules, "faiss", None)
-    with pytest.raises(MissingExtra, match=r"^the approximate pose index needs the search extra: pip install 'posefix\[search\]'$"):
+    with pytest.raises(MissingExtra,
+                       match=r"^the approximate pose index needs the search extra: pip install 'posefix\[search\]'$"):
         PoseIndex.build(poses, method="ivf")
     assert PoseIndex.build(poses[:100], method="auto").search(poses[:1], 1).rows[0, 0] == 0
 
@@ -347,14 +349,17 @@ def test_search_poses_over_grpc(loop, refiner, poses_785):
         xy, conf = refiner.refine([decode(IMAGE_785)], np.zeros(1, np.int64), poses_785[2:3])
         np.testing.assert_allclose([(k.x, k.y) for k in answer.query], xy[0], atol=1e-4)
         refined = np.concatenate([xy, conf[..., None]], -1)
-        assert [m.pose_id for m in answer.matches] == index.ids[index.search(refined, 3, mirror_too=True).rows[0]].tolist()
+        assert ([m.pose_id for m in answer.matches]
+                == index.ids[index.search(refined, 3, mirror_too=True).rows[0]].tolist())
         for request, code, field in [
             (_query(poses_785[2][:16], k=3), grpc.StatusCode.INVALID_ARGUMENT, "query.keypoints"),
             (_query(poses_785[2], k=0), grpc.StatusCode.INVALID_ARGUMENT, "k"),
             (_query(poses_785[2], k=len(kp) + 1), grpc.StatusCode.INVALID_ARGUMENT, "k"),
             (_query(np.zeros((17, 3)), k=3), grpc.StatusCode.INVALID_ARGUMENT, "query.keypoints"),
-            (pb2.SearchPosesRequest(format=pb2.KEYPOINT_FORMAT_COCO_17, k=3), grpc.StatusCode.INVALID_ARGUMENT, "query"),
-            (_query(poses_785[2] + (1e5, 0, 0), k=3, image=image), grpc.StatusCode.INVALID_ARGUMENT, "query.keypoints[0]"),
+            (pb2.SearchPosesRequest(format=pb2.KEYPOINT_FORMAT_COCO_17, k=3), grpc.StatusCode.INVALID_ARGUMENT,
+             "query"),
+            (_query(poses_785[2] + (1e5, 0, 0), k=3, image=image), grpc.StatusCode.INVALID_ARGUMENT,
+             "query.keypoints[0]"),
         ]:
             with pytest.raises(grpc.RpcError) as err:
                 _call(loop, handle, "SearchPoses", request)
@@ -376,7 +381,8 @@ def test_serve_refuses_a_bad_index_before_listening(tmp_path, checkpoint, capsys
 
 def test_the_sample_gt_persons_find_themselves():
     gt = json.loads(VAL_GT.read_text())
-    kp = np.array([a["keypoints"] for a in gt["annotations"] if a.get("num_keypoints", 0) > 0], float).reshape(-1, 17, 3)
+    kp = np.array([a["keypoints"] for a in gt["annotations"] if a.get("num_keypoints", 0) > 0],
+                  float).reshape(-1, 17, 3)
     kp[..., 2] = (kp[..., 2] > 0).astype(float)
     index = PoseIndex.build(kp)
     assert (index.search(kp, 1).rows[:, 0] == np.arange(len(kp))).all()

@@ -140,7 +140,8 @@ def _frame(poses):
     (pb2.StreamOptions(frame_rate_hz=1e20, smoothing=pb2.OneEuroFilter()), "options.frame_rate_hz"),
     (pb2.StreamOptions(frame_rate_hz=1e-320, smoothing=pb2.OneEuroFilter()), "options.frame_rate_hz"),
     (pb2.StreamOptions(frame_rate_hz=math.nan), "options.frame_rate_hz"),
-], ids=["d_cutoff_subnormal", "min_cutoff_huge", "beta_huge", "frame_rate_huge", "frame_rate_subnormal", "frame_rate_nan"])
+], ids=["d_cutoff_subnormal", "min_cutoff_huge", "beta_huge", "frame_rate_huge", "frame_rate_subnormal",
+        "frame_rate_nan"])
 def test_stream_options_out_of_range_are_invalid_argument(stub, poses_785, options, field):
     pose = poses_785[:1]
     frames = [(_frame(pose), 0), (_frame(pose + 3), 0), (_frame(pose + 1), 5_000_000)]

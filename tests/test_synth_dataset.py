@@ -92,9 +92,11 @@ def test_killed_cli_run_resumes(tmp_path):
     """The CLI killed mid-way (SIGKILL after its first shards), then run again."""
     args = [sys.executable, "-m", "posefix", "synth", "--gt", str(TRAIN_GT), "--variants", "20", "--seed", "2",
             "--block-persons", "20"]
-    ref = subprocess.run(args + ["--out", str(tmp_path / "ref")], capture_output=True, text=True, timeout=300, check=False)
+    ref = subprocess.run(args + ["--out", str(tmp_path / "ref")], capture_output=True, text=True, timeout=300,
+                         check=False)
     assert ref.returncode == 0, ref.stderr
-    proc = subprocess.Popen(args + ["--out", str(tmp_path / "run")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(args + ["--out", str(tmp_path / "run")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     manifest = tmp_path / "run" / "manifest.json"
     import time
     t0 = time.monotonic()
@@ -104,7 +106,8 @@ def test_killed_cli_run_resumes(tmp_path):
     proc.wait()
     stopped = read_manifest(tmp_path / "run")
     assert not stopped["complete"] and 0 < len(stopped["shards"]) < stopped["shards_total"]
-    again = subprocess.run(args + ["--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300, check=False)
+    again = subprocess.run(args + ["--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
+                           check=False)
     assert again.returncode == 0, again.stderr
     assert shard_bytes(tmp_path / "run") == shard_bytes(tmp_path / "ref")
 
@@ -340,7 +343,8 @@ def test_fit_sequences_recovers_parameters():
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "posefix", *args], capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run([sys.executable, "-m", "posefix", *args], capture_output=True, text=True, timeout=120,
+                          check=False)
 
 
 @pytest.mark.parametrize("extra,field", [

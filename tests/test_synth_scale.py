@@ -19,7 +19,8 @@ from posefix.synth.diagnose import classify
 from posefix.synth.profile import parse_profile
 from posefix.synth.synthesize import ANGLE_MARGIN, TWO_PI, Others, _free_arcs
 
-synthesize_module = sys.modules["posefix.synth.synthesize"]  # the module (posefix.synth.synthesize is also the function)
+# the module (posefix.synth.synthesize is also the function)
+synthesize_module = sys.modules["posefix.synth.synthesize"]
 
 from .conftest import FIGURE, VAL_GT, make_crowd, profile_doc_with_misses
 
@@ -50,7 +51,8 @@ def random_arcs(rng, rows=300, radii=4, anchors=7):
     """Anchors around circles of radius ~1: overlapping, wrapping past 2π, some inactive, some out of reach,
     some on the centre itself (den = 0), with ties won or lost."""
     shape = (rows, radii, anchors)
-    dist = rng.choice([0.0, 0.5, 1.0, 1.5, 3.0], size=shape, p=[0.05, 0.3, 0.3, 0.2, 0.15]) * rng.uniform(0.8, 1.2, shape)
+    dist = (rng.choice([0.0, 0.5, 1.0, 1.5, 3.0], size=shape, p=[0.05, 0.3, 0.3, 0.2, 0.15])
+            * rng.uniform(0.8, 1.2, shape))
     phi = rng.uniform(-np.pi, np.pi, shape)
     phi[:, :, 0] = np.pi - rng.uniform(0, 0.05, (rows, radii))  # straddles the cut at ±π
     dx, dy = dist * np.cos(phi), dist * np.sin(phi)
@@ -182,8 +184,9 @@ def plain_synthesize_coco(gt, rng, profile=None):
         who = persons[count == m]
         idx = np.array([members[i] for i in who]).reshape(who.size, m)
         res = synthesize(gt.keypoints[who], np.maximum(gt.areas[who], MIN_AREA), rng, gt.keypoints[idx],
-                         np.maximum(gt.areas[idx], MIN_AREA), others_overlap=np.array([overlap[i] for i in who]).reshape(
-                             who.size, m), ov=np.array([ov[i] for i in who]), profile=profile)
+                         np.maximum(gt.areas[idx], MIN_AREA),
+                         others_overlap=np.array([overlap[i] for i in who]).reshape(who.size, m),
+                         ov=np.array([ov[i] for i in who]), profile=profile)
         for row, i in enumerate(who):
             anchor = [int(gt.ids[i]) if a < 0 else int(gt.ids[idx[row, a]]) for a in res.anchor_person[row]]
             out[i] = (res.keypoints[row].ravel().tolist(), res.outcome[row].tolist(), anchor,

@@ -90,8 +90,8 @@ def read(path, reader: _Reader, image_sizes: dict | None = None) -> Estimates:
                                        source)
                         e.fatal = True  # a mix of layouts is no malformed entry: refused even when skipping
                         raise e
-                    reader.add(openpose_key(file), native, native, common._mean_present(to_coco17(native, layout)[:, 2]),
-                               {**frame, "people": [person]})
+                    reader.add(openpose_key(file), native, native,
+                               common._mean_present(to_coco17(native, layout)[:, 2]), {**frame, "people": [person]})
     return reader.result(layout or LAYOUT, 3)
 
 

@@ -67,5 +67,6 @@ def _answer(index, coco: np.ndarray, k: int, mirror: bool) -> pb2.SearchPosesRes
         x, y, w, h = index.boxes[row].tolist()
         response.matches.add(pose_id=int(index.ids[row]), image_id=int(index.image_ids[row]),
                              box=pb2.Box(x=x, y=y, width=w, height=h), distance=d, mirrored=m,
-                             keypoints=[pb2.Keypoint(x=kx, y=ky, score=ks) for kx, ky, ks in index.keypoints[row].tolist()])
+                             keypoints=[pb2.Keypoint(x=kx, y=ky, score=ks)
+                                        for kx, ky, ks in index.keypoints[row].tolist()])
     return response

@@ -70,7 +70,8 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
     async def decode_request(self, request: pb2.RefinePoseRequest, timeout: float | None) -> _Request:
         """Validate and decode the request in a decoder thread (nothing a client sends is scanned on the
         event loop); a call the batcher cannot finish within ``timeout`` is refused before its decoding."""
-        return await asyncio.get_running_loop().run_in_executor(self.decoder, self._decode_request_sync, request, timeout)
+        return await asyncio.get_running_loop().run_in_executor(
+            self.decoder, self._decode_request_sync, request, timeout)
 
     def _decode_request_sync(self, request: pb2.RefinePoseRequest, timeout: float | None) -> _Request:
         layout, data, native = check_request(request, self.limits)

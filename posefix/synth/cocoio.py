@@ -32,7 +32,8 @@ def load_synth_labels(labels_path: str | Path, results_path: str | Path) -> list
     """The labels ``posefix synth --labels`` wrote, after checking that they belong to ``results_path``
     (the SHA-256 they record is that file's): a mismatched pair is refused, naming both files."""
     doc = read_json(labels_path, "labels")
-    if not (isinstance(doc, dict) and isinstance(doc.get("results_sha256"), str) and isinstance(doc.get("labels"), list)):
+    if not (isinstance(doc, dict) and isinstance(doc.get("results_sha256"), str)
+            and isinstance(doc.get("labels"), list)):
         raise InputError("labels", "not a posefix synth labels file (an object with 'results_sha256' and 'labels')",
                          str(labels_path))
     digest = hashlib.sha256()
@@ -170,7 +171,8 @@ def _ground_truth(doc, source: str, bulk: bool = True) -> GroundTruth:
         elif not crowd[i]:
             raise InputError(f"{f}.keypoints", "missing (not a person-keypoints annotation file?)", source)
         bbox = a.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_number(x) for x in bbox)) or bbox[2] < 0 or bbox[3] < 0:
+        if (not (isinstance(bbox, list) and len(bbox) == 4 and all(is_number(x) for x in bbox))
+                or bbox[2] < 0 or bbox[3] < 0):
             raise InputError(f"{f}.bbox", "must be [x, y, width, height] with non-negative size", source)
         area = a.get("area", bbox[2] * bbox[3])
         if not is_number(area) or area < 0:

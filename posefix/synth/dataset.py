@@ -11,11 +11,11 @@ Persons are cut into blocks of whole images (whole tracks for sequences) in the 
 ``block_persons`` at most unless one image has more. Each person-variant of stills is drawn by
 (seed, annotation id, variant) alone (:class:`posefix.synth.draws.KeyedDraws`), whatever the blocks; a
 sequences shard (block b, variant v) from its own generator, ``SeedSequence(seed, spawn_key=(v, b))``. So
-any shard can be regenerated without the others and every variant is independent of how many are asked for. Each shard is written atomically and recorded in the manifest (rewritten after the
-first shard, then at most every MANIFEST_EVERY_S); a stopped run, started again with the same arguments,
-keeps the recorded shards (after checking their SHA-256) and makes the others, giving the same bytes as an
-uninterrupted run. Memory holds the GT and one
-shard, whatever the number of variants.
+any shard can be regenerated without the others and every variant is independent of how many are asked for. Each
+shard is written atomically and recorded in the manifest (rewritten after the first shard, then at most every
+MANIFEST_EVERY_S); a stopped run, started again with the same arguments, keeps the recorded shards (after
+checking their SHA-256) and makes the others, giving the same bytes as an uninterrupted run. Memory holds the GT
+and one shard, whatever the number of variants.
 """
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ MAX_DETS = 20  # COCO keypoint evaluation's detections per image; lower-scored o
 AREA_RANGE = [0.0, 1e10]  # COCO's "all" (coco-analyze's starts at 32²)
 CORRECTION_ORDER = ("miss", "swap", "inversion", "jitter")  # coco-analyze's cumulative order
 CORRECTION = "own GT joint (KS = 1)"
-AP_METRIC = "COCO keypoint AP (pycocotools stats[0], OKS .50:.95, area all, 20 detections) on the images the results cover"
+AP_METRIC = ("COCO keypoint AP (pycocotools stats[0], OKS .50:.95, area all, 20 detections) on the images the "
+             "results cover")
 # (name, lowest, highest) of other non-crowd persons overlapping the matched GT (box IoU >= 0.1).
 OVERLAP_BINS = (("0", 0, 0), ("1-2", 1, 2), ("3-8", 3, 8), (">8", 9, np.inf))
 # (name, lowest, highest) of the matched GT's labelled keypoints (COCO's num_keypoints).

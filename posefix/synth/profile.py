@@ -219,7 +219,8 @@ def parse_profile(doc, source: str = "profile") -> Profile:
                   and all(isinstance(j, int) and not isinstance(j, bool) and 0 <= j < NUM_KEYPOINTS for j in joints),
                   f"{gf}.joints", f"must be a non-empty list of keypoint indices 0..{NUM_KEYPOINTS - 1}", source)
             p = g.get("p")
-            _need(isinstance(p, list) and len(p) == len(bins), f"{gf}.p", f"must list {len(bins)} probabilities", source)
+            _need(isinstance(p, list) and len(p) == len(bins), f"{gf}.p", f"must list {len(bins)} probabilities",
+                  source)
             p = [_prob(x, f"{gf}.p[{i}]", source) for i, x in enumerate(p)]
             for j in joints:
                 _need(np.isnan(table[j, 0]), f"{gf}.joints", f"keypoint {j} is in more than one group", source)

@@ -13,10 +13,10 @@ from jitter). During an inversion or a swap the point follows its anchor (the pa
 of the nearest overlapping person of the frame) with the same offset in the anchor's units; where another
 candidate would claim a base, inversion or swap point, its offset is halved until none does (up to
 BASE_TRIES times); a miss holds one offset at KS 0.1–0.5 from the own joint for its whole
-duration, the first of MISS_TRIES draws that is a miss at the episode's first frame. A gross error that is impossible at a frame
-(the partner or every other person unlabelled there, the nose's inversion) leaves that frame in base.
-The labels are the Ronchi & Perona classification of each point against every person of its frame
-(the truth whatever the geometry), beside the planted states.
+duration, the first of MISS_TRIES draws that is a miss at the episode's first frame. A gross error that is
+impossible at a frame (the partner or every other person unlabelled there, the nose's inversion) leaves that
+frame in base. The labels are the Ronchi & Perona classification of each point against every person of its
+frame (the truth whatever the geometry), beside the planted states.
 
 ``durations`` and ``jitter_rho`` are the parameters (:class:`SequenceParams`); the defaults
 (``profiles/sequences.json``) are measured by :func:`fit_sequences` from real estimators' per-frame outputs.
@@ -127,8 +127,8 @@ def track_layout(gt: GroundTruth, source: str = "annotations") -> Tracks:
 class TrackResult:
     """keypoints (N, T, K, 3); outcome (N, T, K) int8 the classification of each point against every person
     of its frame (UNLABELLED where the GT joint is unlabelled or the frame absent); state (N, T, K) int8 the
-    planted state (in base frames GOOD or JITTER by the point's KS to its own joint, else the gross error); anchor (N, T, K) the other person (index along
-    ``others``) a swap follows, -1 otherwise."""
+    planted state (in base frames GOOD or JITTER by the point's KS to its own joint, else the gross error);
+    anchor (N, T, K) the other person (index along ``others``) a swap follows, -1 otherwise."""
 
     keypoints: np.ndarray
     outcome: np.ndarray
@@ -288,7 +288,8 @@ def synthesize_tracks(gt, area, params: SequenceParams, rng: np.random.Generator
     xy = place(u)
     for _ in range(BASE_TRIES):
         lab = labels_of(xy)
-        bad = vis & np.where(st == GOOD, (lab != GOOD) & (lab != JITTER), ((st == INVERSION) | (st == SWAP)) & (lab != st))
+        bad = vis & np.where(st == GOOD, (lab != GOOD) & (lab != JITTER),
+                             ((st == INVERSION) | (st == SWAP)) & (lab != st))
         if not bad.any():
             break
         u[bad] *= 0.5
@@ -393,7 +394,8 @@ def make_sequence_shard(gt: GroundTruth, tracks: Tracks, block_idx, block: int, 
         (res.outcome[ii, tt] >= 0).sum(-1), 1)
     raw = encode_lines(gt.image_ids[a], own, variant, res.keypoints[ii, tt], score, res.outcome[ii, tt],
                        anchor_id, anchor_joint,
-                       extra={"track_id": tracks.track[a], "video_id": tracks.video[a].tolist(), "frame": tracks.frame[a],
+                       extra={"track_id": tracks.track[a], "video_id": tracks.video[a].tolist(),
+                              "frame": tracks.frame[a],
                               "planted": [[None if x < 0 else OUTCOMES[x] for x in row] for row in st.tolist()]})
     return Shard(block, variant, gzip_bytes(raw), int(a.size), count_outcomes(res.outcome[ii, tt]))
 

@@ -47,7 +47,8 @@ def encode_lines(image_id, annotation_id, variant, keypoints, score, outcome, an
     ann = orjson.dumps(np.asarray(annotation_id).tolist())[1:-1].split(b",")
     sc = orjson.dumps(score.tolist())[1:-1].split(b",")
     fields = (img, ann, kp, sc, lab, anc)
-    glue = (b'{"image_id":', b',"annotation_id":', b',"variant":' + orjson.dumps(variant, option=opt) + b',"category_id":1,'
+    glue = (b'{"image_id":', b',"annotation_id":',
+            b',"variant":' + orjson.dumps(variant, option=opt) + b',"category_id":1,'
             b'"keypoints":[', b'],"score":', b',"labels":[', b'],"anchors":[[', b"]]}\n")
     parts = [b""] * (len(glue) + len(fields)) * n
     step = len(glue) + len(fields)

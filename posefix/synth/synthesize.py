@@ -133,7 +133,8 @@ def _as_array(x, shape_tail, name, dtype=np.float64):
 
 def synthesize(gt, area, rng: np.random.Generator | KeyedDraws, others=None, others_area=None, ov=None, nv=None,
                profile: Profile | None = None, estimates=None, others_overlap=None, num_radii: int = 8,
-               chunk_rows: int = 32768, block_elems: int = BLOCK_ELEMS, prepared: Prepared | None = None) -> SynthResult:
+               chunk_rows: int = 32768, block_elems: int = BLOCK_ELEMS,
+               prepared: Prepared | None = None) -> SynthResult:
     """Draw one erroneous input pose per GT person.
 
     gt: (N, K, 3) GT joints (x, y, v), v > 0 labelled; every person needs a labelled joint.
