@@ -338,7 +338,8 @@ def compare_ray(work: Path, checkpoint: Path, args) -> dict:
               f"{r['persons_per_s']:10.1f} {r['persons_per_s_after_first']:10.1f} "
               f"{r['ratio_to_in_process']:13.2f}x {r['load_average_before']:5.1f}")
     print(f"\nRay started in {start_s:.1f} s (not in the runs' seconds); 'first': seconds to the first refined "
-          "image (the actors' start included); 'after 1st': persons/s after the first result (a model call in process, a block of images on Ray)")
+          "image (the actors' start included); 'after 1st': persons/s after the first result (a model call in "
+          "process, a block of images on Ray)")
     return {"rows": rows, "ray_start_s": start_s, "ray": ray.__version__}
 
 
@@ -448,7 +449,8 @@ def main():
         (f"refine {done:,} persons on {run['images_refined']:,} images", run["refine_s"],
          f"{rate:.1f} persons/s; {steady:.1f} after the first batch ({p1} persons, {t1:.1f} s)"),
         ("  in Refiner.refine (crops, heatmaps, model)", run["refine_calls_s"],
-         f"{len(run['batches'])} model calls (full batches but the last), {done / len(run['batches']):.1f} persons on average "
+         f"{len(run['batches'])} model calls (full batches but the last), "
+         f"{done / len(run['batches']):.1f} persons on average "
          + f"(at most {args.batch_size})"),
         ("  elsewhere (waiting for decoded images...)", run["refine_s"] - run["refine_calls_s"],
          f"decoding takes {dec_ms:.1f} ms/image on one thread, in {args.workers} threads beside the model"),
