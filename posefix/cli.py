@@ -374,7 +374,7 @@ def cmd_refine(args) -> int:
     if args.shards is not None and args.shards < 1:
         raise InputError("--shards", f"must be at least 1, got {args.shards}")
     check_command_outputs(args, ("checkpoint", "onnx", "input", "annotations", "images"), ("out",),
-                   extra=[("--shards", p) for p in shard_paths(args.out, args.shards)] if args.shards else ())
+                          extra=[("--shards", p) for p in shard_paths(args.out, args.shards)] if args.shards else ())
     options = refine_options(args)
     with tqdm(unit="person", file=sys.stderr, disable=args.quiet or args.ray is not None or None,
               mininterval=0.5) as bar:
@@ -442,7 +442,7 @@ def cmd_viz(args) -> int:
     out = Path(args.out)
     shown = selected_images(results, args.min_score, args.max_images)
     check_command_outputs(args, ("images", "results", "compare", "annotations"), (),
-                   extra=[("--out", out / f"{image_id:012d}.png") for image_id in shown])
+                          extra=[("--out", out / f"{image_id:012d}.png") for image_id in shown])
     written = write_overlays(args.images, results, compare, entries, out, args.min_score, args.min_keypoint_score,
                              args.max_images, args.allow_outside_images)
     print(f"wrote {len(written)} images to {out}" + (" (input orange, left; refined cyan, right)" if compare else ""))
@@ -452,15 +452,11 @@ def cmd_viz(args) -> int:
 def cmd_refine_video(args) -> int:
     from tqdm import tqdm
 
-    from .choice import KEEPS_INPUT_NOTICE, finish
-    from .fileio import write_json_atomic
-    from .formats import image_sizes, write_coco_results
-    from .refiner import Refiner
     from .tracking import OneEuroParams
-    from .video import VideoWriter, draw_frame, load_poses, probe, refine_video
+    from .video import refine_video_frames
 
     check_command_outputs(args, ("checkpoint", "onnx", "video", "input", "annotations", "temporal_weights"),
-                   ("out", "render"))
+                          ("out", "render"))
     if args.video is None:
         for name in ("checkpoint", "onnx", "render"):
             if getattr(args, name):
@@ -477,47 +473,23 @@ def cmd_refine_video(args) -> int:
         return 0
     if args.annotations:
         raise InputError("--annotations", "with --video the poses are one video's frames; leave it out")
-    info = probe(args.video)
-    poses = load_poses(args.input, args.format, image_sizes(args.input, args.format, size=(info.width, info.height)))
-    smoothing = OneEuroParams(args.min_cutoff, args.beta, args.d_cutoff) if args.smooth else None
-    refiner = Refiner.from_checkpoint(args.checkpoint, refine_options(args))
-    writer = VideoWriter(args.render, info.fps, info.width, info.height) if args.render else None
-    given = poses.est.keypoints
-
-    def draw(index, image, rows, xy, conf):
-        refined = np.concatenate([xy, conf[..., None]], axis=-1)
-        writer.write(draw_frame(image, given[rows], refined))
-
-    t0 = time.perf_counter()
-    try:
-        with tqdm(total=info.frames or None, unit="frame", file=sys.stderr, disable=args.quiet or None) as bar:
-            xy, conf, decoded = refine_video(refiner, args.video, poses, args.follow, smoothing, bar.update,
-                                             draw if writer else None)
-    except BaseException as e:
-        if writer:
-            writer.close(e)
-        raise
-    if writer:
-        writer.close()
-    elapsed = time.perf_counter() - t0
-    xy, conf, kept, scores = finish(given, poses.est.scores, xy, conf, args.output)
-    results = write_coco_results(poses.est, xy, conf, scores, poses.frame, kept)
+    temporal = None
     if args.temporal:  # the temporal refinement of the image refiner's output
-        from .temporal.files import VideoPoseFile, refine_file, refined_results, temporal_setup
+        temporal = {"smoother": args.smoother, "weights": args.temporal_weights, "max_gap": args.max_gap,
+                    "max_person_gap": args.max_person_gap, "causal": args.causal}
+    with tqdm(unit="frame", file=sys.stderr, disable=args.quiet or None) as bar:
+        def start(total):
+            bar.total = total
+            bar.refresh()
 
-        sm, options = temporal_setup(args.smoother, args.temporal_weights, args.max_gap, args.max_person_gap)
-        pf = VideoPoseFile(poses.est, np.zeros(len(poses.frame), dtype=np.int64), poses.frame, poses.track, None)
-        refined = np.concatenate([xy, conf[..., None]], -1)
-        r = refine_file(pf, sm, args.causal, options, keypoints=refined)
-        temporal = refined_results(pf, r, scores, given=refined)
-        for res, tmp in zip(results, temporal):
-            res.update(keypoints=tmp["keypoints"], track_id=tmp["track_id"], keypoint_temporal=tmp["keypoint_temporal"])
-        results += temporal[len(results):]
-    write_json_atomic(args.out, results)
-    print(f"refined {len(poses.frame)} persons on {decoded} frames in {elapsed:.1f} s "
-          f"({decoded / max(elapsed, 1e-9):.1f} frames/s) -> {args.out}"
+        r = refine_video_frames(args.checkpoint, args.video, args.input, args.out, refine_options(args),
+                                fmt=args.format, follow=args.follow,
+                                smoothing=OneEuroParams(args.min_cutoff, args.beta, args.d_cutoff) if args.smooth
+                                else None, render=args.render, temporal=temporal, start=start, progress=bar.update)
+    print(f"refined {r['persons']} persons on {r['frames']} frames in {r['seconds']:.1f} s "
+          f"({r['frames'] / max(r['seconds'], 1e-9):.1f} frames/s) -> {args.out}"
           + (f"; video with input (orange) and refined (cyan) poses -> {args.render}" if args.render else ""))
-    if refiner.keeps_every_input:
+    if r["keeps_every_input"]:
         print(f"note: {KEEPS_INPUT_NOTICE}")
     return 0
 
@@ -530,7 +502,7 @@ def cmd_export(args) -> int:
     if args.onnx is None and args.triton is None:
         raise InputError("--onnx/--triton", "give at least one: the ONNX file or the Triton repository to write")
     check_command_outputs(args, ("checkpoint", "calibration_poses", "calibration_images"), ("onnx",),
-                   trees=[("--triton", triton_model_dir(args.triton, args.triton_name))] if args.triton else ())
+                          trees=[("--triton", triton_model_dir(args.triton, args.triton_name))] if args.triton else ())
     if args.int8 and (args.calibration_images is None or args.calibration_poses is None):
         raise InputError("--calibration-images/--calibration-poses", "--int8 needs both: images and the "
                          "estimator's poses on them, for the crops the quantiser calibrates on")

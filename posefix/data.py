@@ -15,7 +15,7 @@ from . import codec
 from .choice import matched_person
 from .config import DataConfig
 from .errors import InputError
-from .formats import image_ids, image_sizes, read_estimates, write_coco_results
+from .formats import image_ids, load_estimates, write_coco_results
 from .images import coco_image_path, decode
 from .keypoints import PARTNER
 from .model import ModelConfig
@@ -189,7 +189,7 @@ def real_inputs(gt, path, fmt: str, images_dir) -> dict[int, np.ndarray]:
     ``gt`` as COCO evaluation matches them: {GT person index: (K, 3) pose in image pixels, v = 1 where the
     estimator gave the joint, else 0}, for the persons with a labelled joint. An unmatched result is left out."""
     coco_images = {im["id"]: im for im in gt.doc["images"]}
-    est = read_estimates(path, fmt, image_sizes(path, fmt, images_dir, coco_images, allow_outside=True))
+    est = load_estimates(path, fmt, images_dir, coco_images, allow_outside=True)
     given = est.keypoints
     results = write_coco_results(est, given[..., :2], given[..., 2], est.scores, image_ids(est, coco_images))
     out = {}

@@ -87,7 +87,7 @@ def cmd_index_build(args) -> int:
 def cmd_index_add(args) -> int:
     out = args.out or args.index
     check_command_outputs(args, ("results", "annotations", "images") + ("index",) * bool(args.out), ("out",),
-                   extra=() if args.out else [("--index", args.index)])
+                          extra=() if args.out else [("--index", args.index)])
     index = PoseIndex.load(args.index)
     _, kp, ids, image_ids, boxes, files = read_poses(args.results, args.format, args.images,
                                                      _coco_images(args.annotations),

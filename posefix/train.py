@@ -104,7 +104,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
     """Restore a run from ``last.pt`` (see :func:`save_checkpoint`); returns its step. A file that is no such
     checkpoint, or one of another model, is an InputError naming it and the part that does not fit."""
     def bad(part: str, problem: str) -> InputError:
-        return InputError(f"--resume: {part}", problem, str(path))
+        return InputError(f"resume: {part}", problem, str(path))
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -181,7 +181,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
     last = out / "last.pt"
     if resume:
         if not last.is_file():
-            raise InputError("--resume", f"{last} does not exist")
+            raise InputError("resume", f"{last} does not exist")
         step = load_checkpoint(last, model, optimizer, scheduler)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

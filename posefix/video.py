@@ -10,6 +10,7 @@ frame indices are 0-based, in decoding order; times in seconds.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -18,12 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .choice import finish
 from .errors import InputError
-from .fileio import atomic_path
-from .formats import Estimates, frame_index, read_estimates
+from .fileio import atomic_path, write_json_atomic
+from .formats import Estimates, frame_index, load_estimates, write_coco_results
 from .keypoints import NUM_KEYPOINTS
+from .options import RefineOptions
 from .refine import refine_images
 from .refiner import Refiner
+from .temporal.files import VideoPoseFile, refine_file, refined_results, temporal_setup
 from .tracking import OneEuroParams, Tracks
 from .viz import INPUT_COLOUR, REFINED_COLOUR, draw_poses
 
@@ -89,10 +93,11 @@ class VideoPoses:
     rows: dict
 
 
-def load_poses(path, fmt: str = "coco", image_sizes: dict | None = None) -> VideoPoses:
+def load_poses(path, fmt: str = "coco", size: tuple[int, int] | None = None) -> VideoPoses:
     """Per-frame poses: COCO results with ``image_id`` = frame index (and an optional ``track_id``),
-    or any supported estimator format keyed by frame."""
-    est = read_estimates(path, fmt, image_sizes)
+    or any supported estimator format keyed by frame; ``size``: the frames' (width, height), for the
+    formats with normalised coordinates."""
+    est = load_estimates(path, fmt, size=size)
     frame = np.array([frame_index(k, f"poses[{i}].image") for i, k in enumerate(est.image_keys)], dtype=np.int64)
     track = np.zeros(len(frame), dtype=np.int64)
     for i, record in enumerate(est.records):
@@ -201,3 +206,52 @@ def draw_frame(image: torch.Tensor, given: np.ndarray, refined: np.ndarray) -> t
     """A frame with the input poses (orange) and the refined ones (cyan) drawn over it."""
     return draw_poses(draw_poses(image, given, INPUT_COLOUR), refined, REFINED_COLOUR)
 
+
+def refine_video_frames(checkpoint, video, input, out, options: RefineOptions | None = None, *, fmt: str = "coco",
+                        follow: bool = False, smoothing: OneEuroParams | None = None, render=None,
+                        temporal: dict | None = None, start=None, progress=None) -> dict:
+    """``posefix refine-video --video``: refine the per-frame poses of ``input`` (format ``fmt``, keyed by
+    frame) on the frames of ``video`` with the weights ``checkpoint``, run as ``options`` say
+    (:func:`refine_video`: ``follow``, ``smoothing``), then the policy (:func:`posefix.choice.finish`), and
+    write COCO results to ``out``; ``render``: also write the video with the input and refined poses drawn.
+    ``temporal``: then refine the result over time (:func:`posefix.temporal.files.refine_file`; its keys
+    ``smoother``, ``weights``, ``max_gap``, ``max_person_gap``, ``causal``). ``start(frames)`` is called with
+    the video's frame count (None where unknown), ``progress(n)`` as frames are done. Returns counts: persons,
+    frames, seconds, keeps_every_input."""
+    info = probe(video)
+    poses = load_poses(input, fmt, (info.width, info.height))
+    refiner = Refiner.from_checkpoint(checkpoint, options)
+    writer = VideoWriter(render, info.fps, info.width, info.height) if render else None
+    given = poses.est.keypoints
+
+    def draw(index, image, rows, xy, conf):
+        refined = np.concatenate([xy, conf[..., None]], axis=-1)
+        writer.write(draw_frame(image, given[rows], refined))
+
+    if start is not None:
+        start(info.frames or None)
+    t0 = time.perf_counter()
+    try:
+        xy, conf, decoded = refine_video(refiner, video, poses, follow, smoothing, progress, draw if writer else None)
+    except BaseException as e:
+        if writer:
+            writer.close(e)
+        raise
+    if writer:
+        writer.close()
+    elapsed = time.perf_counter() - t0
+    xy, conf, kept, scores = finish(given, poses.est.scores, xy, conf, refiner.output)
+    results = write_coco_results(poses.est, xy, conf, scores, poses.frame, kept)
+    if temporal is not None:
+        sm, t_options = temporal_setup(temporal["smoother"], temporal["weights"], temporal["max_gap"],
+                                       temporal["max_person_gap"])
+        pf = VideoPoseFile(poses.est, np.zeros(len(poses.frame), dtype=np.int64), poses.frame, poses.track, None)
+        refined = np.concatenate([xy, conf[..., None]], -1)
+        r = refine_file(pf, sm, temporal["causal"], t_options, keypoints=refined)
+        over_time = refined_results(pf, r, scores, given=refined)
+        for res, tmp in zip(results, over_time):
+            res.update(keypoints=tmp["keypoints"], track_id=tmp["track_id"], keypoint_temporal=tmp["keypoint_temporal"])
+        results += over_time[len(results):]
+    write_json_atomic(out, results)
+    return {"persons": len(poses.frame), "frames": decoded, "seconds": elapsed,
+            "keeps_every_input": refiner.keeps_every_input}

@@ -281,7 +281,7 @@ def test_a_bad_last_pt_is_one_line_and_nothing_runs_or_is_written(tmp_path, caps
         write()
         before = last.read_bytes()
         err = _one_error_line(capsys, argv)
-        assert f"{last}: --resume: " in err and message in err, (name, err)
+        assert f"{last}: resume: " in err and message in err, (name, err)
         assert last.read_bytes() == before and sorted(p.name for p in run.iterdir()) == ["last.pt"], name
     assert not marker.exists()
     # The checkpoint they were made from resumes (at its last step: nothing left to train, the weights written).

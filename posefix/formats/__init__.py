@@ -112,8 +112,8 @@ def image_sizes(path: str | Path, fmt: str, images_dir: str | Path | None = None
     frames), else from ``coco_images`` ({image_id: COCO image dict}) where it has them, else from the header
     of the image file under ``images_dir`` (:func:`image_file`; the InputError of a refused name; a file that
     cannot be read is left out, to be reported by name where it is needed)."""
-    if not _format(fmt).normalised:
-        return None
+    if not _format(fmt).normalised or (size is None and images_dir is None and not coco_images):
+        return None  # pixels, or nothing to read sizes from: read_estimates names what each entry lacks
     from PIL import Image
 
     doc = read_json(path, "input")

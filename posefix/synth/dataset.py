@@ -287,9 +287,9 @@ def load_arrays(path: str | Path, variants=None) -> dict:
 def run_synth_dataset(gt: str, out: str, variants: int | None, seed: int, profile_path: str | None,
                       severity: float | None, per_error: dict, sequences: bool, sequence_params: str | None,
                       block_persons: int, stop_after: int | None = None) -> list[str]:
-    """``posefix synth`` writing a dataset directory: the arguments as the CLI gives them (None where not
-    given); returns the lines to print."""
-    for name, f in [("--severity", severity)] + [(f"--severity-{e}", per_error.get(e)) for e in ERRORS]:
+    """``posefix synth`` writing a dataset directory: the arguments as the command line gives them (None where
+    not given; ``per_error``: {error: its severity factor}); returns the lines to print."""
+    for name, f in [("severity", severity)] + [(f"severity_{e}", per_error.get(e)) for e in ERRORS]:
         if f is not None and not (np.isfinite(f) and f >= 0):
             raise InputError(name, f"must be a finite number >= 0, got {f}")
     factors = {e: (1.0 if severity is None else severity) * (1.0 if per_error.get(e) is None else per_error[e])
@@ -297,7 +297,7 @@ def run_synth_dataset(gt: str, out: str, variants: int | None, seed: int, profil
     params = None
     if sequence_params is not None:
         if not sequences:
-            raise InputError("--sequence-params", "needs --sequences")
+            raise InputError("sequence_params", "needs sequences (per-frame ground truth of tracks)")
         params = SequenceParams.from_dict(read_json(sequence_params, "sequence parameters"), sequence_params)
     t0 = time.perf_counter()
     m = write_dataset(gt, out, variants or 1, seed, load_profile(profile_path), factors, block_persons, sequences,

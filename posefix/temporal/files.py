@@ -29,8 +29,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..fileio import read_json, write_json_atomic
-from ..formats import Estimates, frame_index, read_estimates, write_coco_results
-from ..formats import image_sizes as sizes_of
+from ..formats import Estimates, frame_index, load_estimates, write_coco_results
 from .core import TemporalOptions
 from .pipeline import PoseRefinement, refine_poses
 from .registry import make_smoother
@@ -79,16 +78,15 @@ def _tracks(est: Estimates) -> np.ndarray:
     return track
 
 
-def read_video_poses(path, fmt: str = "coco", annotations=None, image_sizes: dict | None = None) -> VideoPoseFile:
-    """Read an estimator's per-frame output (module docstring); ``annotations``: a path or None."""
+def read_video_poses(path, fmt: str = "coco", annotations=None, size: tuple[int, int] | None = None) -> VideoPoseFile:
+    """Read an estimator's per-frame output (module docstring); ``annotations``: a path or None; ``size``: every
+    frame's (width, height), for the formats with normalised coordinates."""
     if annotations is None:
-        est = read_estimates(path, fmt, image_sizes)
+        est = load_estimates(path, fmt, size=size)
         frame = np.array([frame_index(k, f"poses[{i}].image") for i, k in enumerate(est.image_keys)], dtype=np.int64)
         return VideoPoseFile(est, np.zeros(len(frame), dtype=np.int64), frame, _tracks(est), None)
     images = read_annotations(annotations)
-    if image_sizes is None:
-        image_sizes = sizes_of(path, fmt, coco_images=images)
-    est = read_estimates(path, fmt, image_sizes)
+    est = load_estimates(path, fmt, coco_images=images, size=size)
     video = np.zeros(len(est.records), dtype=np.int64)
     frame = np.zeros(len(est.records), dtype=np.int64)
     for i, key in enumerate(est.image_keys):
@@ -147,20 +145,17 @@ def refined_results(poses: VideoPoseFile, r: PoseRefinement, instance_scores=Non
 
 
 def temporal_setup(smoother: str, weights=None, max_gap: int = 5, max_person_gap: int = 0):
-    """The smoother and options a command line asks for, with errors naming its options."""
+    """The smoother and options asked for, with errors naming the arguments (``max_gap``, ``temporal_weights``)."""
     try:
         options = TemporalOptions(max_gap=max_gap, max_person_gap=max_person_gap)
     except InputError as e:
-        raise InputError("--" + e.field.split(".")[-1].replace("_", "-"), e.problem) from None
+        raise InputError(e.field.split(".")[-1], e.problem) from None
     if weights is not None and not Path(weights).is_file():
-        raise InputError("--temporal-weights", "file not found", str(weights))
-    try:
-        return make_smoother(smoother, weights=weights), options
-    except InputError as e:
-        raise InputError("--smoother" if e.field == "smoother" else e.field, e.problem) from None
+        raise InputError("temporal_weights", "file not found", str(weights))
+    return make_smoother(smoother, weights=weights), options
 
 
-def parse_size(text: str | None, field: str = "--frame-size") -> tuple[int, int] | None:
+def parse_size(text: str | None, field: str = "frame_size") -> tuple[int, int] | None:
     """"WxH" → (W, H) positive integers; None stays None."""
     if text is None:
         return None
@@ -181,9 +176,7 @@ def refine_video_file(path, out, fmt: str = "coco", annotations=None, causal: bo
     counts: persons, tracks, videos, filled and corrected joints, filled persons. ``frame_size`` "WxH": every
     frame's size, for formats with normalised coordinates (without annotations that give it)."""
     sm, options = temporal_setup(smoother, weights, max_gap, max_person_gap)
-    size = parse_size(frame_size)
-    sizes = sizes_of(path, fmt, size=size) if size is not None else None
-    poses = read_video_poses(path, fmt, annotations, sizes)
+    poses = read_video_poses(path, fmt, annotations, parse_size(frame_size))
     r = refine_file(poses, sm, causal, options)
     results = refined_results(poses, r)
     write_json_atomic(out, results)
