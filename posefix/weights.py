@@ -33,8 +33,23 @@ def export_weights(model: PoseFixNet, path: str | Path, metadata: dict) -> None:
 def save_safetensors(state: dict, path: str | Path, metadata: dict) -> None:
     """Write tensors as a safetensors file atomically, with the mode the umask gives. The bytes are made in
     memory and written by :func:`posefix.fileio.write_bytes_atomic`: safetensors' own file writer makes a
-    temporary file of its own (mode 0600, named ``.tmpXXXXXX``) that a killed process would leave behind."""
-    write_bytes_atomic(path, save(state, metadata=metadata))
+    temporary file of its own (mode 0600, named ``.tmpXXXXXX``) that a killed process would leave behind.
+    The same tensors and metadata give the same bytes in every process (:func:`canonical_header`)."""
+    write_bytes_atomic(path, canonical_header(save(state, metadata=metadata)))
+
+
+def canonical_header(data: bytes) -> bytes:
+    """A safetensors file's bytes with its header's metadata in sorted order. safetensors keeps the metadata
+    in a hash map whose order changes from process to process, so the same weights would hash differently
+    (and ``posefix serve`` would report another model version). The header stays compact JSON, padded with
+    spaces to a multiple of 8 bytes as the format's writer pads it; the tensors' bytes are unchanged."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
 def read_safetensors(path: str | Path) -> tuple[dict, dict]:
