@@ -34,6 +34,7 @@ from .cliargs import (
     images_arg,
     precision_args,
     quiet_arg,
+    reduced_decoding_arg,
     seed_type,
     skip_invalid_arg,
     workers_arg,
@@ -707,6 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
     device_arg(r)
     precision_args(r)
     workers_arg(r)
+    reduced_decoding_arg(r)
     r.add_argument("--keep-input-below", type=float, metavar="CONF",
                    help="keep the input keypoint where the refined confidence is below CONF and below the "
                         "input keypoint's score")
@@ -738,6 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch_size_arg(fc)
     device_arg(fc)
     workers_arg(fc)
+    reduced_decoding_arg(fc)
     skip_invalid_arg(fc, help="fit on the valid entries and skip the rest")
     allow_outside_images_arg(fc)
     fc.set_defaults(func=cmd_fit_choice)

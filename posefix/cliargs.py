@@ -56,6 +56,9 @@ format_arg = _option("--format", default="coco", choices=FORMAT_NAMES)
 flip_test_arg = _option("--flip-test", action="store_true", help="average with the refinement of the mirrored crop")
 batch_size_arg = _option("--batch-size", type=int, default=64, help="persons per model call (64)")
 workers_arg = _option("--workers", type=int, default=2, help="image decoding threads (2)")
+reduced_decoding_arg = _option("--reduced-decoding", action=argparse.BooleanOptionalAction, default=None,
+                               help="decode a JPEG at 1/2, 1/4 or 1/8 of its size where every crop of its persons "
+                                    "samples it at least that coarsely (on by default)")
 skip_invalid_arg = _option("--skip-invalid", action="store_true", help="leave out malformed entries and the persons "
                            "of images that cannot be read; refine the rest")
 quiet_arg = _option("--quiet", action="store_true", help="no progress bar")

@@ -24,7 +24,7 @@ import torch
 
 from .devices import resolve_device
 from .errors import InputError, PosefixError, require
-from .images import decode, decode_encoded, is_uri
+from .images import Reduced, decode_bytes_reduced, decode_reduced, is_uri
 from .keypoints import NUM_KEYPOINTS
 from .options import RefineOptions
 from .refine import refine_images
@@ -40,11 +40,12 @@ def _ray():
     return ray
 
 
-def read_image(source: str):
-    """Decode an image file or URI to (3, H, W) uint8 RGB, as :func:`posefix.images.decode` does; a URI is
-    read through pyarrow's file systems (the ones Ray Data reads with). An InputError names the source."""
+def read_image(source: str, reduce: int = 1) -> Reduced:
+    """Decode an image file or URI to (3, H, W) uint8 RGB, as :func:`posefix.images.decode_reduced` does (at
+    1/``reduce`` where it can be); a URI is read through pyarrow's file systems (the ones Ray Data reads with).
+    An InputError names the source."""
     if not is_uri(source):
-        return decode(source)
+        return decode_reduced(source, reduce)
     import pyarrow.fs  # with the ray extra
 
     try:
@@ -55,7 +56,7 @@ def read_image(source: str):
         reason = "file not found" if isinstance(e, FileNotFoundError) else f"cannot read: {str(e).splitlines()[0]}"
         raise InputError("image", reason, source) from None
     try:
-        return decode_encoded(data, "image")
+        return decode_bytes_reduced(data, "image", reduce)
     except InputError as e:
         raise InputError("image", e.problem, source) from None
 
@@ -73,8 +74,10 @@ class _RefineBlock:
     def __call__(self, batch: dict) -> dict:
         rows = range(len(batch["job"]))
         results, errors = [b""] * len(rows), [""] * len(rows)
+        poses = [np.frombuffer(batch["poses"][i], dtype=np.float64).reshape(-1, NUM_KEYPOINTS, 3) for i in rows]
         with ThreadPoolExecutor(self.workers, thread_name_prefix="posefix-read") as pool:
-            images = [pool.submit(read_image, str(batch["image"][i])) for i in rows]
+            images = [pool.submit(read_image, str(batch["image"][i]), self.refiner.decode_reduction(poses[i]))
+                      for i in rows]
 
             def jobs():
                 for i in rows:
@@ -83,8 +86,7 @@ class _RefineBlock:
                     except InputError as e:
                         errors[i] = json.dumps([e.field, e.problem, e.source])
                         continue
-                    poses = np.frombuffer(batch["poses"][i], dtype=np.float64).reshape(-1, NUM_KEYPOINTS, 3)
-                    yield i, image, poses
+                    yield i, image, poses[i]
 
             for i, *outputs in refine_images(self.refiner, jobs(), workers=self.workers):
                 results[i] = pickle.dumps(tuple(outputs), protocol=pickle.HIGHEST_PROTOCOL)

@@ -9,7 +9,7 @@ import struct
 import warnings
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -29,6 +29,21 @@ def decode(path: str | Path) -> torch.Tensor:
     """Decode an image file to (3, H, W) uint8 RGB (see :func:`decode_encoded`); a missing or corrupt
     file, or one whose header declares more than :data:`max_image_pixels` pixels (checked before
     decoding), is an InputError naming it."""
+    return decode_reduced(path, 1)[0]
+
+
+class Reduced(NamedTuple):
+    """A decoded image and the reduction r it was decoded at (:func:`decode_reduced`): its pixel i is centred
+    on ``r · i + (r - 1) / 2`` of the full image."""
+
+    image: torch.Tensor
+    reduction: int
+
+
+def decode_reduced(path: str | Path, reduce: int) -> Reduced:
+    """:func:`decode` at 1/``reduce`` of the image's size where it is a JPEG of at least ``reduce`` pixels on a
+    side (``decode_encoded``'s DCT scaling), else at full size, with the reduction it was decoded at (1, or
+    ``reduce``). The size limit applies to the full image."""
     path = Path(path)
     if not path.is_file():
         raise InputError("image", "file not found", str(path))
@@ -38,9 +53,17 @@ def decode(path: str | Path) -> torch.Tensor:
         raise InputError("image", f"cannot read: {e.strerror or e}", str(path)) from None
     try:
         check_pixels(data, max_image_pixels, "image")
-        return decode_encoded(data, "image")
+        return decode_bytes_reduced(data, "image", reduce)
     except InputError as e:
         raise InputError("image", e.problem, str(path)) from None
+
+
+def decode_bytes_reduced(data: bytes, field: str, reduce: int) -> Reduced:
+    """:func:`decode_encoded` of ``data`` at 1/``reduce`` where it can be, with the reduction applied."""
+    image = decode_encoded(data, field, reduce)
+    if reduce == 1 or image_kind(data) != "JPEG":
+        return Reduced(image, 1)
+    return Reduced(image, decoded_scale(encoded_size(data, field), image))
 
 
 def check_pixels(data: bytes, limit: int, field: str = "image") -> None:

@@ -29,7 +29,9 @@ class RefineOptions:
     refined); choice_margin: the choice's margin (None: the fitted rule's own, else every input joint kept);
     backend: what runs the model, "torch" or "onnxruntime" (None: onnxruntime where ``onnx`` is given, else
     torch); onnx: a model file of ``posefix export`` for ONNX Runtime; provider: ONNX Runtime's execution
-    provider, "cpu", "cuda" or "tensorrt" (None: cuda on a CUDA device, else cpu)."""
+    provider, "cpu", "cuda" or "tensorrt" (None: cuda on a CUDA device, else cpu); reduced_decoding: decode a
+    JPEG file at 1/2, 1/4 or 1/8 of its size where every crop of its persons samples it at least that coarsely
+    (:meth:`posefix.refiner.Refiner.decode_reduction`; files refined by :func:`posefix.refine.refine_images`)."""
 
     device: str = "cpu"
     batch_size: int = 64
@@ -41,6 +43,7 @@ class RefineOptions:
     backend: str | None = None
     onnx: str | None = None
     provider: str | None = None
+    reduced_decoding: bool = True
 
     def __post_init__(self):
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -55,6 +58,8 @@ class RefineOptions:
             raise InputError("backend", f"must be one of {list(BACKENDS)}, got {self.backend!r}")
         if self.provider is not None and self.provider not in PROVIDERS:
             raise InputError("provider", f"must be one of {list(PROVIDERS)}, got {self.provider!r}")
+        if not isinstance(self.reduced_decoding, bool):
+            raise InputError("reduced_decoding", f"must be true or false, got {self.reduced_decoding!r}")
         if self.resolved_backend == "torch" and self.onnx is not None:
             raise InputError("onnx", "is run by the onnxruntime backend, not torch")
         if self.resolved_backend != "torch" and self.precision != "fp32":

@@ -32,13 +32,18 @@ class RefinerLike(Protocol):
         ...
 
     def refine(self, images: list[torch.Tensor], image_index, poses,
-               crop_poses=None) -> tuple[np.ndarray, np.ndarray]:
+               crop_poses=None, reductions=None) -> tuple[np.ndarray, np.ndarray]:
         """Decoded (3, Hi, Wi) uint8 images, image_index (P,), poses (P, K, 3) in image pixels → refined xy
-        (P, K, 2) in image pixels and confidence (P, K)."""
+        (P, K, 2) in image pixels and confidence (P, K). ``reductions``: per image the reduction it was decoded
+        at (None: full size)."""
+        ...
+
+    def decode_reduction(self, poses) -> int:
+        """The largest reduction (1, 2, 4 or 8) an image file holding ``poses`` may be decoded at."""
         ...
 
     def refine_parts(self, images: list[torch.Tensor], image_index, poses,
-                     crop_poses=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     crop_poses=None, reductions=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``refine`` before the per-joint choice: xy (P, K, 2), confidence (P, K), input confidence (P, K)."""
         ...
 

@@ -27,7 +27,7 @@ from .choice import (
 )
 from .errors import InputError
 from .formats import Estimates
-from .images import decode
+from .images import Reduced, decode_reduced
 from .keypoints import NUM_KEYPOINTS
 from .protocols import RefinerLike
 
@@ -44,14 +44,15 @@ def refine_images(refiner: RefinerLike, jobs, workers: int = 2, lookahead: int =
                   parts: bool = False):
     """Refine the persons of many images, batching persons across images.
 
-    jobs: iterable of (key, image path or decoded (3, H, W) uint8 tensor, poses (P, K, 3) image pixels). Images
-    are decoded in ``workers`` background threads, up to ``lookahead`` ahead, while the model runs; each is
-    decoded once. Every model call but the last gets exactly ``refiner.batch_size`` persons: an image's persons
-    may be split between two calls. Fixed shapes keep the device busy and let freed memory be reused as it is
-    (see :mod:`posefix.runtime`). Yields (key, xy (P, K, 2), confidence (P, K)) in the order of ``jobs``, each
-    as soon as its persons are done. ``progress(n)`` is called with the number of persons of each call. An
-    image that cannot be read or decoded raises its InputError or, with ``skipped`` a list, is appended to it
-    as (key, message), its persons not refined and not yielded. ``parts``: refine with
+    jobs: iterable of (key, image path or decoded (3, H, W) uint8 tensor or :class:`~posefix.images.Reduced`,
+    poses (P, K, 3) image pixels). Images are decoded in ``workers`` background threads, up to ``lookahead``
+    ahead, while the model runs; each is decoded once, a JPEG at the reduction its persons' crops allow
+    (:meth:`Refiner.decode_reduction`). Every model call but the last gets exactly ``refiner.batch_size``
+    persons: an image's persons may be split between two calls. Fixed shapes keep the device busy and let freed
+    memory be reused as it is (see :mod:`posefix.runtime`). Yields (key, xy (P, K, 2), confidence (P, K)) in
+    the order of ``jobs``, each as soon as its persons are done. ``progress(n)`` is called with the number of
+    persons of each call. An image that cannot be read or decoded raises its InputError or, with ``skipped`` a
+    list, is appended to it as (key, message), its persons not refined and not yielded. ``parts``: refine with
     :meth:`Refiner.refine_parts` instead, yielding (key, xy, confidence, input confidence).
     """
     jobs, want_parts = iter(jobs), parts
@@ -64,8 +65,9 @@ def refine_images(refiner: RefinerLike, jobs, workers: int = 2, lookahead: int =
             if job is None:
                 return False
             key, source, poses = job
-            image = pool.submit(_staged, stage, source)
-            queue.append(_Job(key, image, np.asarray(poses, dtype=np.float64).reshape(-1, NUM_KEYPOINTS, 3)))
+            poses = np.asarray(poses, dtype=np.float64).reshape(-1, NUM_KEYPOINTS, 3)
+            reduce = 1 if isinstance(source, (torch.Tensor, Reduced)) else refiner.decode_reduction(poses)
+            queue.append(_Job(key, pool.submit(_staged, stage, source, reduce), poses))
             return True
 
         def fill():
@@ -91,11 +93,13 @@ def refine_images(refiner: RefinerLike, jobs, workers: int = 2, lookahead: int =
                 i += 1
             if parts:
                 jobs_in = list(dict.fromkeys(job for job, _, _ in parts))
-                images = [job.image.result() for job in jobs_in]
+                images, reductions = zip(*(job.image.result() for job in jobs_in))
                 where = {id(job): n for n, job in enumerate(jobs_in)}
                 index = np.concatenate([np.full(hi - lo, where[id(job)], dtype=np.int64) for job, lo, hi in parts])
                 poses = np.concatenate([job.poses[lo:hi] for job, lo, hi in parts])
-                out = refiner.refine_parts(images, index, poses) if want_parts else refiner.refine(images, index, poses)
+                run = refiner.refine_parts if want_parts else refiner.refine
+                reduced = {} if max(reductions) == 1 else {"reductions": reductions}
+                out = run(list(images), index, poses, **reduced)
                 start = 0
                 for job, lo, hi in parts:
                     job.xy[lo:hi], job.conf[lo:hi] = out[0][start:start + hi - lo], out[1][start:start + hi - lo]
@@ -128,9 +132,14 @@ class _Job:
         self.input_conf = np.zeros(poses.shape[:2])
 
 
-def _staged(stage, source):
-    """A job's image, decoded when it is a file, staged for the refiner's device."""
-    return stage(source if isinstance(source, torch.Tensor) else decode(source))
+def _staged(stage, source, reduce: int) -> Reduced:
+    """A job's image, decoded when it is a file (at 1/``reduce`` where it can be), staged for the refiner's
+    device, with the reduction it was decoded at."""
+    if isinstance(source, torch.Tensor):
+        source = Reduced(source, 1)
+    elif not isinstance(source, Reduced):
+        source = decode_reduced(source, reduce)
+    return Reduced(stage(source.image), source.reduction)
 
 
 @dataclass

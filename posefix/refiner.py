@@ -18,6 +18,8 @@ from . import codec
 from .choice import choose, keeps_every_input, resolved_margin
 from .devices import resolve_device
 from .errors import InputError
+from .images import JPEG_REDUCTIONS
+from .keypoints import NUM_KEYPOINTS
 from .model import ModelConfig, PoseFixNet, fold_batchnorm
 from .onnx_backend import onnx_model
 from .options import RefineOptions
@@ -64,6 +66,7 @@ class Refiner:
         self.precision = options.precision  # "bf16": the model under bfloat16 autocast (coordinates stay float32/64)
         self.channels_last = options.channels_last and self.backend == "torch"
         self.output = options.output
+        self.reduced_decoding = options.reduced_decoding
         # A choice fitted to one estimator (posefix fit-choice), carried by the checkpoint; None: the heads' own.
         self.fitted_choice = getattr(model, "fitted_choice", None)
         self.choice_margin = resolved_margin(options.choice_margin, self.fitted_choice)
@@ -88,21 +91,39 @@ class Refiner:
             return cls(load_weights(path), options)
         return cls(onnx_model(path, options.onnx, device, options.provider), options)
 
+    def decode_reduction(self, poses) -> int:
+        """The largest reduction (1, 2, 4 or 8) an image holding ``poses`` (P, K, 3, image pixels) can be
+        decoded at for these persons' crops (:func:`posefix.images.decode_reduced`): at most every crop's step,
+        the image pixels between two of its pixels, so that no crop samples the image more finely than it was
+        decoded. 1 where ``reduced_decoding`` is off; 8 where no person can be refined."""
+        if not self.reduced_decoding:
+            return 1
+        kp = self._present(torch.as_tensor(np.asarray(poses, dtype=np.float64)).reshape(-1, NUM_KEYPOINTS, 3))
+        kp = kp[(kp[..., 2] > 0).any(-1)]
+        if not len(kp):
+            return JPEG_REDUCTIONS[-1]
+        affine = codec.person_crop_affine(kp, self.cfg.input_size)  # (P, 2, 3) crop → image
+        step = float(torch.linalg.vector_norm(affine[..., :2], dim=1).min())  # image pixels per crop pixel
+        return max(r for r in JPEG_REDUCTIONS if r <= max(step, 1))
+
     @torch.no_grad()
-    def refine(self, images: list[torch.Tensor], image_index, poses, crop_poses=None) -> tuple[np.ndarray, np.ndarray]:
+    def refine(self, images: list[torch.Tensor], image_index, poses, crop_poses=None,
+               reductions=None) -> tuple[np.ndarray, np.ndarray]:
         """images: decoded (3, Hi, Wi) uint8 tensors; image_index (P,) which image each person is in;
         poses (P, K, 3) input keypoints (x, y, score) in image pixels, a joint present where its
         score > 0 and x, y are finite; crop_poses (P, K, 3), optional: crop around these instead (a
-        video's previous refined pose). Returns refined (P, K, 2) in image pixels and confidence (P, K)
-        (with ``output="choice"`` a joint kept from the input is its input coordinates exactly, see
-        :func:`posefix.choice.kept_input`). Persons without a present joint come back unchanged with confidence 0."""
-        xy, conf, input_conf = self.refine_parts(images, image_index, poses, crop_poses)
+        video's previous refined pose); reductions, optional: per image the reduction it was decoded at
+        (:meth:`decode_reduction`; None: every image at full size). Returns refined (P, K, 2) in image pixels
+        and confidence (P, K) (with ``output="choice"`` a joint kept from the input is its input coordinates
+        exactly, see :func:`posefix.choice.kept_input`). Persons without a present joint come back unchanged
+        with confidence 0."""
+        xy, conf, input_conf = self.refine_parts(images, image_index, poses, crop_poses, reductions)
         if self.output == "choice":
             xy, conf = choose(poses, xy, conf, input_conf, self.choice_margin, self.fitted_choice)
         return xy, conf
 
     @torch.no_grad()
-    def refine_parts(self, images: list[torch.Tensor], image_index, poses, crop_poses=None):
+    def refine_parts(self, images: list[torch.Tensor], image_index, poses, crop_poses=None, reductions=None):
         """:meth:`refine` before the choice: every joint as refined, (P, K, 2) image pixels, its confidence
         (P, K), and the input-confidence head's estimate for each input joint (P, K). Persons without a present
         joint: their input coordinates and confidences 0."""
@@ -114,7 +135,7 @@ class Refiner:
         input_conf = np.zeros(poses.shape[:2])
         for lo in range(0, poses.shape[0], self.batch_size):
             sl = slice(lo, lo + self.batch_size)
-            out_xy, out_conf, out_input, ok = self._batch(images, image_index[sl], poses[sl], crops[sl])
+            out_xy, out_conf, out_input, ok = self._batch(images, image_index[sl], poses[sl], crops[sl], reductions)
             xy[sl][ok], conf[sl][ok], input_conf[sl][ok] = out_xy[ok], out_conf[ok], out_input[ok]
         return xy, conf, input_conf
 
@@ -123,15 +144,16 @@ class Refiner:
         present = (poses[..., 2] > 0) & torch.isfinite(poses[..., :2]).all(-1)  # (P, K)
         return torch.cat([torch.nan_to_num(poses[..., :2]), present[..., None].double()], dim=-1)
 
-    def _batch(self, images, image_index, poses, crop_poses):
-        crops, kp_crop, affine, ok = self.crop(images, image_index, poses, crop_poses)
+    def _batch(self, images, image_index, poses, crop_poses, reductions=None):
+        crops, kp_crop, affine, ok = self.crop(images, image_index, poses, crop_poses, reductions)
         coords, conf, input_conf = self._forward(crops, kp_crop)
         return self.to_image(coords, affine), conf.cpu().numpy(), input_conf.cpu().numpy(), ok
 
-    def crop(self, images, image_index, poses, crop_poses):
+    def crop(self, images, image_index, poses, crop_poses, reductions=None):
         """The crops and the input keypoints in crop pixels on the device: crops (P, 3, H, W) float in [0, 1],
         kp_crop (P, K, 3), affine (P, 2, 3) float64 crop → image (on the CPU), ok (P,) bool: persons that can
-        be refined. ``poses`` and ``crop_poses`` are float64 tensors (P, K, 3)."""
+        be refined. ``poses`` and ``crop_poses`` are float64 tensors (P, K, 3); ``reductions``: per image the
+        reduction it was decoded at (None: all at full size)."""
         h, w = self.cfg.input_size
         kp = self._present(poses)
         around = kp if crop_poses is poses else self._present(crop_poses)
@@ -145,7 +167,9 @@ class Refiner:
         # model's output, so on a GPU the host only queues work (pinned sources make the copies asynchronous).
         used, local = np.unique(image_index, return_inverse=True)
         pictures = [self._to_device(images[i]) for i in used]
-        crops = codec.warp_crops(pictures, torch.from_numpy(local.reshape(-1)), self._to_device(affine.float()), (h, w))
+        sampled = affine if reductions is None else _reduced(affine, np.asarray(reductions)[image_index])
+        local = torch.from_numpy(local.reshape(-1))
+        crops = codec.warp_crops(pictures, local, self._to_device(sampled.float()), (h, w))
         crops.div_(255)  # sampling is linear: scaling the crops equals scaling each whole image first
         return crops, self._to_device(kp_crop.float()), affine, ok
 
@@ -195,6 +219,15 @@ class Refiner:
     def to_image(coords, affine) -> np.ndarray:
         """Crop-pixel coords (P, K, 2) on the device → image pixels (P, K, 2), a numpy array."""
         return codec.apply_affine(coords.cpu(), affine).numpy()
+
+
+def _reduced(affine: torch.Tensor, reduction: np.ndarray) -> torch.Tensor:
+    """Crop → full-image affines (P, 2, 3) → crop → pixels of each image decoded at 1/r (``reduction`` (P,)):
+    pixel i of such an image is centred on r · i + (r - 1) / 2 of the full image."""
+    r = torch.as_tensor(reduction, dtype=affine.dtype)[:, None, None]
+    out = affine / r
+    out[..., 2] -= ((r - 1) / (2 * r))[..., 0]
+    return out
 
 
 def _options(options: RefineOptions | None, changes: dict) -> RefineOptions:

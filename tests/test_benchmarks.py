@@ -149,6 +149,18 @@ def test_bench_realtime(tmp_path):
     assert "unmeasured" in report["blazepose"][0] and "BlazePose full: unmeasured" in stdout
 
 
+def test_bench_decoding(tmp_path):
+    """Reduced decoding's benchmark end to end on enlarged photos: both decodings timed in turn, the ratio their
+    medians' quotient, and every photo given the reduction the refiner's rule chooses."""
+    report, stdout = _run("bench_decoding.py", "--scale", "2", "--copies", "1", "--rounds", "1", "--backend", "torch",
+                          tmp_path=tmp_path)
+    assert [row["decoding"] for row in report["speed"]] == ["reduced", "full size"]
+    assert report["reduced_x_full"] == pytest.approx(report["median_reduced_per_s"] / report["median_full_size_per_s"])
+    assert sum(report["reductions"].values()) == sum(report["reductions_x1"].values()) == 21  # the sample's photos
+    assert report["reductions"] != report["reductions_x1"]  # enlarged photos: coarser decoding allowed
+    assert report["quality"] == [] and "median: reduced" in stdout
+
+
 def test_bench_hostile(tmp_path):
     report, stdout = _run("bench_hostile.py", "--trials", "2", "--mib", "1", "--quiet-s", "0.1", tmp_path=tmp_path)
     assert [t["code"] for t in report["trials"]] == ["INVALID_ARGUMENT"] * 2  # a 0xFF "JPEG" is refused

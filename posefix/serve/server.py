@@ -254,11 +254,14 @@ class NoRefiner:
     def stage(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
-    def refine(self, images, image_index, poses, crop_poses=None):
+    def decode_reduction(self, poses) -> int:
+        return 1
+
+    def refine(self, images, image_index, poses, crop_poses=None, reductions=None):
         poses = np.asarray(poses, dtype=np.float64)
         return poses[..., :2].copy(), poses[..., 2].copy()
 
-    def refine_parts(self, images, image_index, poses, crop_poses=None):
+    def refine_parts(self, images, image_index, poses, crop_poses=None, reductions=None):
         xy, conf = self.refine(images, image_index, poses, crop_poses)
         return xy, conf, conf.copy()
 
