@@ -466,7 +466,8 @@ def cmd_refine_video(args) -> int:
 
         t0 = time.perf_counter()
         c = refine_video_file(args.input, args.out, args.format, args.annotations, args.causal, args.smoother,
-                              args.temporal_weights, args.max_gap, args.max_person_gap, args.frame_size)
+                              args.temporal_weights, args.max_gap, args.max_person_gap, args.frame_size,
+                              args.person_gate, args.lost_score)
         print(f"refined {c['persons']} persons in {c['tracks']} tracks over time "
               f"({'causal' if args.causal else 'offline'}, {args.smoother}; {c['filled']} joints filled, "
               f"{c['corrected']} corrected, {c['filled_persons']} persons filled in) in "
@@ -477,7 +478,8 @@ def cmd_refine_video(args) -> int:
     temporal = None
     if args.temporal:  # the temporal refinement of the image refiner's output
         temporal = {"smoother": args.smoother, "weights": args.temporal_weights, "max_gap": args.max_gap,
-                    "max_person_gap": args.max_person_gap, "causal": args.causal}
+                    "max_person_gap": args.max_person_gap, "causal": args.causal, "person_gate": args.person_gate,
+                    "lost_score": args.lost_score}
     with tqdm(unit="frame", file=sys.stderr, disable=args.quiet or None) as bar:
         def start(total):
             bar.total = total
@@ -556,6 +558,12 @@ def _temporal_args(parser) -> None:
     parser.add_argument("--max-gap", type=int, default=5, help="fill a joint missing for at most this many frames (5)")
     parser.add_argument("--max-person-gap", type=int, default=0,
                         help="offline, fill a person its track missed for at most this many frames (0)")
+    parser.add_argument("--person-gate", type=float, default=0.0, metavar="S",
+                        help="offline, take out a frame where most of a person's joints are more than S person "
+                             "sizes from their course and their mean score is below --lost-score (the estimator "
+                             "lost the person), and fill it in from the frames around it (0: off)")
+    parser.add_argument("--lost-score", type=float, default=0.3, metavar="P",
+                        help="the mean score below which --person-gate takes a frame out (0.3; 1: any score)")
     parser.add_argument("--frame-size", metavar="WxH", help="without --video or --annotations: the frames' size "
                         "in pixels, for formats with normalised coordinates (MoveNet, BlazePose)")
     parser.add_argument("--temporal", action="store_true",

@@ -215,7 +215,8 @@ def refine_video_frames(checkpoint, video, input, out, options: RefineOptions | 
     (:func:`refine_video`: ``follow``, ``smoothing``), then the policy (:func:`posefix.choice.finish`), and
     write COCO results to ``out``; ``render``: also write the video with the input and refined poses drawn.
     ``temporal``: then refine the result over time (:func:`posefix.temporal.files.refine_file`; its keys
-    ``smoother``, ``weights``, ``max_gap``, ``max_person_gap``, ``causal``). ``start(frames)`` is called with
+    ``smoother``, ``weights``, ``max_gap``, ``max_person_gap``, ``causal``, and optionally ``person_gate`` and
+    ``lost_score``). ``start(frames)`` is called with
     the video's frame count (None where unknown), ``progress(n)`` as frames are done. Returns counts: persons,
     frames, seconds, keeps_every_input."""
     info = probe(video)
@@ -244,7 +245,8 @@ def refine_video_frames(checkpoint, video, input, out, options: RefineOptions | 
     results = write_coco_results(poses.est, xy, conf, scores, poses.frame, kept)
     if temporal is not None:
         sm, t_options = temporal_setup(temporal["smoother"], temporal["weights"], temporal["max_gap"],
-                                       temporal["max_person_gap"])
+                                       temporal["max_person_gap"], temporal.get("person_gate", 0.0),
+                                       temporal.get("lost_score", 0.3), temporal["causal"])
         pf = VideoPoseFile(poses.est, np.zeros(len(poses.frame), dtype=np.int64), poses.frame, poses.track, None)
         refined = np.concatenate([xy, conf[..., None]], -1)
         r = refine_file(pf, sm, temporal["causal"], t_options, keypoints=refined)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from posefix.cli import main
-from posefix.temporal import make_smoother, refine_poses
+from posefix.temporal import TemporalOptions, make_smoother, refine_poses
 
 
 def _walk(rng, frames=30, offset=(200.0, 150.0)):
@@ -85,8 +85,38 @@ def test_a_missing_person_is_filled_in_and_marked(tmp_path):
     assert all(r["filled_person"] and r["track_id"] == 3 and set(r["keypoint_temporal"]) == {"filled"} for r in added)
 
 
+def test_the_lost_frame_gate_takes_out_a_frame_where_the_estimator_lost_the_person(tmp_path):
+    rng = np.random.default_rng(4)
+    a = _walk(rng, 30)
+    given = _results({5: a})
+    lost = 15  # the estimator jumps away with a low score for one frame, as when it loses the person
+    jumped = np.concatenate([a[lost] + [160.0, -90.0], np.full((17, 1), 0.2)], -1)
+    given[lost]["keypoints"] = jumped.reshape(-1).tolist()
+    inp = tmp_path / "poses.json"
+    inp.write_text(json.dumps(given))
+    kp = np.array([r["keypoints"] for r in given]).reshape(-1, 17, 3)
+    frame = np.arange(30)
+    track = np.full(30, 5)
+    outputs = {}
+    for gate in ([], ["--person-gate", "0.3", "--lost-score", "0.5"]):
+        out = tmp_path / f"out{len(gate)}.json"
+        assert main(["refine-video", "--input", str(inp), "--out", str(out), *gate]) == 0
+        outputs[len(gate)] = res = json.loads(out.read_text())
+        options = TemporalOptions(person_gate=0.3, lost_score=0.5) if gate else TemporalOptions()
+        lib = refine_poses(kp, make_smoother("body"), frame=frame, track=track, options=options)
+        np.testing.assert_allclose(np.array([r["keypoints"] for r in res]).reshape(-1, 17, 3)[..., :2], lib.xy)
+    gated = np.array(outputs[4][lost]["keypoints"]).reshape(17, 3)[:, :2]
+    plain = np.array(outputs[0][lost]["keypoints"]).reshape(17, 3)[:, :2]
+    # filled in from the frames around it: on the person's course, where the ungated output followed the jump
+    assert np.abs(gated - a[lost]).max() < 10 < np.abs(plain - a[lost]).min()
+    assert set(outputs[4][lost]["keypoint_temporal"]) == {"corrected"} != set(outputs[0][lost]["keypoint_temporal"])
+
+
 @pytest.mark.parametrize("args,doc,message", [
     (["--max-gap", "-1"], None, "--max-gap: must be in [0, 300]"),
+    (["--person-gate", "-1"], None, "--person-gate: must be in [0, 100]"),
+    (["--lost-score", "2"], None, "--lost-score: must be in [0, 1]"),
+    (["--person-gate", "0.3", "--causal"], None, "--person-gate: works offline only, not causal"),
     (["--checkpoint", "model.safetensors"], None, "--checkpoint: needs --video"),
     ([], [{"image_id": 0, "category_id": 1, "keypoints": [1.0] * 50, "score": 1}], "keypoints"),
     ([], [{"image_id": 0, "category_id": 1, "keypoints": [1.0] * 51, "score": 1, "track_id": -3}], "track_id"),

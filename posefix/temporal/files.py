@@ -144,10 +144,16 @@ def refined_results(poses: VideoPoseFile, r: PoseRefinement, instance_scores=Non
     return results
 
 
-def temporal_setup(smoother: str, weights=None, max_gap: int = 5, max_person_gap: int = 0):
-    """The smoother and options asked for, with errors naming the arguments (``max_gap``, ``temporal_weights``)."""
+def temporal_setup(smoother: str, weights=None, max_gap: int = 5, max_person_gap: int = 0,
+                   person_gate: float = 0.0, lost_score: float = 0.3, causal: bool = False):
+    """The smoother and options asked for (:class:`TemporalOptions`' fields of the same names), with errors
+    naming the arguments (``max_gap``, ``person_gate``, ``temporal_weights``); the lost-frame gate
+    (``person_gate``) is offline only."""
+    if causal and person_gate:
+        raise InputError("person_gate", "works offline only, not causal")
     try:
-        options = TemporalOptions(max_gap=max_gap, max_person_gap=max_person_gap)
+        options = TemporalOptions(max_gap=max_gap, max_person_gap=max_person_gap, person_gate=person_gate,
+                                  lost_score=lost_score)
     except InputError as e:
         raise InputError(e.field.split(".")[-1], e.problem) from None
     if weights is not None and not Path(weights).is_file():
@@ -171,11 +177,12 @@ def parse_size(text: str | None, field: str = "frame_size") -> tuple[int, int] |
 
 def refine_video_file(path, out, fmt: str = "coco", annotations=None, causal: bool = False,
                       smoother: str = "body", weights=None, max_gap: int = 5, max_person_gap: int = 0,
-                      frame_size: str | None = None) -> dict:
+                      frame_size: str | None = None, person_gate: float = 0.0, lost_score: float = 0.3) -> dict:
     """``posefix refine-video`` without a video: read, refine over time, write ``out`` atomically. Returns
     counts: persons, tracks, videos, filled and corrected joints, filled persons. ``frame_size`` "WxH": every
-    frame's size, for formats with normalised coordinates (without annotations that give it)."""
-    sm, options = temporal_setup(smoother, weights, max_gap, max_person_gap)
+    frame's size, for formats with normalised coordinates (without annotations that give it); ``person_gate``
+    and ``lost_score``: the lost-frame gate (:class:`TemporalOptions`; offline only)."""
+    sm, options = temporal_setup(smoother, weights, max_gap, max_person_gap, person_gate, lost_score, causal)
     poses = read_video_poses(path, fmt, annotations, parse_size(frame_size))
     r = refine_file(poses, sm, causal, options)
     results = refined_results(poses, r)
