@@ -830,6 +830,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--drain-s", type=float, default=0.0, metavar="S",
                     help="on SIGTERM, keep taking calls with health NOT_SERVING this long first (0)")
     sv.add_argument("--index", metavar="POSES.index", help="a pose index (posefix index build) for SearchPoses")
+    sv.add_argument("--temporal-weights", metavar="FILE", help="weights of posefix train-temporal: streams may ask "
+                    "for the learned smoother (temporal.smoother \"learned\")")
     _backend_args(sv)
     sv.set_defaults(func=cmd_serve)
 

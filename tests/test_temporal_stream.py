@@ -104,3 +104,50 @@ def test_bad_temporal_options_are_invalid_argument(bare, options, field):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert dict(err.value.trailing_metadata())["posefix-field"] == field
     channel.close()
+
+
+def test_a_server_with_temporal_weights_streams_the_learned_smoother(start, tmp_path):
+    import torch
+
+    from posefix.temporal.learned import NetConfig, TemporalNet, save_weights
+
+    torch.manual_seed(0)
+    nets = [TemporalNet(NetConfig()) for _ in range(2)]
+    for net in nets:  # a correction that is not zero, so that the learned smoother differs from body
+        torch.nn.init.normal_(net.out[1].bias, std=0.05)
+    weights = tmp_path / "temporal.safetensors"
+    save_weights(weights, *nets)
+    handle = start(NoRefiner(), temporal_weights=str(weights))
+    video = _video(3)
+    with PoseRefinerClient(f"127.0.0.1:{handle.port}") as client:
+        got = {name: np.concatenate(list(client.refine_stream([(_image(), p, [1, 2]) for p in video],
+                                                              temporal={"smoother": name}, timeout=TIMEOUT)))
+               for name in ("learned", "body")}
+    frame, track = np.repeat(np.arange(FRAMES), 2), np.tile([1, 2], FRAMES)
+    for name in ("learned", "body"):
+        want = refine_poses(np.concatenate(video), make_smoother(name, **({"weights": weights} if name == "learned"
+                                                                            else {})),
+                            frame=frame, track=track, causal=True)
+        # the network runs in float32 on the stream's windows, the file's at once: equal within 0.02 px
+        np.testing.assert_allclose(got[name][..., :2], want.xy, atol=1e-5 if name == "body" else 0.02)
+    assert np.abs(got["learned"][..., :2] - got["body"][..., :2]).max() > 0.5
+
+
+def test_the_learned_smoother_without_temporal_weights_is_invalid_argument(bare):
+    stub, channel = stub_for(bare)
+    requests = [pb2.RefinePoseStreamRequest(frame=request_message(_image(), p, track_ids=[1, 2])) for p in _video()[:2]]
+    requests[0].options.CopyFrom(pb2.StreamOptions(temporal=pb2.TemporalOptions(smoother="learned")))
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.RefinePoseStream(iter(requests), timeout=TIMEOUT))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "--temporal-weights" in err.value.details()
+    assert dict(err.value.trailing_metadata())["posefix-field"] == "options.temporal.smoother"
+    channel.close()
+
+
+def test_serve_refuses_temporal_weights_that_are_not_there(tmp_path):
+    from posefix.errors import InputError
+    from posefix.serve.server import create_server
+
+    with pytest.raises(InputError, match="temporal_weights: file not found"):
+        create_server(NoRefiner(), temporal_weights=str(tmp_path / "none.safetensors"))

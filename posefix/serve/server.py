@@ -32,6 +32,7 @@ from ..options import RefineOptions
 from ..protocols import RefinerLike
 from ..refiner import Refiner
 from ..search import PoseIndex
+from ..temporal import make_smoother
 from .metrics import Metrics
 from .servicer import PoseRefinerServicer
 from .validation import Limits
@@ -118,7 +119,7 @@ def create_server(refiner: RefinerLike, host: str = "127.0.0.1", port: int = 0, 
                   max_queue_delay_ms: float = 5.0, max_queue_size: int = 1024, metrics_port: int | None = None,
                   limits: Limits | None = None, model_version: str = "", decode_workers: int = 4,
                   max_pinned_bytes: int = 512 * 1024 * 1024, max_queue_wait_s: float | None = None,
-                  admission: bool = True, index=None) -> PoseRefinerServer:
+                  admission: bool = True, index=None, temporal_weights=None) -> PoseRefinerServer:
     """A PoseRefiner server for ``refiner`` (a :class:`~posefix.refiner.Refiner`, or any
     :class:`~posefix.protocols.RefinerLike`), bound to ``host:port`` (port 0: a free port, see ``.port``), not
     started.
@@ -133,7 +134,9 @@ def create_server(refiner: RefinerLike, host: str = "127.0.0.1", port: int = 0, 
     their copies to the device wait for nothing, up to this many bytes (page-locked memory is the machine's).
     ``index``: a :class:`~posefix.search.PoseIndex` that SearchPoses searches (None: FAILED_PRECONDITION).
     ``limits``: what one request may hold (None: :class:`~posefix.serve.validation.Limits`' defaults).
-    Call it from the event loop that will run the server.
+    ``temporal_weights``: a file of ``posefix train-temporal``, loaded once: streams may then ask for the
+    ``learned`` smoother (None: asking for it is INVALID_ARGUMENT). Call it from the event loop that will run
+    the server.
     """
     limits = Limits() if limits is None else limits
     if max_batch_size < 1:
@@ -147,6 +150,11 @@ def create_server(refiner: RefinerLike, host: str = "127.0.0.1", port: int = 0, 
         raise InputError("port", f"must be in 0..65535, got {port}")
     if metrics_port is not None and not 0 <= metrics_port <= 65535:
         raise InputError("metrics_port", f"must be in 0..65535, got {metrics_port}")
+    learned = None
+    if temporal_weights is not None:
+        if not Path(temporal_weights).is_file():
+            raise InputError("temporal_weights", "file not found", str(temporal_weights))
+        learned = make_smoother("learned", weights=temporal_weights)
     metrics = Metrics()
     if max_queue_wait_s is not None and not (math.isfinite(max_queue_wait_s) and max_queue_wait_s > 0):
         raise InputError("max_queue_wait_s", f"must be > 0 seconds, got {max_queue_wait_s}")
@@ -162,7 +170,7 @@ def create_server(refiner: RefinerLike, host: str = "127.0.0.1", port: int = 0, 
     ])
     info = model_info(refiner, limits, batcher, model_version, index)
     add_servicer(PoseRefinerServicer(batcher, info, limits, metrics, decoder, refiner.stage, max_pinned_bytes, index,
-                                     temporal_by_default=getattr(refiner, "temporal_only", False)),
+                                     temporal_by_default=getattr(refiner, "temporal_only", False), learned=learned),
                  server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -220,7 +228,8 @@ class ServeOptions:
     max_queue_size: persons; max_queue_wait_s: None, no bound; metrics_port: None, no metrics endpoint;
     grace_s: seconds calls in flight have to finish once stopping; drain_s: seconds to go on taking calls
     with health NOT_SERVING before that; index: a file of posefix index build, for SearchPoses (None: no
-    pose index)."""
+    pose index); temporal_weights: a file of posefix train-temporal, for streams that ask for the learned
+    smoother (None: they cannot)."""
     checkpoint: str | None = None
     refine: RefineOptions = field(default_factory=lambda: RefineOptions(device="auto"))
     host: str = "127.0.0.1"
@@ -232,6 +241,7 @@ class ServeOptions:
     grace_s: float = 10.0
     drain_s: float = 0.0
     index: str | None = None
+    temporal_weights: str | None = None
 
 
 class NoRefiner:
@@ -277,7 +287,7 @@ def serve_main(options: ServeOptions) -> int:
     index = PoseIndex.load(o.index, "index") if o.index else None
     queue = {"max_batch_size": r.batch_size, "max_queue_delay_ms": o.max_queue_delay_ms,
              "max_queue_size": o.max_queue_size, "metrics_port": o.metrics_port, "index": index,
-             "max_queue_wait_s": o.max_queue_wait_s}
+             "max_queue_wait_s": o.max_queue_wait_s, "temporal_weights": o.temporal_weights}
     if o.checkpoint is None and r.onnx is None:
         print("posefix serve: note: no --checkpoint: RefinePose gives the input back; RefinePoseStream refines "
               "over time (docs/video.md)", file=sys.stderr, flush=True)

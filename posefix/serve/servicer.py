@@ -54,8 +54,9 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
 
     def __init__(self, batcher: DynamicBatcher, model_info: pb2.ModelInfo, limits: Limits, metrics: Metrics,
                  decoder: ThreadPoolExecutor, stage: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 max_pinned_bytes: int = 0, index=None, temporal_by_default: bool = False):
+                 max_pinned_bytes: int = 0, index=None, temporal_by_default: bool = False, learned=None):
         self.temporal_by_default = temporal_by_default  # a server without a refiner: streams refine over time
+        self.learned = learned  # the learned smoother, shared by the streams that ask for it (None: none)
         self.stage = stage
         self.pinned = PinnedBudget(max_pinned_bytes)
         self.batcher = batcher
@@ -163,7 +164,7 @@ class PoseRefinerServicer(pb2_grpc.PoseRefinerServicer):
                     message = await self._parse(pb2.RefinePoseStreamRequest, message)
                     if index == 0:
                         video = VideoState(message.options if message.HasField("options") else None,
-                                           self.temporal_by_default)
+                                           self.temporal_by_default, self.learned)
                     elif message.HasField("options"):
                         raise InputError("options", "only the stream's first message may carry options")
                     t = video.clock(message.timestamp_us)

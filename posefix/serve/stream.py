@@ -22,7 +22,7 @@ class VideoState:
     :class:`posefix.tracking.Tracks` of ``posefix refine-video`` (previous refined pose for follow_tracks: the
     poses to refine and to crop around; One-Euro smoothing)."""
 
-    def __init__(self, options: pb2.StreamOptions | None, temporal_by_default: bool = False):
+    def __init__(self, options: pb2.StreamOptions | None, temporal_by_default: bool = False, learned=None):
         options = options or pb2.StreamOptions()
         self.frame_rate = options.frame_rate_hz if options.HasField("frame_rate_hz") else 30.0
         lo, hi = FRAME_RATE_HZ
@@ -39,7 +39,7 @@ class VideoState:
         self.tracks = Tracks(options.follow_tracks, smoothing)
         self.temporal = None  # posefix.temporal's causal refinement, where asked for (or the server has no refiner)
         if options.HasField("temporal") or temporal_by_default:
-            self.temporal = temporal_stream(options.temporal)
+            self.temporal = temporal_stream(options.temporal, learned)
         self.period = Fraction(1 / self.frame_rate)
         self.t: Fraction | None = None  # the previous frame's time, seconds, exact
 
@@ -61,14 +61,19 @@ class VideoState:
         return Tracks.check_ids([p.track_id for p in persons])
 
 
-def temporal_stream(t: pb2.TemporalOptions):
+def temporal_stream(t: pb2.TemporalOptions, learned=None):
     """The :class:`posefix.temporal.stream.TemporalStream` of StreamOptions.temporal; bad values are InputErrors
-    naming their field."""
+    naming their field. ``learned``: the server's learned smoother (``posefix serve --temporal-weights``), or
+    None."""
     name = t.smoother or DEFAULT_SMOOTHER
     try:
         options = TemporalOptions(max_gap=t.max_gap if t.HasField("max_gap") else TemporalOptions.max_gap)
     except InputError as e:
         raise InputError("options.temporal." + e.field.split(".")[-1], e.problem) from None
+    if name == "learned":
+        if learned is None:
+            raise InputError("options.temporal.smoother", "learned needs a server started with --temporal-weights")
+        return TemporalStream(learned, options)
     try:
         smoother = make_smoother(name)
     except InputError as e:
