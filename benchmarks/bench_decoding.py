@@ -36,6 +36,7 @@ from posefix import SAMPLE_DIR
 from posefix.config import load_config
 from posefix.formats import as_coco_results, load_estimates
 from posefix.model import PoseFixNet
+from posefix.refine import by_image
 from posefix.refiner import Refiner
 from posefix.synth.cocoio import load_ground_truth, load_results
 from posefix.synth.diagnose import keypoint_ap
@@ -96,10 +97,7 @@ def refine(model: list[str], images: Path, inputs: Path, out: Path, reduced: boo
 def reductions(refiner: Refiner, images: Path, inputs: Path) -> dict:
     """How many images each reduction is chosen for, by the rule posefix refine applies."""
     est = load_estimates(inputs, "movenet", images)
-    count = Counter()
-    for key in dict.fromkeys(est.image_keys):
-        rows = [i for i, k in enumerate(est.image_keys) if k == key]
-        count[refiner.decode_reduction(est.keypoints[rows])] += 1
+    count = Counter(refiner.decode_reduction(est.keypoints[rows]) for rows in by_image(est.image_keys).values())
     return {f"1/{r}": count[r] for r in sorted(count)}
 
 

@@ -66,8 +66,7 @@ def refine_images(refiner: RefinerLike, jobs, workers: int = 2, lookahead: int =
                 return False
             key, source, poses = job
             poses = np.asarray(poses, dtype=np.float64).reshape(-1, NUM_KEYPOINTS, 3)
-            reduce = 1 if isinstance(source, (torch.Tensor, Reduced)) else refiner.decode_reduction(poses)
-            queue.append(_Job(key, pool.submit(_staged, stage, source, reduce), poses))
+            queue.append(_Job(key, pool.submit(_staged, stage, source, poses, refiner.decode_reduction), poses))
             return True
 
         def fill():
@@ -98,8 +97,7 @@ def refine_images(refiner: RefinerLike, jobs, workers: int = 2, lookahead: int =
                 index = np.concatenate([np.full(hi - lo, where[id(job)], dtype=np.int64) for job, lo, hi in parts])
                 poses = np.concatenate([job.poses[lo:hi] for job, lo, hi in parts])
                 run = refiner.refine_parts if want_parts else refiner.refine
-                reduced = {} if max(reductions) == 1 else {"reductions": reductions}
-                out = run(list(images), index, poses, **reduced)
+                out = run(list(images), index, poses, reductions=None if max(reductions) == 1 else reductions)
                 start = 0
                 for job, lo, hi in parts:
                     job.xy[lo:hi], job.conf[lo:hi] = out[0][start:start + hi - lo], out[1][start:start + hi - lo]
@@ -132,13 +130,13 @@ class _Job:
         self.input_conf = np.zeros(poses.shape[:2])
 
 
-def _staged(stage, source, reduce: int) -> Reduced:
-    """A job's image, decoded when it is a file (at 1/``reduce`` where it can be), staged for the refiner's
-    device, with the reduction it was decoded at."""
+def _staged(stage, source, poses, decode_reduction) -> Reduced:
+    """A job's image, decoded when it is a file (at the reduction ``decode_reduction(poses)`` allows), staged
+    for the refiner's device, with the reduction it was decoded at. Runs in a decoding thread."""
     if isinstance(source, torch.Tensor):
         source = Reduced(source, 1)
     elif not isinstance(source, Reduced):
-        source = decode_reduced(source, reduce)
+        source = decode_reduced(source, decode_reduction(poses))
     return Reduced(stage(source.image), source.reduction)
 
 

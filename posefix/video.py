@@ -216,9 +216,8 @@ def refine_video_frames(checkpoint, video, input, out, options: RefineOptions | 
     write COCO results to ``out``; ``render``: also write the video with the input and refined poses drawn.
     ``temporal``: then refine the result over time (:func:`posefix.temporal.files.refine_file`; its keys
     ``smoother``, ``weights``, ``max_gap``, ``max_person_gap``, ``causal``, and optionally ``person_gate`` and
-    ``lost_score``). ``start(frames)`` is called with
-    the video's frame count (None where unknown), ``progress(n)`` as frames are done. Returns counts: persons,
-    frames, seconds, keeps_every_input."""
+    ``lost_score``). ``start(frames)`` is called with the video's frame count (None where unknown),
+    ``progress(n)`` as frames are done. Returns counts: persons, frames, seconds, keeps_every_input."""
     info = probe(video)
     poses = load_poses(input, fmt, (info.width, info.height))
     refiner = Refiner.from_checkpoint(checkpoint, options)

@@ -155,9 +155,9 @@ def test_refine_images_fills_every_call_but_the_last(refiner):
     calls = []
     plain = refiner.refine
 
-    def spy(images, index, poses, crop_poses=None):
+    def spy(images, index, poses, crop_poses=None, reductions=None):
         calls.append(len(poses))
-        return plain(images, index, poses, crop_poses)
+        return plain(images, index, poses, crop_poses, reductions)
 
     refiner.refine = spy
     try:

@@ -32,7 +32,7 @@ from ..options import RefineOptions
 from ..protocols import RefinerLike
 from ..refiner import Refiner
 from ..search import PoseIndex
-from ..temporal import make_smoother
+from ..temporal.files import temporal_setup
 from .metrics import Metrics
 from .servicer import PoseRefinerServicer
 from .validation import Limits
@@ -150,11 +150,7 @@ def create_server(refiner: RefinerLike, host: str = "127.0.0.1", port: int = 0, 
         raise InputError("port", f"must be in 0..65535, got {port}")
     if metrics_port is not None and not 0 <= metrics_port <= 65535:
         raise InputError("metrics_port", f"must be in 0..65535, got {metrics_port}")
-    learned = None
-    if temporal_weights is not None:
-        if not Path(temporal_weights).is_file():
-            raise InputError("temporal_weights", "file not found", str(temporal_weights))
-        learned = make_smoother("learned", weights=temporal_weights)
+    learned = None if temporal_weights is None else temporal_setup("learned", temporal_weights)[0]
     metrics = Metrics()
     if max_queue_wait_s is not None and not (math.isfinite(max_queue_wait_s) and max_queue_wait_s > 0):
         raise InputError("max_queue_wait_s", f"must be > 0 seconds, got {max_queue_wait_s}")
