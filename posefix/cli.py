@@ -339,12 +339,10 @@ def refine_options(args, **changes) -> RefineOptions:
 def _ray_args(args) -> dict | None:
     """The Ray options of ``posefix refine``: only with ``--ray``, and in range (None without ``--ray``)."""
     if args.ray is None:
-        for name in ("actors", "num_gpus", "shards"):
+        for name in ("actors", "num_gpus"):
             if getattr(args, name) is not None:
                 raise InputError(f"--{name.replace('_', '-')}", "only goes with --ray")
         return None
-    if args.backend not in (None, "torch") or args.onnx:
-        raise InputError("--ray", "runs the torch backend; give --checkpoint without --backend/--onnx")
     return {"actors": args.actors, "num_gpus": args.num_gpus, "address": args.ray or None,
             "show_progress": not args.quiet}
 
@@ -367,16 +365,15 @@ def print_refined(r, quiet_notice: bool = False) -> None:
 def cmd_refine(args) -> int:
     from tqdm import tqdm
 
-    from .offline import refine_file, shard_paths
+    from .offline import check_run, refine_file, shard_paths
 
     ray = _ray_args(args)
+    options = refine_options(args)
+    check_run(args.shards, ray, options)
     if args.ray is not None:
         require("ray.data", "ray", "refining on Ray")
-    if args.shards is not None and args.shards < 1:
-        raise InputError("--shards", f"must be at least 1, got {args.shards}")
     check_command_outputs(args, ("checkpoint", "onnx", "input", "annotations", "images"), ("out",),
                           extra=[("--shards", p) for p in shard_paths(args.out, args.shards)] if args.shards else ())
-    options = refine_options(args)
     with tqdm(unit="person", file=sys.stderr, disable=args.quiet or args.ray is not None or None,
               mininterval=0.5) as bar:
         def start(total):

@@ -108,6 +108,17 @@ class FileRefinement:
     keeps_every_input: bool
 
 
+def check_run(shards: int | None, ray: dict | None, options: RefineOptions) -> None:
+    """How :func:`refine_file` is asked to run, checked before anything is read or written: ``shards`` only on
+    Ray and at least 1, Ray with the torch backend. Errors name the arguments (``shards``, ``ray``)."""
+    if ray is None and shards is not None:
+        raise InputError("shards", "only goes with a run on Ray")
+    if shards is not None and shards < 1:
+        raise InputError("shards", f"must be at least 1, got {shards}")
+    if ray is not None and options.resolved_backend != "torch":
+        raise InputError("ray", "runs the torch backend only (not onnxruntime)")
+
+
 def refine_file(checkpoint, input, images, out, options: RefineOptions | None = None, *, fmt: str = "coco",
                 annotations=None, keep_input_below: float | None = None, workers: int = 2,
                 skip_invalid: bool = False, allow_outside_images: bool = False, shards: int | None = None,
@@ -123,12 +134,7 @@ def refine_file(checkpoint, input, images, out, options: RefineOptions | None = 
     ``show_progress``). ``start(total)`` is called with the number of persons once the input is read,
     ``progress(n)`` as persons are done (not on Ray)."""
     options = options or RefineOptions()
-    if ray is None and shards is not None:
-        raise InputError("shards", "only goes with ray")
-    if shards is not None and shards < 1:
-        raise InputError("shards", f"must be at least 1, got {shards}")
-    if ray is not None and options.resolved_backend != "torch":
-        raise InputError("ray", "runs the torch backend; give a checkpoint without backend/onnx")
+    check_run(shards, ray, options)
     if not (ray is not None and is_uri(str(images))) and not Path(images).is_dir():
         raise InputError("images", f"{images} is not a directory")
     coco_images = None
