@@ -77,6 +77,9 @@ def metadata(cfg: ModelConfig, outputs: list[str], precision: str, **extra) -> d
     return meta
 
 
+FOLD_SIZE_LIMIT = 1 << 22  # elements: above any posefix weight
+
+
 def export_onnx(model: PoseFixNet, opset: int = DEFAULT_OPSET, batch: int | None = None, for_int8: bool = False,
                 **extra_meta):
     """The refiner (BatchNorm folded) as an ONNX ModelProto, checked with ``onnx.checker``.
@@ -90,6 +93,8 @@ def export_onnx(model: PoseFixNet, opset: int = DEFAULT_OPSET, batch: int | None
 
     onnx = require("onnx", "--onnx")
     require("onnxscript", "--onnx")
+    from onnxscript import optimizer
+
     folded = fold_batchnorm(model)
     if for_int8:
         folded = subpixel_head(folded)
@@ -114,6 +119,10 @@ def export_onnx(model: PoseFixNet, opset: int = DEFAULT_OPSET, batch: int | None
                                     input_names=list(INPUTS), output_names=outputs, dynamic_shapes=dynamic,
                                     opset_version=opset, optimize=True, verbose=False)
     proto = program.model_proto
+    # Fold what depends on the weights alone — the stem's slices of its weight among them, which the exporter's
+    # own pass leaves above its size limit — so that the image's stem convolution has constant weights (and is
+    # quantised with the trunk) and nothing is recomputed per call.
+    proto = optimizer.optimize(proto, input_size_limit=FOLD_SIZE_LIMIT, output_size_limit=FOLD_SIZE_LIMIT)
     fitted = getattr(model, "fitted_choice", None)
     if fitted is not None:  # a choice fitted to one estimator travels with the weights (posefix fit-choice)
         extra_meta[CHOICE_KEY] = fitted.to_json()
@@ -175,10 +184,11 @@ def quantize_int8(fp32, image: np.ndarray, keypoints: np.ndarray, batch: int = 8
     QDQ format, per-channel int8 weights, uint8 activations calibrated by min-max on the given crops: the
     U8S8 form that ONNX Runtime's x86 kernels and QDQ fusions are built for).
 
-    Only the trunk is quantised — the ResNet's and the head's convolutions and transposed convolutions, the
-    residual additions, ReLUs and pooling between them; the stem's Gaussian-factor convolution, the 1×1
-    output convolutions, soft-argmax and the confidence readout stay float, so the coordinates are decoded
-    at full precision.
+    Only the trunk is quantised — the stem's convolution of the image, the backbone's and the head's
+    convolutions and transposed convolutions, the residual additions, ReLUs and pooling between them; the stem's
+    contraction of the input pose's Gaussian factors, the 1×1 output convolutions, soft-argmax and the
+    confidence readout stay float, so the input pose keeps its precision and the coordinates are decoded at
+    full precision.
     """
     import logging
     import tempfile
@@ -195,8 +205,9 @@ def quantize_int8(fp32, image: np.ndarray, keypoints: np.ndarray, batch: int = 8
         if node is not None and node.name not in trunk:
             trunk.add(node.name)
             todo.extend(node.input)
-    # The trunk's convolutions (not the stem's, whose weights are computed from the Gaussian factors), its
-    # residual additions, ReLUs and pooling: whole blocks stay int8 between convolutions.
+    # The trunk's convolutions with constant weights (the stem's of the image among them; not a convolution
+    # whose weights are computed), its residual additions, ReLUs and pooling: whole blocks stay int8 between
+    # convolutions.
     convs = [n.name for n in fp32.graph.node if n.name in trunk and n.op_type in TRUNK_OPS
              and not (n.op_type in ("Conv", "ConvTranspose") and n.input[1] not in weights)]
     exclude = [n.name for n in fp32.graph.node if n.name not in set(convs)]

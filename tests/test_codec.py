@@ -177,6 +177,25 @@ def test_render_heatmaps_outside_map_renders_its_tail():
     assert heat[0, 2].max() < 1e-20
 
 
+def test_gaussian_factors_and_the_stem_contraction_hold_no_subnormal_numbers():
+    """Factors below e^LOG_FACTOR_FLOOR are zero, so neither they nor the fused stem's products are subnormal
+    floats (which x86 CPUs compute tens of times more slowly); what is cut is below 1e-15 of the peak."""
+    size, sigma = (128, 96), 3.5
+    rng = np.random.default_rng(0)
+    kp = torch.from_numpy(np.concatenate([rng.uniform(-20, 116, (16, NUM_KEYPOINTS, 1)),
+                                          rng.uniform(-20, 148, (16, NUM_KEYPOINTS, 1)),
+                                          np.ones((16, NUM_KEYPOINTS, 1))], -1))
+    tiny = torch.finfo(torch.float32).tiny
+    gy, gx = codec.gaussian_axes(kp.float(), size, sigma)
+    weight = torch.randn(64, NUM_KEYPOINTS, 7, 7, generator=torch.Generator().manual_seed(0)) * 1e-3
+    out = codec.heatmap_conv2d(kp.float(), size, sigma, weight, stride=2, padding=3)
+    for t in (gy, gx, out):
+        assert not ((t != 0) & (t.abs() < tiny)).any()
+    exact = torch.exp(-(torch.arange(size[1], dtype=torch.float64) - kp[..., :1].double()) ** 2 / (2 * sigma ** 2))
+    assert exact[gx == 0].max() < 1.1e-15  # only factors below 1e-15 of the peak are cut
+    assert (gx == 0).float().mean() > 0.5  # and most of a 96-pixel axis is beyond it at σ 3.5
+
+
 def test_render_heatmaps_dtype_argument_and_per_joint_sigma():
     size = (9, 11)
     kp = _keypoints(7, 2, 4, size)

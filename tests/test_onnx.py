@@ -99,6 +99,12 @@ def test_export_is_one_checked_graph_with_posefix_metadata(files):
     assert json.loads(meta["posefix_keypoints"])["names"][5] == "left_shoulder"
     assert meta["posefix_precision"] == "fp32" and meta["posefix_version"]
     assert not any(n.op_type == "Resize" or "heatmap" in n.name for n in proto.graph.node)
+    # Nothing is computed from the weights alone at run time (the stem's weight slices are folded at export).
+    constant = {t.name for t in proto.graph.initializer} | {""}
+    for node in proto.graph.node:
+        assert node.op_type == "Constant" or not set(node.input) <= constant, node.name
+        if node.op_type == "Constant":
+            constant.update(node.output)
 
 
 @pytest.mark.parametrize("batch", [1, 7, 64])
@@ -218,6 +224,11 @@ def test_int8_within_its_bound_and_ap_of_fp32(files, torch_refiner, real_crops, 
     assert {p.key: p.value for p in int8.metadata_props}["posefix_precision"] == "int8"
     assert sum(n.op_type == "QuantizeLinear" for n in int8.graph.node) > 10
     assert not any(n.op_type == "ConvTranspose" for n in int8.graph.node)  # every head convolution quantisable
+    # Every convolution is quantised but the 1×1 output convolutions (the stem's of the image included).
+    made_by = {out: n.op_type for n in int8.graph.node for out in n.output}
+    shapes = {t.name: tuple(t.dims) for t in int8.graph.initializer}
+    float_convs = [n for n in int8.graph.node if n.op_type == "Conv" and made_by.get(n.input[1]) != "DequantizeLinear"]
+    assert float_convs and all(shapes[n.input[1]][2:] == (1, 1) for n in float_convs)
     a, b = OnnxModel(fp32), OnnxModel(int8.SerializeToString())
     assert b.describe() == "onnxruntime (CPUExecutionProvider, int8)"
     image, kp = random_inputs(torch_refiner.cfg, 16, seed=3)
