@@ -234,11 +234,44 @@ def quantize_int8(fp32, image: np.ndarray, keypoints: np.ndarray, batch: int = 8
             proto = onnx.load(str(dst))
     finally:
         root.setLevel(level)
+    shuffles_on_int8(proto)
     meta = read_metadata(fp32)
     meta.update(posefix_precision="int8", posefix_calibration_persons=str(len(image)))
     _set_metadata(proto, meta)
     onnx.checker.check_model(proto)
     return proto
+
+
+def shuffles_on_int8(proto) -> int:
+    """Move each pixel shuffle (``DepthToSpace``) that reads a ``DequantizeLinear``'s output (and is its only
+    reader) before it, in place: the shuffle then moves the uint8 tensor, and the dequantisation follows.
+    ONNX Runtime's quantiser has no quantised form of the shuffle; a shuffle is a permutation and a per-tensor
+    dequantisation acts on each element alike, so the two commute exactly. Returns how many moved."""
+    from onnx import numpy_helper
+
+    nodes = list(proto.graph.node)
+    scalar = {t.name for t in proto.graph.initializer if numpy_helper.to_array(t).size == 1}
+    made_by = {out: i for i, n in enumerate(nodes) for out in n.output}
+    readers: dict[str, int] = {}
+    for n in nodes:
+        for name in n.input:
+            readers[name] = readers.get(name, 0) + 1
+    moved = 0
+    for j, shuffle in enumerate(nodes):
+        i = made_by.get(shuffle.input[0]) if shuffle.op_type == "DepthToSpace" else None
+        if i is None:
+            continue
+        dq = nodes[i]
+        if dq.op_type != "DequantizeLinear" or readers[dq.output[0]] != 1 or not set(dq.input[1:]) <= scalar:
+            continue
+        x_q, between, y = dq.input[0], dq.output[0], shuffle.output[0]
+        shuffle.input[0], shuffle.output[0] = x_q, between
+        dq.input[0], dq.output[0] = between, y
+        nodes[i], nodes[j] = shuffle, dq  # still in topological order: the shuffle where its input was read
+        moved += 1
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return moved
 
 
 # Running a model.

@@ -229,6 +229,9 @@ def test_int8_within_its_bound_and_ap_of_fp32(files, torch_refiner, real_crops, 
     shapes = {t.name: tuple(t.dims) for t in int8.graph.initializer}
     float_convs = [n for n in int8.graph.node if n.op_type == "Conv" and made_by.get(n.input[1]) != "DequantizeLinear"]
     assert float_convs and all(shapes[n.input[1]][2:] == (1, 1) for n in float_convs)
+    shuffles = [n for n in int8.graph.node if n.op_type == "DepthToSpace"]  # each moves the uint8 tensor
+    assert all(made_by.get(n.input[0]) != "DequantizeLinear" for n in shuffles)
+    assert len(shuffles) == (3 if backbone == "resnet18" else 0)
     a, b = OnnxModel(fp32), OnnxModel(int8.SerializeToString())
     assert b.describe() == "onnxruntime (CPUExecutionProvider, int8)"
     image, kp = random_inputs(torch_refiner.cfg, 16, seed=3)
@@ -243,6 +246,41 @@ def test_int8_within_its_bound_and_ap_of_fp32(files, torch_refiner, real_crops, 
     for inputs in (synthesized, load_results(VAL_RESULTS, gt)):
         aps = [keypoint_ap(gt, refine_results(Refiner(m), inputs, paths)) for m in (a, b)]
         assert abs(aps[0] - aps[1]) <= INT8_AP, aps
+
+
+def test_pixel_shuffles_move_before_their_dequantisation_and_give_the_same_numbers():
+    """``shuffles_on_int8`` on a plain graph: uint8 → DequantizeLinear → DepthToSpace → Relu, the shuffle read
+    by one node and not (a second reader keeps the float tensor where it is)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from posefix.onnx_backend import shuffles_on_int8
+
+    def graph(second_reader: bool):
+        nodes = [helper.make_node("DequantizeLinear", ["x", "scale", "zero"], ["xf"]),
+                 helper.make_node("DepthToSpace", ["xf"], ["y"], blocksize=2, mode="CRD"),
+                 helper.make_node("Relu", ["y"], ["out"])]
+        outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 2, 6, 10])]
+        if second_reader:
+            nodes.append(helper.make_node("Neg", ["xf"], ["other"]))
+            outputs.append(helper.make_tensor_value_info("other", TensorProto.FLOAT, [2, 8, 3, 5]))
+        inits = [numpy_helper.from_array(np.array(0.05, np.float32), "scale"),
+                 numpy_helper.from_array(np.array(128, np.uint8), "zero")]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [2, 8, 3, 5])],
+                              outputs, inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    x = np.random.default_rng(0).integers(0, 256, (2, 8, 3, 5), dtype=np.uint8)
+    for second, moves in ((False, 1), (True, 0)):
+        plain, moved = graph(second), graph(second)
+        assert shuffles_on_int8(moved) == moves
+        onnx.checker.check_model(moved)
+        if moves:
+            shuffle = next(n for n in moved.graph.node if n.op_type == "DepthToSpace")
+            assert shuffle.input[0] == "x"  # the uint8 tensor
+        want = ort.InferenceSession(plain.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        got = ort.InferenceSession(moved.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        for a, b in zip(want, got):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_export_int8_and_triton_repository_by_the_cli(files, tmp_path):
