@@ -70,7 +70,8 @@ def gaussian_axes(keypoints: Tensor, size: tuple[int, int], sigma: float | Tenso
 
     keypoints: (N, K, 3) = (x, y, v) in the heatmap's pixels; size: (H, W); sigma: pixels, a float or a tensor
     broadcastable to (N, K). Returns gy (N, K, H) and gx (N, K, W) in at least float32 (float64 stays float64);
-    gy is zero for an invalid joint (v <= 0 or x or y not finite), so its whole heatmap is.
+    gy is zero for an invalid joint (v <= 0 or x or y not finite), so its whole heatmap is. A factor below
+    e^LOG_FACTOR_FLOOR (about 1e-15 of the peak) is exactly zero.
     """
     height, width = size
     work = _work_dtype(keypoints.dtype)
@@ -88,7 +89,8 @@ def gaussian_axes(keypoints: Tensor, size: tuple[int, int], sigma: float | Tenso
 
 def render_heatmaps(keypoints: Tensor, size: tuple[int, int], sigma: float | Tensor,
                     dtype: torch.dtype | None = None, out: Tensor | None = None) -> Tensor:
-    """One Gaussian exp(-((X - x)² + (Y - y)²) / (2σ²)) with peak 1 per joint.
+    """One Gaussian exp(-((X - x)² + (Y - y)²) / (2σ²)) with peak 1 per joint (the product of the 1-D factors of
+    :func:`gaussian_axes`, each zero below about 1e-15 of its peak).
 
     keypoints: (N, K, 3) = (x, y, v) in the heatmap's pixels. size: (H, W). sigma: pixels, a float or a tensor
     broadcastable to (N, K). dtype: the result's, by default the keypoints' (floating) dtype.

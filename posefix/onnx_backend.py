@@ -77,7 +77,7 @@ def metadata(cfg: ModelConfig, outputs: list[str], precision: str, **extra) -> d
     return meta
 
 
-FOLD_SIZE_LIMIT = 1 << 22  # elements: above any posefix weight
+FOLD_SIZE_LIMIT = 1 << 22  # elements: above the stem's weight, O·(3 + K)·kh·kw (the one folded at export)
 
 
 def export_onnx(model: PoseFixNet, opset: int = DEFAULT_OPSET, batch: int | None = None, for_int8: bool = False,
@@ -186,9 +186,10 @@ def quantize_int8(fp32, image: np.ndarray, keypoints: np.ndarray, batch: int = 8
 
     Only the trunk is quantised — the stem's convolution of the image, the backbone's and the head's
     convolutions and transposed convolutions, the residual additions, ReLUs and pooling between them; the stem's
-    contraction of the input pose's Gaussian factors, the 1×1 output convolutions, soft-argmax and the
-    confidence readout stay float, so the input pose keeps its precision and the coordinates are decoded at
-    full precision.
+    contraction of the input pose's Gaussian factors (its sum with the image's convolution is quantised like
+    every trunk activation), the 1×1 output convolutions, soft-argmax and the confidence readout stay float, so
+    the coordinates are decoded at full precision. Each pixel shuffle of the head is then moved onto the uint8
+    tensor (:func:`shuffles_on_int8`).
     """
     import logging
     import tempfile
@@ -197,6 +198,8 @@ def quantize_int8(fp32, image: np.ndarray, keypoints: np.ndarray, batch: int = 8
     quant = require("onnxruntime.quantization", "--int8")
     k = json.loads(read_metadata(fp32)["posefix_model_config"])["num_keypoints"]
     weights = {t.name: tuple(t.dims) for t in fp32.graph.initializer}
+    weights.update({node.output[0]: tuple(a.t.dims) for node in fp32.graph.node if node.op_type == "Constant"
+                    for a in node.attribute if a.name == "value"})  # constants, whichever way they are stored
     producer = {out: node for node in fp32.graph.node for out in node.output}
     heads = [n for n in fp32.graph.node if n.op_type == "Conv" and weights.get(n.input[1], (0,))[0] == k]
     trunk, todo = set(), [n.input[0] for n in heads]  # every node the output convolutions' features come from
@@ -246,16 +249,21 @@ def shuffles_on_int8(proto) -> int:
     """Move each pixel shuffle (``DepthToSpace``) that reads a ``DequantizeLinear``'s output (and is its only
     reader) before it, in place: the shuffle then moves the uint8 tensor, and the dequantisation follows.
     ONNX Runtime's quantiser has no quantised form of the shuffle; a shuffle is a permutation and a per-tensor
-    dequantisation acts on each element alike, so the two commute exactly. Returns how many moved."""
-    from onnx import numpy_helper
+    dequantisation acts on each element alike, so the two commute exactly. A dequantised tensor that is also
+    read elsewhere (another node, a graph output) stays; a graph with subgraphs is left as it is. Returns how
+    many moved."""
+    import math
+
+    from onnx import AttributeProto
 
     nodes = list(proto.graph.node)
-    scalar = {t.name for t in proto.graph.initializer if numpy_helper.to_array(t).size == 1}
+    if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for n in nodes for a in n.attribute):
+        return 0
+    scalar = {t.name for t in proto.graph.initializer if math.prod(t.dims) == 1}
     made_by = {out: i for i, n in enumerate(nodes) for out in n.output}
     readers: dict[str, int] = {}
-    for n in nodes:
-        for name in n.input:
-            readers[name] = readers.get(name, 0) + 1
+    for name in [i for n in nodes for i in n.input] + [o.name for o in proto.graph.output]:
+        readers[name] = readers.get(name, 0) + 1
     moved = 0
     for j, shuffle in enumerate(nodes):
         i = made_by.get(shuffle.input[0]) if shuffle.op_type == "DepthToSpace" else None
@@ -269,6 +277,9 @@ def shuffles_on_int8(proto) -> int:
         dq.input[0], dq.output[0] = between, y
         nodes[i], nodes[j] = shuffle, dq  # still in topological order: the shuffle where its input was read
         moved += 1
+        stale = [v for v in proto.graph.value_info if v.name == between]  # its type and shape changed
+        for v in stale:
+            proto.graph.value_info.remove(v)
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
     return moved

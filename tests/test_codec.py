@@ -178,8 +178,9 @@ def test_render_heatmaps_outside_map_renders_its_tail():
 
 
 def test_gaussian_factors_and_the_stem_contraction_hold_no_subnormal_numbers():
-    """Factors below e^LOG_FACTOR_FLOOR are zero, so neither they nor the fused stem's products are subnormal
-    floats (which x86 CPUs compute tens of times more slowly); what is cut is below 1e-15 of the peak."""
+    """Factors below e^LOG_FACTOR_FLOOR are zero, so neither they, their products nor the fused stem's output
+    are subnormal floats (which x86 CPUs compute tens of times more slowly); what is cut is below 1e-15 of the
+    peak."""
     size, sigma = (128, 96), 3.5
     rng = np.random.default_rng(0)
     kp = torch.from_numpy(np.concatenate([rng.uniform(-20, 116, (16, NUM_KEYPOINTS, 1)),
@@ -189,7 +190,7 @@ def test_gaussian_factors_and_the_stem_contraction_hold_no_subnormal_numbers():
     gy, gx = codec.gaussian_axes(kp.float(), size, sigma)
     weight = torch.randn(64, NUM_KEYPOINTS, 7, 7, generator=torch.Generator().manual_seed(0)) * 1e-3
     out = codec.heatmap_conv2d(kp.float(), size, sigma, weight, stride=2, padding=3)
-    for t in (gy, gx, out):
+    for t in (gy, gx, gy[:, :, :, None] * gx[:, :, None, :], out):  # the factors, their products, the stem's
         assert not ((t != 0) & (t.abs() < tiny)).any()
     exact = torch.exp(-(torch.arange(size[1], dtype=torch.float64) - kp[..., :1].double()) ** 2 / (2 * sigma ** 2))
     assert exact[gx == 0].max() < 1.1e-15  # only factors below 1e-15 of the peak are cut

@@ -248,39 +248,49 @@ def test_int8_within_its_bound_and_ap_of_fp32(files, torch_refiner, real_crops, 
         assert abs(aps[0] - aps[1]) <= INT8_AP, aps
 
 
-def test_pixel_shuffles_move_before_their_dequantisation_and_give_the_same_numbers():
-    """``shuffles_on_int8`` on a plain graph: uint8 → DequantizeLinear → DepthToSpace → Relu, the shuffle read
-    by one node and not (a second reader keeps the float tensor where it is)."""
+@pytest.mark.parametrize("case, moves", [("plain", 1), ("second reader", 0), ("graph output", 0),
+                                         ("per-channel", 0), ("chain", 2)])
+def test_pixel_shuffles_move_before_their_dequantisation_and_give_the_same_numbers(case, moves):
+    """``shuffles_on_int8`` on a plain graph, uint8 → DequantizeLinear → DepthToSpace → Relu: the shuffle moves
+    before the dequantisation where it is the dequantised tensor's only reader and the scale is per tensor
+    (a chain of two shuffles both move), and the outputs are the same numbers either way."""
     from onnx import TensorProto, helper, numpy_helper
 
     from posefix.onnx_backend import shuffles_on_int8
 
-    def graph(second_reader: bool):
-        nodes = [helper.make_node("DequantizeLinear", ["x", "scale", "zero"], ["xf"]),
-                 helper.make_node("DepthToSpace", ["xf"], ["y"], blocksize=2, mode="CRD"),
-                 helper.make_node("Relu", ["y"], ["out"])]
-        outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 2, 6, 10])]
-        if second_reader:
+    def graph():
+        per_channel = case == "per-channel"
+        nodes = [helper.make_node("DequantizeLinear", ["x", "scale", "zero"], ["xf"], axis=1),
+                 helper.make_node("DepthToSpace", ["xf"], ["y"], blocksize=2, mode="CRD")]
+        shape = [2, 2, 6, 10]
+        if case == "chain":
+            nodes.append(helper.make_node("DepthToSpace", ["y"], ["y2"], blocksize=2, mode="CRD"))
+            shape = [2, 1, 12, 20]
+        nodes.append(helper.make_node("Relu", [nodes[-1].output[0]], ["out"]))
+        outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, shape)]
+        if case == "second reader":
             nodes.append(helper.make_node("Neg", ["xf"], ["other"]))
-            outputs.append(helper.make_tensor_value_info("other", TensorProto.FLOAT, [2, 8, 3, 5]))
-        inits = [numpy_helper.from_array(np.array(0.05, np.float32), "scale"),
-                 numpy_helper.from_array(np.array(128, np.uint8), "zero")]
-        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [2, 8, 3, 5])],
+            outputs.append(helper.make_tensor_value_info("other", TensorProto.FLOAT, [2, 16, 3, 5]))
+        if case == "graph output":
+            outputs.append(helper.make_tensor_value_info("xf", TensorProto.FLOAT, [2, 16, 3, 5]))
+        scale = np.linspace(0.01, 0.1, 16, dtype=np.float32) if per_channel else np.array(0.05, np.float32)
+        zero = np.full(16, 128, np.uint8) if per_channel else np.array(128, np.uint8)
+        inits = [numpy_helper.from_array(scale, "scale"), numpy_helper.from_array(zero, "zero")]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [2, 16, 3, 5])],
                               outputs, inits)
         return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
-    x = np.random.default_rng(0).integers(0, 256, (2, 8, 3, 5), dtype=np.uint8)
-    for second, moves in ((False, 1), (True, 0)):
-        plain, moved = graph(second), graph(second)
-        assert shuffles_on_int8(moved) == moves
-        onnx.checker.check_model(moved)
-        if moves:
-            shuffle = next(n for n in moved.graph.node if n.op_type == "DepthToSpace")
-            assert shuffle.input[0] == "x"  # the uint8 tensor
-        want = ort.InferenceSession(plain.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-        got = ort.InferenceSession(moved.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-        for a, b in zip(want, got):
-            np.testing.assert_array_equal(a, b)
+    x = np.random.default_rng(0).integers(0, 256, (2, 16, 3, 5), dtype=np.uint8)
+    plain, moved = graph(), graph()
+    assert shuffles_on_int8(moved) == moves
+    onnx.checker.check_model(moved)
+    if moves:
+        shuffle = next(n for n in moved.graph.node if n.op_type == "DepthToSpace")
+        assert shuffle.input[0] == "x"  # the uint8 tensor
+    want = ort.InferenceSession(plain.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    got = ort.InferenceSession(moved.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_export_int8_and_triton_repository_by_the_cli(files, tmp_path):
