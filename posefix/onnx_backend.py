@@ -154,7 +154,7 @@ def read_metadata(proto) -> dict[str, str]:
 
 # Static int8 quantisation.
 
-TRUNK_OPS = ("Conv", "ConvTranspose", "Add", "Relu", "MaxPool")
+TRUNK_OPS = ("Conv", "ConvTranspose", "Add", "Relu", "MaxPool", "MatMul")
 
 def calibration_crops(refiner: RefinerLike, images_dir: str | Path, poses_path: str | Path, max_persons: int = 128,
                       fmt: str = "coco", allow_outside: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -184,12 +184,11 @@ def quantize_int8(fp32, image: np.ndarray, keypoints: np.ndarray, batch: int = 8
     QDQ format, per-channel int8 weights, uint8 activations calibrated by min-max on the given crops: the
     U8S8 form that ONNX Runtime's x86 kernels and QDQ fusions are built for).
 
-    Only the trunk is quantised — the stem's convolution of the image, the backbone's and the head's
-    convolutions and transposed convolutions, the residual additions, ReLUs and pooling between them; the stem's
-    contraction of the input pose's Gaussian factors (its sum with the image's convolution is quantised like
-    every trunk activation), the 1×1 output convolutions, soft-argmax and the confidence readout stay float, so
-    the coordinates are decoded at full precision. Each pixel shuffle of the head is then moved onto the uint8
-    tensor (:func:`shuffles_on_int8`).
+    Only the trunk is quantised — the stem's convolution of the image and its contraction of the input pose's
+    Gaussian factors (two matrix products), the backbone's and the head's convolutions and transposed
+    convolutions, the residual additions, ReLUs and pooling between them; the 1×1 output convolutions,
+    soft-argmax and the confidence readout stay float, so the coordinates are decoded at full precision. Each
+    pixel shuffle of the head is then moved onto the uint8 tensor (:func:`shuffles_on_int8`).
     """
     import logging
     import tempfile
@@ -209,8 +208,8 @@ def quantize_int8(fp32, image: np.ndarray, keypoints: np.ndarray, batch: int = 8
             trunk.add(node.name)
             todo.extend(node.input)
     # The trunk's convolutions with constant weights (the stem's of the image among them; not a convolution
-    # whose weights are computed), its residual additions, ReLUs and pooling: whole blocks stay int8 between
-    # convolutions.
+    # whose weights are computed), the stem's matrix products of the pose's factors, its residual additions,
+    # ReLUs and pooling: whole blocks stay int8 between convolutions.
     convs = [n.name for n in fp32.graph.node if n.name in trunk and n.op_type in TRUNK_OPS
              and not (n.op_type in ("Conv", "ConvTranspose") and n.input[1] not in weights)]
     exclude = [n.name for n in fp32.graph.node if n.name not in set(convs)]

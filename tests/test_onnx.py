@@ -224,11 +224,14 @@ def test_int8_within_its_bound_and_ap_of_fp32(files, torch_refiner, real_crops, 
     assert {p.key: p.value for p in int8.metadata_props}["posefix_precision"] == "int8"
     assert sum(n.op_type == "QuantizeLinear" for n in int8.graph.node) > 10
     assert not any(n.op_type == "ConvTranspose" for n in int8.graph.node)  # every head convolution quantisable
-    # Every convolution is quantised but the 1×1 output convolutions (the stem's of the image included).
+    # Every convolution is quantised but the 1×1 output convolutions (the stem's of the image included), and so
+    # are the stem's matrix products.
     made_by = {out: n.op_type for n in int8.graph.node for out in n.output}
     shapes = {t.name: tuple(t.dims) for t in int8.graph.initializer}
     float_convs = [n for n in int8.graph.node if n.op_type == "Conv" and made_by.get(n.input[1]) != "DequantizeLinear"]
     assert float_convs and all(shapes[n.input[1]][2:] == (1, 1) for n in float_convs)
+    products = [n for n in int8.graph.node if n.op_type == "MatMul"]  # the stem's contraction of the pose
+    assert len(products) == 2 and all(made_by.get(i) == "DequantizeLinear" for n in products for i in n.input)
     shuffles = [n for n in int8.graph.node if n.op_type == "DepthToSpace"]  # each moves the uint8 tensor
     assert all(made_by.get(n.input[0]) != "DequantizeLinear" for n in shuffles)
     assert len(shuffles) == (3 if backbone == "resnet18" else 0)
