@@ -187,6 +187,7 @@ class PoseFixNet(nn.Module):
         self.register_buffer("rgb_mean", torch.tensor(RGB_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("rgb_std", torch.tensor(RGB_STD).view(1, 3, 1, 1), persistent=False)
         self.fused_stem = True  # from keypoints: the heatmap channels' stem convolution without rendering them
+        self.merged_outputs: OutputConvs | None = None  # the 1×1 output convolutions as one (merge_output_convs)
 
     def forward(self, image: torch.Tensor, heatmaps: torch.Tensor | None = None, *,
                 keypoints: torch.Tensor | None = None) -> dict:
@@ -222,23 +223,28 @@ class PoseFixNet(nn.Module):
             x = torch.cat([rgb, heatmaps.to(rgb.dtype)], dim=1)  # (N, 3+K, H, W)
             f = self.head(self.backbone(x))  # (N, c, h, w)
             pooled = F.avg_pool2d(heatmaps.float(), STRIDE)  # (N, K, h, w)
-        logits = self.final(f)
+        if self.merged_outputs is not None:
+            logits, conf_map, input_map, *offsets = self.merged_outputs(f)
+        else:
+            logits, conf_map = self.final(f), self.confidence(f)
+            input_map = F.conv2d(f.float(), self.input_confidence.weight.float())
+            offsets = [self.offset(f)] if cfg.head == "offset" else []
         if cfg.input_prior:
             logits = logits.float() + torch.log(pooled + PRIOR_EPS)
         coords, prob = soft_argmax(logits)
         extra = {}
         if cfg.head == "offset":
-            offsets = self.offset(f).float().unflatten(1, (cfg.num_keypoints, 2))  # (N, K, 2, h, w)
+            offsets = offsets[0].float().unflatten(1, (cfg.num_keypoints, 2))  # (N, K, 2, h, w)
             coords = peak_plus_offset(logits, offsets)
             extra["offsets"] = offsets
-        conf_map = self.confidence(f).float()  # (N, K, h, w)
+        conf_map = conf_map.float()  # (N, K, h, w)
         confidence_logit = (conf_map * prob.detach()).sum(dim=(2, 3))
         # The input joint's features: under its pooled heatmap, normalised to sum 1 (0 for an absent joint:
         # the bias alone).
         pooled = pooled.float()
         where = pooled / pooled.sum(dim=(2, 3), keepdim=True).clamp(min=PRIOR_EPS)
-        head = self.input_confidence
-        input_confidence_logit = (F.conv2d(f.float(), head.weight.float()) * where).sum(dim=(2, 3)) + head.bias.float()
+        input_confidence_logit = ((input_map.float() * where).sum(dim=(2, 3))
+                                  + self.input_confidence.bias.float())
         return {"logits": logits, "prob": prob, "coords": coords * STRIDE + (STRIDE - 1) / 2,
                 "confidence_logit": confidence_logit, "input_confidence_logit": input_confidence_logit, **extra}
 
@@ -288,6 +294,34 @@ def fold_batchnorm(model: PoseFixNet) -> PoseFixNet:
                 if isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)) and isinstance(module._modules[b], nn.BatchNorm2d):
                     fold(module, a, b, transpose=isinstance(conv, nn.ConvTranspose2d))
     return folded
+
+
+class OutputConvs(nn.Module):
+    """The head's 1×1 output convolutions (heatmap logits, confidence, input confidence without its bias, and
+    offsets where the head has them) as one convolution whose output is split: the same function, one pass
+    over the features instead of three or four (for exported graphs, where each pass also converts the
+    features' layout)."""
+
+    def __init__(self, model: PoseFixNet):
+        super().__init__()
+        convs = [model.final, model.confidence, model.input_confidence]
+        convs += [model.offset] if model.cfg.head == "offset" else []
+        biases = [c.bias for c in convs]
+        biases[2] = torch.zeros_like(biases[2])  # the input confidence's bias is added after its pooling
+        self.sizes = [c.out_channels for c in convs]
+        self.conv = nn.Conv2d(convs[0].in_channels, sum(self.sizes), kernel_size=1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.cat([c.weight for c in convs]))
+            self.conv.bias.copy_(torch.cat(biases))
+
+    def forward(self, f: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.conv(f).split(self.sizes, dim=1))
+
+
+def merge_output_convs(model: PoseFixNet) -> PoseFixNet:
+    """``model`` (for inference) with its output convolutions merged into one (:class:`OutputConvs`)."""
+    model.merged_outputs = OutputConvs(model)
+    return model
 
 
 class SubpixelDeconv(nn.Module):

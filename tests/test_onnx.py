@@ -235,8 +235,29 @@ def test_int8_within_its_bound_and_ap_of_fp32(files, torch_refiner, real_crops, 
     shuffles = [n for n in int8.graph.node if n.op_type == "DepthToSpace"]  # each moves the uint8 tensor
     assert all(made_by.get(n.input[0]) != "DequantizeLinear" for n in shuffles)
     assert len(shuffles) == (3 if backbone == "resnet18" else 0)
+    # One output convolution (heatmaps, confidence and input confidence merged), float.
+    assert len(float_convs) == 1 and shapes[float_convs[0].input[1]][0] == 3 * model.cfg.num_keypoints
+    # MobileNetV3's hard-swishes, hard-sigmoids, squeeze-excitation pools and the head's upsamplings run on
+    # uint8: nothing of them is left in float between a dequantisation and a quantisation.
+    assert not any(n.op_type in ("HardSwish", "HardSigmoid") for n in int8.graph.node)
+    readers = {}
+    for n in int8.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n.op_type)
+    quantised = {"Resize", "GlobalAveragePool", "Mul", "Add"}
+    assert all(made_by.get(n.input[0]) == "DequantizeLinear" and readers[n.output[0]] == ["QuantizeLinear"]
+               for n in int8.graph.node if n.op_type in quantised and made_by.get(n.input[0]) == "DequantizeLinear")
+    if backbone != "resnet18":
+        assert sum(n.op_type == "GlobalAveragePool" for n in int8.graph.node) == 8  # each SE block's
+        assert sum(made_by.get(n.input[0]) == "DequantizeLinear" for n in int8.graph.node if n.op_type == "Resize") == 3
     a, b = OnnxModel(fp32), OnnxModel(int8.SerializeToString())
     assert b.describe() == "onnxruntime (CPUExecutionProvider, int8)"
+    assert b.upsamplings_as_copies == (0 if backbone == "resnet18" else 3)
+    plain = ort.InferenceSession(int8.SerializeToString(), providers=["CPUExecutionProvider"])
+    image, kp = random_inputs(torch_refiner.cfg, 5, seed=4)
+    feeds = {"image": image.numpy(), "keypoints": kp.numpy()}
+    for x, y in zip(plain.run(b.outputs, feeds), b.session.run(b.outputs, feeds), strict=True):
+        np.testing.assert_array_equal(x, y)  # the upsamplings as copies: the same numbers
     image, kp = random_inputs(torch_refiner.cfg, 16, seed=3)
     real = tuple(torch.from_numpy(x) for x in real_crops)
     for x, k in ((image, kp), real):
@@ -294,6 +315,125 @@ def test_pixel_shuffles_move_before_their_dequantisation_and_give_the_same_numbe
     got = ort.InferenceSession(moved.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     for a, b in zip(want, got, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_merged_output_convolutions_give_the_separate_ones():
+    """``merge_output_convs``: one 1×1 convolution split into heatmap logits, confidence, input confidence
+    (its bias added after pooling) and offsets gives the outputs of the separate convolutions."""
+    from posefix.model import fold_batchnorm, merge_output_convs
+
+    for head in ("soft_argmax", "offset"):
+        torch.manual_seed(5)
+        model = PoseFixNet(ModelConfig(backbone="resnet18", input_size=(64, 64), sigma=2.0, head_channels=16,
+                                       head=head))
+        with torch.no_grad():
+            for conv in (model.final, model.confidence, model.input_confidence, getattr(model, "offset", None)):
+                if conv is not None:
+                    torch.nn.init.normal_(conv.weight, std=0.3)
+                    torch.nn.init.normal_(conv.bias, std=0.3)
+        plain = fold_batchnorm(model)
+        merged = merge_output_convs(fold_batchnorm(model))
+        image, kp = random_inputs(model.cfg, 4, seed=6)
+        with torch.no_grad():
+            want, got = plain(image, keypoints=kp), merged(image, keypoints=kp)
+        assert set(want) == set(got)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5)
+
+
+def test_hard_activations_for_int8_are_the_same_function():
+    """MobileNetV3's hard-swish and hard-sigmoid respelled as add, clip and multiplications, and its
+    squeeze-excitation means as global average pools: the fp32 graph's outputs are unchanged."""
+    from posefix.onnx_backend import hard_activations_for_int8
+
+    model = moving_model("mobilenet_v3_small", (96, 64), 2.5, seed=4)
+    proto = export_onnx(model, for_int8=True)
+    counts = {op: sum(n.op_type == op for n in proto.graph.node) for op in ("HardSwish", "HardSigmoid", "ReduceMean")}
+    assert counts["HardSwish"] > 0 and counts["HardSigmoid"] > 0
+    rewritten, names, scalings = hard_activations_for_int8(proto, {n.name for n in proto.graph.node})
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert "HardSwish" not in ops and "HardSigmoid" not in ops
+    assert len(scalings) == counts["HardSwish"] + counts["HardSigmoid"]
+    assert ops.count("GlobalAveragePool") == counts["HardSigmoid"]  # one pool per squeeze-excitation block
+    assert set(names) <= {n.name for n in rewritten.graph.node}
+    onnx.checker.check_model(rewritten)
+    image, kp = random_inputs(model.cfg, 3, seed=2)
+    feeds = {"image": image.numpy(), "keypoints": kp.numpy()}
+    want = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = ort.InferenceSession(rewritten.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_allclose(b, a, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case, removed", [("plain", 1), ("graph output", 0), ("vector", 0)])
+def test_scalings_move_into_the_next_dequantisation(case, removed):
+    """``scalings_into_scales`` on uint8 → DequantizeLinear → Mul(k) → QuantizeLinear → DequantizeLinear: the
+    scaling goes into the last dequantisation's scale (k · x exactly, where the graph rounded to a new scale);
+    a scaled tensor that is a graph output, or a scaling that is not one number, stays."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from posefix.onnx_backend import scalings_into_scales
+
+    k = np.array(1 / 6, np.float32)
+    if case == "vector":
+        k = np.array([0.25, 0.5, 1.0, 2.0], np.float32).reshape(1, 4, 1, 1)
+    nodes = [helper.make_node("DequantizeLinear", ["x", "s", "z"], ["xf"]),
+             helper.make_node("Mul", ["xf", "k"], ["y"], name="scale"),
+             helper.make_node("QuantizeLinear", ["y", "s2", "z2"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "s2", "z2"], ["out"])]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4, 3, 5])]
+    if case == "graph output":
+        outputs.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 3, 5]))
+    values = {"s": np.array(0.05, np.float32), "z": np.array(100, np.uint8), "k": k,
+              "s2": np.array(0.03, np.float32), "z2": np.array(7, np.uint8)}
+    inits = [numpy_helper.from_array(a, n) for n, a in values.items()]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [2, 4, 3, 5])],
+                              outputs, inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert scalings_into_scales(proto, ["scale"]) == removed
+    onnx.checker.check_model(proto)
+    x = np.random.default_rng(0).integers(0, 256, (2, 4, 3, 5), dtype=np.uint8)
+    out = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(["out"], {"x": x})[0]
+    exact = (x.astype(np.float32) - 100) * np.float32(0.05) * k
+    if removed:
+        assert not any(n.op_type == "Mul" for n in proto.graph.node)
+        np.testing.assert_allclose(out, exact, rtol=1e-6, atol=1e-7)
+    else:
+        assert any(n.op_type == "Mul" for n in proto.graph.node)
+        assert np.abs(out - exact).max() > 1e-3  # still rounded to the second scale
+
+
+@pytest.mark.parametrize("case, rewritten", [("uint8", 1), ("float", 1), ("NCHW scales", 0), ("half pixel", 0),
+                                             ("three times", 0)])
+def test_nhwc_upsampling_as_copies_is_the_same_resize(case, rewritten):
+    """``nhwc_upsampling_as_copies``: a ×2 nearest Resize of an NHWC tensor (asymmetric, floor) becomes copies
+    giving the same tensor, bit for bit, on a batch of any size; other resizes are left as they are."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from posefix.onnx_backend import nhwc_upsampling_as_copies
+
+    kind = TensorProto.FLOAT if case == "float" else TensorProto.UINT8
+    scales = {"NCHW scales": [1, 1, 2, 2], "three times": [1, 3, 3, 1]}.get(case, [1, 2, 2, 1])
+    mode = "half_pixel" if case == "half pixel" else "asymmetric"
+    nodes = [helper.make_node("Resize", ["x", "", "scales"], ["up"], mode="nearest",
+                              coordinate_transformation_mode=mode, nearest_mode="floor"),
+             helper.make_node("Identity", ["up"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", kind, ["n", 5, 3, 4])],
+                              [helper.make_tensor_value_info("out", kind, None)],
+                              [numpy_helper.from_array(np.array(scales, np.float32), "scales")])
+    plain = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto = onnx.ModelProto()
+    proto.CopyFrom(plain)
+    assert nhwc_upsampling_as_copies(proto) == rewritten
+    assert any(n.op_type == "Resize" for n in proto.graph.node) == (not rewritten)
+    rng = np.random.default_rng(1)
+    for n in (1, 3):
+        x = rng.integers(0, 256, (n, 5, 3, 4)).astype(np.float32 if case == "float" else np.uint8)
+        want = ort.InferenceSession(plain.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        np.testing.assert_array_equal(got[0], want[0])
+        if rewritten:
+            np.testing.assert_array_equal(got[0], x.repeat(2, axis=1).repeat(2, axis=2))
 
 
 def test_export_int8_and_triton_repository_by_the_cli(files, tmp_path):
