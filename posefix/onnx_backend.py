@@ -154,7 +154,7 @@ def read_metadata(proto) -> dict[str, str]:
 
 # Static int8 quantisation.
 
-TRUNK_OPS = ("Conv", "ConvTranspose", "Add", "Relu", "MaxPool", "MatMul", "Resize")
+TRUNK_OPS = ("Conv", "ConvTranspose", "Add", "Relu", "MaxPool", "MatMul", "Resize")  # and hard_activations_for_int8's
 
 def calibration_crops(refiner: RefinerLike, images_dir: str | Path, poses_path: str | Path, max_persons: int = 128,
                       fmt: str = "coco", allow_outside: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -186,9 +186,11 @@ def quantize_int8(fp32, image: np.ndarray, keypoints: np.ndarray, batch: int = 8
 
     Only the trunk is quantised — the stem's convolution of the image and its contraction of the input pose's
     Gaussian factors (two matrix products), the backbone's and the head's convolutions and transposed
-    convolutions, the residual additions, ReLUs and pooling between them; the 1×1 output convolutions,
-    soft-argmax and the confidence readout stay float, so the coordinates are decoded at full precision. Each
-    pixel shuffle of the head is then moved onto the uint8 tensor (:func:`shuffles_on_int8`).
+    convolutions, the residual additions, activations, squeeze-excitation, pooling and upsampling between them
+    (hard-swish and hard-sigmoid respelled by :func:`hard_activations_for_int8`, their 1/6 then moved into
+    scales by :func:`scalings_into_scales`); the 1×1 output convolution, soft-argmax and the confidence readout
+    stay float, so the coordinates are decoded at full precision. Each pixel shuffle of the head is then moved
+    onto the uint8 tensor (:func:`shuffles_on_int8`).
     """
     import logging
     import tempfile
@@ -297,7 +299,14 @@ def hard_activations_for_int8(fp32, trunk: set[str]):
         proto.graph.initializer.extend(numpy_helper.from_array(np.array(v, np.float32), k) for k, v in consts.items())
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
+    _drop_unused_initializers(proto)  # the means' axes
     return proto, names, scalings
+
+
+def _drop_unused_initializers(proto) -> None:
+    used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
+    for t in [t for t in proto.graph.initializer if t.name not in used]:
+        proto.graph.initializer.remove(t)
 
 
 def scalings_into_scales(proto, names) -> int:
@@ -341,10 +350,7 @@ def scalings_into_scales(proto, names) -> int:
     kept = [n for n in nodes if id(n) not in gone]
     del proto.graph.node[:]
     proto.graph.node.extend(kept)
-    used = {i for n in kept for i in n.input} | outputs
-    unused = [t for t in proto.graph.initializer if t.name not in used]
-    for t in unused:
-        proto.graph.initializer.remove(t)
+    _drop_unused_initializers(proto)  # the scales the removed nodes read
     return removed
 
 

@@ -80,7 +80,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_refiner_learns_to_fix_synthesized_errors(handful_run):
-    """Two minutes of CPU training on a handful of real persons: refined AP on fresh synthesized inputs
+    """A minute and a half of CPU training on a handful of real persons: refined AP on fresh synthesized inputs
     of those persons rises well above the inputs' AP."""
     import numpy as np
 
