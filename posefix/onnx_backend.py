@@ -213,7 +213,7 @@ def quantize_int8(fp32, image: np.ndarray, keypoints: np.ndarray, batch: int = 8
             todo.extend(node.input)
     # The trunk's convolutions with constant weights (the stem's of the image among them; not a convolution
     # whose weights are computed), the stem's matrix products of the pose's factors, its residual additions,
-    # ReLUs and pooling: whole blocks stay int8 between convolutions.
+    # ReLUs, pooling and upsampling: whole blocks stay int8 between convolutions.
     convs = [n.name for n in fp32.graph.node if n.name in trunk and n.op_type in TRUNK_OPS
              and not (n.op_type in ("Conv", "ConvTranspose") and n.input[1] not in weights)]
     fp32, hard, scalings = hard_activations_for_int8(fp32, trunk)
@@ -295,7 +295,7 @@ def hard_activations_for_int8(fp32, trunk: set[str]):
         nodes += new
         names += [m.name for m in new]
         scalings.append(f"{tag}/sixth")
-    if names:
+    if scalings:
         proto.graph.initializer.extend(numpy_helper.from_array(np.array(v, np.float32), k) for k, v in consts.items())
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
@@ -325,7 +325,8 @@ def scalings_into_scales(proto, names) -> int:
             readers.setdefault(i, []).append(n)
     outputs = {o.name for o in proto.graph.output}
     gone, removed = set(), 0
-    for mul in [n for n in nodes if n.name in set(names)]:
+    names = set(names)
+    for mul in [n for n in nodes if n.name in names]:
         ins = [made_by.get(i) for i in mul.input]
         dq = next((d for d in ins if d is not None and d.op_type == "DequantizeLinear"
                    and d.input[0] not in init), None)
